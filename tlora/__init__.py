@@ -1,0 +1,7 @@
+"""tlora: T-LoRA (timestep-dependent LoRA) for Stable Diffusion XL on diffusers."""
+
+from .adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, rank_mask
+from .injection import TLoRA, attach, attached
+
+__all__ = ["LoRAAdapter", "OrthoLoRAAdapter", "TLoRA", "active_rank", "attach", "attached", "rank_mask"]
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""Generating and saving images for '#'-separated prompt templates, with the authors' seeds and layout.
+
+Layout: `<checkpoint>/samples/ns<steps>_gs<guidance>/version_<v>/<template with {0} = token>/<k>.png`,
+plus `grid.png` in each prompt folder and `prompts.yaml` beside the prompt folders.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+
+from .checkpoint import atomic_write
+
+
+def split_prompts(prompts: str | None) -> list[str]:
+    """'a {0} on a bike#a {0} swimming' -> two templates (blank parts dropped)."""
+    return [p.strip() for p in (prompts or "").split("#") if p.strip()]
+
+
+def prompt_seed(template: str, batch_index: int, seed: int) -> int:
+    """The authors' per-batch seed: sum of the template's character codes + batch index + --seed."""
+    return sum(ord(c) for c in template) + batch_index + seed
+
+
+@dataclass
+class Sampling:
+    """What a generation run does; `folder` is the version folder that receives the prompt folders."""
+
+    placeholder_token: str
+    class_name: str
+    folder: Path
+    num_images_per_prompt: int = 5
+    batch_size: int = 1
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    seed: int = 0
+    replace: bool = False
+
+    def text(self, template: str) -> str:
+        return template.format(f"{self.placeholder_token} {self.class_name}")
+
+    def prompt_folder(self, template: str) -> Path:
+        return self.folder / template.format(self.placeholder_token)
+
+
+def samples_folder(checkpoint: Path, steps: int, guidance: float, version: int) -> Path:
+    return Path(checkpoint) / "samples" / f"ns{steps}_gs{guidance}" / f"version_{version}"
+
+
+def existing_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.png") if p.stem.isdigit()) if folder.is_dir() else []
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    """All images side by side."""
+    width, height = sum(i.width for i in images), max(i.height for i in images)
+    canvas = Image.new("RGB", (width, height))
+    x = 0
+    for image in images:
+        canvas.paste(image, (x, 0))
+        x += image.width
+    return canvas
+
+
+@torch.no_grad()
+def generate_prompt(pipe, template: str, cfg: Sampling) -> tuple[list[Image.Image], list[int]]:
+    """cfg.num_images_per_prompt images for one template, in batches of cfg.batch_size."""
+    images, seeds = [], []
+    num_batches = -(-cfg.num_images_per_prompt // cfg.batch_size)
+    for i in range(num_batches):
+        seed = prompt_seed(template, i, cfg.seed)
+        count = min(cfg.batch_size, cfg.num_images_per_prompt - i * cfg.batch_size)
+        generator = torch.Generator(device=pipe.device).manual_seed(seed)
+        out = pipe(
+            prompt=cfg.text(template),
+            generator=generator,
+            num_images_per_prompt=count,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+        )
+        images += out.images
+        seeds.append(seed)
+    return images, seeds
+
+
+def save_images(images: list[Image.Image], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        atomic_write(folder / f"{k}.png", _png(image))
+    atomic_write(folder / "grid.png", _png(grid(images)))
+
+
+def run(pipe, templates: list[str], cfg: Sampling, checkpoint: str = "", progress=None) -> dict[str, list[Image.Image]]:
+    """Generate and save every template not already done; returns the new images by template."""
+    done: dict[str, list[Image.Image]] = {}
+    record_path = cfg.folder / "prompts.yaml"
+    record = yaml.safe_load(record_path.read_text()) if record_path.is_file() else {}
+    for template in templates:
+        folder = cfg.prompt_folder(template)
+        if not cfg.replace and len(existing_images(folder)) >= cfg.num_images_per_prompt:
+            if progress is not None:
+                progress.update(cfg.num_images_per_prompt)
+            continue
+        images, seeds = generate_prompt(pipe, template, cfg)
+        save_images(images, folder)
+        done[template] = images
+        record[folder.name] = {
+            "prompt": template, "text": cfg.text(template), "seeds": seeds, "num_images": len(images),
+            "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+            "checkpoint": str(checkpoint),
+        }
+        atomic_write(record_path, yaml.safe_dump(record, sort_keys=False, allow_unicode=True).encode())
+        if progress is not None:
+            progress.update(len(images))
+    return done

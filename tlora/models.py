@@ -1,0 +1,41 @@
+"""Loading SDXL with diffusers' own classes: the pipeline, its VAE choice, and the training noise scheduler."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_vae(name: str | None, dtype: torch.dtype) -> AutoencoderKL | None:
+    """The VAE named by --pretrained_vae_model_name_or_path; None for 'none' (the model's own)."""
+    if not name or name.lower() == "none":
+        return None
+    return AutoencoderKL.from_pretrained(name, dtype=dtype)
+
+
+def load_pipeline(
+    model: str, vae: str | None, revision: str | None = None, dtype: torch.dtype = torch.float32
+) -> StableDiffusionXLPipeline:
+    """SDXL with an Euler scheduler (the model's scheduler config), frozen, every part in `dtype`.
+
+    A VAE that needs fp32 (`force_upcast`, e.g. SDXL's own) stays in fp32 when `dtype` is fp16.
+    """
+    kwargs = {"revision": revision, "dtype": dtype}
+    custom_vae = load_vae(vae, dtype)
+    if custom_vae is not None:
+        kwargs["vae"] = custom_vae
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, **kwargs)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        part.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise_scheduler(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
+    """The training scheduler: DDPM with the model's betas and prediction type."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)

@@ -1,0 +1,39 @@
+"""Experiment tracking through accelerate: W&B (online or WANDB_MODE=offline) or TensorBoard.
+
+The W&B key reaches wandb only through the process environment; configs get `public_hparams`, which has
+no key, and sys.argv is redacted before any tracker starts (W&B records the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+from PIL import Image
+
+SIMPLE = (int, float, str, bool)
+
+
+def init_trackers(accelerator: Accelerator, args: argparse.Namespace, config: dict, logs: Path) -> None:
+    """Start the chosen tracker with the run's public options; W&B files go under logs/wandb."""
+    if not accelerator.log_with:
+        return
+    simple = {k: v for k, v in config.items() if isinstance(v, SIMPLE)}
+    init_kwargs = {"wandb": {"name": args.exp_name, "dir": str(logs)}}
+    accelerator.init_trackers(args.project_name, config=simple, init_kwargs=init_kwargs)
+
+
+def log_images(accelerator: Accelerator, images: dict[str, list[Image.Image]], step: int) -> None:
+    """Validation images to every tracker, captioned with their prompt text."""
+    if not images:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(i, caption=t) for t, imgs in images.items() for i in imgs]}, step=step)
+        elif tracker.name == "tensorboard":
+            for text, imgs in images.items():
+                tracker.log_images({text: np.stack([np.asarray(i) for i in imgs])}, step, dataformats="NHWC")

@@ -1,0 +1,201 @@
+"""The training run: set-up through accelerate, the loss of one step, the loop, checkpoints, validation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import generation
+from .checkpoint import METADATA_KEYS, save_weights
+from .conditioning import BASE_PROMPT, Conditioning
+from .data import PairedIndices, list_images, training_images
+from .injection import TLoRA, attach
+from .models import DTYPES, load_pipeline, noise_scheduler
+from .options import tracker, wandb_key
+from .run_folder import create_run_folder, public_hparams, redact_argv, write_hparams
+from .tracking import init_trackers, log_images
+
+logger = logging.getLogger(__name__)
+LOSS_FLUSH_STEPS = 10  # losses are read back from the device in groups, not every step
+
+
+def diffusion_loss(
+    unet, scheduler, batch: dict[str, torch.Tensor], scaling: float, dtype: torch.dtype, prior_weight: float | None
+) -> torch.Tensor:
+    """MSE between the UNet's prediction and the scheduler's target for fresh noise and timesteps.
+
+    Random numbers are drawn in the authors' order: latent sample, noise, timesteps.
+    With `prior_weight`, the second half of the batch is class images: loss = instance + weight * class.
+    """
+    mean = batch["mean"]
+    latents = (mean + batch["std"] * torch.randn_like(mean)) * scaling
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unknown prediction type {scheduler.config.prediction_type}")
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(
+        noisy.to(dtype),
+        timesteps,
+        batch["prompt_embeds"].to(dtype),
+        added_cond_kwargs={"time_ids": batch["time_ids"].to(dtype), "text_embeds": batch["pooled"].to(dtype)},
+    ).sample
+    if prior_weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    pred, prior_pred = pred.float().chunk(2)
+    target, prior_target = target.float().chunk(2)
+    return F.mse_loss(pred, target) + prior_weight * F.mse_loss(prior_pred, prior_target)
+
+
+def _run_folder(args: argparse.Namespace, accelerator: Accelerator) -> Path:
+    """Create the run folder and hparams.yml on the main process; every process gets its path."""
+    folder = [None]
+    if accelerator.is_main_process:
+        folder = [create_run_folder(args)]
+        write_hparams(args, folder[0])
+    folder = broadcast_object_list(folder)
+    args.exp_name, args.output_dir, args.logging_dir = folder[0].name, str(folder[0]), str(folder[0] / "logs")
+    return folder[0]
+
+
+class Trainer:
+    """One training run from parsed, validated options."""
+
+    def __init__(self, args: argparse.Namespace, cache: bool = True) -> None:
+        self.args, self.cache = args, cache
+        key = wandb_key(args)
+        if key:  # in-process only: never written to disk, never in argv records
+            os.environ["WANDB_API_KEY"] = key
+        sys.argv[:] = redact_argv(sys.argv)
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision, log_with=tracker(args), project_config=ProjectConfiguration()
+        )
+        self.folder = _run_folder(args, self.accelerator)
+        self.accelerator.project_configuration.project_dir = str(self.folder)
+        self.accelerator.project_configuration.logging_dir = str(self.folder / "logs")
+        self.device = self.accelerator.device
+        self.weight_dtype = DTYPES[args.mixed_precision]
+
+    def setup(self) -> None:
+        args = self.args
+        self.pipe = load_pipeline(
+            args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, self.weight_dtype
+        ).to(self.device)
+        self.scheduler = noise_scheduler(self.pipe)
+        set_seed(args.seed)
+        self.tlora: TLoRA = attach(
+            self.pipe.unet, args.trainer_type, args.lora_rank, args.min_rank, args.alpha_rank_scale, args.sig_type,
+            timestep_dependent=args.trainer_class == "sdxl_tlora",
+            num_train_timesteps=self.scheduler.config.num_train_timesteps, svd_device=self.device,
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.tlora.trainable_parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        )
+        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.optimizer)
+        self.unet.train()
+        self._setup_data()
+        init_trackers(self.accelerator, args, public_hparams(args), self.folder / "logs")
+
+    def _setup_data(self) -> None:
+        args = self.args
+        concept = f"{args.placeholder_token} {args.class_name}"
+        class_images = list_images(args.class_data_dir) if args.with_prior_preservation else []
+        self.conditioning = Conditioning(
+            self.pipe, training_images(args.train_data_dir, args.one_image), BASE_PROMPT.format(concept),
+            args.resolution, self.device, class_images, BASE_PROMPT.format(args.class_name), cache=self.cache,
+        )
+        indices = PairedIndices(len(self.conditioning.images["instance"]), len(class_images))
+        self.loader = DataLoader(
+            indices, batch_size=args.train_batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+
+    def batches(self):
+        """Index batches for ever: one iterator per pass over the data (never one per step)."""
+        while True:
+            yield from self.loader
+
+    def step(self, indices: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step; returns the detached loss (still on the device)."""
+        batch = self.conditioning.batch(indices)
+        prior = self.args.prior_loss_weight if self.args.with_prior_preservation else None
+        with self.accelerator.autocast():
+            loss = diffusion_loss(
+                self.unet, self.scheduler, batch, self.pipe.vae.config.scaling_factor, self.weight_dtype, prior
+            )
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def train(self) -> Path:
+        """Run every step, writing checkpoints and validation images; returns the run folder."""
+        args, total = self.args, self.args.num_train_epochs
+        bar = tqdm(total=total, desc="training", disable=not self.accelerator.is_local_main_process)
+        pending: list[torch.Tensor] = []
+        batches = self.batches()
+        for step in range(1, total + 1):
+            pending.append(self.step(next(batches)))
+            if step % LOSS_FLUSH_STEPS == 0 or step % args.checkpointing_steps == 0 or step == total:
+                self._flush_losses(pending, step, bar)
+                pending = []
+            if step % args.checkpointing_steps == 0 or step == total:
+                self.save_checkpoint(step)
+        bar.close()
+        self.accelerator.end_training()
+        return self.folder
+
+    def _flush_losses(self, losses: list[torch.Tensor], last_step: int, bar: tqdm) -> None:
+        values = torch.stack(losses).float().cpu().tolist()
+        first = last_step - len(values) + 1
+        for i, value in enumerate(values):
+            self.accelerator.log({"loss": value}, step=first + i)
+        self.last_loss = values[-1]
+        bar.update(len(values))
+        bar.set_postfix(loss=f"{values[-1]:.4f}")
+
+    def save_checkpoint(self, step: int) -> Path:
+        """checkpoint-<step>/pytorch_lora_weights.safetensors, then validation images if prompts were given."""
+        folder = self.folder / f"checkpoint-{step}"
+        if self.accelerator.is_main_process:
+            meta = {k: getattr(self.args, k) for k in METADATA_KEYS} | {"global_step": step}
+            save_weights(self.tlora.state_dict(), folder, meta)
+            if self.args.validation_prompts:
+                self.validate(folder, step)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def validate(self, checkpoint: Path, step: int) -> None:
+        """Sample the validation prompts with inference.py's defaults (25 steps, guidance 5.0, seed 0)."""
+        args = self.args
+        cfg = generation.Sampling(
+            args.placeholder_token, args.class_name, generation.samples_folder(checkpoint, 25, 5.0, 0),
+            num_images_per_prompt=args.num_val_imgs_per_prompt, replace=True,
+        )
+        self.unet.eval()
+        with self.accelerator.autocast():
+            images = generation.run(self.pipe, generation.split_prompts(args.validation_prompts), cfg, str(checkpoint))
+        self.unet.train()
+        log_images(self.accelerator, {cfg.text(t): imgs for t, imgs in images.items()}, step)
+
+
+def train(args: argparse.Namespace, cache: bool = True) -> Path:
+    """Train from validated options; returns the run folder."""
+    trainer = Trainer(args, cache=cache)
+    trainer.setup()
+    return trainer.train()
