@@ -89,6 +89,7 @@ class Trainer:
         self.accelerator.project_configuration.logging_dir = str(self.folder / "logs")
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[args.mixed_precision]
+        self.losses: list[float] = []
 
     def setup(self) -> None:
         args = self.args
@@ -165,7 +166,7 @@ class Trainer:
         first = last_step - len(values) + 1
         for i, value in enumerate(values):
             self.accelerator.log({"loss": value}, step=first + i)
-        self.last_loss = values[-1]
+        self.losses.extend(values)
         bar.update(len(values))
         bar.set_postfix(loss=f"{values[-1]:.4f}")
 

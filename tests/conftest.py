@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random SDXL on disk, generated training images, offline settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def make_image(path: Path, size: tuple[int, int] = (96, 80), seed: int = 0) -> Path:
+    """A random RGB image (not square, so cropping is exercised)."""
+    rng = np.random.RandomState(seed)
+    Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8")).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tlora.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("concept")
+    make_image(folder / "00.png", seed=0)
+    make_image(folder / "01.jpg", size=(70, 90), seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def class_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("class_images")
+    for i in range(3):
+        make_image(folder / f"{i}.png", seed=10 + i)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model):
+    from tlora.models import load_pipeline
+
+    return load_pipeline(str(tiny_model), "none")
+
+
+@pytest.fixture
+def unet(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").requires_grad_(False)
+
+
+def train_args(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """A train.py command line for the tiny model at 64 px."""
+    return [
+        "--trainer_type", "ortho_lora", "--trainer_class", "sdxl_tlora",
+        "--pretrained_model_name_or_path", str(tiny_model), "--pretrained_vae_model_name_or_path", "none",
+        "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog",
+        "--placeholder_token", "sks", "--resolution", "64", "--num_train_epochs", "3",
+        "--checkpointing_steps", "2", "--lora_rank", "4", "--min_rank", "2", "--dataloader_num_workers", "0",
+        *extra,
+    ]

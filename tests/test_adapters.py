@@ -1,0 +1,148 @@
+"""The T-LoRA math: rank schedule, masks, initialization, gradients."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tlora.adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, orthogonal_init, rank_mask
+
+
+def formula(t: int, max_rank: int, min_rank: int, alpha: float = 1.0, T: int = 1000) -> int:
+    return int(((T - t) / T) ** alpha * (max_rank - min_rank)) + min_rank
+
+
+@pytest.mark.parametrize("t, expected", [(0, 64), (999, 32), (500, 48), (250, 56), (750, 40)])
+def test_rank_at_key_timesteps(t, expected):
+    assert active_rank(t, 1000, 64, 32).item() == expected
+
+
+def test_rank_alpha_not_one():
+    assert active_rank(500, 1000, 64, 32, alpha=2.0).item() == 40  # 0.25 * 32 + 32
+    assert active_rank(500, 1000, 64, 32, alpha=0.5).item() == int(0.5 ** 0.5 * 32) + 32
+
+
+@pytest.mark.parametrize("max_rank, min_rank, alpha", [(64, 32, 1.0), (4, 1, 1.0), (128, 1, 2.0), (16, 16, 1.0)])
+def test_rank_matches_formula_for_every_timestep(max_rank, min_rank, alpha):
+    ranks = active_rank(torch.arange(1000), 1000, max_rank, min_rank, alpha).tolist()
+    assert ranks == [formula(t, max_rank, min_rank, alpha) for t in range(1000)]
+
+
+def test_mask_is_per_sample():
+    mask = rank_mask(torch.tensor([0, 999, 500]), 1000, 8, 2)
+    assert mask.shape == (3, 8)
+    assert mask.sum(1).tolist() == [8, 2, 5]
+    assert torch.equal(mask[1], torch.tensor([1.0, 1, 0, 0, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("cls", [LoRAAdapter, OrthoLoRAAdapter])
+def test_per_sample_mask_equals_separate_calls(cls):
+    torch.manual_seed(0)
+    adapter = cls(12, 10, 6)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(3, 5, 12)
+    mask = rank_mask(torch.tensor([10, 600, 990]), 1000, 6, 1)
+    together = adapter(x, mask)
+    for i in range(3):
+        assert torch.allclose(together[i : i + 1], adapter(x[i : i + 1], mask[i : i + 1]), atol=1e-6)
+    assert not torch.allclose(together[0], adapter(x[0:1], mask[2:3])[0])
+
+
+@pytest.mark.parametrize("cls", [LoRAAdapter, OrthoLoRAAdapter])
+def test_zero_output_at_init(cls):
+    torch.manual_seed(1)
+    adapter = cls(20, 16, 8)
+    x = torch.randn(2, 7, 20)
+    assert torch.equal(adapter(x), torch.zeros(2, 7, 16))
+    assert torch.equal(adapter(x, rank_mask(torch.tensor([0, 700]), 1000, 8, 2)), torch.zeros(2, 7, 16))
+
+
+def test_lora_init_distribution():
+    torch.manual_seed(0)
+    adapter = LoRAAdapter(512, 256, 16)
+    assert adapter.up.weight.abs().max() == 0
+    assert adapter.down.weight.std().item() == pytest.approx(1 / 16, rel=0.05)
+
+
+@pytest.mark.parametrize("sig_type", ["principal", "last", "middle"])
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
+def test_orthogonal_init_is_the_svd_slice(sig_type, shape):
+    n_in, n_out, r = *shape, 4
+    torch.manual_seed(3)
+    q, p, lam = orthogonal_init(n_in, n_out, r, sig_type)
+    torch.manual_seed(3)
+    u, s, vh = torch.linalg.svd(torch.normal(mean=0.0, std=1 / r, size=(n_in, n_out)))
+    starts = {
+        "principal": (0, 0, 0),
+        "last": (n_in - r, n_out - r, min(shape) - r),
+        "middle": (math.ceil((n_in - r) / 2), math.ceil((n_out - r) / 2), math.ceil((min(shape) - r) / 2)),
+    }[sig_type]
+    assert torch.equal(q, u[starts[0] : starts[0] + r])
+    assert torch.equal(p, vh[:, starts[1] : starts[1] + r])
+    assert torch.equal(lam, s[None, starts[2] : starts[2] + r])
+    assert torch.allclose(q @ q.T, torch.eye(r), atol=1e-5)  # Q rows orthonormal
+    assert torch.allclose(p.T @ p, torch.eye(r), atol=1e-5)  # P columns orthonormal
+
+
+def test_ortho_adapter_frozen_copies_and_trainables():
+    torch.manual_seed(0)
+    a = OrthoLoRAAdapter(24, 16, 4, "last")
+    assert torch.equal(a.q_layer.weight, a.base_q.weight) and torch.equal(a.p_layer.weight, a.base_p.weight)
+    assert torch.equal(a.lambda_layer, a.base_lambda)
+    trainable = {n for n, p in a.named_parameters() if p.requires_grad}
+    assert trainable == {"q_layer.weight", "p_layer.weight", "lambda_layer"}
+    assert a.lambda_layer.shape == (1, 4) and a.q_layer.weight.shape == (4, 24) and a.p_layer.weight.shape == (16, 4)
+
+
+def test_ortho_init_draws_random_numbers_as_the_authors_do():
+    """Two nn.Linear inits, then one normal draw of shape (in, out): the authors' order, so seeds agree."""
+    torch.manual_seed(7)
+    a = OrthoLoRAAdapter(24, 16, 4, "last")
+    torch.manual_seed(7)
+    nn.Linear(24, 4, bias=False), nn.Linear(4, 16, bias=False)
+    u, s, vh = torch.linalg.svd(torch.normal(size=(24, 16), mean=0, std=1 / 4))
+    assert torch.equal(a.q_layer.weight.data, u[-4:])
+    assert torch.equal(a.p_layer.weight.data, vh[:, -4:])
+    after = torch.rand(1)
+    torch.manual_seed(7)
+    OrthoLoRAAdapter(24, 16, 4, "last")
+    assert torch.equal(torch.rand(1), after)  # nothing else drawn
+
+
+def test_lora_init_draws_random_numbers_as_the_authors_do():
+    torch.manual_seed(5)
+    a = LoRAAdapter(24, 16, 4)
+    torch.manual_seed(5)
+    down = nn.Linear(24, 4, bias=False)
+    nn.Linear(4, 16, bias=False)
+    nn.init.normal_(down.weight, std=1 / 4)
+    assert torch.equal(a.down.weight, down.weight)
+
+
+@pytest.mark.parametrize("cls", [LoRAAdapter, OrthoLoRAAdapter])
+def test_masked_out_components_get_no_gradient(cls):
+    torch.manual_seed(0)
+    adapter = cls(12, 10, 6)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    mask = rank_mask(torch.tensor([999]), 1000, 6, 2)  # 2 of 6 active
+    adapter(torch.randn(2, 3, 12), mask).square().sum().backward()
+    if cls is LoRAAdapter:
+        rows, cols = adapter.down.weight.grad, adapter.up.weight.grad
+    else:
+        rows, cols = adapter.q_layer.weight.grad, adapter.p_layer.weight.grad
+        assert torch.all(adapter.lambda_layer.grad[:, 2:] == 0) and torch.all(adapter.lambda_layer.grad[:, :2] != 0)
+    assert torch.all(rows[2:] == 0) and rows[:2].abs().sum() > 0
+    assert torch.all(cols[:, 2:] == 0) and cols[:, :2].abs().sum() > 0
+
+
+def test_dtype_round_trip():
+    torch.manual_seed(0)
+    adapter = OrthoLoRAAdapter(8, 8, 2)
+    out = adapter(torch.randn(1, 3, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and adapter.q_layer.weight.dtype == torch.float32
