@@ -1,0 +1,143 @@
+"""inference.py and the public API on runs trained by train.py (tiny SDXL, CPU)."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionXLImg2ImgPipeline
+from PIL import Image
+from safetensors.torch import save_file
+
+import inference
+import tlora
+from conftest import train_args
+from tlora.adapters import active_rank
+from tlora.checkpoint import WEIGHTS_NAME, read_weights
+from tlora.options import parse_args
+from test_injection import perturb
+
+PROMPTS = "a {0} riding a bike#a {0} swimming"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, image_dir, tmp_path_factory):
+    from tlora.training import train
+
+    out = tmp_path_factory.mktemp("runs")
+    return train(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "2", "--learning_rate", "1e-2")))
+
+
+def infer(run, *extra, capsys=None):
+    argv = ["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "2", "--prompts", PROMPTS,
+            "--num_images_per_prompt", "3", "--batch_size", "2", "--num_inference_steps", "3", *extra]
+    assert inference.main(argv) == 0
+    return run / "checkpoint-2" / "samples" / "ns3_gs5.0"
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_inference_tree_skip_replace_and_seeds(trained_run):
+    samples = infer(trained_run)
+    version = samples / "version_0"
+    assert sorted(p.name for p in version.iterdir()) == ["a sks riding a bike", "a sks swimming", "prompts.yaml"]
+    bike = version / "a sks riding a bike"
+    assert sorted(p.name for p in bike.iterdir()) == ["0.png", "1.png", "2.png", "grid.png"]
+    assert Image.open(bike / "0.png").size == (64, 64) and Image.open(bike / "grid.png").size == (192, 64)
+    record = yaml.safe_load((version / "prompts.yaml").read_text())
+    seed = sum(map(ord, "a {0} riding a bike"))
+    assert record["a sks riding a bike"]["seeds"] == [seed, seed + 1]
+    assert record["a sks riding a bike"]["text"] == "a sks dog riding a bike"
+    assert not np.array_equal(pixels(bike / "0.png"), pixels(version / "a sks swimming" / "0.png"))
+    assert not np.array_equal(pixels(bike / "0.png"), pixels(bike / "1.png"))
+
+    before = {p: p.stat().st_mtime_ns for p in bike.iterdir()}
+    first = pixels(bike / "2.png")
+    infer(trained_run)  # already complete: skipped
+    assert {p: p.stat().st_mtime_ns for p in bike.iterdir()} == before
+    infer(trained_run, "--replace_inference_output")
+    assert all(p.stat().st_mtime_ns != t for p, t in before.items())
+    assert np.array_equal(pixels(bike / "2.png"), first)  # same seeds, same images
+    infer(trained_run, "--version", "1")
+    assert np.array_equal(pixels(samples / "version_1" / "a sks riding a bike" / "2.png"), first)
+
+
+def test_inference_bad_input(trained_run, capsys):
+    assert inference.main(["--config_path", "/no/hparams.yml", "--prompts", "a {0}"]) == 2
+    assert "--config_path: /no/hparams.yml does not exist" in capsys.readouterr().err
+    argv = ["--config_path", str(trained_run / "logs" / "hparams.yml"), "--checkpoint_idx", "99", "--prompts", "a {0}"]
+    assert inference.main(argv) == 2
+    assert "--checkpoint_idx: no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
+@pytest.fixture
+def pipe(tiny_model):
+    from tlora.models import load_pipeline
+
+    return load_pipeline(str(tiny_model), "none")
+
+
+def generate(pipe, seed=0, steps=3):
+    return np.asarray(pipe("a sks dog", num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                           output_type="np").images)
+
+
+def test_mask_follows_each_denoising_step(pipe, trained_run):
+    layer = tlora.load(pipe, trained_run / "checkpoint-2", trained_run / "logs" / "hparams.yml")
+    seen = []
+    next(iter(layer.adapters.values())).register_forward_pre_hook(lambda m, a: seen.append(a[1].sum(1).tolist()))
+    generate(pipe, steps=6)
+    timesteps = pipe.scheduler.timesteps
+    assert len(seen) == len(timesteps) == 6
+    assert [s[0] for s in seen] == active_rank(timesteps, 1000, 4, 2).tolist()
+    assert seen[0][0] < seen[-1][0]  # fewer ranks at the noisy start
+
+
+def test_load_unload_and_scale_zero(pipe, trained_run):
+    unet_sd = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base = generate(pipe)
+    tlora.load(pipe, trained_run / "checkpoint-2", trained_run / "logs" / "hparams.yml")
+    perturb(tlora.attached(pipe.unet), seed=1)  # make the effect large enough to see in pixels
+    assert not np.array_equal(generate(pipe), base)
+    tlora.set_scale(pipe, 0.0)
+    assert np.array_equal(generate(pipe), base)
+    tlora.set_scale(pipe, 1.0)
+    tlora.unload(pipe)
+    assert np.array_equal(generate(pipe), base)
+    assert pipe.unet.state_dict().keys() == unet_sd.keys()
+    assert all(torch.equal(v, unet_sd[k]) for k, v in pipe.unet.state_dict().items())
+    with pytest.raises(ValueError, match="no T-LoRA"):
+        tlora.unload(pipe)
+
+
+def test_img2img_with_tlora(pipe, trained_run):
+    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    loaded = tlora.load(img2img, trained_run / "checkpoint-2", trained_run / "logs" / "hparams.yml")
+    seen = []
+    next(iter(loaded.adapters.values())).register_forward_pre_hook(lambda m, a: seen.append(int(a[1].sum())))
+    init = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+    out = img2img("a sks dog", image=init, strength=0.5, num_inference_steps=6, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    used = img2img.scheduler.timesteps[-3:]  # strength 0.5: the last half of the 6 steps
+    assert len(seen) == 3 and seen == active_rank(used, 1000, 4, 2).tolist()
+
+
+def test_authors_checkpoint_and_hparams(pipe, trained_run, tmp_path):
+    """A run folder as the authors' tool writes it: no metadata, their hparams keys, no min_rank/alpha."""
+    weights, _ = read_weights(trained_run / "checkpoint-2")
+    run = tmp_path / "00001-beef-dog_tortho_lora4"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "logs").mkdir()
+    save_file(weights, str(run / "checkpoint-2" / WEIGHTS_NAME), metadata={"format": "pt"})
+    ours = yaml.safe_load((trained_run / "logs" / "hparams.yml").read_text())
+    theirs = {k: ours[k] for k in ("trainer_type", "trainer_class", "pretrained_model_name_or_path", "lora_rank",
+                                   "placeholder_token", "class_name", "revision", "seed", "sig_type", "argv",
+                                   "exp_name", "logging_dir")}
+    theirs |= {"output_dir": str(run), "wandb_api_key": "their-key-stays-unused", "min_rank": 2}
+    (run / "logs" / "hparams.yml").write_text(yaml.dump(theirs))
+    same = ("--num_images_per_prompt", "1", "--batch_size", "1", "--version", "7")
+    theirs_out = infer(run, *same, "--pretrained_vae_model_name_or_path", "none") / "version_7" / "a sks swimming"
+    ours_out = infer(trained_run, *same) / "version_7" / "a sks swimming"
+    assert np.array_equal(pixels(theirs_out / "0.png"), pixels(ours_out / "0.png"))

@@ -1,0 +1,95 @@
+"""The public API: attach a trained T-LoRA to any diffusers SDXL pipeline (or UNet), scale it, unload it.
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(..., dtype=torch.float16).to("cuda")
+    tlora.load(pipe, "RUN/checkpoint-800", "RUN/logs/hparams.yml")
+    image = pipe("a photo of sks dog on the beach").images[0]
+    tlora.set_scale(pipe, 0.5)     # 0 = the base model
+    tlora.unload(pipe)             # the original UNet, exactly
+
+The mask follows the UNet's timestep, so text-to-image, img2img, inpainting and ControlNet pipelines,
+and any scheduler, all get the right T-LoRA mask at every step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from .checkpoint import infer_rank, infer_trainer_type, read_weights, weights_path
+from .injection import TLoRA, attach, attached
+
+DEFAULTS = {"min_rank": 1, "alpha_rank_scale": 1.0, "trainer_class": "sdxl_tlora", "sig_type": "last"}
+
+
+def read_hparams(path: str | Path) -> dict[str, Any]:
+    """A run's hparams.yml (ours or the authors'), as a dict."""
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is not a mapping of options")
+    return values
+
+
+def _unet(pipe_or_unet: Any) -> nn.Module:
+    return pipe_or_unet.unet if hasattr(pipe_or_unet, "unet") else pipe_or_unet
+
+
+def settings(weights: dict, metadata: dict[str, str], hparams: dict | str | Path | None, **overrides: Any) -> dict:
+    """T-LoRA settings: explicit overrides, then hparams, then the file's metadata, then the tensors, then defaults."""
+    given = read_hparams(hparams) if isinstance(hparams, (str, Path)) else dict(hparams or {})
+    found = {"trainer_type": infer_trainer_type(weights), "lora_rank": infer_rank(weights)}
+    merged = {**DEFAULTS, **found, **metadata, **given, **{k: v for k, v in overrides.items() if v is not None}}
+    return {
+        "trainer_type": str(merged["trainer_type"]),
+        "trainer_class": str(merged["trainer_class"]),
+        "lora_rank": int(merged["lora_rank"]),
+        "min_rank": int(merged["min_rank"]),
+        "alpha_rank_scale": float(merged["alpha_rank_scale"]),
+    }
+
+
+def load(
+    pipe_or_unet: Any, checkpoint: str | Path, hparams: dict | str | Path | None = None, scale: float = 1.0, **overrides: Any
+) -> TLoRA:
+    """Attach the T-LoRA in `checkpoint` (a checkpoint folder or its .safetensors file).
+
+    `hparams` (a run's hparams.yml path or a dict) or keyword overrides give trainer_class, lora_rank,
+    min_rank and alpha_rank_scale; without them the file's metadata is used (our files), then what the
+    tensors tell (type and rank) and the authors' defaults (min_rank 1, alpha 1, sdxl_tlora).
+    Adapters are float32 on the UNet's device: load after moving the pipeline to its device and dtype.
+    """
+    weights, metadata = read_weights(weights_path(checkpoint))
+    cfg = settings(weights, metadata, hparams, **overrides)
+    scheduler = getattr(pipe_or_unet, "scheduler", None)
+    timesteps = scheduler.config.num_train_timesteps if scheduler is not None else 1000
+    tlora = attach(
+        _unet(pipe_or_unet), cfg["trainer_type"], cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"],
+        timestep_dependent=cfg["trainer_class"] == "sdxl_tlora", init=False, num_train_timesteps=timesteps,
+    )
+    try:
+        tlora.load_state_dict(weights)
+    except (KeyError, ValueError):
+        tlora.unload()
+        raise
+    tlora.set_scale(scale)
+    return tlora
+
+
+def _require(pipe_or_unet: Any) -> TLoRA:
+    tlora = attached(_unet(pipe_or_unet))
+    if tlora is None:
+        raise ValueError("no T-LoRA is attached to this pipeline or UNet")
+    return tlora
+
+
+def set_scale(pipe_or_unet: Any, scale: float) -> None:
+    """Scale the adapters' output (1 = as trained, 0 = the base model)."""
+    _require(pipe_or_unet).set_scale(scale)
+
+
+def unload(pipe_or_unet: Any) -> None:
+    """Remove the T-LoRA: the UNet's modules and outputs are exactly as before `load`."""
+    _require(pipe_or_unet).unload()

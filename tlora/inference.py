@@ -1,0 +1,89 @@
+"""inference.py: generate images from a trained run with the authors' command line and folder layout."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import generation
+from .api import load, read_hparams
+from .models import DTYPES, load_pipeline
+from .options import DEFAULT_VAE, UsageError
+
+HPARAM_DEFAULTS = {"min_rank": 1, "alpha_rank_scale": 1, "revision": None, "pretrained_vae_model_name_or_path": DEFAULT_VAE}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images with a trained T-LoRA.")
+    a = p.add_argument
+    a("--config_path", type=str, required=True, help="The run's logs/hparams.yml.")
+    a("--checkpoint_idx", type=str, default=None, help="N of checkpoint-N; absent = the run folder holds the weights.")
+    a("--prompts", type=str, required=True, help="'#'-separated prompts; {0} = '<token> <class>'.")
+    a("--num_images_per_prompt", type=int, default=5)
+    a("--batch_size", type=int, default=1)
+    a("--num_inference_steps", type=int, default=25)
+    a("--guidance_scale", type=float, default=5.0)
+    a("--version", type=int, default=0)
+    a("--seed", type=int, default=0)
+    a("--replace_inference_output", action="store_true", default=False)
+    a("--pretrained_vae_model_name_or_path", type=str, default=None,
+      help="Override the run's VAE ('none' = the base model's own). Default: the run's, else " + DEFAULT_VAE + ".")
+    a("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
+    a("--dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"], help="Default: fp16 on CUDA, fp32 on CPU.")
+    return p
+
+
+def checkpoint_folder(config_path: Path, hparams: dict, checkpoint_idx: str | None) -> Path:
+    """checkpoint-N of the run (or the run folder itself); the run is hparams' output_dir, or the
+    folder holding logs/hparams.yml when that run folder was moved."""
+    name = f"checkpoint-{checkpoint_idx}" if checkpoint_idx is not None else ""
+    candidates = [Path(str(hparams.get("output_dir", ""))), config_path.resolve().parent.parent]
+    for run in candidates:
+        folder = run / name if name else run
+        if (folder / "pytorch_lora_weights.safetensors").is_file():
+            return folder
+    raise UsageError(f"--checkpoint_idx: no pytorch_lora_weights.safetensors in {candidates[-1] / name}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    config_path = Path(args.config_path)
+    if not config_path.is_file():
+        raise UsageError(f"--config_path: {config_path} does not exist; pass a run's logs/hparams.yml")
+    args.hparams = {**HPARAM_DEFAULTS, **read_hparams(config_path)}
+    if args.pretrained_vae_model_name_or_path is not None:
+        args.hparams["pretrained_vae_model_name_or_path"] = args.pretrained_vae_model_name_or_path
+    for key in ("pretrained_model_name_or_path", "placeholder_token", "class_name", "lora_rank"):
+        if key not in args.hparams:
+            raise UsageError(f"--config_path: {config_path} has no {key}; pass a run's logs/hparams.yml")
+    args.templates = generation.split_prompts(args.prompts)
+    if not args.templates:
+        raise UsageError("--prompts: give at least one prompt ('#' separates prompts)")
+    for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    args.checkpoint = checkpoint_folder(config_path, args.hparams, args.checkpoint_idx)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Load the base model and the T-LoRA, generate every prompt not already done; returns the version folder."""
+    hp = args.hparams
+    pipe = load_pipeline(
+        hp["pretrained_model_name_or_path"], hp["pretrained_vae_model_name_or_path"], hp["revision"], DTYPES[args.dtype]
+    ).to(args.device)
+    load(pipe, args.checkpoint, hp)
+    cfg = generation.Sampling(
+        hp["placeholder_token"], hp["class_name"],
+        generation.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version),
+        args.num_images_per_prompt, args.batch_size, args.num_inference_steps, args.guidance_scale, args.seed,
+        args.replace_inference_output,
+    )
+    with tqdm(total=len(args.templates) * args.num_images_per_prompt, desc="images") as bar:
+        generation.run(pipe, args.templates, cfg, str(args.checkpoint), progress=bar)
+    return cfg.folder
