@@ -48,6 +48,11 @@ def test_bad_input_fails_before_loading(image_dir, tmp_path, capsys, change, mes
     assert not (tmp_path / "out").exists()  # nothing created
 
 
+def test_8bit_adam_without_bitsandbytes_or_cuda(image_dir, tmp_path, capsys):
+    code, err = run_main(args_with(image_dir, tmp_path, "--use_8bit_adam"), capsys)
+    assert code == 2 and "--use_8bit_adam needs" in err
+
+
 def test_no_images(image_dir, tmp_path, capsys, empty_dir):
     argv = args_with(image_dir, tmp_path)
     argv[argv.index("--train_data_dir") + 1] = str(empty_dir)

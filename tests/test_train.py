@@ -132,6 +132,22 @@ def test_cached_and_uncached_training_agree(tiny_model, image_dir, tmp_path):
     assert torch.allclose(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model, image_dir, tmp_path):
+    from tlora.training import Trainer
+
+    losses = {}
+    for flag in ((), ("--gradient_checkpointing",)):
+        args = parse_args(train_args(tiny_model, image_dir, tmp_path / f"out{len(flag)}", "--num_train_epochs", "5",
+                                     "--checkpointing_steps", "5", *flag))
+        trainer = Trainer(args)
+        trainer.setup()
+        assert trainer.pipe.unet.is_gradient_checkpointing == bool(flag)
+        trainer.train()
+        losses[flag] = trainer.losses
+    assert torch.allclose(torch.tensor(losses[()]), torch.tensor(losses[("--gradient_checkpointing",)]), atol=1e-6)
+    assert losses[()][0] != losses[()][-1]
+
+
 @pytest.mark.skipif(not (SHARED / "dog_example").is_dir(), reason="../shared/dog_example not present")
 def test_trains_on_the_authors_dog_photos(tiny_model, tmp_path):
     from tlora.training import train

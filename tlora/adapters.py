@@ -14,6 +14,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 TRAINER_TYPES = ("lora", "ortho_lora")
@@ -127,10 +128,13 @@ class OrthoLoRAAdapter(nn.Module):
         self.base_lambda = nn.Parameter(self.lambda_layer.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x32 = x.to(self.q_layer.weight.dtype)
-        trained = self.p_layer(_apply_mask(self.q_layer(x32) * self.lambda_layer, mask))
-        frozen = self.base_p(_apply_mask(self.base_q(x32) * self.base_lambda, mask))
-        return (trained - frozen).to(x.dtype)
+        # One down-projection for both paths (x is read once); two up-projections, so that the difference
+        # is exactly zero while P = P0, L = L0, Q = Q0.
+        down = F.linear(x.to(self.q_layer.weight.dtype), torch.cat([self.q_layer.weight, self.base_q.weight]))
+        down = down * torch.cat([self.lambda_layer, self.base_lambda], dim=1)
+        trained, frozen = down.split(self.rank, dim=-1)
+        out = self.p_layer(_apply_mask(trained, mask)) - self.base_p(_apply_mask(frozen, mask))
+        return out.to(x.dtype)
 
 
 def make_adapter(

@@ -15,6 +15,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from .data import load_pixels, time_ids
+from .timing import NULL_TIMER
 
 BASE_PROMPT = "a photo of {0}"
 
@@ -64,8 +65,9 @@ class Conditioning:
         class_images: list[Path] | None = None,
         class_prompt: str | None = None,
         cache: bool = True,
+        timer=NULL_TIMER,
     ) -> None:
-        self.pipe, self.resolution, self.device, self.cache = pipe, resolution, device, cache
+        self.pipe, self.resolution, self.device, self.cache, self.timer = pipe, resolution, device, cache, timer
         self.images = {"instance": instance_images, "class": class_images or []}
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
         self._images: dict[str, list[Encoded]] = {}
@@ -79,10 +81,15 @@ class Conditioning:
     def _image(self, kind: str, index: int) -> Encoded:
         if self.cache:
             return self._images[kind][index]
-        return encode_image(self.pipe, self.images[kind][index], self.resolution, self.device)
+        pixels, crop = load_pixels(self.images[kind][index], self.resolution)
+        with self.timer("vae"):
+            return encode_pixels(self.pipe, pixels[None], crop, self.resolution, self.device)
 
     def _prompt(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._prompts[kind] if self.cache else encode_prompt(self.pipe, self.prompts[kind], self.device)
+        if self.cache:
+            return self._prompts[kind]
+        with self.timer("text"):
+            return encode_prompt(self.pipe, self.prompts[kind], self.device)
 
     def batch(self, indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Stacked mean, std, time_ids, prompt_embeds, pooled for the instance indices, then the class ones."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -39,3 +41,29 @@ def load_pipeline(
 def noise_scheduler(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
     """The training scheduler: DDPM with the model's betas and prediction type."""
     return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _encoders(pipe: StableDiffusionXLPipeline) -> list[torch.nn.Module]:
+    """The parts only needed to encode: both text encoders and the VAE's encoder half."""
+    return [pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder, pipe.vae.quant_conv]
+
+
+def offload_encoders(pipe: StableDiffusionXLPipeline) -> None:
+    """Move the encoders to the CPU (a no-op there) once everything they encode is cached."""
+    for part in _encoders(pipe):
+        if part is not None:
+            part.to("cpu")
+
+
+@contextmanager
+def encoders_on(pipe: StableDiffusionXLPipeline, device: torch.device):
+    """Bring the encoders to `device` for a while (validation), then back where they were."""
+    parts = [p for p in _encoders(pipe) if p is not None]
+    before = [next(p.parameters()).device for p in parts]
+    for part in parts:
+        part.to(device)
+    try:
+        yield
+    finally:
+        for part, where in zip(parts, before):
+            part.to(where)

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_weight_decay", type=float, default=1e-4)
     a("--adam_epsilon", type=float, default=1e-8)
     a("--one_image", type=str, default=None, help="Train on this one file of --train_data_dir only.")
+    a("--gradient_checkpointing", action="store_true", default=False,
+      help="Recompute UNet activations in the backward pass: far less GPU memory, about 30%% slower.")
+    a("--use_8bit_adam", action="store_true", default=False, help="bitsandbytes' 8-bit AdamW (CUDA only).")
+    a("--allow_tf32", action="store_true", default=False, help="Allow TF32 matmuls on Ampere and newer GPUs.")
     return p
 
 
@@ -125,8 +129,21 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--one_image: {args.one_image} is not a file in {args.train_data_dir}; pass a file name there")
     if args.with_prior_preservation:
         _check_image_folder("--class_data_dir", args.class_data_dir)
+    if args.use_8bit_adam:
+        _check_8bit_adam()
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UsageError(f"--output_dir: {args.output_dir} is a file; pass a folder")
+
+
+def _check_8bit_adam() -> None:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install -e '.[bnb]' (or drop the flag)")
+    if not torch.cuda.is_available():
+        raise UsageError("--use_8bit_adam needs a CUDA GPU; drop the flag to train with torch's AdamW")
 
 
 def wandb_key(args: argparse.Namespace) -> str | None:

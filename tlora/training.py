@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers import StableDiffusionXLPipeline
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -20,12 +20,12 @@ from .checkpoint import METADATA_KEYS, save_weights
 from .conditioning import BASE_PROMPT, Conditioning
 from .data import PairedIndices, list_images, training_images
 from .injection import TLoRA, attach
-from .models import DTYPES, load_pipeline, noise_scheduler
+from .models import DTYPES, encoders_on, load_pipeline, noise_scheduler, offload_encoders
 from .options import tracker, wandb_key
 from .run_folder import create_run_folder, public_hparams, redact_argv, write_hparams
+from .timing import NULL_TIMER
 from .tracking import init_trackers, log_images
 
-logger = logging.getLogger(__name__)
 LOSS_FLUSH_STEPS = 10  # losses are read back from the device in groups, not every step
 
 
@@ -72,11 +72,34 @@ def _run_folder(args: argparse.Namespace, accelerator: Accelerator) -> Path:
     return folder[0]
 
 
-class Trainer:
-    """One training run from parsed, validated options."""
+def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit version with --use_8bit_adam), constant learning rate."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
 
-    def __init__(self, args: argparse.Namespace, cache: bool = True) -> None:
-        self.args, self.cache = args, cache
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+class Trainer:
+    """One training run from parsed, validated options.
+
+    `cache=False` re-encodes image and prompt every step with a new data iterator, as the authors' loop
+    does; `pipe`, `adapter_state` and `timer` let the benchmark reuse a built model and time sections.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cache: bool = True,
+        pipe: StableDiffusionXLPipeline | None = None,
+        adapter_state: dict[str, torch.Tensor] | None = None,
+        timer=NULL_TIMER,
+    ) -> None:
+        self.args, self.cache, self.pipe, self.adapter_state, self.timer = args, cache, pipe, adapter_state, timer
         key = wandb_key(args)
         if key:  # in-process only: never written to disk, never in argv records
             os.environ["WANDB_API_KEY"] = key
@@ -93,23 +116,32 @@ class Trainer:
 
     def setup(self) -> None:
         args = self.args
-        self.pipe = load_pipeline(
-            args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, self.weight_dtype
-        ).to(self.device)
+        if args.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.pipe is None:
+            self.pipe = load_pipeline(
+                args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision,
+                self.weight_dtype,
+            )
+        self.pipe.to(self.device)
         self.scheduler = noise_scheduler(self.pipe)
         set_seed(args.seed)
         self.tlora: TLoRA = attach(
             self.pipe.unet, args.trainer_type, args.lora_rank, args.min_rank, args.alpha_rank_scale, args.sig_type,
-            timestep_dependent=args.trainer_class == "sdxl_tlora",
+            timestep_dependent=args.trainer_class == "sdxl_tlora", init=self.adapter_state is None,
             num_train_timesteps=self.scheduler.config.num_train_timesteps, svd_device=self.device,
         )
-        self.optimizer = torch.optim.AdamW(
-            self.tlora.trainable_parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-        )
+        if self.adapter_state is not None:
+            self.tlora.load_state_dict(self.adapter_state)
+        if args.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        self.optimizer = make_optimizer(args, self.tlora.trainable_parameters())
         self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.optimizer)
         self.unet.train()
         self._setup_data()
+        if self.cache:  # nothing encodes during training any more: free the accelerator's memory
+            offload_encoders(self.pipe)
         init_trackers(self.accelerator, args, public_hparams(args), self.folder / "logs")
 
     def _setup_data(self) -> None:
@@ -119,29 +151,36 @@ class Trainer:
         self.conditioning = Conditioning(
             self.pipe, training_images(args.train_data_dir, args.one_image), BASE_PROMPT.format(concept),
             args.resolution, self.device, class_images, BASE_PROMPT.format(args.class_name), cache=self.cache,
+            timer=self.timer,
         )
         indices = PairedIndices(len(self.conditioning.images["instance"]), len(class_images))
         self.loader = DataLoader(
-            indices, batch_size=args.train_batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(args.seed),
+            indices, batch_size=args.train_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
+            num_workers=0 if self.cache else args.dataloader_num_workers,
         )
 
     def batches(self):
-        """Index batches for ever: one iterator per pass over the data (never one per step)."""
+        """Index batches for ever: one iterator per pass over the data; uncached: a new one per step."""
         while True:
-            yield from self.loader
+            if self.cache:
+                yield from self.loader
+            else:
+                yield next(iter(self.loader))
 
     def step(self, indices: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step; returns the detached loss (still on the device)."""
-        batch = self.conditioning.batch(indices)
+        with self.timer("data"):
+            batch = self.conditioning.batch(indices)
         prior = self.args.prior_loss_weight if self.args.with_prior_preservation else None
-        with self.accelerator.autocast():
-            loss = diffusion_loss(
-                self.unet, self.scheduler, batch, self.pipe.vae.config.scaling_factor, self.weight_dtype, prior
-            )
-        self.accelerator.backward(loss)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timer("unet"):
+            with self.accelerator.autocast():
+                loss = diffusion_loss(
+                    self.unet, self.scheduler, batch, self.pipe.vae.config.scaling_factor, self.weight_dtype, prior
+                )
+            self.accelerator.backward(loss)
+        with self.timer("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     def train(self) -> Path:
@@ -151,7 +190,9 @@ class Trainer:
         pending: list[torch.Tensor] = []
         batches = self.batches()
         for step in range(1, total + 1):
-            pending.append(self.step(next(batches)))
+            with self.timer("data"):
+                indices = next(batches)
+            pending.append(self.step(indices))
             if step % LOSS_FLUSH_STEPS == 0 or step % args.checkpointing_steps == 0 or step == total:
                 self._flush_losses(pending, step, bar)
                 pending = []
@@ -189,7 +230,7 @@ class Trainer:
             num_images_per_prompt=args.num_val_imgs_per_prompt, replace=True,
         )
         self.unet.eval()
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), encoders_on(self.pipe, self.device):
             images = generation.run(self.pipe, generation.split_prompts(args.validation_prompts), cfg, str(checkpoint))
         self.unet.train()
         log_images(self.accelerator, {cfg.text(t): imgs for t, imgs in images.items()}, step)
