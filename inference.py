@@ -3,20 +3,7 @@
 
 import sys
 
-from tlora.options import UsageError
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tlora.inference import parse_args, run
-
-    try:
-        args = parse_args(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"samples: {run(args)}")
-    return 0
-
+from tlora.cli import inference_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

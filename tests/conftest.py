@@ -71,3 +71,33 @@ def train_args(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str
         "--checkpointing_steps", "2", "--lora_rank", "4", "--min_rank", "2", "--dataloader_num_workers", "0",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_embedders(tmp_path_factory):
+    """Tiny random CLIP and DINO (ViT) models saved to disk, loaded as the metrics code loads them."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig
+    from transformers import ViTImageProcessor, ViTModel
+
+    from tlora.metrics import Embedders
+    from tlora.tiny import write_tokenizer
+
+    root = tmp_path_factory.mktemp("embedders")
+    torch_seed = __import__("torch").manual_seed(0)  # noqa: F841
+    write_tokenizer(root / "tok")
+    tokenizer = CLIPTokenizer(str(root / "tok/vocab.json"), str(root / "tok/merges.txt"), model_max_length=77)
+    n = len(tokenizer)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16,
+    ))
+    clip.save_pretrained(root / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(root / "clip")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37), add_pooling_layer=False).save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    return Embedders.load(str(root / "clip"), str(root / "dino"), "cpu")

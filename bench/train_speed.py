@@ -1,0 +1,221 @@
+"""Training speed and memory of train.py's real training step, configurations side by side.
+
+    python bench/train_speed.py --model tiny --resolution 64
+    python bench/train_speed.py --model sdxl --resolution 128 --steps 3      # SDXL architecture, random weights
+    python bench/train_speed.py --model sdxl --resolution 1024 --precisions bf16 --cache on   # on a GPU
+
+For each configuration (cache on/off x precision x gradient checkpointing) it runs `--warmup` steps, then
+`--steps` timed steps of `Trainer.step`, and prints a markdown table: median seconds per step, the mean
+split (data, VAE, text, UNet forward+backward, optimizer), the adapters' share (UNet forward+backward with
+adapters minus without), the share of the step outside UNet and optimizer, peak host RSS and peak GPU
+memory. "cache off" is the authors' loop: a new data iterator, image decode + crop + VAE encode and
+prompt encode every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from accelerate.state import AcceleratorState  # noqa: E402
+
+from tlora.injection import attach  # noqa: E402
+from tlora.models import DTYPES, load_pipeline  # noqa: E402
+from tlora.options import parse_args  # noqa: E402
+from tlora.timing import SectionTimer  # noqa: E402
+from tlora.training import Trainer, diffusion_loss  # noqa: E402
+
+SECTIONS = ("data", "vae", "text", "unet", "optimizer")
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 20 ms; `peak` is the highest since `reset`."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.02)
+
+    def reset(self) -> None:
+        self.peak = self.now()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(name: str, scratch: Path):
+    if name == "tiny":
+        from tlora.tiny import build_tiny_sdxl
+
+        return load_pipeline(str(build_tiny_sdxl(scratch / "tiny")), "none")
+    from sdxl_architecture import build_sdxl_architecture
+
+    return build_sdxl_architecture()
+
+
+def train_argv(opts, data: Path, out: Path, precision: str, checkpointing: bool) -> list[str]:
+    argv = [
+        "--trainer_type", opts.trainer_type, "--trainer_class", "sdxl_tlora", "--pretrained_model_name_or_path",
+        "in-memory", "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog",
+        "--placeholder_token", "sks", "--resolution", str(opts.resolution), "--lora_rank", str(opts.rank),
+        "--min_rank", str(opts.min_rank), "--num_train_epochs", "1000000", "--checkpointing_steps", "1000000",
+        "--mixed_precision", "no" if precision == "fp32" else precision, "--dataloader_num_workers", "1",
+    ]
+    return argv + (["--gradient_checkpointing"] if checkpointing else []) + (["--allow_tf32"] if opts.tf32 else [])
+
+
+def unet_seconds(trainer: Trainer, steps: int, adapters: bool) -> float:
+    """Median UNet forward+backward time; without adapters the input latents carry the gradient instead."""
+    batch = trainer.conditioning.batch(next(trainer.batches()))
+    if not adapters:
+        batch["mean"] = batch["mean"].detach().requires_grad_(True)
+    trainer.tlora.set_scale(1.0 if adapters else 0.0)
+    times = []
+    for _ in range(steps + 1):
+        sync(trainer.device)
+        start = time.perf_counter()
+        with trainer.accelerator.autocast():
+            loss = diffusion_loss(trainer.unet, trainer.scheduler, batch, trainer.pipe.vae.config.scaling_factor,
+                                  trainer.weight_dtype, None)
+        loss.backward()
+        sync(trainer.device)
+        times.append(time.perf_counter() - start)
+        trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.tlora.set_scale(1.0)
+    return statistics.median(times[1:])
+
+
+def initial_adapters(opts, pipe) -> tuple[dict, float]:
+    """T-LoRA's initialisation (one SVD per projection, on the accelerator when there is one), timed once;
+    every configuration then starts from these adapters."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.unet.to(device)
+    sync(device)
+    start = time.perf_counter()
+    tlora = attach(pipe.unet, opts.trainer_type, opts.rank, opts.min_rank, svd_device=device)
+    sync(device)
+    seconds = time.perf_counter() - start
+    state = tlora.state_dict()
+    tlora.unload()
+    return state, seconds
+
+
+def run_config(opts, pipe, data, scratch, rss, state, precision, cache, checkpointing) -> dict:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    args = parse_args(train_argv(opts, data, scratch / "runs", precision, checkpointing))
+    timer = SectionTimer("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(dtype=DTYPES[args.mixed_precision])
+    trainer = Trainer(args, cache=cache, pipe=pipe, adapter_state=state["adapters"], timer=timer)
+    trainer.setup()
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss.reset()
+    batches = trainer.batches()
+    step_times = []
+    for i in range(opts.warmup + opts.steps):
+        if i == opts.warmup:
+            timer.reset()
+        sync(trainer.device)
+        t0 = time.perf_counter()
+        with timer("data"):
+            indices = next(batches)
+        trainer.step(indices)
+        sync(trainer.device)
+        step_times.append(time.perf_counter() - t0)
+    row = {k: timer.totals.get(k, 0.0) / opts.steps for k in SECTIONS}
+    row["step"] = statistics.median(step_times[opts.warmup:])
+    row["rss"] = rss.peak / 2**30
+    row["gpu"] = torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else float("nan")
+    with_adapters = unet_seconds(trainer, opts.adapter_steps, True)
+    row["adapters"] = with_adapters - unet_seconds(trainer, opts.adapter_steps, False)
+    trainer.tlora.unload()
+    pipe.unet.disable_gradient_checkpointing()
+    trainer.accelerator.end_training()
+    return row
+
+
+def table(rows: list[tuple[str, dict]], opts, init_seconds: float) -> str:
+    head = ("| configuration | s/step (median) | data | VAE | text | UNet fwd+bwd | optimizer | adapters | "
+            "outside UNet+opt | peak RSS GB | peak GPU GB |")
+    lines = [head, "|" + "---|" * 11]
+    for name, r in rows:
+        outside = r["data"] + r["vae"] + r["text"]
+        total = sum(r[k] for k in SECTIONS)
+        lines.append(
+            f"| {name} | {r['step']:.4f} | {r['data']:.4f} | {r['vae']:.4f} | {r['text']:.4f} | {r['unet']:.4f} | "
+            f"{r['optimizer']:.4f} | {r['adapters']:.4f} ({100 * r['adapters'] / r['step']:.0f}%) | "
+            f"{100 * outside / total:.1f}% | {r['rss']:.2f} | {r['gpu']:.2f} |"
+        )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return (f"model {opts.model}, {opts.resolution} px, {opts.trainer_type} rank {opts.rank}/{opts.min_rank}, "
+            f"batch 1, {device}, torch {torch.__version__}; adapter initialisation (SVDs): {init_seconds:.1f} s\n\n"
+            + "\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--adapter_steps", type=int, default=2)
+    p.add_argument("--trainer_type", choices=["lora", "ortho_lora"], default="ortho_lora")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--min_rank", type=int, default=32)
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--cache", default="off,on")
+    p.add_argument("--checkpointing", default="off,on")
+    p.add_argument("--tf32", action="store_true")
+    p.add_argument("--output", type=str, default=None, help="Also write the table to this file.")
+    opts = p.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="tlora-bench-"))
+    data = scratch / "concept"
+    data.mkdir()
+    rng = np.random.RandomState(0)
+    Image.fromarray((rng.rand(1200, 1280, 3) * 255).astype("uint8")).save(data / "00.jpg")
+    rss = PeakRSS()
+    pipe = build_model(opts.model, scratch)
+    state: dict = {}
+    state["adapters"], state["init_seconds"] = initial_adapters(opts, pipe)
+    print(f"adapter initialisation: {state['init_seconds']:.1f} s", file=sys.stderr, flush=True)
+    rows = []
+    for precision in opts.precisions.split(","):
+        for cache in opts.cache.split(","):
+            for ckpt in opts.checkpointing.split(","):
+                name = f"cache {cache}, {precision}, checkpointing {ckpt}"
+                row = run_config(opts, pipe, data, scratch, rss, state, precision, cache == "on", ckpt == "on")
+                rows.append((name, row))
+                print(f"{name}: {row['step']:.4f} s/step", file=sys.stderr, flush=True)
+    out = table(rows, opts, state["init_seconds"])
+    print(out)
+    if opts.output:
+        Path(opts.output).write_text(out + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""`python -m tlora.analyze RUN_OR_CHECKPOINT`: pictures of what a T-LoRA run learned.
+
+Writes into `<RUN_OR_CHECKPOINT>/analysis/`:
+- rank_schedule.png  r(t) for t = 0..999 with the run's rank, min_rank and alpha
+- effective_rank.png singular values of each layer's learned update and its effective rank (smallest k
+                     holding 95% of the singular-value sum), self- vs cross-attention (the paper's Fig. 4)
+- effective_rank.json the numbers behind it
+- samples_grid.png   a checkpoint's samples: prompts as rows, images as columns, captions under rows
+- loss.png           the loss curve, from logs/loss.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .adapters import active_rank
+from .api import read_hparams, settings
+from .checkpoint import read_weights
+from .generation import existing_images
+
+THRESHOLD = 0.95
+
+
+def effective_rank(singular_values: torch.Tensor, threshold: float = THRESHOLD) -> int:
+    """Smallest k whose k largest singular values hold `threshold` of their sum."""
+    s = singular_values.double().sort(descending=True).values
+    if s.sum() <= 0:
+        return 0
+    share = s.cumsum(0) / s.sum()
+    return int((share < threshold - 1e-12).sum().item()) + 1
+
+
+def layer_updates(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter key prefix -> learned update (out x in) with every rank component active."""
+    updates = {}
+    for key in weights:
+        if key.endswith(".up.weight"):
+            prefix = key[: -len(".up.weight")]
+            updates[prefix] = weights[key] @ weights[f"{prefix}.down.weight"]
+        elif key.endswith(".p_layer.weight"):
+            prefix = key[: -len(".p_layer.weight")]
+            w = lambda name: weights[f"{prefix}.{name}"]  # noqa: E731
+            updates[prefix] = (w("p_layer.weight") * w("lambda_layer")) @ w("q_layer.weight") - (
+                w("base_p.weight") * w("base_lambda")) @ w("base_q.weight")
+    return updates
+
+
+def resolve(target: Path) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint folder or None) for a run or checkpoint path."""
+    if (target / "logs" / "hparams.yml").is_file():
+        checkpoints = sorted(target.glob("checkpoint-*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        return target, (checkpoints[-1] if checkpoints else None)
+    if (target.parent / "logs" / "hparams.yml").is_file():
+        return target.parent, target
+    raise ValueError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rank_schedule(cfg: dict, path: Path) -> None:
+    plt = _plt()
+    t = torch.arange(1000)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(t, active_rank(t, 1000, cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"]))
+    ax.set(xlabel="timestep t", ylabel="active rank r(t)",
+           title=f"r={cfg['lora_rank']}, r_min={cfg['min_rank']}, alpha={cfg['alpha_rank_scale']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def analyse_updates(weights: dict[str, torch.Tensor]) -> dict[str, dict]:
+    out = {}
+    for prefix, update in layer_updates(weights).items():
+        s = torch.linalg.svdvals(update.double())
+        kind = "self" if ".attn1." in prefix else "cross" if ".attn2." in prefix else "other"
+        out[prefix] = {"kind": kind, "effective_rank": effective_rank(s), "singular_values": s[:128].tolist()}
+    return out
+
+
+def plot_effective_rank(layers: dict[str, dict], path: Path) -> None:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for kind, colour in (("self", "tab:blue"), ("cross", "tab:orange")):
+        group = [v for v in layers.values() if v["kind"] == kind]
+        for i, v in enumerate(group):
+            s = torch.tensor(v["singular_values"])
+            left.plot(s / max(float(s[0]), 1e-12), color=colour, alpha=0.3, label=f"{kind}-attention" if i == 0 else None)
+        right.hist([v["effective_rank"] for v in group], bins=20, alpha=0.6, color=colour, label=f"{kind}-attention")
+    left.set(xlabel="index", ylabel="singular value / largest", title="Spectra of the learned updates", yscale="log")
+    right.set(xlabel=f"effective rank ({int(THRESHOLD * 100)}% of the singular-value sum)", ylabel="layers",
+              title="Effective rank per layer")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def samples_grid(version_folder: Path, path: Path, caption_height: int = 24) -> bool:
+    """Prompts as rows (captioned underneath), images as columns; False when there are no samples."""
+    rows = [(p.name, [Image.open(i).convert("RGB") for i in existing_images(p)])
+            for p in sorted(version_folder.iterdir()) if p.is_dir() and existing_images(p)]
+    if not rows:
+        return False
+    w, h = rows[0][1][0].size
+    cols = max(len(images) for _, images in rows)
+    canvas = Image.new("RGB", (cols * w, len(rows) * (h + caption_height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (caption, images) in enumerate(rows):
+        top = r * (h + caption_height)
+        for c, image in enumerate(images):
+            canvas.paste(image.resize((w, h)), (c * w, top))
+        draw.text((4, top + h + 4), caption, fill="black")
+    canvas.save(path)
+    return True
+
+
+def plot_loss(loss_csv: Path, path: Path) -> bool:
+    if not loss_csv.is_file():
+        return False
+    with open(loss_csv) as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([s for s, _ in rows], [v for _, v in rows], lw=0.8)
+    ax.set(xlabel="step", ylabel="loss", title="Training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def analyze(target: str | Path) -> Path:
+    """Write every picture that the run or checkpoint allows; returns the analysis folder."""
+    target = Path(target)
+    run, checkpoint = resolve(target)
+    out = target / "analysis"
+    out.mkdir(exist_ok=True)
+    hparams = read_hparams(run / "logs" / "hparams.yml")
+    if checkpoint is not None:
+        weights, metadata = read_weights(checkpoint)
+        cfg = settings(weights, metadata, hparams)
+        layers = analyse_updates(weights)
+        (out / "effective_rank.json").write_text(json.dumps(layers, indent=1))
+        plot_effective_rank(layers, out / "effective_rank.png")
+        for version in sorted(checkpoint.glob("samples/*/version_*"))[:1]:
+            samples_grid(version, out / "samples_grid.png")
+    else:
+        cfg = {"min_rank": 1, "alpha_rank_scale": 1.0, **hparams}
+    plot_rank_schedule(cfg, out / "rank_schedule.png")
+    plot_loss(run / "logs" / "loss.csv", out / "loss.png")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("target", help="A run folder or one of its checkpoint-N folders.")
+    out = analyze(p.parse_args(argv).target)
+    print(f"analysis: {out}")
+    for f in sorted(out.iterdir()):
+        print(f"  {f.name}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

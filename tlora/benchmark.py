@@ -1,0 +1,260 @@
+"""`python -m tlora.benchmark MANIFEST.yaml`: the paper's protocol as one command.
+
+For every concept x method of the manifest: train (train.py in a subprocess), generate the protocol's
+prompts (25 contextual x 5, 6 complex x 5, the base prompt x 15), evaluate IS, DINO-IS and TS, and record
+the row. Work already done is skipped, so an interrupted benchmark resumes. At the end: `results.csv`,
+`results.md` (mean and std per method) and `is_vs_ts.png`. With `accelerate launch --num_processes N`, the
+jobs are spread over the processes (one GPU each).
+
+Manifest (YAML):
+
+    output_dir: bench                      # required
+    pretrained_model_name_or_path: stabilityai/stable-diffusion-xl-base-1.0
+    placeholder_token: sks
+    images: {contextual: 5, complex: 5, base: 15}
+    num_prompts: {contextual: 25, complex: 6}   # fewer for a quick look
+    num_inference_steps: 25
+    guidance_scale: 5.0
+    evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}
+    report_to: none                        # or wandb
+    concepts:
+      - {name: dog, image: dog_example/02.jpg, class_name: dog, kind: live}
+    methods:
+      - {name: T-LoRA, config: configs/tlora.yaml}
+      - {name: LoRA, config: configs/lora.yaml, overrides: {num_train_epochs: 500}}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import atomic_write
+from .conditioning import BASE_PROMPT
+
+COLUMNS = ("concept", "method", "kind", "IS", "DINO_IS", "TS_contextual", "TS_complex", "checkpoint")
+METRICS = ("IS", "DINO_IS", "TS_contextual", "TS_complex")
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def prompt_set(kind: str) -> tuple[list[str], list[str]]:
+    """(contextual, complex) prompt templates of the paper for a `live` or `object` concept."""
+    if kind not in ("live", "object"):
+        raise ValueError(f"concept kind must be live or object, got {kind!r}")
+    lines = resources.files("tlora").joinpath(f"prompts/prompts_{kind}.txt").read_text().splitlines()
+    lines = [line.strip() for line in lines if line.strip()]
+    return lines[:25], lines[25:]
+
+
+@dataclass
+class Manifest:
+    output_dir: Path
+    concepts: list[dict]
+    methods: list[dict]
+    placeholder_token: str = "sks"
+    pretrained_model_name_or_path: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None
+    images: dict = field(default_factory=lambda: {"contextual": 5, "complex": 5, "base": 15})
+    num_prompts: dict = field(default_factory=lambda: {"contextual": 25, "complex": 6})
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    seed: int = 0
+    evaluation: dict = field(default_factory=dict)
+    report_to: str = "none"
+    project_name: str = "tlora"
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r}")
+        base = Path(path).resolve().parent
+        values["output_dir"] = base / values["output_dir"]
+        for item in values.get("concepts", []):
+            item["image"] = str(base / item["image"])
+        for item in values.get("methods", []):
+            item["config"] = str(base / item["config"])
+        return cls(**values)
+
+    def jobs(self) -> list[tuple[dict, dict]]:
+        return [(c, m) for c in self.concepts for m in self.methods]
+
+
+def _flag_list(values: dict) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def final_checkpoint(job_dir: Path, steps: int) -> Path | None:
+    """checkpoint-<steps> of a finished run in job_dir, if any."""
+    done = sorted(job_dir.glob(f"*/checkpoint-{steps}/pytorch_lora_weights.safetensors"))
+    return done[-1].parent if done else None
+
+
+def train_job(m: Manifest, concept: dict, method: dict, job_dir: Path) -> Path:
+    """Train one concept with one method (skipped when its final checkpoint exists)."""
+    from .options import parse_args
+
+    image = Path(concept["image"])
+    flags = {"config": method["config"], "train_data_dir": str(image.parent), "one_image": image.name,
+             "output_dir": str(job_dir), "class_name": concept["class_name"], "placeholder_token": m.placeholder_token,
+             "pretrained_model_name_or_path": m.pretrained_model_name_or_path,
+             "pretrained_vae_model_name_or_path": m.pretrained_vae_model_name_or_path, "report_to": m.report_to,
+             **method.get("overrides", {})}
+    argv = _flag_list(flags)
+    steps = parse_args(argv).num_train_epochs
+    if (done := final_checkpoint(job_dir, steps)) is not None:
+        return done
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    subprocess.run([sys.executable, "-m", "tlora.cli", "train", *argv], check=True, env=env)
+    return final_checkpoint(job_dir, steps)
+
+
+def generate_job(m: Manifest, concept: dict, checkpoint: Path, device: str) -> tuple[Path, dict[str, list[str]]]:
+    """The protocol's images for one checkpoint (prompt folders already complete are skipped)."""
+    from . import api, generation
+    from .models import DTYPES, load_pipeline
+
+    hp = api.read_hparams(checkpoint.parent / "logs" / "hparams.yml")
+    contextual, complex_ = prompt_set(concept.get("kind", "live"))
+    groups = {"contextual": contextual[: m.num_prompts["contextual"]], "complex": complex_[: m.num_prompts["complex"]]}
+    folder = generation.samples_folder(checkpoint, m.num_inference_steps, m.guidance_scale, 0)
+    todo = {"base": [BASE_PROMPT], **groups}
+    dtype = DTYPES["fp16" if device.startswith("cuda") else "fp32"]
+    pipe = load_pipeline(hp["pretrained_model_name_or_path"], hp.get("pretrained_vae_model_name_or_path"),
+                         hp.get("revision"), dtype).to(device)
+    api.load(pipe, checkpoint, hp)
+    for name, templates in todo.items():
+        cfg = generation.Sampling(m.placeholder_token, concept["class_name"], folder, m.images[name], 1,
+                                  m.num_inference_steps, m.guidance_scale, m.seed)
+        generation.run(pipe, templates, cfg, str(checkpoint))
+    return folder, groups
+
+
+def run_job(m: Manifest, concept: dict, method: dict, embedders, device: str) -> dict:
+    from .evaluate import evaluate_samples
+    from .metrics import reference_images
+
+    job_dir = m.output_dir / "runs" / concept["name"] / method["name"]
+    checkpoint = train_job(m, concept, method, job_dir)
+    samples, groups = generate_job(m, concept, checkpoint, device)
+    refs = reference_images(concept["image"], m.evaluation.get("mask_dir"))
+    metrics = evaluate_samples(embedders, refs, samples, concept["class_name"], m.placeholder_token, groups)
+    return {"concept": concept["name"], "method": method["name"], "kind": concept.get("kind", "live"),
+            **{k: metrics.get(k) for k in METRICS}, "checkpoint": str(checkpoint)}
+
+
+def result_path(m: Manifest, concept: dict, method: dict) -> Path:
+    return m.output_dir / "results" / f"{concept['name']}__{method['name']}.json"
+
+
+def collect(m: Manifest) -> list[dict]:
+    """Every finished job's row, in manifest order; rewrites results.csv."""
+    rows = [json.loads(p.read_text()) for c, me in m.jobs() if (p := result_path(m, c, me)).is_file()]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(m.output_dir / "results.csv", buf.getvalue().encode())
+    return rows
+
+
+def summary(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
+    """method -> metric -> (mean, std over concepts)."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        values = {k: [r[k] for r in rows if r["method"] == method and r[k] is not None] for k in METRICS}
+        out[method] = {k: (statistics.fmean(v), statistics.pstdev(v)) for k, v in values.items() if v}
+    return out
+
+
+def write_report(m: Manifest, rows: list[dict]) -> tuple[Path, Path]:
+    """results.md (mean ± std per method) and is_vs_ts.png (one point per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summary(rows)
+    lines = ["| method | concepts | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for method, s in stats.items():
+        n = sum(r["method"] == method for r in rows)
+        cells = [f"{s[k][0]:.4f} ± {s[k][1]:.4f}" if k in s else "" for k in METRICS]
+        lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+    md = m.output_dir / "results.md"
+    atomic_write(md, ("\n".join(lines) + "\n").encode())
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method, s in stats.items():
+        if "IS" in s and "TS_contextual" in s:
+            ax.scatter(s["TS_contextual"][0], s["IS"][0], s=40)
+            ax.annotate(method, (s["TS_contextual"][0], s["IS"][0]), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("TS (text similarity, contextual prompts)")
+    ax.set_ylabel("IS (image similarity)")
+    ax.set_title("Concept fidelity vs text alignment")
+    fig.tight_layout()
+    png = m.output_dir / "is_vs_ts.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return md, png
+
+
+def log_report(m: Manifest, md: Path, png: Path, rows: list[dict]) -> None:
+    if m.report_to != "wandb":
+        return
+    import wandb
+
+    run = wandb.init(project=m.project_name, name="benchmark", dir=str(m.output_dir))
+    run.log({"results": wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows]),
+             "is_vs_ts": wandb.Image(str(png))})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from accelerate import PartialState
+
+    from .metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m tlora.benchmark MANIFEST.yaml")
+    m = Manifest.read(argv[0])
+    state = PartialState()
+    device = str(state.device)
+    embedders = None
+    for i, (concept, method) in enumerate(m.jobs()):
+        if i % state.num_processes != state.process_index or result_path(m, concept, method).is_file():
+            continue
+        if embedders is None:
+            embedders = Embedders.load(m.evaluation.get("clip_model", DEFAULT_CLIP),
+                                       m.evaluation.get("dino_model", DEFAULT_DINO), device)
+        row = run_job(m, concept, method, embedders, device)
+        atomic_write(result_path(m, concept, method), json.dumps(row, indent=2).encode())
+        print(f"{concept['name']} x {method['name']}: " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS
+                                                                     if row[k] is not None))
+    state.wait_for_everyone()
+    rows = collect(m)
+    if state.is_main_process:
+        md, png = write_report(m, rows)
+        log_report(m, md, png, rows)
+        print(md.read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
