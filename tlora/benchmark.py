@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
 import yaml
 
 from .checkpoint import atomic_write
@@ -101,6 +102,19 @@ def _flag_list(values: dict) -> list[str]:
     return argv
 
 
+def job_env() -> dict[str, str]:
+    """A single-process environment for a training subprocess, on this process's GPU only."""
+    from accelerate import PartialState
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    state = PartialState()
+    if state.num_processes > 1 and state.device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = ids[state.local_process_index]
+    return env
+
+
 def final_checkpoint(job_dir: Path, steps: int) -> Path | None:
     """checkpoint-<steps> of a finished run in job_dir, if any."""
     done = sorted(job_dir.glob(f"*/checkpoint-{steps}/pytorch_lora_weights.safetensors"))
@@ -121,8 +135,7 @@ def train_job(m: Manifest, concept: dict, method: dict, job_dir: Path) -> Path:
     steps = parse_args(argv).num_train_epochs
     if (done := final_checkpoint(job_dir, steps)) is not None:
         return done
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    subprocess.run([sys.executable, "-m", "tlora.cli", "train", *argv], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "tlora.cli", "train", *argv], check=True, env=job_env())
     return final_checkpoint(job_dir, steps)
 
 

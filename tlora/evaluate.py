@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import yaml
+from tqdm.auto import tqdm
 
 from .conditioning import BASE_PROMPT
 from .generation import existing_images
@@ -54,7 +55,7 @@ def evaluate_samples(
         result["DINO_IS"] = mean_cosine(embedders.dino_images(references), embedders.dino_images(is_images))
         result["num_base_images"] = len(is_images)
     per_prompt = {}
-    for template, folder in folders.items():
+    for template, folder in tqdm(folders.items(), desc="TS", unit="prompt", leave=False):
         if template == BASE_PROMPT:
             continue
         text = embedders.clip_texts([template.format(class_name)])
