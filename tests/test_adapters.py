@@ -146,3 +146,19 @@ def test_dtype_round_trip():
     adapter = OrthoLoRAAdapter(8, 8, 2)
     out = adapter(torch.randn(1, 3, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and adapter.q_layer.weight.dtype == torch.float32
+
+
+def test_ortho_forward_equals_the_authors_formula():
+    """P((Qx) * l * m) - P0((Q0x) * l0 * m), computed path by path as the authors' layer does."""
+    torch.manual_seed(0)
+    a = OrthoLoRAAdapter(12, 10, 6)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 5, 12)
+    mask = rank_mask(torch.tensor([100, 900]), 1000, 6, 2)[:, None, :]
+    q, p, lam = a.q_layer.weight, a.p_layer.weight, a.lambda_layer
+    q0, p0, lam0 = a.base_q.weight, a.base_p.weight, a.base_lambda
+    expected = ((x @ q.T) * lam * mask) @ p.T - ((x @ q0.T) * lam0 * mask) @ p0.T
+    assert torch.allclose(a(x, mask[:, 0]), expected, atol=1e-6)

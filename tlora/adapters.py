@@ -39,14 +39,14 @@ def rank_mask(
     return (positions < ranks).to(torch.float32)
 
 
-def _apply_mask(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Multiply the rank dimension (last) of h by a per-sample mask of shape (N or 1, >= rank)."""
-    if mask is None:
+def _scale_rank(h: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Multiply the rank dimension (last) of h by a per-sample scale of shape (N or 1, rank)."""
+    if scale is None:
         return h
-    mask = mask[:, : h.shape[-1]].to(device=h.device, dtype=h.dtype)
-    if mask.shape[0] not in (1, h.shape[0]):
-        raise ValueError(f"T-LoRA mask has {mask.shape[0]} rows but the layer input has batch {h.shape[0]}")
-    return h * mask.reshape(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+    scale = scale.to(device=h.device, dtype=h.dtype)
+    if scale.shape[0] not in (1, h.shape[0]):
+        raise ValueError(f"T-LoRA mask has {scale.shape[0]} rows but the layer input has batch {h.shape[0]}")
+    return h * scale.reshape(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])
 
 
 class LoRAAdapter(nn.Module):
@@ -63,7 +63,7 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.down(x.to(self.down.weight.dtype))
-        return self.up(_apply_mask(h, mask)).to(x.dtype)
+        return self.up(_scale_rank(h, None if mask is None else mask[:, : self.rank])).to(x.dtype)
 
 
 def _svd_slice(size: int, rank: int, sig_type: str) -> slice:
@@ -128,13 +128,15 @@ class OrthoLoRAAdapter(nn.Module):
         self.base_lambda = nn.Parameter(self.lambda_layer.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # One down-projection for both paths (x is read once); two up-projections, so that the difference
-        # is exactly zero while P = P0, L = L0, Q = Q0.
+        # One down-projection for both paths (x is read once) and one multiply by lambda * mask (a 0/1 mask
+        # makes this bitwise equal to multiplying by each in turn); two up-projections, so that the
+        # difference is exactly zero while P = P0, L = L0, Q = Q0.
         down = F.linear(x.to(self.q_layer.weight.dtype), torch.cat([self.q_layer.weight, self.base_q.weight]))
-        down = down * torch.cat([self.lambda_layer, self.base_lambda], dim=1)
-        trained, frozen = down.split(self.rank, dim=-1)
-        out = self.p_layer(_apply_mask(trained, mask)) - self.base_p(_apply_mask(frozen, mask))
-        return out.to(x.dtype)
+        scale = torch.cat([self.lambda_layer, self.base_lambda], dim=1)
+        if mask is not None:
+            scale = scale * mask[:, : self.rank].to(scale.device).repeat(1, 2)
+        trained, frozen = _scale_rank(down, scale).split(self.rank, dim=-1)
+        return (self.p_layer(trained) - self.base_p(frozen)).to(x.dtype)
 
 
 def make_adapter(

@@ -13,7 +13,8 @@ from .api import load, read_hparams
 from .models import DTYPES, load_pipeline
 from .options import DEFAULT_VAE, UsageError
 
-HPARAM_DEFAULTS = {"min_rank": 1, "alpha_rank_scale": 1, "revision": None, "pretrained_vae_model_name_or_path": DEFAULT_VAE}
+# The authors' hparams.yml has no VAE key: their tool always uses this VAE. min_rank and alpha default in tlora.load.
+HPARAM_DEFAULTS = {"revision": None, "pretrained_vae_model_name_or_path": DEFAULT_VAE}
 
 
 def build_parser() -> argparse.ArgumentParser:
