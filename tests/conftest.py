@@ -74,12 +74,11 @@ def train_args(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str
 
 
 @pytest.fixture(scope="session")
-def tiny_embedders(tmp_path_factory):
-    """Tiny random CLIP and DINO (ViT) models saved to disk, loaded as the metrics code loads them."""
+def tiny_embedder_dir(tmp_path_factory) -> Path:
+    """Tiny random CLIP (root/clip) and DINO ViT (root/dino) models with their processors, saved to disk."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig
     from transformers import ViTImageProcessor, ViTModel
 
-    from tlora.metrics import Embedders
     from tlora.tiny import write_tokenizer
 
     root = tmp_path_factory.mktemp("embedders")
@@ -100,4 +99,12 @@ def tiny_embedders(tmp_path_factory):
     ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=37), add_pooling_layer=False).save_pretrained(root / "dino")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
-    return Embedders.load(str(root / "clip"), str(root / "dino"), "cpu")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_embedders(tiny_embedder_dir):
+    """The tiny models, loaded as the metrics code loads them."""
+    from tlora.metrics import Embedders
+
+    return Embedders.load(str(tiny_embedder_dir / "clip"), str(tiny_embedder_dir / "dino"), "cpu")

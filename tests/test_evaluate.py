@@ -58,6 +58,21 @@ def test_text_similarity_equals_a_hand_computed_cosine(tiny_embedders, tmp_path)
     assert "class name" in result["ts_text"]
 
 
+def test_evaluate_command(tiny_embedder_dir, tmp_path, capsys):
+    from tlora.evaluate import main
+
+    ref = random_image(0)
+    ref.save(tmp_path / "ref.png")
+    write_samples(tmp_path / "samples", ["a photo of sks", "a sks swimming"], [[ref], [random_image(1)]])
+    result = main(["--reference", str(tmp_path / "ref.png"), "--samples", str(tmp_path / "samples"),
+                   "--class_name", "dog", "--placeholder_token", "sks", "--device", "cpu",
+                   "--clip_model", str(tiny_embedder_dir / "clip"), "--dino_model", str(tiny_embedder_dir / "dino")])
+    saved = json.loads((tmp_path / "samples" / "metrics.json").read_text())
+    assert saved == result and saved["IS"] == pytest.approx(1.0, abs=1e-5) and "a {0} swimming" in saved["TS_per_prompt"]
+    out = capsys.readouterr().out
+    assert "| IS | DINO_IS | TS |" in out and f"{saved['TS']:.4f}" in out
+
+
 def test_masks_flatten_the_background(tmp_path):
     image = random_image(0, 8)
     mask = np.zeros((8, 8), dtype="uint8")
