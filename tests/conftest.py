@@ -82,7 +82,7 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
     from tlora.tiny import write_tokenizer
 
     root = tmp_path_factory.mktemp("embedders")
-    torch_seed = __import__("torch").manual_seed(0)  # noqa: F841
+    __import__("torch").manual_seed(0)
     write_tokenizer(root / "tok")
     tokenizer = CLIPTokenizer(str(root / "tok/vocab.json"), str(root / "tok/merges.txt"), model_max_length=77)
     n = len(tokenizer)

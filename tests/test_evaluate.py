@@ -1,7 +1,6 @@
 """Metrics, the protocol runner and the analysis pictures, with tiny random CLIP, DINO and SDXL."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from conftest import REPO, make_image
+from conftest import make_image
 from tlora import benchmark
 from tlora.analyze import analyze, analyse_updates, effective_rank
 from tlora.evaluate import evaluate_samples

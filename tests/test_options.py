@@ -1,13 +1,12 @@
 """Bad input fails with one clear line, before any model is loaded; --config and flags combine."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import train
-from conftest import REPO, make_image, train_args
+from conftest import REPO, train_args
 from tlora.options import parse_args
 
 NO_MODEL = "/nonexistent/model"  # loading this would fail with another error: the checks must come first

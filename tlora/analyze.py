@@ -62,7 +62,8 @@ def resolve(target: Path) -> tuple[Path, Path | None]:
     raise ValueError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +73,7 @@ def _plt():
 
 
 def plot_rank_schedule(cfg: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     t = torch.arange(1000)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(t, active_rank(t, 1000, cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"]))
@@ -93,7 +94,7 @@ def analyse_updates(weights: dict[str, torch.Tensor]) -> dict[str, dict]:
 
 
 def plot_effective_rank(layers: dict[str, dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for kind, colour in (("self", "tab:blue"), ("cross", "tab:orange")):
         group = [v for v in layers.values() if v["kind"] == kind]
@@ -137,7 +138,7 @@ def plot_loss(loss_csv: Path, path: Path) -> bool:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
     if not rows:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([s for s, _ in rows], [v for _, v in rows], lw=0.8)
     ax.set(xlabel="step", ylabel="loss", title="Training loss")

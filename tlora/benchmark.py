@@ -139,34 +139,46 @@ def train_job(m: Manifest, concept: dict, method: dict, job_dir: Path) -> Path:
     return final_checkpoint(job_dir, steps)
 
 
-def generate_job(m: Manifest, concept: dict, checkpoint: Path, device: str) -> tuple[Path, dict[str, list[str]]]:
+def _pipeline(pipes: dict, hp: dict, device: str):
+    """One SDXL pipeline per base model for the whole benchmark (kept on the CPU between jobs)."""
+    from .models import DTYPES, load_pipeline
+
+    key = (hp["pretrained_model_name_or_path"], hp.get("pretrained_vae_model_name_or_path"), hp.get("revision"))
+    if key not in pipes:
+        pipes[key] = load_pipeline(*key, DTYPES["fp16" if device.startswith("cuda") else "fp32"])
+    return pipes[key]
+
+
+def generate_job(
+    m: Manifest, concept: dict, checkpoint: Path, device: str, pipes: dict
+) -> tuple[Path, dict[str, list[str]]]:
     """The protocol's images for one checkpoint (prompt folders already complete are skipped)."""
     from . import api, generation
-    from .models import DTYPES, load_pipeline
 
     hp = api.read_hparams(checkpoint.parent / "logs" / "hparams.yml")
     contextual, complex_ = prompt_set(concept.get("kind", "live"))
     groups = {"contextual": contextual[: m.num_prompts["contextual"]], "complex": complex_[: m.num_prompts["complex"]]}
     folder = generation.samples_folder(checkpoint, m.num_inference_steps, m.guidance_scale, 0)
-    todo = {"base": [BASE_PROMPT], **groups}
-    dtype = DTYPES["fp16" if device.startswith("cuda") else "fp32"]
-    pipe = load_pipeline(hp["pretrained_model_name_or_path"], hp.get("pretrained_vae_model_name_or_path"),
-                         hp.get("revision"), dtype).to(device)
+    pipe = _pipeline(pipes, hp, device).to(device)
     api.load(pipe, checkpoint, hp)
-    for name, templates in todo.items():
-        cfg = generation.Sampling(m.placeholder_token, concept["class_name"], folder, m.images[name], 1,
-                                  m.num_inference_steps, m.guidance_scale, m.seed)
-        generation.run(pipe, templates, cfg, str(checkpoint))
+    try:
+        for name, templates in {"base": [BASE_PROMPT], **groups}.items():
+            cfg = generation.Sampling(m.placeholder_token, concept["class_name"], folder, m.images[name], 1,
+                                      m.num_inference_steps, m.guidance_scale, m.seed)
+            generation.run(pipe, templates, cfg, str(checkpoint))
+    finally:
+        api.unload(pipe)
+        pipe.to("cpu")  # the next job's training subprocess gets the GPU's memory
     return folder, groups
 
 
-def run_job(m: Manifest, concept: dict, method: dict, embedders, device: str) -> dict:
+def run_job(m: Manifest, concept: dict, method: dict, embedders, device: str, pipes: dict) -> dict:
     from .evaluate import evaluate_samples
     from .metrics import reference_images
 
     job_dir = m.output_dir / "runs" / concept["name"] / method["name"]
     checkpoint = train_job(m, concept, method, job_dir)
-    samples, groups = generate_job(m, concept, checkpoint, device)
+    samples, groups = generate_job(m, concept, checkpoint, device, pipes)
     refs = reference_images(concept["image"], m.evaluation.get("mask_dir"))
     metrics = evaluate_samples(embedders, refs, samples, concept["class_name"], m.placeholder_token, groups)
     return {"concept": concept["name"], "method": method["name"], "kind": concept.get("kind", "live"),
@@ -199,11 +211,9 @@ def summary(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
 
 def write_report(m: Manifest, rows: list[dict]) -> tuple[Path, Path]:
     """results.md (mean ± std per method) and is_vs_ts.png (one point per method)."""
-    import matplotlib
+    from .analyze import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     stats = summary(rows)
     lines = ["| method | concepts | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for method, s in stats.items():
@@ -249,14 +259,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     m = Manifest.read(argv[0])
     state = PartialState()
     device = str(state.device)
-    embedders = None
+    embedders, pipes = None, {}
     for i, (concept, method) in enumerate(m.jobs()):
         if i % state.num_processes != state.process_index or result_path(m, concept, method).is_file():
             continue
         if embedders is None:
             embedders = Embedders.load(m.evaluation.get("clip_model", DEFAULT_CLIP),
                                        m.evaluation.get("dino_model", DEFAULT_DINO), device)
-        row = run_job(m, concept, method, embedders, device)
+        row = run_job(m, concept, method, embedders, device, pipes)
         atomic_write(result_path(m, concept, method), json.dumps(row, indent=2).encode())
         print(f"{concept['name']} x {method['name']}: " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS
                                                                      if row[k] is not None))
