@@ -60,9 +60,8 @@ def test_no_images(image_dir, tmp_path, capsys, empty_dir):
 
 
 def test_unknown_sig_type_on_command_line(image_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        train.main(args_with(image_dir, tmp_path, "--sig_type", "random"))
-    assert exc.value.code == 2 and "--sig_type: invalid choice: 'random'" in capsys.readouterr().err
+    code, err = run_main(args_with(image_dir, tmp_path, "--sig_type", "random"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "--sig_type: invalid choice: 'random'" in err
 
 
 def test_unknown_sig_type_in_config(image_dir, tmp_path, capsys):
@@ -80,10 +79,10 @@ def test_missing_required_flag(image_dir, tmp_path, capsys):
     assert code == 2 and "--class_name is required" in err
 
 
-def test_config_file_and_flag_override(image_dir, tmp_path):
+def test_config_file_and_flag_override(tiny_model, image_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"lora_rank": 64, "min_rank": 32, "num_train_epochs": 800, "sig_type": "middle"}))
-    argv = args_with(image_dir, tmp_path, "--config", str(cfg))
+    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--config", str(cfg))
     for flag in ("--lora_rank", "--min_rank", "--num_train_epochs"):  # drop the helper's own values
         i = argv.index(flag)
         del argv[i : i + 2]
@@ -99,7 +98,8 @@ def test_unknown_config_key(image_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_configs_parse(config, image_dir, tmp_path):
+def test_shipped_configs_parse(config, tiny_model, image_dir, tmp_path):
     args = parse_args(["--config", str(config), "--train_data_dir", str(image_dir), "--output_dir", str(tmp_path),
-                       "--class_name", "dog", "--placeholder_token", "sks"])
+                       "--class_name", "dog", "--placeholder_token", "sks", "--pretrained_model_name_or_path",
+                       str(tiny_model), "--pretrained_vae_model_name_or_path", "none"])
     assert args.lora_rank == 64 and args.min_rank == 32

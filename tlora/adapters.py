@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TRAINER_TYPES = ("lora", "ortho_lora")
+TRAINER_CLASSES = ("sdxl_lora", "sdxl_tlora")  # sdxl_tlora: the timestep rank mask; sdxl_lora: no mask
 SIG_TYPES = ("principal", "last", "middle")
 
 

@@ -12,24 +12,32 @@ and any scheduler, all get the right T-LoRA mask at every step.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 from torch import nn
 
-from .checkpoint import infer_rank, infer_trainer_type, read_weights, weights_path
+from .adapters import TRAINER_CLASSES, TRAINER_TYPES
+from .checkpoint import check_made_with, infer_rank, infer_trainer_type, read_header, read_weights, weights_path
 from .injection import TLoRA, attach, attached
+from .usage import UsageError
 
 DEFAULTS = {"min_rank": 1, "alpha_rank_scale": 1.0, "trainer_class": "sdxl_tlora", "sig_type": "last"}
 
 
 def read_hparams(path: str | Path) -> dict[str, Any]:
     """A run's hparams.yml (ours or the authors'), as a dict."""
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); pass a run's logs/hparams.yml")
+    except OSError as err:
+        raise UsageError(f"cannot read {path} ({err.strerror}); pass a run's logs/hparams.yml") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} is not a mapping of options")
+        raise UsageError(f"{path} is not a mapping of options; pass a run's logs/hparams.yml")
     return values
 
 
@@ -37,18 +45,35 @@ def _unet(pipe_or_unet: Any) -> nn.Module:
     return pipe_or_unet.unet if hasattr(pipe_or_unet, "unet") else pipe_or_unet
 
 
-def settings(weights: dict, metadata: dict[str, str], hparams: dict | str | Path | None, **overrides: Any) -> dict:
-    """T-LoRA settings: explicit overrides, then hparams, then the file's metadata, then the tensors, then defaults."""
+def _convert(merged: dict, key: str, kind: type) -> Any:
+    try:
+        value = kind(merged[key])
+    except (TypeError, ValueError):
+        raise UsageError(f"{key} must be {kind.__name__}, got {merged[key]!r}") from None
+    return value
+
+
+def check_settings(cfg: dict) -> None:
+    """The T-LoRA settings make sense on their own (one-line UsageError naming the setting)."""
+    for key, allowed in (("trainer_type", TRAINER_TYPES), ("trainer_class", TRAINER_CLASSES)):
+        if cfg[key] not in allowed:
+            raise UsageError(f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+    if not 1 <= cfg["min_rank"] <= cfg["lora_rank"]:
+        raise UsageError(f"min_rank must be between 1 and lora_rank ({cfg['lora_rank']}), got {cfg['min_rank']}")
+    if not (math.isfinite(cfg["alpha_rank_scale"]) and cfg["alpha_rank_scale"] > 0):
+        raise UsageError(f"alpha_rank_scale must be a finite number > 0, got {cfg['alpha_rank_scale']}")
+
+
+def settings(shapes: dict, metadata: dict[str, str], hparams: dict | str | Path | None, **overrides: Any) -> dict:
+    """T-LoRA settings: explicit overrides, then hparams, then the file's metadata, then the tensors, then defaults.
+    `shapes` maps the checkpoint's keys to tensors or shapes."""
     given = read_hparams(hparams) if isinstance(hparams, (str, Path)) else dict(hparams or {})
-    found = {"trainer_type": infer_trainer_type(weights), "lora_rank": infer_rank(weights)}
+    found = {"trainer_type": infer_trainer_type(shapes), "lora_rank": infer_rank(shapes)}
     merged = {**DEFAULTS, **found, **metadata, **given, **{k: v for k, v in overrides.items() if v is not None}}
-    return {
-        "trainer_type": str(merged["trainer_type"]),
-        "trainer_class": str(merged["trainer_class"]),
-        "lora_rank": int(merged["lora_rank"]),
-        "min_rank": int(merged["min_rank"]),
-        "alpha_rank_scale": float(merged["alpha_rank_scale"]),
-    }
+    cfg = {key: _convert(merged, key, kind) for key, kind in (
+        ("trainer_type", str), ("trainer_class", str), ("lora_rank", int), ("min_rank", int), ("alpha_rank_scale", float))}
+    check_settings(cfg)
+    return cfg
 
 
 def load(
@@ -61,8 +86,12 @@ def load(
     tensors tell (type and rank) and the authors' defaults (min_rank 1, alpha 1, sdxl_tlora).
     Adapters are float32 on the UNet's device: load after moving the pipeline to its device and dtype.
     """
-    weights, metadata = read_weights(weights_path(checkpoint))
-    cfg = settings(weights, metadata, hparams, **overrides)
+    path = weights_path(checkpoint)
+    shapes, metadata = read_header(path)
+    cfg = settings(shapes, metadata, hparams, **overrides)
+    check_made_with(shapes, cfg["trainer_type"], cfg["lora_rank"], where=str(path))
+    check_scale(scale)
+    weights, _ = read_weights(path)
     scheduler = getattr(pipe_or_unet, "scheduler", None)
     timesteps = scheduler.config.num_train_timesteps if scheduler is not None else 1000
     tlora = attach(
@@ -78,6 +107,11 @@ def load(
     return tlora
 
 
+def check_scale(scale: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise UsageError(f"scale must be a finite number, got {scale!r}")
+
+
 def _require(pipe_or_unet: Any) -> TLoRA:
     tlora = attached(_unet(pipe_or_unet))
     if tlora is None:
@@ -87,6 +121,7 @@ def _require(pipe_or_unet: Any) -> TLoRA:
 
 def set_scale(pipe_or_unet: Any, scale: float) -> None:
     """Scale the adapters' output (1 = as trained, 0 = the base model)."""
+    check_scale(scale)
     _require(pipe_or_unet).set_scale(scale)
 
 

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from .usage import UsageError
+
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEYS = (
     "trainer_type", "trainer_class", "lora_rank", "min_rank", "alpha_rank_scale", "sig_type",
@@ -22,12 +24,21 @@ METADATA_KEYS = (
 )
 
 
+def file_mode() -> int:
+    """The mode a plainly created file gets under the current umask (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename: a crash never leaves half a file."""
+    """Write `data` to `path` through a temporary file and a rename: a crash never leaves half a file.
+    The file gets the umask's mode, as open() would give it (mkstemp alone gives 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -53,16 +64,32 @@ def weights_path(checkpoint: str | Path) -> Path:
     path = Path(checkpoint)
     path = path / WEIGHTS_NAME if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"no T-LoRA weights at {path}")
+        raise CheckpointError(f"no T-LoRA weights at {path}; pass a checkpoint-N folder or its {WEIGHTS_NAME}")
     return path
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file that cannot be used here: damaged, or made for other settings."""
+
+
+def read_header(checkpoint: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(key -> shape, metadata) of a checkpoint, from the file's header only (no tensor is read)."""
+    path = weights_path(checkpoint)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err})") from None
 
 
 def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a checkpoint folder or file."""
     path = weights_path(checkpoint)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(str(path)), metadata
+    _, metadata = read_header(path)
+    try:
+        return load_file(str(path)), metadata
+    except Exception as err:
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err})") from None
 
 
 def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor]) -> None:
@@ -77,15 +104,42 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor]) 
         raise KeyError(f"checkpoint has a tensor {extra[0]!r} that this model has no place for")
 
 
-def infer_trainer_type(state_dict: dict[str, torch.Tensor]) -> str:
-    """`ortho_lora` or `lora`, read off the parameter names."""
-    if any(k.endswith(".q_layer.weight") for k in state_dict):
+def infer_trainer_type(shapes: dict) -> str:
+    """`ortho_lora` or `lora`, read off the parameter names (of tensors or of a header's shapes)."""
+    if any(k.endswith(".q_layer.weight") for k in shapes):
         return "ortho_lora"
-    if any(k.endswith(".down.weight") for k in state_dict):
+    if any(k.endswith(".down.weight") for k in shapes):
         return "lora"
-    raise ValueError("not a T-LoRA checkpoint: it has neither q_layer nor down weights")
+    raise CheckpointError("not a T-LoRA checkpoint: it has neither q_layer nor down weights")
 
 
-def infer_rank(state_dict: dict[str, torch.Tensor]) -> int:
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def infer_rank(shapes: dict) -> int:
     """The largest adapter rank in the file (= lora_rank)."""
-    return max(v.shape[0] for k, v in state_dict.items() if k.endswith((".q_layer.weight", ".down.weight")))
+    return max(_shape(v)[0] for k, v in shapes.items() if k.endswith((".q_layer.weight", ".down.weight")))
+
+
+def layer_ranks(shapes: dict) -> dict[str, tuple[int, int, int]]:
+    """Adapter prefix -> (rank, in_features, out_features), read off the down/q and up/p shapes."""
+    out = {}
+    for key, shape in shapes.items():
+        for down, up in ((".down.weight", ".up.weight"), (".q_layer.weight", ".p_layer.weight")):
+            if key.endswith(down) and key[: -len(down)] + up in shapes:
+                prefix = key[: -len(down)]
+                rank, in_features = _shape(shape)
+                out[prefix] = (rank, in_features, _shape(shapes[prefix + up])[0])
+    return out
+
+
+def check_made_with(shapes: dict, trainer_type: str, lora_rank: int, where: str = "checkpoint") -> None:
+    """Fail in one line when a checkpoint was not made with `trainer_type` and `lora_rank`."""
+    found_type, found_rank = infer_trainer_type(shapes), infer_rank(shapes)
+    ranks = layer_ranks(shapes)
+    if found_type != trainer_type or any(r != min(lora_rank, i, o) for r, i, o in ranks.values()):
+        raise CheckpointError(
+            f"{where}: this is a {found_type} checkpoint, rank {found_rank}, but the settings say "
+            f"trainer_type {trainer_type}, lora_rank {lora_rank}; use the hparams.yml of the run that wrote it"
+        )

@@ -1,21 +1,37 @@
-"""Entry points of train.py and inference.py (also `python -m tlora.cli train|inference ...`)."""
+"""Entry points of every command: bad input is one `error:` line with exit code 2, before any model loads;
+a clean stop on a signal is one line with exit code 130 (SIGINT) or 143 (SIGTERM).
+
+Also `python -m tlora.cli train|inference ...`.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Any, Callable
 
-from .options import UsageError
+from .usage import UsageError
 
 
-def _main(parse: Callable[[list[str] | None], Any], run: Callable[[Any], Any], label: str, argv: list[str] | None) -> int:
-    """Parse (bad input: one `error:` line, exit code 2, nothing loaded), then run and print the result path."""
+def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], Any], label: str | None,
+                argv: list[str] | None) -> int:
+    """Parse and check, then run; print `label: result` when a label is given."""
+    from .stopping import Interrupted
+
     try:
         args = parse(argv)
+        result = run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{label}: {run(args)}")
+    except Interrupted as err:
+        print(err, file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("stopped at once (no checkpoint written for the current step); "
+              "resume with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
+    if label:
+        print(f"{label}: {result}")
     return 0
 
 
@@ -27,13 +43,13 @@ def train_main(argv: list[str] | None = None) -> int:
 
         return train(args)
 
-    return _main(parse_args, run, "run folder", argv)
+    return run_command(parse_args, run, "run folder", argv)
 
 
 def inference_main(argv: list[str] | None = None) -> int:
     from .inference import parse_args, run
 
-    return _main(parse_args, run, "samples", argv)
+    return run_command(parse_args, run, "samples", argv)
 
 
 if __name__ == "__main__":

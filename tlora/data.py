@@ -24,10 +24,42 @@ def training_images(train_data_dir: str | Path, one_image: str | None = None) ->
     return list_images(train_data_dir)
 
 
+MIN_SIDE = 64
+WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16/32-bit greyscale: PIL's convert("RGB") clips it
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, scaling 16-bit greyscale to 8 bits (plain convert() would clip nearly all of it to white)."""
+    if image.mode in WIDE_GREY:
+        grey = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise ValueError("floating-point images are not supported; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image as 8-bit RGB, EXIF orientation applied."""
+    with Image.open(path) as raw:
+        return to_rgb(ImageOps.exif_transpose(raw))
+
+
+def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> None:
+    """Open and decode a training image; one-line UsageError naming the file when it cannot be used."""
+    from .usage import UsageError
+
+    try:
+        image = open_rgb(path)
+    except Exception as err:  # PIL raises many types for bad files
+        raise UsageError(f"{flag}: {path.name} is not a readable image ({err}); remove or replace it") from None
+    if min(image.size) < min_side:
+        raise UsageError(f"{flag}: {path.name} is {image.width}x{image.height}; images need at least {min_side} px on "
+                         "each side, remove or replace it")
+
+
 def load_pixels(path: str | Path, resolution: int) -> tuple[torch.Tensor, int]:
     """(3, res, res) float tensor in [-1, 1] and the crop size: center crop to the short side, LANCZOS resize."""
-    with Image.open(path) as raw:
-        image = ImageOps.exif_transpose(raw).convert("RGB")
+    image = open_rgb(path)
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -69,3 +101,47 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         pixels, crop = load_pixels(self.paths[i], self.resolution)
         return {"pixels": pixels, "crop_size": crop}
+
+
+class BatchOrder:
+    """Index batches for ever from a shuffling DataLoader, with a state that resumes mid-pass exactly.
+
+    The state is the loader generator's state at the start of the current pass plus the batches taken
+    from it; restoring it replays the pass's draws, so the next batch is the one an uninterrupted run gets.
+    `fresh=True` starts a new pass for every batch (the authors' loop: a new iterator per step).
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, fresh: bool = False) -> None:
+        self.loader, self.fresh = loader, fresh
+        self._start = loader.generator.get_state()
+        self._taken = 0
+        self._iterator = None
+
+    def _new_pass(self) -> None:
+        self._start = self.loader.generator.get_state()
+        self._taken = 0
+        self._iterator = iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None or self.fresh:
+            self._new_pass()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._new_pass()
+            batch = next(self._iterator)
+        self._taken += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self._start.clone(), "taken": self._taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.generator.set_state(state["generator"])
+        self._new_pass()
+        for _ in range(state["taken"]):
+            next(self._iterator)
+        self._taken = state["taken"]

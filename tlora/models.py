@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+from .usage import model_load_error
+
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -14,7 +16,10 @@ def load_vae(name: str | None, dtype: torch.dtype) -> AutoencoderKL | None:
     """The VAE named by --pretrained_vae_model_name_or_path; None for 'none' (the model's own)."""
     if not name or name.lower() == "none":
         return None
-    return AutoencoderKL.from_pretrained(name, dtype=dtype)
+    try:
+        return AutoencoderKL.from_pretrained(name, dtype=dtype)
+    except OSError as err:  # not found, no network, no access: the user's input, not a bug
+        raise model_load_error("--pretrained_vae_model_name_or_path", name, err) from None
 
 
 def load_pipeline(
@@ -28,7 +33,10 @@ def load_pipeline(
     custom_vae = load_vae(vae, dtype)
     if custom_vae is not None:
         kwargs["vae"] = custom_vae
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, **kwargs)
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, **kwargs)
+    except OSError as err:
+        raise model_load_error("--pretrained_model_name_or_path", model, err) from None
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)

@@ -6,14 +6,17 @@ import argparse
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 import yaml
 
 from .checkpoint import atomic_write
+from .safe_names import safe_component
+from .usage import UsageError, redact, secret_values
 
-SECRET_FLAGS = ("--wandb_api_key",)
 RUN_INDEX = re.compile(r"^(\d+)-")
+INTERNAL = ("resume_checkpoint",)  # set while parsing, not options: never recorded
 
 
 def next_run_index(output_dir: Path) -> int:
@@ -23,7 +26,7 @@ def next_run_index(output_dir: Path) -> int:
 
 
 def run_name(args: argparse.Namespace, index: int) -> str:
-    data = os.path.basename(os.path.normpath(args.train_data_dir))
+    data = safe_component(os.path.basename(os.path.normpath(os.path.abspath(args.train_data_dir))), 60)
     t = "t" if args.trainer_class == "sdxl_tlora" else ""
     return f"{index:05d}-{secrets.token_hex(2)}-{data}_{t}{args.trainer_type}{args.lora_rank}"
 
@@ -31,42 +34,44 @@ def run_name(args: argparse.Namespace, index: int) -> str:
 def create_run_folder(args: argparse.Namespace) -> Path:
     """Make a new, empty run folder; never reuses an existing one."""
     output_dir = Path(args.output_dir).absolute()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        folder = output_dir / run_name(args, next_run_index(output_dir))
-        try:
-            folder.mkdir()
-        except FileExistsError:  # another run took this name a moment ago
-            continue
-        (folder / "logs").mkdir()
-        return folder
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            folder = output_dir / run_name(args, next_run_index(output_dir))
+            try:
+                folder.mkdir()
+            except FileExistsError:  # another run took this name a moment ago
+                continue
+            (folder / "logs").mkdir()
+            return folder
+    except OSError as err:
+        raise UsageError(f"--output_dir: cannot create a run folder in {output_dir} ({err.strerror}); "
+                         "pass a folder you can write to") from None
     raise RuntimeError(f"could not create a new run folder in {output_dir}")
 
 
-def redact_argv(argv: list[str]) -> list[str]:
-    """argv with the values of secret flags replaced (both `--flag value` and `--flag=value`)."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append("<redacted>")
-            hide_next = False
-        elif arg in SECRET_FLAGS:
-            out.append(arg)
-            hide_next = True
-        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
-            out.append(arg.split("=", 1)[0] + "=<redacted>")
-        else:
-            out.append(arg)
-    return out
+def remove_run_folder(folder: Path) -> None:
+    """Remove a run folder that a failure left before its first step (never one that holds a checkpoint)."""
+    if folder.is_dir() and not any(folder.glob("checkpoint-*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def public_hparams(args: argparse.Namespace) -> dict:
-    """Every option, with secrets removed: what hparams.yml and the tracker's config receive."""
-    values = dict(vars(args))
+    """Every option, with secrets removed however they were given: what hparams.yml and trackers receive."""
+    hidden = secret_values(list(getattr(args, "argv", []))) | ({args.wandb_api_key} if args.wandb_api_key else set())
+    values = {k: v for k, v in vars(args).items() if k not in INTERNAL}
     values["wandb_api_key"] = None
-    values["argv"] = redact_argv(list(values.get("argv", [])))
-    return values
+
+    def clean(value):
+        if isinstance(value, str):
+            return redact(value, hidden)
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    return {k: clean(v) for k, v in values.items()}
 
 
 def write_hparams(args: argparse.Namespace, folder: Path) -> Path:
@@ -77,3 +82,16 @@ def write_hparams(args: argparse.Namespace, folder: Path) -> Path:
     path = folder / "logs" / "hparams.yml"
     atomic_write(path, yaml.safe_dump(public_hparams(args), sort_keys=True).encode())
     return path
+
+
+def record_resume(args: argparse.Namespace, folder: Path, step: int) -> Path:
+    """Rewrite hparams.yml for a resumed run: the original options, today's changeable ones, and the resume."""
+    path = folder / "logs" / "hparams.yml"
+    recorded = yaml.safe_load(path.read_text()) or {}
+    resumed = list(recorded.get("resumed") or [])
+    resumed.append({"from_step": step, "argv": list(args.argv)})
+    args.resumed = resumed
+    args.wandb_run_id = args.wandb_run_id or recorded.get("wandb_run_id")
+    args.argv = recorded.get("argv", args.argv)
+    return write_hparams(args, folder)
+

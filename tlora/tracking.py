@@ -22,6 +22,8 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace, config: di
         return
     simple = {k: v for k, v in config.items() if isinstance(v, SIMPLE)}
     init_kwargs = {"wandb": {"name": args.exp_name, "dir": str(logs)}}
+    if getattr(args, "wandb_run_id", None):  # the same W&B run when the run is resumed
+        init_kwargs["wandb"] |= {"id": args.wandb_run_id, "resume": "allow"}
     accelerator.init_trackers(args.project_name, config=simple, init_kwargs=init_kwargs)
 
 

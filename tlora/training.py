@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -13,18 +14,22 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import StableDiffusionXLPipeline
 from torch.utils.data import DataLoader
+import yaml
 from tqdm.auto import tqdm
 
 from . import generation
-from .checkpoint import METADATA_KEYS, save_weights
+from .checkpoint import METADATA_KEYS, atomic_write, read_weights, save_weights
 from .conditioning import BASE_PROMPT, Conditioning
-from .data import PairedIndices, list_images, training_images
+from .data import BatchOrder, PairedIndices, list_images, training_images
 from .injection import TLoRA, attach
 from .models import DTYPES, encoders_on, load_pipeline, noise_scheduler, offload_encoders
 from .options import tracker, wandb_key
-from .run_folder import create_run_folder, public_hparams, redact_argv, write_hparams
+from .resume import RESUME_DIR, Progress, prune, save_state
+from .run_folder import create_run_folder, public_hparams, record_resume, remove_run_folder, write_hparams
+from .stopping import Interrupted, StopSignals
 from .timing import NULL_TIMER
 from .tracking import init_trackers, log_images
+from .usage import redact_argv
 
 LOSS_FLUSH_STEPS = 10  # losses are read back from the device in groups, not every step
 
@@ -61,15 +66,33 @@ def diffusion_loss(
     return F.mse_loss(pred, target) + prior_weight * F.mse_loss(prior_pred, prior_target)
 
 
-def _run_folder(args: argparse.Namespace, accelerator: Accelerator) -> Path:
-    """Create the run folder and hparams.yml on the main process; every process gets its path."""
+def _run_folder(args: argparse.Namespace, accelerator: Accelerator, resume_from: Path | None) -> Path:
+    """The run folder, made (or, when resuming, recorded) on the main process; every process gets its path."""
     folder = [None]
     if accelerator.is_main_process:
-        folder = [create_run_folder(args)]
-        write_hparams(args, folder[0])
+        args.wandb_run_id = getattr(args, "wandb_run_id", None)
+        if resume_from is not None:
+            folder = [resume_from.parent]
+            args.wandb_run_id = _hparams_of(folder[0]).get("wandb_run_id")
+        else:
+            folder = [create_run_folder(args)]
+        if args.wandb_run_id is None and tracker(args) == "wandb":
+            args.wandb_run_id = secrets.token_hex(4)  # kept in hparams.yml so that a resumed run logs to the same W&B run
+        if resume_from is not None:
+            record_resume(args, folder[0], checkpoint_step(resume_from))
+        else:
+            write_hparams(args, folder[0])
     folder = broadcast_object_list(folder)
     args.exp_name, args.output_dir, args.logging_dir = folder[0].name, str(folder[0]), str(folder[0] / "logs")
     return folder[0]
+
+
+def _hparams_of(run: Path) -> dict:
+    return yaml.safe_load((run / "logs" / "hparams.yml").read_text()) or {}
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -86,7 +109,7 @@ def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -
 
 
 class Trainer:
-    """One training run from parsed, validated options.
+    """One training run from parsed, validated options (a new run, or `args.resume_checkpoint`'s run).
 
     `cache=False` re-encodes image and prompt every step with a new data iterator, as the authors' loop
     does; `pipe`, `adapter_state` and `timer` let the benchmark reuse a built model and time sections.
@@ -105,18 +128,22 @@ class Trainer:
         if key:  # in-process only: never written to disk, never in argv records
             os.environ["WANDB_API_KEY"] = key
         sys.argv[:] = redact_argv(sys.argv)
+        # torchrun on a machine without CUDA: accelerate sets up gloo only when asked for the CPU.
+        cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
-            mixed_precision=args.mixed_precision, log_with=tracker(args), project_config=ProjectConfiguration()
+            mixed_precision=args.mixed_precision, log_with=tracker(args), project_config=ProjectConfiguration(), cpu=cpu
         )
-        self.folder = _run_folder(args, self.accelerator)
+        self.resume_from: Path | None = getattr(args, "resume_checkpoint", None)
+        self.folder = _run_folder(args, self.accelerator, self.resume_from)
         self.accelerator.project_configuration.project_dir = str(self.folder)
         self.accelerator.project_configuration.logging_dir = str(self.folder / "logs")
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[args.mixed_precision]
         self.losses: list[float] = []
+        self.step_done = 0
 
     def setup(self) -> None:
-        args = self.args
+        args, acc = self.args, self.accelerator
         if args.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -130,20 +157,35 @@ class Trainer:
         set_seed(args.seed)
         self.tlora: TLoRA = attach(
             self.pipe.unet, args.trainer_type, args.lora_rank, args.min_rank, args.alpha_rank_scale, args.sig_type,
-            timestep_dependent=args.trainer_class == "sdxl_tlora", init=self.adapter_state is None,
+            timestep_dependent=args.trainer_class == "sdxl_tlora",
+            init=self.adapter_state is None and self.resume_from is None,
             num_train_timesteps=self.scheduler.config.num_train_timesteps, svd_device=self.device,
         )
         if self.adapter_state is not None:
             self.tlora.load_state_dict(self.adapter_state)
+        if self.resume_from is not None:
+            self.tlora.load_state_dict(read_weights(self.resume_from)[0])
+        if acc.process_index > 0:  # every process its own noise and timesteps; process 0 draws as a single one
+            set_seed(args.seed + acc.process_index)
         if args.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
         self.optimizer = make_optimizer(args, self.tlora.trainable_parameters())
-        self.unet, self.optimizer = self.accelerator.prepare(self.pipe.unet, self.optimizer)
+        self.unet, self.optimizer = acc.prepare(self.pipe.unet, self.optimizer)
         self.unet.train()
         self._setup_data()
         if self.cache:  # nothing encodes during training any more: free the accelerator's memory
             offload_encoders(self.pipe)
-        init_trackers(self.accelerator, args, public_hparams(args), self.folder / "logs")
+        init_trackers(acc, args, public_hparams(args), self.folder / "logs")
+        self.progress = Progress(self.order, acc)
+        acc.register_for_checkpointing(self.progress)
+        # The adapters are saved as pytorch_lora_weights.safetensors; accelerate keeps the rest, not the UNet.
+        acc.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+        acc.register_load_state_pre_hook(lambda models, folder: models.clear())
+        if self.resume_from is not None:
+            acc.load_state(str(self.resume_from / RESUME_DIR))
+            self.step_done = self.progress.step
+            if acc.is_main_process:
+                keep_losses(self.folder / "logs" / "loss.csv", self.step_done)
 
     def _setup_data(self) -> None:
         args = self.args
@@ -155,18 +197,16 @@ class Trainer:
             timer=self.timer,
         )
         indices = PairedIndices(len(self.conditioning.images["instance"]), len(class_images))
+        seed = args.seed + self.accelerator.process_index
         self.loader = DataLoader(
-            indices, batch_size=args.train_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
+            indices, batch_size=args.train_batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
             num_workers=0 if self.cache else args.dataloader_num_workers,
         )
+        self.order = BatchOrder(self.loader, fresh=not self.cache)
 
     def batches(self):
-        """Index batches for ever: one iterator per pass over the data; uncached: a new one per step."""
-        while True:
-            if self.cache:
-                yield from self.loader
-            else:
-                yield next(iter(self.loader))
+        """Index batches for ever (cached: one pass after another; uncached: a new iterator per step)."""
+        return self.order
 
     def step(self, indices: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step; returns the detached loss (still on the device)."""
@@ -185,26 +225,39 @@ class Trainer:
         return loss.detach()
 
     def train(self) -> Path:
-        """Run every step, writing checkpoints and validation images; returns the run folder."""
-        args, total = self.args, self.args.num_train_epochs
-        bar = tqdm(total=total, desc="training", disable=not self.accelerator.is_local_main_process)
+        """Run every step from the current one, writing checkpoints and validation images; returns the run
+        folder. The first SIGINT/SIGTERM stops after the current step with a resumable checkpoint."""
+        args, total, acc = self.args, self.args.num_train_epochs, self.accelerator
+        bar = tqdm(total=total, initial=self.step_done, desc="training", disable=not acc.is_local_main_process)
         pending: list[torch.Tensor] = []
-        batches = self.batches()
-        for step in range(1, total + 1):
-            with self.timer("data"):
-                indices = next(batches)
-            pending.append(self.step(indices))
-            if step % LOSS_FLUSH_STEPS == 0 or step % args.checkpointing_steps == 0 or step == total:
-                self._flush_losses(pending, step, bar)
-                pending = []
-            if step % args.checkpointing_steps == 0 or step == total:
-                self.save_checkpoint(step)
+        with StopSignals() as signals:
+            for step in range(self.step_done + 1, total + 1):
+                with self.timer("data"):
+                    indices = next(self.order)
+                pending.append(self.step(indices))
+                self.step_done = self.progress.step = step
+                bar.update(1)
+                checkpoint = step % args.checkpointing_steps == 0 or step == total
+                stop = signals.requested(acc)
+                if step % LOSS_FLUSH_STEPS == 0 or checkpoint or stop:
+                    self._flush_losses(pending, step, bar)
+                    pending = []
+                if checkpoint or stop:
+                    folder = self.save_checkpoint(step, validate=not stop)
+                if stop:
+                    bar.close()
+                    acc.end_training()
+                    raise Interrupted(stop, step, folder)
         bar.close()
-        self.accelerator.end_training()
+        acc.end_training()
         return self.folder
 
     def _flush_losses(self, losses: list[torch.Tensor], last_step: int, bar: tqdm) -> None:
-        values = torch.stack(losses).float().cpu().tolist()
+        """Read back losses (the mean over processes) for trackers, loss.csv and the progress bar."""
+        stacked = torch.stack(losses).float()
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.gather(stacked).reshape(self.accelerator.num_processes, -1).mean(0)
+        values = stacked.cpu().tolist()
         first = last_step - len(values) + 1
         for i, value in enumerate(values):
             self.accelerator.log({"loss": value}, step=first + i)
@@ -214,36 +267,69 @@ class Trainer:
             with open(loss_csv, "a") as f:
                 f.write(("step,loss\n" if new else "") + "".join(f"{first + i},{v}\n" for i, v in enumerate(values)))
         self.losses.extend(values)
-        bar.update(len(values))
         bar.set_postfix(loss=f"{values[-1]:.4f}")
 
-    def save_checkpoint(self, step: int) -> Path:
-        """checkpoint-<step>/pytorch_lora_weights.safetensors, then validation images if prompts were given."""
+    def save_checkpoint(self, step: int, validate: bool = True) -> Path:
+        """checkpoint-<step>: the weights, the resume state, then validation images if prompts were given.
+        Older checkpoints and resume states beyond the limits are removed once this one is complete."""
         folder = self.folder / f"checkpoint-{step}"
-        if self.accelerator.is_main_process:
+        acc = self.accelerator
+        self._check_replicas()
+        if acc.is_main_process:
             meta = {k: getattr(self.args, k) for k in METADATA_KEYS} | {"global_step": step}
             save_weights(self.tlora.state_dict(), folder, meta)
-            if self.args.validation_prompts:
+        save_state(acc, self.progress, folder)
+        if acc.is_main_process:
+            prune(self.folder, self.args.checkpoints_total_limit, self.args.resume_state_total_limit)
+            if validate and self.args.validation_prompts:
                 self.validate(folder, step)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return folder
 
+    def _check_replicas(self) -> None:
+        """Every process must hold the same adapters (DDP averages gradients); a mismatch is a bug."""
+        if self.accelerator.num_processes == 1:
+            return
+        total = torch.stack([p.detach().double().sum() for p in self.tlora.trainable_parameters()]).sum()
+        sums = self.accelerator.gather(total[None].to(self.device))
+        if not torch.all(sums == sums[0]):
+            raise RuntimeError(f"adapters differ between processes: {sums.tolist()}")
+
     def validate(self, checkpoint: Path, step: int) -> None:
-        """Sample the validation prompts with inference.py's defaults (25 steps, guidance 5.0, seed 0)."""
+        """Sample the validation prompts with inference.py's defaults (25 steps, guidance 5.0, seed 0).
+        Runs on a forked RNG, so that training draws the same noise with or without validation."""
         args = self.args
         cfg = generation.Sampling(
             args.placeholder_token, args.class_name, generation.samples_folder(checkpoint, 25, 5.0, 0),
             num_images_per_prompt=args.num_val_imgs_per_prompt, replace=True,
         )
         self.unet.eval()
-        with self.accelerator.autocast(), encoders_on(self.pipe, self.device):
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.accelerator.autocast(), encoders_on(self.pipe, self.device):
             images = generation.run(self.pipe, generation.split_prompts(args.validation_prompts), cfg, str(checkpoint))
         self.unet.train()
         log_images(self.accelerator, {cfg.text(t): imgs for t, imgs in images.items()}, step)
 
 
+def keep_losses(loss_csv: Path, last_step: int) -> None:
+    """Drop rows after `last_step` from loss.csv (written after the checkpoint a run resumes from)."""
+    if not loss_csv.is_file():
+        return
+    lines = loss_csv.read_text().splitlines()
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= last_step]
+    atomic_write(loss_csv, ("\n".join(kept) + "\n").encode())
+
+
 def train(args: argparse.Namespace, cache: bool = True) -> Path:
-    """Train from validated options; returns the run folder."""
+    """Train from validated options; returns the run folder. A new run folder that a failure (or Ctrl-C)
+    leaves before its first step is removed."""
     trainer = Trainer(args, cache=cache)
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.setup()
+        return trainer.train()
+    except BaseException as err:
+        if trainer.resume_from is None and trainer.step_done == 0 and not isinstance(err, Interrupted):
+            trainer.accelerator.end_training()
+            if trainer.accelerator.is_main_process:
+                remove_run_folder(trainer.folder)
+        raise

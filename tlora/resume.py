@@ -1,0 +1,210 @@
+"""Exact resume: which checkpoint to resume from, whether the settings allow it, and the resume state.
+
+`checkpoint-N/` holds the unchanged `pytorch_lora_weights.safetensors` and, in the newest checkpoint(s),
+`resume/`: accelerate's `save_state` (optimizer, grad scaler, the RNG states of every process) plus
+`custom_checkpoint_0.pkl` (the `Progress`: step and every process's data order). `resume/` is written
+under a temporary name and renamed when complete, so a checkpoint has all of it or none of it, and
+resume only ever picks complete ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import WEIGHTS_NAME
+from .usage import UsageError
+
+RESUME_DIR = "resume"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN = re.compile(r"^(\d+)-")
+# May differ from the run's hparams.yml when resuming; every other recorded setting must match.
+MAY_CHANGE = frozenset({
+    "num_train_epochs", "checkpointing_steps", "validation_prompts", "num_val_imgs_per_prompt", "project_name",
+    "wandb_api_key", "report_to", "checkpoints_total_limit", "resume_state_total_limit", "resume_from_checkpoint",
+    "config", "output_dir", "dataloader_num_workers", "gradient_checkpointing", "allow_tf32",
+    "train_data_dir", "class_data_dir",  # the data itself is compared through data_sha256
+    "argv", "exp_name", "logging_dir", "resumed", "wandb_run_id",
+})
+PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path")
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder of a run, oldest first."""
+    found = [(int(m.group(1)), p) for p in run.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def is_resumable(checkpoint: Path) -> bool:
+    return (checkpoint / WEIGHTS_NAME).is_file() and (checkpoint / RESUME_DIR).is_dir()
+
+
+def newest_resumable(run: Path) -> Path | None:
+    done = [p for _, p in checkpoints(run) if is_resumable(p)]
+    return done[-1] if done else None
+
+
+def _run_of(value: str) -> Path:
+    path = Path(value)
+    return path.parent if CHECKPOINT.match(path.name) else path
+
+
+def resolve_output_dir(args: argparse.Namespace) -> None:
+    """With --resume_from_checkpoint PATH, --output_dir may be left out: it is the run's parent folder."""
+    value = args.resume_from_checkpoint
+    if not args.output_dir and value and value != "latest":
+        args.output_dir = str(_run_of(value).absolute().parent)
+
+
+def _hparams(run: Path) -> dict:
+    try:
+        values = yaml.safe_load((run / "logs" / "hparams.yml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def _same(key: str, recorded, current) -> bool:
+    if recorded == current:
+        return True
+    if key in PATH_SETTINGS and recorded and current and os.path.exists(recorded) and os.path.exists(current):
+        return os.path.samefile(recorded, current)
+    return False
+
+
+def changed_setting(recorded: dict, args: argparse.Namespace) -> tuple[str, object, object] | None:
+    """The first setting that matters and differs between a run's hparams.yml and `args`."""
+    for key in sorted(recorded):
+        if key in MAY_CHANGE or not hasattr(args, key):
+            continue
+        if not _same(key, recorded[key], getattr(args, key)):
+            return key, recorded[key], getattr(args, key)
+    return None
+
+
+def find(args: argparse.Namespace) -> Path | None:
+    """The checkpoint to resume from (None: start a new run). UsageError when PATH cannot be resumed."""
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        out = Path(args.output_dir)
+        runs = [p for p in out.iterdir() if p.is_dir() and RUN.match(p.name)] if out.is_dir() else []
+        for run in sorted(runs, key=lambda p: int(RUN.match(p.name).group(1)), reverse=True):
+            if changed_setting(_hparams(run), args) is None and (found := newest_resumable(run)) is not None:
+                return found
+        return None
+    path = Path(value)
+    if CHECKPOINT.match(path.name):
+        if not is_resumable(path):
+            raise UsageError(f"--resume_from_checkpoint: {path} has no complete resume state ({RESUME_DIR}/); pass "
+                             "its run folder to resume from the newest complete checkpoint")
+        newer = [p for step, p in checkpoints(path.parent) if is_resumable(p) and step > int(path.name.split("-")[1])]
+        if newer:
+            raise UsageError(f"--resume_from_checkpoint: {newer[-1].name} of this run is newer; resume from it "
+                             "(or from the run folder), or start a new run")
+        return path
+    if (path / "logs" / "hparams.yml").is_file():
+        found = newest_resumable(path)
+        if found is None:
+            raise UsageError(f"--resume_from_checkpoint: {path} has no checkpoint with resume state; start a new run")
+        return found
+    raise UsageError(f"--resume_from_checkpoint: {value} is neither a checkpoint-N folder, a run folder nor 'latest'")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Set args.resume_checkpoint and fail in one line when the run's settings differ in a way that matters."""
+    args.resume_checkpoint = find(args)
+    if args.resume_checkpoint is None:
+        if args.resume_from_checkpoint == "latest":
+            print(f"--resume_from_checkpoint latest: no run to resume in {args.output_dir}; starting a new run")
+        return
+    run = args.resume_checkpoint.parent
+    change = changed_setting(_hparams(run), args)
+    if change is not None:
+        key, recorded, current = change
+        raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {key} = {recorded!r}, not {current!r}; "
+                         "resume with the run's settings (only the step count, checkpointing, validation and "
+                         "tracking may change) or start a new run")
+    step = int(args.resume_checkpoint.name.split("-")[1])
+    if args.num_train_epochs < step:
+        raise UsageError(f"--num_train_epochs ({args.num_train_epochs}) is below the step of "
+                         f"{args.resume_checkpoint.name}; pass at least {step}")
+
+
+class Progress:
+    """What accelerate's save_state does not hold: the step and every process's data order."""
+
+    def __init__(self, order, accelerator) -> None:
+        self.order, self.accelerator = order, accelerator
+        self.step = 0
+        self._orders: list[dict] = []
+
+    def gather(self) -> None:
+        """Collect every process's data order (call on every process before save_state)."""
+        from accelerate.utils import gather_object
+
+        local = [self.order.state_dict()]
+        self._orders = gather_object(local) if self.accelerator.num_processes > 1 else local
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "orders": self._orders}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["orders"]) != self.accelerator.num_processes:
+            raise UsageError(f"--resume_from_checkpoint: the run was trained with {len(state['orders'])} processes, "
+                             f"not {self.accelerator.num_processes}; resume with as many")
+        self.step = state["step"]
+        self.order.load_state_dict(state["orders"][self.accelerator.process_index])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_state(accelerator, progress: Progress, checkpoint: Path) -> Path:
+    """accelerate's save_state into checkpoint/resume, written under a temporary name then renamed."""
+    tmp, final = checkpoint / f".{RESUME_DIR}.tmp", checkpoint / RESUME_DIR
+    progress.gather()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        remove(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove(folder: Path) -> None:
+    """Delete a folder so that it is gone or whole at any moment: renamed away first, then removed."""
+    if not folder.exists():
+        return
+    trash = folder.with_name(f".{folder.name}.removing")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def prune(run: Path, keep_checkpoints: int | None, keep_states: int) -> None:
+    """Keep the newest `keep_checkpoints` checkpoint folders and resume state in the newest `keep_states`."""
+    found = checkpoints(run)
+    if keep_checkpoints is not None:
+        for _, folder in found[:-keep_checkpoints]:
+            remove(folder)
+        found = found[-keep_checkpoints:]
+    with_state = [folder for _, folder in found if (folder / RESUME_DIR).is_dir()]
+    for folder in with_state[:-keep_states]:
+        remove(folder / RESUME_DIR)

@@ -1,0 +1,53 @@
+"""Stopping cleanly: the first Ctrl-C or SIGTERM asks the training loop to stop after the current step (it
+then writes a complete checkpoint with resume state); a second one stops at once (KeyboardInterrupt)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a complete, resumable checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"interrupted at step {step}; resume with --resume_from_checkpoint {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
+class StopSignals:
+    """Context manager: while inside, SIGINT/SIGTERM set `signum` instead of stopping the process."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:  # the second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, accelerator) -> int:
+        """The signal that asks to stop, agreed by every process (0: go on). One tiny all-gather per step
+        with several processes, so that all of them stop after the same step."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flags = accelerator.gather(torch.tensor([self.signum], device=accelerator.device))
+        return int(flags.max().item())

@@ -1,0 +1,117 @@
+"""Bad input: the error every command reports as one line, the parser that raises it, and shared checks.
+
+Every command (train.py, inference.py, evaluate, analyze, benchmark, demo) parses with `Parser`, checks
+its input before loading any model, and reports a `UsageError` as `error: <message>` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+
+SECRET_FLAGS = ("--wandb_api_key",)
+SECRET_ENV = ("WANDB_API_KEY",)
+REDACTED = "<redacted>"
+
+
+class UsageError(ValueError):
+    """Bad input from a flag, a config file or an API argument; the message is shown as is, on one line."""
+
+
+def _is_secret_flag(name: str) -> bool:
+    """`--wandb_api_key` and anything that could be read as it (prefixes, hyphens for underscores)."""
+    name = name.replace("-", "_")
+    return len(name) > 3 and any(flag.replace("-", "_").startswith(name) for flag in SECRET_FLAGS)
+
+
+def secret_values(argv: list[str]) -> set[str]:
+    """The values given to secret flags in `argv`, however spelled, and the secret environment variables."""
+    values = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or not _is_secret_flag(name):
+            continue
+        if eq:
+            values.add(value)
+        elif i + 1 < len(argv):
+            values.add(argv[i + 1])
+    return {v for v in values if v}
+
+
+def redact(text: str, secrets: set[str]) -> str:
+    """`text` with every secret value replaced by <redacted>."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """argv with the values of secret flags (`--flag value`, `--flag=value`, abbreviated) replaced."""
+    secrets = secret_values(argv)
+    return [redact(arg, secrets) for arg in argv]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with no abbreviations, whose errors are one-line `UsageError`s with secrets redacted."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        raise UsageError(redact(message, secret_values(self._argv)))
+
+
+def check_finite(flag: str, value: float, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A finite number within [low, high] (open ends with *_open)."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    span = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        raise UsageError(f"{flag} must be a finite number in {span}, got {value!r}")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_source(flag: str, name: str, needs: str = "model_index.json", revision: str | None = None) -> None:
+    """A local folder holding `needs`, or a hub id that can be had: cached when HF_HUB_OFFLINE is set.
+
+    Online, a hub id is not looked up here (that would be a network call); a load that then fails is
+    reported in one line by the caller.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / needs).is_file():
+            raise UsageError(f"{flag}: {name} has no {needs}; pass a model folder in diffusers layout")
+        return
+    if not HUB_ID.match(name):
+        raise UsageError(f"{flag}: {name} does not exist; pass a local folder or a hub id like org/model")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, needs, revision=revision), str):
+            raise UsageError(
+                f"{flag}: {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                f"download it first (hf download {name}) or pass a local folder"
+            )
+
+
+def model_load_error(flag: str, name: str, err: Exception) -> UsageError:
+    """One line for a model that could not be loaded (not found, no network, no access)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UsageError(f"{flag}: could not load {name} ({first}); pass a local folder or check the name and network")
