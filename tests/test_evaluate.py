@@ -63,11 +63,11 @@ def test_evaluate_command(tiny_embedder_dir, tmp_path, capsys):
     ref = random_image(0)
     ref.save(tmp_path / "ref.png")
     write_samples(tmp_path / "samples", ["a photo of sks", "a sks swimming"], [[ref], [random_image(1)]])
-    result = main(["--reference", str(tmp_path / "ref.png"), "--samples", str(tmp_path / "samples"),
-                   "--class_name", "dog", "--placeholder_token", "sks", "--device", "cpu",
-                   "--clip_model", str(tiny_embedder_dir / "clip"), "--dino_model", str(tiny_embedder_dir / "dino")])
+    assert main(["--reference", str(tmp_path / "ref.png"), "--samples", str(tmp_path / "samples"),
+                 "--class_name", "dog", "--placeholder_token", "sks", "--device", "cpu",
+                 "--clip_model", str(tiny_embedder_dir / "clip"), "--dino_model", str(tiny_embedder_dir / "dino")]) == 0
     saved = json.loads((tmp_path / "samples" / "metrics.json").read_text())
-    assert saved == result and saved["IS"] == pytest.approx(1.0, abs=1e-5) and "a {0} swimming" in saved["TS_per_prompt"]
+    assert saved["IS"] == pytest.approx(1.0, abs=1e-5) and "a {0} swimming" in saved["TS_per_prompt"]
     out = capsys.readouterr().out
     assert "| IS | DINO_IS | TS |" in out and f"{saved['TS']:.4f}" in out
 
@@ -135,7 +135,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
     }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
     monkeypatch.setattr("tlora.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
-    rows = benchmark.main([str(tmp_path / "m.yaml")])
+    rows = benchmark.run(benchmark.parse_args([str(tmp_path / "m.yaml")]))
     out = tmp_path / "bench"
     assert [(r["concept"], r["method"]) for r in rows] == [("pet", "T-LoRA"), ("pet", "Vanilla"),
                                                           ("thing", "T-LoRA"), ("thing", "Vanilla")]
@@ -156,6 +156,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
         raise AssertionError("a finished job was run again")
 
     monkeypatch.setattr(benchmark, "run_job", no_training)
-    again = benchmark.main([str(tmp_path / "m.yaml")])
+    assert benchmark.main([str(tmp_path / "m.yaml")]) == 0
+    again = benchmark.collect(benchmark.parse_args([str(tmp_path / "m.yaml")]))
     assert again == rows
     assert work() == before  # nothing trained, generated or evaluated again

@@ -158,10 +158,20 @@ def test_trains_on_the_authors_dog_photos(tiny_model, tmp_path):
     assert (run / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_cpu_demo(tmp_path, capsys):
-    from tlora.demo import main
+def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
+    """The newcomer's chain from README: demo, then inference.py and analyze on its run."""
+    import inference
+    from tlora import analyze, demo
 
-    run = main(["--output_dir", str(tmp_path), "--steps", "2"])
-    assert f"demo run folder: {run}" in capsys.readouterr().out
+    assert demo.main(["--output_dir", str(tmp_path), "--steps", "2"]) == 0
+    run = Path(capsys.readouterr().out.split("demo run folder: ")[1].strip())
+    assert run.parent == tmp_path and (tmp_path / "tiny-sdxl" / "model_index.json").is_file()
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "checkpoint-2", "logs"]
     assert len(list((run / "checkpoint-2" / "samples" / "ns25_gs5.0" / "version_0").glob("*/[0-9].png"))) == 2
+    assert inference.main(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "2",
+                           "--prompts", "a {0} riding a bike", "--num_images_per_prompt", "1",
+                           "--num_inference_steps", "2"]) == 0
+    assert (run / "checkpoint-2" / "samples" / "ns2_gs5.0" / "version_0" / "a sks riding a bike" / "0.png").is_file()
+    assert analyze.main([str(run)]) == 0
+    assert (run / "analysis" / "rank_schedule.png").is_file()
+    assert demo.main(["--steps", "0"]) == 2 and "--steps must be at least 1" in capsys.readouterr().err

@@ -11,10 +11,10 @@ Writes into `<RUN_OR_CHECKPOINT>/analysis/`:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw
 from .adapters import active_rank
 from .api import read_hparams, settings
 from .checkpoint import read_weights
+from .cli import run_command
 from .generation import existing_images
+from .usage import Parser, UsageError
 
 THRESHOLD = 0.95
 
@@ -59,7 +61,7 @@ def resolve(target: Path) -> tuple[Path, Path | None]:
         return target, (checkpoints[-1] if checkpoints else None)
     if (target.parent / "logs" / "hparams.yml").is_file():
         return target.parent, target
-    raise ValueError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints")
+    raise UsageError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints; pass one")
 
 
 def pyplot():
@@ -170,15 +172,18 @@ def analyze(target: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("target", help="A run folder or one of its checkpoint-N folders.")
-    out = analyze(p.parse_args(argv).target)
-    print(f"analysis: {out}")
-    for f in sorted(out.iterdir()):
-        print(f"  {f.name}")
-    return out
+
+    def run(args) -> Path:
+        out = analyze(args.target)
+        for f in sorted(out.iterdir()):
+            print(f"  {f.name}")
+        return out
+
+    return run_command(p.parse_args, run, "analysis", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

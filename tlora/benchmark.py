@@ -41,7 +41,10 @@ import torch
 import yaml
 
 from .checkpoint import atomic_write
+from .cli import run_command
 from .conditioning import BASE_PROMPT
+from .safe_names import safe_component
+from .usage import Parser, UsageError
 
 COLUMNS = ("concept", "method", "kind", "IS", "DINO_IS", "TS_contextual", "TS_complex", "checkpoint")
 METRICS = ("IS", "DINO_IS", "TS_contextual", "TS_complex")
@@ -51,7 +54,7 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 def prompt_set(kind: str) -> tuple[list[str], list[str]]:
     """(contextual, complex) prompt templates of the paper for a `live` or `object` concept."""
     if kind not in ("live", "object"):
-        raise ValueError(f"concept kind must be live or object, got {kind!r}")
+        raise UsageError(f"manifest: concept kind must be live or object, got {kind!r}")
     lines = resources.files("tlora").joinpath(f"prompts/prompts_{kind}.txt").read_text().splitlines()
     lines = [line.strip() for line in lines if line.strip()]
     return lines[:25], lines[25:]
@@ -76,15 +79,34 @@ class Manifest:
 
     @classmethod
     def read(cls, path: str | Path) -> "Manifest":
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        """Read and check a manifest: paths relative to it, names made safe folder names, one-line errors."""
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UsageError(f"manifest {path}: cannot read it ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"manifest {path}: must be a mapping (see python -m tlora.benchmark --help)")
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r}")
+            raise UsageError(f"manifest {path}: unknown key {sorted(unknown)[0]!r}")
+        for key in ("output_dir", "concepts", "methods"):
+            if not values.get(key):
+                raise UsageError(f"manifest {path}: {key} is required")
         base = Path(path).resolve().parent
         values["output_dir"] = base / values["output_dir"]
-        for item in values.get("concepts", []):
+        for kind, keys in (("concepts", ("name", "image", "class_name")), ("methods", ("name", "config"))):
+            names = []
+            for item in values[kind]:
+                missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+                if missing:
+                    raise UsageError(f"manifest {path}: every entry of {kind} needs {', '.join(keys)} ({item!r})")
+                names.append(safe_component(str(item["name"])))
+            if len(set(names)) != len(names):
+                raise UsageError(f"manifest {path}: two {kind} share a name; give each its own")
+        for item in values["concepts"]:
             item["image"] = str(base / item["image"])
-        for item in values.get("methods", []):
+            prompt_set(item.get("kind", "live"))
+        for item in values["methods"]:
             item["config"] = str(base / item["config"])
         return cls(**values)
 
@@ -121,22 +143,31 @@ def final_checkpoint(job_dir: Path, steps: int) -> Path | None:
     return done[-1].parent if done else None
 
 
-def train_job(m: Manifest, concept: dict, method: dict, job_dir: Path) -> Path:
-    """Train one concept with one method (skipped when its final checkpoint exists)."""
-    from .options import parse_args
+def job_dir(m: Manifest, concept: dict, method: dict) -> Path:
+    """runs/<concept>/<method>, with both names made single safe folder names (never outside output_dir)."""
+    return m.output_dir / "runs" / safe_component(str(concept["name"])) / safe_component(str(method["name"]))
 
+
+def train_flags(m: Manifest, concept: dict, method: dict) -> list[str]:
     image = Path(concept["image"])
     flags = {"config": method["config"], "train_data_dir": str(image.parent), "one_image": image.name,
-             "output_dir": str(job_dir), "class_name": concept["class_name"], "placeholder_token": m.placeholder_token,
+             "output_dir": str(job_dir(m, concept, method)), "class_name": concept["class_name"], "placeholder_token": m.placeholder_token,
              "pretrained_model_name_or_path": m.pretrained_model_name_or_path,
              "pretrained_vae_model_name_or_path": m.pretrained_vae_model_name_or_path, "report_to": m.report_to,
              **method.get("overrides", {})}
-    argv = _flag_list(flags)
+    return _flag_list(flags)
+
+
+def train_job(m: Manifest, concept: dict, method: dict) -> Path:
+    """Train one concept with one method (skipped when its final checkpoint exists)."""
+    from .options import parse_args
+
+    argv, folder = train_flags(m, concept, method), job_dir(m, concept, method)
     steps = parse_args(argv).num_train_epochs
-    if (done := final_checkpoint(job_dir, steps)) is not None:
+    if (done := final_checkpoint(folder, steps)) is not None:
         return done
     subprocess.run([sys.executable, "-m", "tlora.cli", "train", *argv], check=True, env=job_env())
-    return final_checkpoint(job_dir, steps)
+    return final_checkpoint(folder, steps)
 
 
 def _pipeline(pipes: dict, hp: dict, device: str):
@@ -176,8 +207,7 @@ def run_job(m: Manifest, concept: dict, method: dict, embedders, device: str, pi
     from .evaluate import evaluate_samples
     from .metrics import reference_images
 
-    job_dir = m.output_dir / "runs" / concept["name"] / method["name"]
-    checkpoint = train_job(m, concept, method, job_dir)
+    checkpoint = train_job(m, concept, method)
     samples, groups = generate_job(m, concept, checkpoint, device, pipes)
     refs = reference_images(concept["image"], m.evaluation.get("mask_dir"))
     metrics = evaluate_samples(embedders, refs, samples, concept["class_name"], m.placeholder_token, groups)
@@ -186,7 +216,8 @@ def run_job(m: Manifest, concept: dict, method: dict, embedders, device: str, pi
 
 
 def result_path(m: Manifest, concept: dict, method: dict) -> Path:
-    return m.output_dir / "results" / f"{concept['name']}__{method['name']}.json"
+    name = f"{safe_component(str(concept['name']))}__{safe_component(str(method['name']))}.json"
+    return m.output_dir / "results" / name
 
 
 def collect(m: Manifest) -> list[dict]:
@@ -248,15 +279,28 @@ def log_report(m: Manifest, md: Path, png: Path, rows: list[dict]) -> None:
     run.finish()
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> Manifest:
+    """The manifest, with every job's train.py flags checked before anything is trained or loaded."""
+    from .options import parse_args as train_args
+
+    p = Parser(description=__doc__.splitlines()[0], epilog="Manifest format: see the module docstring "
+               "(python -c 'import tlora.benchmark as b; print(b.__doc__)') or README.md.")
+    p.add_argument("manifest", help="YAML file: output_dir, concepts, methods, and generation settings.")
+    m = Manifest.read(p.parse_args(argv).manifest)
+    for concept, method in m.jobs():
+        try:
+            train_args(train_flags(m, concept, method))
+        except UsageError as err:
+            raise UsageError(f"manifest: {concept['name']} x {method['name']}: {err}") from None
+    return m
+
+
+def run(m: Manifest) -> list[dict]:
+    """Every job not done yet (this process's share), then the report; returns every finished row."""
     from accelerate import PartialState
 
     from .metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python -m tlora.benchmark MANIFEST.yaml")
-    m = Manifest.read(argv[0])
     state = PartialState()
     device = str(state.device)
     embedders, pipes = None, {}
@@ -279,5 +323,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_command(parse_args, run, None, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write
+from .cli import run_command
 from .conditioning import BASE_PROMPT
 from .generation import existing_images
-from .metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, load_rgb, mean_cosine, reference_images
+from .data import open_rgb
+from .metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
+from .usage import Parser, UsageError, check_model_source
 
 TS_TEXT = "prompt with {0} replaced by the class name alone"
 
@@ -48,7 +53,7 @@ def evaluate_samples(
     if not folders:
         raise ValueError(f"no prompt folders with images in {samples}")
     base = folders.get(BASE_PROMPT)
-    is_images = [load_rgb(p) for p in existing_images(base)] if base else []
+    is_images = [open_rgb(p) for p in existing_images(base)] if base else []
     result: dict = {"samples": str(samples), "class_name": class_name, "ts_text": TS_TEXT, "base_prompt": BASE_PROMPT}
     if is_images:
         result["IS"] = mean_cosine(embedders.clip_images(references), embedders.clip_images(is_images))
@@ -59,7 +64,7 @@ def evaluate_samples(
         if template == BASE_PROMPT:
             continue
         text = embedders.clip_texts([template.format(class_name)])
-        per_prompt[template] = mean_cosine(text, embedders.clip_images([load_rgb(p) for p in existing_images(folder)]))
+        per_prompt[template] = mean_cosine(text, embedders.clip_images([open_rgb(p) for p in existing_images(folder)]))
     result["TS_per_prompt"] = per_prompt
     if per_prompt:
         result["TS"] = sum(per_prompt.values()) / len(per_prompt)
@@ -76,31 +81,57 @@ def table(result: dict) -> str:
         f"{result[k]:.4f}" for k in keys) + " |"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", required=True, help="Reference image or folder of images.")
     p.add_argument("--samples", required=True, help="A version folder written by inference.py.")
     p.add_argument("--class_name", required=True)
     p.add_argument("--placeholder_token", required=True)
     p.add_argument("--mask_dir", default=None, help="Subject masks named like the reference images.")
-    p.add_argument("--clip_model", default=DEFAULT_CLIP)
-    p.add_argument("--dino_model", default=DEFAULT_DINO)
+    p.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP model: hub id or local folder.")
+    p.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT model: hub id or local folder.")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default=None)
     p.add_argument("--output", default=None, help="JSON file (default: metrics.json in --samples).")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every input (images, folders, model names) before any model loads."""
+    args = build_parser().parse_args(argv)
     if not Path(args.samples).is_dir():
-        p.error(f"--samples: {args.samples} is not a folder; pass a version folder written by inference.py")
+        raise UsageError(f"--samples: {args.samples} is not a folder; pass a version folder written by inference.py")
+    if not prompt_folders(Path(args.samples), args.placeholder_token):
+        raise UsageError(f"--samples: no prompt folders with images in {args.samples}; run inference.py first")
+    if not Path(args.reference).exists():
+        raise UsageError(f"--reference: {args.reference} does not exist; pass an image or a folder of images")
+    if args.mask_dir and not Path(args.mask_dir).is_dir():
+        raise UsageError(f"--mask_dir: {args.mask_dir} is not a folder")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    try:
+        args.references = reference_images(args.reference, args.mask_dir)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--reference: {err}") from None
+    check_model_source("--clip_model", args.clip_model, "config.json")
+    check_model_source("--dino_model", args.dino_model, "config.json")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
     embedders = Embedders.load(args.clip_model, args.dino_model, args.device, args.batch_size)
-    result = evaluate_samples(embedders, reference_images(args.reference, args.mask_dir), args.samples,
-                              args.class_name, args.placeholder_token)
+    result = evaluate_samples(embedders, args.references, args.samples, args.class_name, args.placeholder_token)
     result |= {"clip_model": args.clip_model, "dino_model": args.dino_model, "reference": args.reference}
     output = Path(args.output or Path(args.samples) / "metrics.json")
-    output.write_text(json.dumps(result, indent=2))
+    atomic_write(output, json.dumps(result, indent=2).encode())
     print(table(result))
     print(f"written: {output}")
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_command(parse_args, run, None, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """Generating and saving images for '#'-separated prompt templates, with the authors' seeds and layout.
 
 Layout: `<checkpoint>/samples/ns<steps>_gs<guidance>/version_<v>/<template with {0} = token>/<k>.png`,
-plus `grid.png` in each prompt folder and `prompts.yaml` beside the prompt folders.
+plus `grid.png` in each prompt folder and `prompts.yaml` beside the prompt folders (with the full prompt
+text; folder names are made safe and short, see safe_names).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 from PIL import Image
 
 from .checkpoint import atomic_write
+from .safe_names import safe_component
 
 
 def split_prompts(prompts: str | None) -> list[str]:
@@ -45,7 +47,8 @@ class Sampling:
         return template.format(f"{self.placeholder_token} {self.class_name}")
 
     def prompt_folder(self, template: str) -> Path:
-        return self.folder / template.format(self.placeholder_token)
+        """The template with {0} = token, as one safe folder name inside `folder` (see safe_names)."""
+        return self.folder / safe_component(template.format(self.placeholder_token))
 
 
 def samples_folder(checkpoint: Path, steps: int, guidance: float, version: int) -> Path:

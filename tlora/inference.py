@@ -9,16 +9,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import generation
-from .api import load, read_hparams
+from .api import load, read_hparams, settings
+from .checkpoint import check_made_with, read_header
 from .models import DTYPES, load_pipeline
-from .options import DEFAULT_VAE, UsageError
+from .options import DEFAULT_VAE, MAX_WORD_LENGTH, check_templates, check_text
+from .usage import Parser, UsageError, check_finite, check_model_source
 
 # The authors' hparams.yml has no VAE key: their tool always uses this VAE. min_rank and alpha default in tlora.load.
 HPARAM_DEFAULTS = {"revision": None, "pretrained_vae_model_name_or_path": DEFAULT_VAE}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images with a trained T-LoRA.")
+    p = Parser(description="Generate images with a trained T-LoRA.")
     a = p.add_argument
     a("--config_path", type=str, required=True, help="The run's logs/hparams.yml.")
     a("--checkpoint_idx", type=str, default=None, help="N of checkpoint-N; absent = the run folder holds the weights.")
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def checkpoint_folder(config_path: Path, hparams: dict, checkpoint_idx: str | None) -> Path:
     """checkpoint-N of the run (or the run folder itself); the run is hparams' output_dir, or the
     folder holding logs/hparams.yml when that run folder was moved."""
+    if checkpoint_idx is not None and not checkpoint_idx.isdigit():
+        raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {checkpoint_idx!r}")
     name = f"checkpoint-{checkpoint_idx}" if checkpoint_idx is not None else ""
     candidates = [Path(str(hparams.get("output_dir", ""))), config_path.resolve().parent.parent]
     for run in candidates:
@@ -50,6 +54,7 @@ def checkpoint_folder(config_path: Path, hparams: dict, checkpoint_idx: str | No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check everything (run, checkpoint, prompts, numbers, device) before any model loads."""
     args = build_parser().parse_args(argv)
     config_path = Path(args.config_path)
     if not config_path.is_file():
@@ -60,16 +65,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("pretrained_model_name_or_path", "placeholder_token", "class_name", "lora_rank"):
         if key not in args.hparams:
             raise UsageError(f"--config_path: {config_path} has no {key}; pass a run's logs/hparams.yml")
+    for key in ("placeholder_token", "class_name"):
+        check_text(f"--config_path: {key}", str(args.hparams[key]), MAX_WORD_LENGTH)
     args.templates = generation.split_prompts(args.prompts)
     if not args.templates:
         raise UsageError("--prompts: give at least one prompt ('#' separates prompts)")
+    check_templates("--prompts", args.templates)
     for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.version < 0:
+        raise UsageError(f"--version must be 0 or more, got {args.version}")
+    check_finite("--guidance_scale", args.guidance_scale)
     args.checkpoint = checkpoint_folder(config_path, args.hparams, args.checkpoint_idx)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_checkpoint(args)
+    args.device = _device(args.device)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    hp = args.hparams
+    check_model_source("--config_path: pretrained_model_name_or_path", str(hp["pretrained_model_name_or_path"]),
+                       revision=hp["revision"])
+    vae = hp["pretrained_vae_model_name_or_path"]
+    if vae and str(vae).lower() != "none":
+        check_model_source("--pretrained_vae_model_name_or_path", str(vae), "config.json")
     return args
+
+
+def _check_checkpoint(args: argparse.Namespace) -> None:
+    """The weights file is whole and was written with the run's trainer_type and lora_rank (header only)."""
+    shapes, metadata = read_header(args.checkpoint)
+    cfg = settings(shapes, metadata, args.hparams)
+    check_made_with(shapes, cfg["trainer_type"], cfg["lora_rank"], where=f"--checkpoint_idx: {args.checkpoint}")
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: {name!r} is not a device; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    return name
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
-from .data import IMAGE_EXTENSIONS, list_images
+from .data import IMAGE_EXTENSIONS, list_images, open_rgb
+from .usage import model_load_error
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -41,12 +42,17 @@ class Embedders:
 
     @classmethod
     def load(cls, clip: str = DEFAULT_CLIP, dino: str = DEFAULT_DINO, device: str | None = None, batch_size: int = 32):
+        """Both models; one-line UsageError naming the model that could not be loaded."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(
-            CLIPModel.from_pretrained(clip).to(device).eval(), CLIPProcessor.from_pretrained(clip),
-            AutoModel.from_pretrained(dino).to(device).eval(), AutoImageProcessor.from_pretrained(dino),
-            device, batch_size,
-        )
+        try:
+            clip_parts = CLIPModel.from_pretrained(clip).to(device).eval(), CLIPProcessor.from_pretrained(clip)
+        except OSError as err:
+            raise model_load_error("--clip_model", clip, err) from None
+        try:
+            dino_parts = AutoModel.from_pretrained(dino).to(device).eval(), AutoImageProcessor.from_pretrained(dino)
+        except OSError as err:
+            raise model_load_error("--dino_model", dino, err) from None
+        return cls(*clip_parts, *dino_parts, device, batch_size)
 
     def _batches(self, images: list[Image.Image]):
         for i in range(0, len(images), self.batch_size):
@@ -80,11 +86,6 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b.T).mean())
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 def mask_background(image: Image.Image, mask: Image.Image, colour: tuple[int, int, int] = MASK_COLOUR) -> Image.Image:
     """Keep the subject (mask > 127) and paint the rest a flat colour."""
     keep = np.asarray(mask.convert("L").resize(image.size, Image.NEAREST)) > 127
@@ -101,11 +102,11 @@ def reference_images(reference: str | Path, mask_dir: str | Path | None = None) 
         raise ValueError(f"no reference images in {reference}")
     images = []
     for path in paths:
-        image = load_rgb(path)
+        image = open_rgb(path)
         if mask_dir:
             masks = [p for p in Path(mask_dir).glob(path.stem + ".*") if p.suffix.lower() in IMAGE_EXTENSIONS]
             if not masks:
                 raise ValueError(f"--mask_dir: no mask named {path.stem}.* in {mask_dir}")
-            image = mask_background(image, load_rgb(masks[0]))
+            image = mask_background(image, open_rgb(masks[0]))
         images.append(image)
     return images
