@@ -6,6 +6,7 @@ Also `python -m tlora.cli train|inference ...`.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -24,15 +25,21 @@ def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], A
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(err, file=sys.stderr)
+        if _main_process():
+            print(err, file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("stopped at once (no checkpoint written for the current step); "
               "resume with --resume_from_checkpoint latest", file=sys.stderr)
         return 130
-    if label:
+    if label and _main_process():
         print(f"{label}: {result}")
     return 0
+
+
+def _main_process() -> bool:
+    """Under torchrun / accelerate launch, only process 0 reports (RANK is unset in a single process)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def train_main(argv: list[str] | None = None) -> int:

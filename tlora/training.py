@@ -6,6 +6,7 @@ import argparse
 import os
 import secrets
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -133,6 +134,10 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=args.mixed_precision, log_with=tracker(args), project_config=ProjectConfiguration(), cpu=cpu
         )
+        if self.accelerator.num_processes > 1:
+            # DDP copies each adapter's (1, r) lambda gradient (a slice of the stacked lambda * mask scale)
+            # into its bucket and warns once per process; the copy is of r numbers.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.resume_from: Path | None = getattr(args, "resume_checkpoint", None)
         self.folder = _run_folder(args, self.accelerator, self.resume_from)
         self.accelerator.project_configuration.project_dir = str(self.folder)

@@ -1,0 +1,49 @@
+"""Two CPU processes (torchrun, gloo) train one run: one folder, identical adapters, exact resume."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, train_args
+from tlora.checkpoint import read_weights
+from tlora.options import parse_args
+
+
+def torchrun(argv):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(REPO / "train.py"), *argv], capture_output=True, text=True, timeout=600,
+                          env=env | {"OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_processes_one_run_and_exact_resume(tiny_model, image_dir, tmp_path):
+    args = lambda out, steps, *extra: train_args(tiny_model, image_dir, tmp_path / out,  # noqa: E731
+                                                 "--num_train_epochs", steps, "--checkpointing_steps", "2", *extra)
+    done = torchrun(args("a", "4"))
+    runs = list((tmp_path / "a").iterdir())
+    assert len(runs) == 1 and done.stdout.count("run folder:") == 1  # one run, reported once
+    straight = runs[0]
+    assert sorted(p.name for p in straight.iterdir()) == ["checkpoint-2", "checkpoint-4", "logs"]
+    assert sorted(p.name for p in (straight / "checkpoint-4" / "resume").iterdir()) == [
+        "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"]
+    assert "Grad strides" not in done.stderr
+
+    torchrun(args("b", "2"))
+    torchrun(args("b", "4", "--resume_from_checkpoint", "latest"))
+    resumed = next((tmp_path / "b").iterdir())
+    a, b = read_weights(straight / "checkpoint-4")[0], read_weights(resumed / "checkpoint-4")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "logs" / "loss.csv").read_text() == (resumed / "logs" / "loss.csv").read_text()
+
+    # Each process drew its own noise and timesteps: two processes differ from one process alone.
+    from tlora.training import train
+
+    single = train(parse_args(args("single", "4")))
+    one = read_weights(single / "checkpoint-4")[0]
+    assert any(not torch.equal(a[k], one[k]) for k in a if "lambda_layer" in k)
