@@ -81,7 +81,7 @@ def build_model(name: str, scratch: Path):
 def train_argv(opts, data: Path, out: Path, precision: str, checkpointing: bool) -> list[str]:
     argv = [
         "--trainer_type", opts.trainer_type, "--trainer_class", "sdxl_tlora", "--pretrained_model_name_or_path",
-        "in-memory", "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog",
+        str(out.parent / "model"), "--pretrained_vae_model_name_or_path", "none", "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog",
         "--placeholder_token", "sks", "--resolution", str(opts.resolution), "--lora_rank", str(opts.rank),
         "--min_rank", str(opts.min_rank), "--num_train_epochs", "1000000", "--checkpointing_steps", "1000000",
         "--mixed_precision", "no" if precision == "fp32" else precision, "--dataloader_num_workers", "1",
@@ -200,6 +200,7 @@ def main() -> None:
     Image.fromarray((rng.rand(1200, 1280, 3) * 255).astype("uint8")).save(data / "00.jpg")
     rss = PeakRSS()
     pipe = build_model(opts.model, scratch)
+    pipe.save_config(scratch / "model")  # model_index.json only: the options check a model folder; the pipe is in memory
     state: dict = {}
     state["adapters"], state["init_seconds"] = initial_adapters(opts, pipe)
     print(f"adapter initialisation: {state['init_seconds']:.1f} s", file=sys.stderr, flush=True)

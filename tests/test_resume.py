@@ -109,8 +109,9 @@ def test_checkpoint_and_resume_state_limits(tiny_model, image_dir, tmp_path):
     assert not list(folder.rglob(".*"))  # no temporary or half-removed folder left
 
 
-def test_incomplete_resume_state_is_skipped(tiny_model, image_dir, tmp_path, monkeypatch):
-    """A crash while writing checkpoint-4's resume state (as kill -9 would leave it) resumes from checkpoint-2."""
+def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monkeypatch):
+    """A crash while writing checkpoint-4 leaves no checkpoint-4 (only its hidden staging folder, as kill -9
+    would leave it); resume goes on from checkpoint-2 and sweeps the leftover."""
     from tlora import resume
 
     folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--checkpointing_steps", "2")
@@ -125,12 +126,14 @@ def test_incomplete_resume_state_is_skipped(tiny_model, image_dir, tmp_path, mon
     with pytest.raises(OSError):
         run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
             "--resume_from_checkpoint", "latest")
-    assert (folder / "checkpoint-4" / "pytorch_lora_weights.safetensors").is_file()
-    assert not (folder / "checkpoint-4" / RESUME_DIR).exists() and (folder / "checkpoint-2" / RESUME_DIR).is_dir()
+    assert not (folder / "checkpoint-4").exists() and (folder / ".checkpoint-4.tmp").is_dir()
+    assert (folder / "checkpoint-2" / RESUME_DIR).is_dir()
     monkeypatch.undo()
-    args = parse_args(train_args(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "4",
-                                 "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"))
-    assert args.resume_checkpoint == folder / "checkpoint-2"
+    argv = train_args(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
+                      "--resume_from_checkpoint", "latest")
+    assert parse_args(argv).resume_checkpoint == folder / "checkpoint-2"
+    run(tiny_model, image_dir, tmp_path / "a", *argv[argv.index("--num_train_epochs"):])
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "logs"]
 
 
 @pytest.mark.parametrize("change, message", [

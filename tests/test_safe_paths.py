@@ -22,6 +22,7 @@ def test_safe_names_keep_plain_prompts_and_never_collide():
     long_a, long_b = "a" * 200 + " one", "a" * 200 + " two"
     assert safe_component(long_a) != safe_component(long_b)
     assert safe_component("a/b") != safe_component("a\\b") != safe_component("a_b")
+    assert safe_component("prompts.yaml", reserved=frozenset({"prompts.yaml"})).startswith("prompts.yaml-")
 
 
 def files_under(root: Path) -> set[Path]:
@@ -36,6 +37,8 @@ def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tm
     climb = "../" * 8 + "y {0}"  # from the version folder up past tmp_path
     prompts = [f"{escape}_{{0}}", climb, "x" * 300 + " {0}", "a {0} on the beach"]
     before = files_under(tmp_path)
+    outside = lambda: {p for d in (tmp_path.parent, tmp_path.parent.parent) for p in d.glob("y *")}  # noqa: E731
+    outside_before = outside()
     run = train(parse_args(train_args(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "1",
                                       "--placeholder_token", "../../z", "--validation_prompts", "#".join(prompts),
                                       "--num_val_imgs_per_prompt", "1")))
@@ -44,7 +47,7 @@ def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tm
                            "--num_inference_steps", "2"]) == 0
     new = files_under(tmp_path) - before
     assert new and all(p.is_relative_to(run) for p in new), sorted(p for p in new if not p.is_relative_to(run))
-    assert not list(tmp_path.parent.glob("y *")) and not list(tmp_path.parent.parent.glob("y *"))
+    assert outside() == outside_before
     for version in run.glob("checkpoint-1/samples/*/version_0"):
         folders = sorted(p for p in version.iterdir() if p.is_dir())
         assert len(folders) == 4 and all(len(list(f.glob("[0-9].png"))) == 1 for f in folders)

@@ -18,6 +18,8 @@ from PIL import Image
 from .checkpoint import atomic_write
 from .safe_names import safe_component
 
+RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
+
 
 def split_prompts(prompts: str | None) -> list[str]:
     """'a {0} on a bike#a {0} swimming' -> two templates (blank parts dropped)."""
@@ -48,7 +50,7 @@ class Sampling:
 
     def prompt_folder(self, template: str) -> Path:
         """The template with {0} = token, as one safe folder name inside `folder` (see safe_names)."""
-        return self.folder / safe_component(template.format(self.placeholder_token))
+        return self.folder / safe_component(template.format(self.placeholder_token), reserved=RESERVED)
 
 
 def samples_folder(checkpoint: Path, steps: int, guidance: float, version: int) -> Path:

@@ -2,9 +2,9 @@
 
 `checkpoint-N/` holds the unchanged `pytorch_lora_weights.safetensors` and, in the newest checkpoint(s),
 `resume/`: accelerate's `save_state` (optimizer, grad scaler, the RNG states of every process) plus
-`custom_checkpoint_0.pkl` (the `Progress`: step and every process's data order). `resume/` is written
-under a temporary name and renamed when complete, so a checkpoint has all of it or none of it, and
-resume only ever picks complete ones.
+`custom_checkpoint_0.pkl` (the `Progress`: step and every process's data order). Both are written into a
+hidden staging folder that is renamed to `checkpoint-N` when complete, so a checkpoint folder is always
+whole; pruning renames a folder away before deleting it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every checkpoint-N folder of a run, oldest first."""
     found = [(int(m.group(1)), p) for p in run.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
     return sorted(found)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """N of checkpoint-N."""
+    return int(CHECKPOINT.match(checkpoint.name).group(1))
 
 
 def is_resumable(checkpoint: Path) -> bool:
@@ -104,7 +109,7 @@ def find(args: argparse.Namespace) -> Path | None:
         if not is_resumable(path):
             raise UsageError(f"--resume_from_checkpoint: {path} has no complete resume state ({RESUME_DIR}/); pass "
                              "its run folder to resume from the newest complete checkpoint")
-        newer = [p for step, p in checkpoints(path.parent) if is_resumable(p) and step > int(path.name.split("-")[1])]
+        newer = [p for step, p in checkpoints(path.parent) if is_resumable(p) and step > checkpoint_step(path)]
         if newer:
             raise UsageError(f"--resume_from_checkpoint: {newer[-1].name} of this run is newer; resume from it "
                              "(or from the run folder), or start a new run")
@@ -131,7 +136,7 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {key} = {recorded!r}, not {current!r}; "
                          "resume with the run's settings (only the step count, checkpointing, validation and "
                          "tracking may change) or start a new run")
-    step = int(args.resume_checkpoint.name.split("-")[1])
+    step = checkpoint_step(args.resume_checkpoint)
     if args.num_train_epochs < step:
         raise UsageError(f"--num_train_epochs ({args.num_train_epochs}) is below the step of "
                          f"{args.resume_checkpoint.name}; pass at least {step}")
@@ -170,22 +175,24 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_state(accelerator, progress: Progress, checkpoint: Path) -> Path:
-    """accelerate's save_state into checkpoint/resume, written under a temporary name then renamed."""
-    tmp, final = checkpoint / f".{RESUME_DIR}.tmp", checkpoint / RESUME_DIR
+def write_checkpoint(accelerator, progress: Progress, folder: Path, write_weights) -> Path:
+    """checkpoint-N whole or not at all: `write_weights(staging)` (main process) and accelerate's save_state
+    (every process) go into a hidden staging folder, which is renamed to `folder` when complete."""
+    staging = folder.with_name(f".{folder.name}.tmp")
     progress.gather()
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / RESUME_DIR).mkdir(parents=True)
+        write_weights(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(staging / RESUME_DIR))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        remove(final)
-        os.replace(tmp, final)
+        _fsync_tree(staging / RESUME_DIR)
+        remove(folder)  # a checkpoint of this step left by an earlier, resumed attempt
+        os.replace(staging, folder)
     accelerator.wait_for_everyone()
-    return final
+    return folder
 
 
 def remove(folder: Path) -> None:
@@ -199,7 +206,15 @@ def remove(folder: Path) -> None:
 
 
 def prune(run: Path, keep_checkpoints: int | None, keep_states: int) -> None:
-    """Keep the newest `keep_checkpoints` checkpoint folders and resume state in the newest `keep_states`."""
+    """Keep the newest `keep_checkpoints` checkpoint folders and resume state in the newest `keep_states`;
+    sweep what a killed process left half-written or half-removed (call when no save is in progress)."""
+    leftovers = [*run.glob(".*.removing"), *run.glob(".*.tmp"), *run.glob("checkpoint-*/.*.removing"),
+                 *run.glob("checkpoint-*/.*.tmp")]
+    for leftover in leftovers:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     found = checkpoints(run)
     if keep_checkpoints is not None:
         for _, folder in found[:-keep_checkpoints]:

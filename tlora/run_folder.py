@@ -84,14 +84,14 @@ def write_hparams(args: argparse.Namespace, folder: Path) -> Path:
     return path
 
 
-def record_resume(args: argparse.Namespace, folder: Path, step: int) -> Path:
-    """Rewrite hparams.yml for a resumed run: the original options, today's changeable ones, and the resume."""
-    path = folder / "logs" / "hparams.yml"
-    recorded = yaml.safe_load(path.read_text()) or {}
-    resumed = list(recorded.get("resumed") or [])
-    resumed.append({"from_step": step, "argv": list(args.argv)})
-    args.resumed = resumed
-    args.wandb_run_id = args.wandb_run_id or recorded.get("wandb_run_id")
-    args.argv = recorded.get("argv", args.argv)
+def record_run(args: argparse.Namespace, folder: Path, resumed_step: int | None, wandb: bool) -> Path:
+    """Write hparams.yml for a new run, or rewrite it for a run resumed at `resumed_step` (its first argv
+    kept, a `resumed` entry added). A W&B run id is made once and kept, so a resumed run logs to the same
+    W&B run."""
+    recorded = {}
+    if resumed_step is not None:
+        recorded = yaml.safe_load((folder / "logs" / "hparams.yml").read_text()) or {}
+        args.resumed = list(recorded.get("resumed") or []) + [{"from_step": resumed_step, "argv": list(args.argv)}]
+        args.argv = recorded.get("argv", args.argv)
+    args.wandb_run_id = recorded.get("wandb_run_id") or (secrets.token_hex(4) if wandb else None)
     return write_hparams(args, folder)
-

@@ -14,9 +14,10 @@ MAX_LENGTH = 120  # bytes of UTF-8; file systems allow 255
 UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
-def is_safe(name: str, max_length: int = MAX_LENGTH) -> bool:
+def is_safe(name: str, max_length: int = MAX_LENGTH, reserved: frozenset[str] = frozenset()) -> bool:
     return (
         bool(name)
+        and name not in reserved
         and not UNSAFE.search(name)
         and name.strip() == name
         and not name.startswith(".")
@@ -24,9 +25,10 @@ def is_safe(name: str, max_length: int = MAX_LENGTH) -> bool:
     )
 
 
-def safe_component(text: str, max_length: int = MAX_LENGTH) -> str:
-    """`text` itself when safe, else a cleaned prefix plus `-<8 hex of sha256(text)>`."""
-    if is_safe(text, max_length):
+def safe_component(text: str, max_length: int = MAX_LENGTH, reserved: frozenset[str] = frozenset()) -> str:
+    """`text` itself when safe (and not one of the `reserved` names), else a cleaned prefix plus
+    `-<8 hex of sha256(text)>`."""
+    if is_safe(text, max_length, reserved):
         return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     cleaned = UNSAFE.sub("_", text).strip().lstrip(".").strip()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +14,6 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import StableDiffusionXLPipeline
 from torch.utils.data import DataLoader
-import yaml
 from tqdm.auto import tqdm
 
 from . import generation
@@ -25,8 +23,8 @@ from .data import BatchOrder, PairedIndices, list_images, training_images
 from .injection import TLoRA, attach
 from .models import DTYPES, encoders_on, load_pipeline, noise_scheduler, offload_encoders
 from .options import tracker, wandb_key
-from .resume import RESUME_DIR, Progress, prune, save_state
-from .run_folder import create_run_folder, public_hparams, record_resume, remove_run_folder, write_hparams
+from .resume import RESUME_DIR, Progress, checkpoint_step, prune, write_checkpoint
+from .run_folder import create_run_folder, public_hparams, record_run, remove_run_folder
 from .stopping import Interrupted, StopSignals
 from .timing import NULL_TIMER
 from .tracking import init_trackers, log_images
@@ -71,29 +69,12 @@ def _run_folder(args: argparse.Namespace, accelerator: Accelerator, resume_from:
     """The run folder, made (or, when resuming, recorded) on the main process; every process gets its path."""
     folder = [None]
     if accelerator.is_main_process:
-        args.wandb_run_id = getattr(args, "wandb_run_id", None)
-        if resume_from is not None:
-            folder = [resume_from.parent]
-            args.wandb_run_id = _hparams_of(folder[0]).get("wandb_run_id")
-        else:
-            folder = [create_run_folder(args)]
-        if args.wandb_run_id is None and tracker(args) == "wandb":
-            args.wandb_run_id = secrets.token_hex(4)  # kept in hparams.yml so that a resumed run logs to the same W&B run
-        if resume_from is not None:
-            record_resume(args, folder[0], checkpoint_step(resume_from))
-        else:
-            write_hparams(args, folder[0])
+        folder = [create_run_folder(args) if resume_from is None else resume_from.parent]
+        resumed = None if resume_from is None else checkpoint_step(resume_from)
+        record_run(args, folder[0], resumed, wandb=tracker(args) == "wandb")
     folder = broadcast_object_list(folder)
     args.exp_name, args.output_dir, args.logging_dir = folder[0].name, str(folder[0]), str(folder[0] / "logs")
     return folder[0]
-
-
-def _hparams_of(run: Path) -> dict:
-    return yaml.safe_load((run / "logs" / "hparams.yml").read_text()) or {}
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -277,13 +258,11 @@ class Trainer:
     def save_checkpoint(self, step: int, validate: bool = True) -> Path:
         """checkpoint-<step>: the weights, the resume state, then validation images if prompts were given.
         Older checkpoints and resume states beyond the limits are removed once this one is complete."""
-        folder = self.folder / f"checkpoint-{step}"
         acc = self.accelerator
         self._check_replicas()
-        if acc.is_main_process:
-            meta = {k: getattr(self.args, k) for k in METADATA_KEYS} | {"global_step": step}
-            save_weights(self.tlora.state_dict(), folder, meta)
-        save_state(acc, self.progress, folder)
+        meta = {k: getattr(self.args, k) for k in METADATA_KEYS} | {"global_step": step}
+        folder = write_checkpoint(acc, self.progress, self.folder / f"checkpoint-{step}",
+                                  lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
         if acc.is_main_process:
             prune(self.folder, self.args.checkpoints_total_limit, self.args.resume_state_total_limit)
             if validate and self.args.validation_prompts:

@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 SECRET_FLAGS = ("--wandb_api_key",)
@@ -63,8 +64,6 @@ class Parser(argparse.ArgumentParser):
         self._argv: list[str] = []
 
     def parse_known_args(self, args=None, namespace=None):
-        import sys
-
         self._argv = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
