@@ -154,6 +154,7 @@ def train_flags(m: Manifest, concept: dict, method: dict) -> list[str]:
              "output_dir": str(job_dir(m, concept, method)), "class_name": concept["class_name"], "placeholder_token": m.placeholder_token,
              "pretrained_model_name_or_path": m.pretrained_model_name_or_path,
              "pretrained_vae_model_name_or_path": m.pretrained_vae_model_name_or_path, "report_to": m.report_to,
+             "resume_from_checkpoint": "latest",  # a job killed half-way goes on where it stopped
              **method.get("overrides", {})}
     return _flag_list(flags)
 

@@ -126,8 +126,6 @@ def check(args: argparse.Namespace) -> None:
     """Set args.resume_checkpoint and fail in one line when the run's settings differ in a way that matters."""
     args.resume_checkpoint = find(args)
     if args.resume_checkpoint is None:
-        if args.resume_from_checkpoint == "latest":
-            print(f"--resume_from_checkpoint latest: no run to resume in {args.output_dir}; starting a new run")
         return
     run = args.resume_checkpoint.parent
     change = changed_setting(_hparams(run), args)

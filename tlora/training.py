@@ -69,6 +69,8 @@ def _run_folder(args: argparse.Namespace, accelerator: Accelerator, resume_from:
     """The run folder, made (or, when resuming, recorded) on the main process; every process gets its path."""
     folder = [None]
     if accelerator.is_main_process:
+        if resume_from is None and args.resume_from_checkpoint == "latest":
+            print(f"--resume_from_checkpoint latest: no run to resume in {args.output_dir}; starting a new run")
         folder = [create_run_folder(args) if resume_from is None else resume_from.parent]
         resumed = None if resume_from is None else checkpoint_step(resume_from)
         record_run(args, folder[0], resumed, wandb=tracker(args) == "wandb")
