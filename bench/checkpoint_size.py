@@ -32,7 +32,7 @@ def sizes(trainer_type: str, rank: int) -> tuple[int, int, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--rank", type=int, default=64)
     rank = p.parse_args().rank
     print("| trainer_type | rank | trainable values | pytorch_lora_weights.safetensors | resume/ (optimizer.bin) | total |")

@@ -178,7 +178,7 @@ def table(rows: list[tuple[str, dict]], opts, init_seconds: float) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
