@@ -46,6 +46,7 @@ def test_accelerate_launch_writes_the_documented_tree(tiny_model, image_dir, tmp
     m = RUN_NAME.match(run.name)
     assert m and m.group(1) == "00001" and m.group(3) == f"{image_dir.name}_{suffix}"
     assert f"run folder: {run}" in done.stdout
+    assert "torchvision" not in done.stderr  # transformers' notice on every import is silenced
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-3", "logs"]
     hp = yaml.safe_load((run / "logs" / "hparams.yml").read_text())
     assert hp["output_dir"] == str(run) and hp["exp_name"] == run.name and hp["logging_dir"] == str(run / "logs")
@@ -175,3 +176,28 @@ def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
     assert analyze.main([str(run)]) == 0
     assert (run / "analysis" / "rank_schedule.png").is_file()
     assert demo.main(["--steps", "0"]) == 2 and "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_progress_bar_moves_every_step(tiny_model, image_dir, tmp_path, monkeypatch):
+    from tlora import training
+
+    updates = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.n = kwargs.get("initial", 0)
+
+        def update(self, n):
+            self.n += n
+            updates.append(self.n)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(training, "tqdm", Bar)
+    training.train(parse_args(train_args(tiny_model, image_dir, tmp_path, "--num_train_epochs", "8",
+                                         "--checkpointing_steps", "8")))
+    assert updates == list(range(1, 9))
