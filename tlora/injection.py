@@ -1,9 +1,11 @@
-"""Attaching T-LoRA adapters to a diffusers UNet without touching its attention processors.
+"""Attaching T-LoRA adapters to a diffusers UNet without touching its modules or attention processors.
 
-Each `to_q`, `to_k`, `to_v`, `to_out.0` Linear of every `Attention` module is swapped for a `TLoRALinear`
-that shares the original weight and adds the adapter's output, so SDPA, flash or xformers processors keep
-running. A forward pre-hook on the UNet reads the `timestep` it is called with and sets the rank mask for
-that call, so any SDXL pipeline and any scheduler gets the right mask at every step with no extra code.
+Each `to_q`, `to_k`, `to_v`, `to_out.0` Linear of every `Attention` module gets the adapter as a submodule
+(`timestep_adapter`, so that `.to()`, DDP and optimizers see it) and a forward hook that adds the adapter's
+output. Nothing is replaced, so SDPA, flash or xformers processors keep running, and other LoRAs loaded
+with diffusers/peft (before or after; their layers wrap the Linear as `base_layer`) apply alongside and
+unload on their own. A forward pre-hook on the UNet reads the `timestep` it is called with and sets the
+rank mask for that call, so any SDXL pipeline and any scheduler gets the right mask at every step.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -42,25 +43,30 @@ class MaskState:
         self.mask = rank_mask(t, self.num_train_timesteps, self.max_rank, self.min_rank, self.alpha)
 
 
-class TLoRALinear(nn.Linear):
-    """A Linear that shares `base`'s weight and bias and adds `scale * adapter(x, mask)`."""
+ADAPTER = "timestep_adapter"  # the adapter's name on its Linear; no "lora" in it, so peft never takes it for its own
 
-    def __init__(self, base: nn.Linear, adapter: nn.Module, state: MaskState) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.adapter = adapter
-        # Plain attributes, not submodules: kept out of state_dict and parameters().
-        self.__dict__["state"] = state
-        self.__dict__["original"] = base
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+def base_linear(module: nn.Module) -> nn.Linear:
+    """The nn.Linear that computes a projection: the module itself, or the base layer of a peft LoRA layer."""
+    while hasattr(module, "get_base_layer") and module.get_base_layer() is not module:
+        module = module.get_base_layer()
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"expected a Linear attention projection, found {type(module).__name__}")
+    return module
+
+
+class _AddAdapter:
+    """Forward hook of a projection Linear: output + scale * adapter(input, mask)."""
+
+    def __init__(self, state: MaskState) -> None:
+        self.state = state
+
+    def __call__(self, linear: nn.Linear, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         scale = self.state.scale
         if scale == 0:
-            return out
-        delta = self.adapter(x, self.state.mask)
-        return out + delta if scale == 1 else out + scale * delta
+            return output
+        delta = getattr(linear, ADAPTER)(inputs[0], self.state.mask)
+        return output + delta if scale == 1 else output + scale * delta
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:
@@ -69,21 +75,14 @@ def _get(module: nn.Module, dotted: str) -> nn.Module:
     return module
 
 
-def _set(module: nn.Module, dotted: str, value: nn.Module) -> None:
-    parent, _, last = dotted.rpartition(".")
-    owner = _get(module, parent) if parent else module
-    if last.isdigit():
-        owner[int(last)] = value
-    else:
-        setattr(owner, last, value)
-
-
 class TLoRA:
     """The adapters attached to one UNet: their parameters, checkpoint keys, scale, and `unload()`."""
 
-    def __init__(self, unet: nn.Module, state: MaskState, layers: dict[str, tuple[str, TLoRALinear]]) -> None:
+    def __init__(self, unet: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]]) -> None:
         self.unet, self.state, self.layers = unet, state, layers
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+        add = _AddAdapter(state)
+        self._layer_hooks = [linear.register_forward_hook(add) for _, linear in layers.values()]
         unet._tlora = self
 
     def _on_unet_call(self, unet: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -94,7 +93,7 @@ class TLoRA:
     @property
     def adapters(self) -> dict[str, nn.Module]:
         """Checkpoint key prefix (e.g. `mid_block....attn1.processor.to_q_lora`) -> adapter."""
-        return {prefix: layer.adapter for prefix, (_, layer) in self.layers.items()}
+        return {prefix: getattr(linear, ADAPTER) for prefix, (_, linear) in self.layers.items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
@@ -118,9 +117,11 @@ class TLoRA:
         self.state.scale = float(scale)
 
     def unload(self) -> nn.Module:
-        """Put the original Linear layers back and remove the hook; the UNet is as before attaching."""
-        for path, layer in self.layers.values():
-            _set(self.unet, path, layer.original)
+        """Remove exactly what attach added (adapters and hooks); other LoRAs stay as they are."""
+        for hook in self._layer_hooks:
+            hook.remove()
+        for _, linear in self.layers.values():
+            delattr(linear, ADAPTER)
         self._hook.remove()
         del self.unet._tlora
         return self.unet
@@ -152,17 +153,16 @@ def attach(
         raise ValueError("this UNet already has T-LoRA adapters; call unload() first")
     state = MaskState(lora_rank, min_rank, alpha_rank_scale, num_train_timesteps, timestep_dependent)
     device = next(unet.parameters()).device
-    layers: dict[str, tuple[str, TLoRALinear]] = {}
+    layers: dict[str, tuple[str, nn.Linear]] = {}
     for name, module in list(unet.named_modules()):
         if not isinstance(module, Attention):
             continue
         for proj, key in PROJECTIONS.items():
-            base = _get(module, proj)
-            rank = min(lora_rank, base.in_features, base.out_features)
-            adapter = make_adapter(trainer_type, base.in_features, base.out_features, rank, sig_type, init, svd_device)
-            layer = TLoRALinear(base, adapter.to(device), state)
-            _set(module, proj, layer)
-            layers[f"{name}.processor.{key}"] = (f"{name}.{proj}", layer)
+            linear = base_linear(_get(module, proj))
+            rank = min(lora_rank, linear.in_features, linear.out_features)
+            adapter = make_adapter(trainer_type, linear.in_features, linear.out_features, rank, sig_type, init, svd_device)
+            linear.add_module(ADAPTER, adapter.to(device))
+            layers[f"{name}.processor.{key}"] = (f"{name}.{proj}", linear)
     if not layers:
         raise ValueError("no diffusers Attention modules found in this model")
     return TLoRA(unet, state, layers)
