@@ -63,6 +63,7 @@ def test_accelerate_launch_writes_the_documented_tree(tiny_model, image_dir, tmp
         ckpt = run / f"checkpoint-{step}"
         tensors, meta = read_weights(ckpt)
         assert meta["global_step"] == str(step) and meta["trainer_class"] == trainer_class
+        assert (meta["max_rank"], meta["min_rank"], meta["alpha"]) == ("4", "2", "1.0")  # the ComfyUI-T-LoRA fields
         samples = ckpt / "samples" / "ns25_gs5.0" / "version_0"
         assert sorted(p.name for p in samples.iterdir()) == ["a red sks", "a sks on the beach", "prompts.yaml"]
         assert sorted(p.name for p in (samples / "a red sks").iterdir()) == ["0.png", "1.png", "grid.png"]

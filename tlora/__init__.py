@@ -16,9 +16,10 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallb
 from .adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, rank_mask
 from .api import load, set_scale, unload
 from .injection import TLoRA, attach, attached
+from .scheduled import scheduled
 
 __all__ = [
     "LoRAAdapter", "OrthoLoRAAdapter", "TLoRA", "active_rank", "attach", "attached", "load", "rank_mask",
-    "set_scale", "unload",
+    "scheduled", "set_scale", "unload",
 ]
 __version__ = "0.1.0"

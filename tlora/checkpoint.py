@@ -49,6 +49,13 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
+def checkpoint_metadata(args, step: int) -> dict:
+    """What our files say about themselves: the run's T-LoRA settings and step, plus the fields of the
+    ComfyUI-T-LoRA node (max_rank, min_rank, alpha) under its own names."""
+    meta = {k: getattr(args, k) for k in METADATA_KEYS} | {"global_step": step}
+    return meta | {"max_rank": args.lora_rank, "alpha": args.alpha_rank_scale}
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], folder: str | Path, metadata: dict | None = None) -> Path:
     """Write `folder/pytorch_lora_weights.safetensors` (float32) with string metadata."""
     meta = {"format": "pt"}
@@ -104,8 +111,18 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor]) 
         raise KeyError(f"checkpoint has a tensor {extra[0]!r} that this model has no place for")
 
 
+LYCORIS_REFUSAL = (
+    "is a LyCORIS (SimpleTuner) T-LoRA file; tlora cannot load it exactly: it holds no frozen start "
+    "(LyCORIS rebuilds P0, L0, Q0 from an SVD of the base model's weights, so the result depends on the exact "
+    "weights, dtype and device used in training) and SimpleTuner's preset also adapts FeedForward layers; "
+    "generate with SimpleTuner/LyCORIS or ComfyUI-T-LoRA's LyCORIS loader"
+)
+
+
 def infer_trainer_type(shapes: dict) -> str:
     """`ortho_lora` or `lora`, read off the parameter names (of tensors or of a header's shapes)."""
+    if any(k.startswith("lycoris_") for k in shapes):
+        raise CheckpointError(f"this checkpoint {LYCORIS_REFUSAL}")
     if any(k.endswith(".q_layer.weight") for k in shapes):
         return "ortho_lora"
     if any(k.endswith(".down.weight") for k in shapes):

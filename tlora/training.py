@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import generation
-from .checkpoint import METADATA_KEYS, atomic_write, read_weights, save_weights
+from .checkpoint import atomic_write, checkpoint_metadata, read_weights, save_weights
 from .conditioning import BASE_PROMPT, Conditioning
 from .data import BatchOrder, PairedIndices, list_images, training_images
 from .injection import TLoRA, attach
@@ -262,7 +262,7 @@ class Trainer:
         Older checkpoints and resume states beyond the limits are removed once this one is complete."""
         acc = self.accelerator
         self._check_replicas()
-        meta = {k: getattr(self.args, k) for k in METADATA_KEYS} | {"global_step": step}
+        meta = checkpoint_metadata(self.args, step)
         folder = write_checkpoint(acc, self.progress, self.folder / f"checkpoint-{step}",
                                   lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
         if acc.is_main_process:
