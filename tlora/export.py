@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -60,25 +61,28 @@ def components(weights: dict[str, torch.Tensor], prefix: str, trainer_type: str)
     return down, torch.cat([w("p_layer.weight"), -w("base_p.weight")], dim=1)
 
 
-def kept(rank: int, active: int, trainer_type: str) -> torch.Tensor:
-    """Indices of the components active under a mask that keeps the first `active` of `rank`."""
-    first = torch.arange(min(active, rank))
-    return first if trainer_type == "lora" else torch.cat([first, first + rank])
+def select(weights: dict[str, torch.Tensor], trainer_type: str, first: int, end: int, drop_zero: bool) -> Factors:
+    """Every layer's LoRA factors for rank components first..end-1 (ortho_lora: of both paths), float32;
+    `drop_zero` drops components that are exactly zero (and layers left with none)."""
+    out: Factors = {}
+    for prefix in adapter_prefixes(weights):
+        down, up = components(weights, prefix, trainer_type)
+        rank = down.shape[0] if trainer_type == "lora" else down.shape[0] // 2
+        index = torch.arange(first, min(end, rank))
+        index = index if trainer_type == "lora" else torch.cat([index, index + rank])
+        down, up = down[index], up[:, index]
+        if drop_zero:
+            nonzero = (down != 0).any(dim=1) & (up != 0).any(dim=0)
+            down, up = down[nonzero], up[:, nonzero]
+        if len(down):
+            out[module_path(prefix)] = (down.float().contiguous(), up.float().contiguous())
+    return out
 
 
 def fixed_mask_factors(weights: dict[str, torch.Tensor], cfg: dict, active: int | None) -> Factors:
-    """Every layer's update under a fixed mask (`active` components; None = all) as exact LoRA factors,
-    components that are exactly zero dropped, float32."""
-    out: Factors = {}
-    for prefix in adapter_prefixes(weights):
-        down, up = components(weights, prefix, cfg["trainer_type"])
-        rank = down.shape[0] if cfg["trainer_type"] == "lora" else down.shape[0] // 2
-        index = kept(rank, rank if active is None else active, cfg["trainer_type"])
-        down, up = down[index], up[:, index]
-        nonzero = (down != 0).any(dim=1) & (up != 0).any(dim=0)
-        if nonzero.any():
-            out[module_path(prefix)] = (down[nonzero].float().contiguous(), up[:, nonzero].float().contiguous())
-    return out
+    """Every layer's update under a fixed mask (the first `active` components; None = all) as exact LoRA
+    factors, components that are exactly zero dropped."""
+    return select(weights, cfg["trainer_type"], 0, cfg["lora_rank"] if active is None else active, drop_zero=True)
 
 
 def best_rank(down: torch.Tensor, up: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -122,8 +126,10 @@ def save_diffusers(factors: Factors, out: Path) -> None:
 
     tensors, metadata = diffusers_lora(factors)
     out.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionXLPipeline.save_lora_weights(out.parent, unet_lora_layers=tensors, weight_name=out.name,
+    tmp = out.with_name(f".{out.name}.tmp")  # diffusers writes in place: rename when complete
+    StableDiffusionXLPipeline.save_lora_weights(out.parent, unet_lora_layers=tensors, weight_name=tmp.name,
                                                 unet_lora_adapter_metadata=metadata)
+    os.replace(tmp, out)
 
 
 BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
@@ -159,15 +165,15 @@ def kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def schedule_chunks(cfg: dict, rank: int) -> list[tuple[int, int, int]]:
+def schedule_chunks(cfg: dict) -> list[tuple[int, int, int]]:
     """(first, last + 1, t_on) per chunk of rank components: the first min_rank are always on (t_on = T);
     the others grouped by the timestep below which the T-LoRA schedule turns them on."""
-    T = cfg["num_train_timesteps"]
-    ranks = active_rank(torch.arange(T), T, cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"]).tolist()
+    T, rank = cfg["num_train_timesteps"], cfg["lora_rank"]
     if cfg["trainer_class"] != "sdxl_tlora":
         return [(0, rank, T)]
+    ranks = active_rank(torch.arange(T), T, rank, cfg["min_rank"], cfg["alpha_rank_scale"]).tolist()
     chunks, start = [], 0
-    for end in sorted(set(min(r, rank) for r in ranks)):  # each distinct active count ends a chunk
+    for end in sorted(set(ranks)):  # each distinct active count ends a chunk
         if end > start:  # r(t) falls as t grows: the chunk is on for t below the last t with r(t) >= end
             chunks.append((start, end, max(t for t in range(T) if ranks[t] >= end) + 1))
             start = end
@@ -177,20 +183,10 @@ def schedule_chunks(cfg: dict, rank: int) -> list[tuple[int, int, int]]:
 def save_scheduled(weights: dict[str, torch.Tensor], cfg: dict, out: Path) -> None:
     """One standard diffusers LoRA per chunk of rank components, plus schedule.json."""
     out.mkdir(parents=True, exist_ok=True)
-    rank = max(components(weights, p, cfg["trainer_type"])[0].shape[0] for p in adapter_prefixes(weights))
-    rank = rank if cfg["trainer_type"] == "lora" else rank // 2
     entries = []
-    for i, (first, end, t_on) in enumerate(schedule_chunks(cfg, rank)):
-        factors = {}
-        for prefix in adapter_prefixes(weights):
-            down, up = components(weights, prefix, cfg["trainer_type"])
-            r = down.shape[0] if cfg["trainer_type"] == "lora" else down.shape[0] // 2
-            index = torch.arange(first, min(end, r))
-            index = index if cfg["trainer_type"] == "lora" else torch.cat([index, index + r])
-            if len(index):
-                factors[module_path(prefix)] = (down[index].float().contiguous(), up[:, index].float().contiguous())
+    for i, (first, end, t_on) in enumerate(schedule_chunks(cfg)):
         name = f"chunk_{i:03d}.safetensors"
-        save_diffusers(factors, out / name)
+        save_diffusers(select(weights, cfg["trainer_type"], first, end, drop_zero=False), out / name)
         entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
     schedule = {"num_train_timesteps": cfg["num_train_timesteps"], "chunks": entries,
                 "rule": "a chunk is active at timestep t when t < on_below"}

@@ -13,6 +13,7 @@ for the next call with the same settings; a call with other settings is refused 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from .export import SCHEDULE_NAME
@@ -63,7 +64,9 @@ def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength:
     except (OSError, ValueError) as err:
         raise UsageError(f"{folder} is not a diffusers-scheduled export ({err})") from None
     loaded = set(pipe.get_list_adapters().get("unet", []))
-    for chunk in schedule["chunks"]:
-        if chunk["adapter"] not in loaded:
-            pipe.load_lora_weights(str(folder), weight_name=chunk["file"], adapter_name=chunk["adapter"])
+    with warnings.catch_warnings():  # peft warns at every adapter after the first: several are the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for chunk in schedule["chunks"]:
+            if chunk["adapter"] not in loaded:
+                pipe.load_lora_weights(str(folder), weight_name=chunk["file"], adapter_name=chunk["adapter"])
     return ScheduledTLoRA(pipe, schedule, first_timesteps(pipe, num_inference_steps, strength), other_adapters or {})
