@@ -13,11 +13,29 @@ for the next call with the same settings; a call with other settings is refused 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .export import SCHEDULE_NAME
 from .usage import UsageError
+
+
+class _NoTextEncoderKeys(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+@contextmanager
+def _quiet_text_encoder_notice():
+    """The chunks adapt the UNet only; diffusers says so twice per chunk (text encoders without keys)."""
+    logger, quiet = logging.getLogger("diffusers.loaders.lora_base"), _NoTextEncoderKeys()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def first_timesteps(pipe, num_inference_steps: int, strength: float = 1.0):
@@ -64,8 +82,8 @@ def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength:
     except (OSError, ValueError) as err:
         raise UsageError(f"{folder} is not a diffusers-scheduled export ({err})") from None
     loaded = set(pipe.get_list_adapters().get("unet", []))
-    with warnings.catch_warnings():  # peft warns at every adapter after the first: several are the point here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    with warnings.catch_warnings(), _quiet_text_encoder_notice():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # many adapters: the point
         for chunk in schedule["chunks"]:
             if chunk["adapter"] not in loaded:
                 pipe.load_lora_weights(str(folder), weight_name=chunk["file"], adapter_name=chunk["adapter"])

@@ -232,7 +232,7 @@ class Trainer:
                     pending = []
                 if checkpoint or stop:
                     folder = self.save_checkpoint(step, validate=not stop)
-                if stop:
+                if stop and step < total:  # a signal during the last step: the run is complete anyway
                     bar.close()
                     acc.end_training()
                     raise Interrupted(stop, step, folder)
