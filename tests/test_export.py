@@ -139,21 +139,6 @@ def test_scheduled_export_is_the_exact_tlora_in_stock_diffusers(pipe, checkpoint
         images(pipe, step, steps=4)
 
 
-def test_lycoris_tlora_files_are_refused_in_one_line(tiny_pipe, tmp_path):
-    """SimpleTuner/LyCORIS T-LoRA files hold no frozen start: refused, saying why."""
-    import json
-
-    from safetensors.torch import save_file
-
-    key = "lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    tensors = {f"{key}.q_layer.weight": torch.zeros(4, 64), f"{key}.p_layer.weight": torch.zeros(64, 4),
-               f"{key}.lambda_layer": torch.ones(1, 4), f"{key}.alpha": torch.tensor(4.0)}
-    save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata={"lycoris_config": json.dumps({"algo": "tlora"})})
-    with pytest.raises(ValueError, match="LyCORIS .*cannot load it exactly: it holds no frozen start"):
-        tlora.load(tiny_pipe, tmp_path)
-    assert tlora.attached(tiny_pipe.unet) is None
-
-
 def test_export_help_documents_every_format(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--help"])

@@ -22,6 +22,7 @@ from torch import nn
 from .adapters import TRAINER_CLASSES, TRAINER_TYPES
 from .checkpoint import check_made_with, infer_rank, infer_trainer_type, read_header, read_weights, weights_path
 from .injection import TLoRA, attach, attached
+from .lycoris_files import is_lycoris, load_lycoris
 from .usage import UsageError
 
 DEFAULTS = {"min_rank": 1, "alpha_rank_scale": 1.0, "trainer_class": "sdxl_tlora", "sig_type": "last"}
@@ -85,15 +86,20 @@ def load(
     min_rank and alpha_rank_scale; without them the file's metadata is used (our files), then what the
     tensors tell (type and rank) and the authors' defaults (min_rank 1, alpha 1, sdxl_tlora).
     Adapters are float32 on the UNet's device: load after moving the pipeline to its device and dtype.
+    SimpleTuner / LyCORIS T-LoRA files load too (settings from their lycoris_config; see lycoris_files).
     """
     path = weights_path(checkpoint)
     shapes, metadata = read_header(path)
-    cfg = settings(shapes, metadata, hparams, **overrides)
-    check_made_with(shapes, cfg["trainer_type"], cfg["lora_rank"], where=str(path))
     check_scale(scale)
-    weights, _ = read_weights(path)
     scheduler = getattr(pipe_or_unet, "scheduler", None)
     timesteps = scheduler.config.num_train_timesteps if scheduler is not None else 1000
+    if is_lycoris(shapes):  # SimpleTuner / LyCORIS: its own settings, its frozen start rebuilt by LyCORIS
+        tlora = load_lycoris(_unet(pipe_or_unet), read_weights(path)[0], metadata, timesteps)
+        tlora.set_scale(scale)
+        return tlora
+    cfg = settings(shapes, metadata, hparams, **overrides)
+    check_made_with(shapes, cfg["trainer_type"], cfg["lora_rank"], where=str(path))
+    weights, _ = read_weights(path)
     tlora = attach(
         _unet(pipe_or_unet), cfg["trainer_type"], cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"],
         timestep_dependent=cfg["trainer_class"] == "sdxl_tlora", init=False, num_train_timesteps=timesteps,

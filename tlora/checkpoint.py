@@ -112,10 +112,9 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor]) 
 
 
 LYCORIS_REFUSAL = (
-    "is a LyCORIS (SimpleTuner) T-LoRA file; tlora cannot load it exactly: it holds no frozen start "
-    "(LyCORIS rebuilds P0, L0, Q0 from an SVD of the base model's weights, so the result depends on the exact "
-    "weights, dtype and device used in training) and SimpleTuner's preset also adapts FeedForward layers; "
-    "generate with SimpleTuner/LyCORIS or ComfyUI-T-LoRA's LyCORIS loader"
+    "is a LyCORIS (SimpleTuner) T-LoRA file: load it with tlora.load(pipe, file) (it needs the base model, "
+    "from whose weights LyCORIS rebuilds the frozen start); exports, inference.py and analyze take tlora's "
+    "or the authors' checkpoints"
 )
 
 

@@ -144,7 +144,7 @@ def attach(
     num_train_timesteps: int = 1000,
     svd_device: torch.device | str | None = None,
 ) -> TLoRA:
-    """Wrap every attention projection of `unet` with a fresh adapter (float32, on the UNet's device).
+    """Give every attention projection of `unet` a fresh adapter (float32, on the UNet's device).
 
     Adapters are made in the order of `unet.attn_processors` and q, k, v, out within a module, as the
     authors' code does, so one seed gives the same initial adapters in both tools.
@@ -152,8 +152,7 @@ def attach(
     if attached(unet) is not None:
         raise ValueError("this UNet already has T-LoRA adapters; call unload() first")
     state = MaskState(lora_rank, min_rank, alpha_rank_scale, num_train_timesteps, timestep_dependent)
-    device = next(unet.parameters()).device
-    layers: dict[str, tuple[str, nn.Linear]] = {}
+    adapters: dict[str, tuple[str, nn.Module]] = {}
     for name, module in list(unet.named_modules()):
         if not isinstance(module, Attention):
             continue
@@ -161,8 +160,20 @@ def attach(
             linear = base_linear(_get(module, proj))
             rank = min(lora_rank, linear.in_features, linear.out_features)
             adapter = make_adapter(trainer_type, linear.in_features, linear.out_features, rank, sig_type, init, svd_device)
-            linear.add_module(ADAPTER, adapter.to(device))
-            layers[f"{name}.processor.{key}"] = (f"{name}.{proj}", linear)
-    if not layers:
+            adapters[f"{name}.processor.{key}"] = (f"{name}.{proj}", adapter)
+    if not adapters:
         raise ValueError("no diffusers Attention modules found in this model")
+    return attach_adapters(unet, state, adapters)
+
+
+def attach_adapters(unet: nn.Module, state: MaskState, adapters: dict[str, tuple[str, nn.Module]]) -> TLoRA:
+    """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `unet`, adapter)."""
+    if attached(unet) is not None:
+        raise ValueError("this UNet already has T-LoRA adapters; call unload() first")
+    device = next(unet.parameters()).device
+    layers: dict[str, tuple[str, nn.Linear]] = {}
+    for prefix, (path, adapter) in adapters.items():
+        linear = base_linear(_get(unet, path))
+        linear.add_module(ADAPTER, adapter.to(device))
+        layers[prefix] = (path, linear)
     return TLoRA(unet, state, layers)
