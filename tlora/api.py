@@ -16,30 +16,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from .adapters import TRAINER_CLASSES, TRAINER_TYPES
 from .checkpoint import check_made_with, infer_rank, infer_trainer_type, read_header, read_weights, weights_path
 from .injection import TLoRA, attach, attached
 from .lycoris_files import is_lycoris, load_lycoris
+from .run_folder import read_hparams
 from .usage import UsageError
 
 DEFAULTS = {"min_rank": 1, "alpha_rank_scale": 1.0, "trainer_class": "sdxl_tlora", "sig_type": "last"}
-
-
-def read_hparams(path: str | Path) -> dict[str, Any]:
-    """A run's hparams.yml (ours or the authors'), as a dict."""
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); pass a run's logs/hparams.yml")
-    except OSError as err:
-        raise UsageError(f"cannot read {path} ({err.strerror}); pass a run's logs/hparams.yml") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"{path} is not a mapping of options; pass a run's logs/hparams.yml")
-    return values
 
 
 def _unet(pipe_or_unet: Any) -> nn.Module:

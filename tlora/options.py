@@ -16,6 +16,7 @@ import yaml
 
 from .adapters import SIG_TYPES, TRAINER_CLASSES, TRAINER_TYPES
 from .data import check_image, list_images, training_images
+from .generation import split_prompts
 from .usage import Parser, UsageError, check_finite, check_model_source, redact_argv
 
 REQUIRED = ("trainer_type", "trainer_class", "train_data_dir", "output_dir", "class_name", "placeholder_token")
@@ -101,14 +102,9 @@ def _check_config_value(action: argparse.Action, value, path: str) -> None:
     flag = f"--config {path}: --{action.dest}"
     if value is None:
         return
-    if action.nargs == 0:  # store_true
-        kind = bool
-    else:
-        kind = action.type or str
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
+    kind = bool if action.nargs == 0 else action.type or str  # nargs 0: a store_true flag
+    allowed = (int, float) if kind is float else kind  # YAML writes 1e-4 as a float and 1 as an int
+    if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
         raise UsageError(f"{flag} must be {'true/false' if kind is bool else kind.__name__}, got {value!r}")
     if action.choices is not None and value not in action.choices:
         raise UsageError(f"{flag} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
@@ -234,7 +230,7 @@ def validate(args: argparse.Namespace) -> None:
     check_text("--placeholder_token", args.placeholder_token, MAX_WORD_LENGTH)
     check_text("--class_name", args.class_name, MAX_WORD_LENGTH)
     if args.validation_prompts:
-        check_templates("--validation_prompts", [p.strip() for p in args.validation_prompts.split("#") if p.strip()])
+        check_templates("--validation_prompts", split_prompts(args.validation_prompts))
     _check_data(args)
     if args.use_8bit_adam:
         _check_8bit_adam()

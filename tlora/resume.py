@@ -15,9 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
-import yaml
-
 from .checkpoint import WEIGHTS_NAME
+from .run_folder import read_hparams
 from .usage import UsageError
 
 RESUME_DIR = "resume"
@@ -67,11 +66,11 @@ def resolve_output_dir(args: argparse.Namespace) -> None:
 
 
 def _hparams(run: Path) -> dict:
+    """A run's hparams.yml, or {} for a folder whose record is missing or damaged."""
     try:
-        values = yaml.safe_load((run / "logs" / "hparams.yml").read_text())
-    except (OSError, yaml.YAMLError):
+        return read_hparams(run / "logs" / "hparams.yml")
+    except UsageError:
         return {}
-    return values if isinstance(values, dict) else {}
 
 
 def _same(key: str, recorded, current) -> bool:

@@ -19,6 +19,20 @@ RUN_INDEX = re.compile(r"^(\d+)-")
 INTERNAL = ("resume_checkpoint",)  # set while parsing, not options: never recorded
 
 
+def read_hparams(path: str | Path) -> dict:
+    """A run's hparams.yml (ours or the authors'), as a dict."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); pass a run's logs/hparams.yml")
+    except OSError as err:
+        raise UsageError(f"cannot read {path} ({err.strerror}); pass a run's logs/hparams.yml") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} is not a mapping of options; pass a run's logs/hparams.yml")
+    return values
+
+
 def next_run_index(output_dir: Path) -> int:
     """One more than the highest run index in output_dir (1 for an empty folder)."""
     indices = [int(m.group(1)) for p in output_dir.iterdir() if (m := RUN_INDEX.match(p.name))]
@@ -90,7 +104,7 @@ def record_run(args: argparse.Namespace, folder: Path, resumed_step: int | None,
     W&B run."""
     recorded = {}
     if resumed_step is not None:
-        recorded = yaml.safe_load((folder / "logs" / "hparams.yml").read_text()) or {}
+        recorded = read_hparams(folder / "logs" / "hparams.yml")
         args.resumed = list(recorded.get("resumed") or []) + [{"from_step": resumed_step, "argv": list(args.argv)}]
         args.argv = recorded.get("argv", args.argv)
     args.wandb_run_id = recorded.get("wandb_run_id") or (secrets.token_hex(4) if wandb else None)

@@ -128,7 +128,12 @@ class Trainer:
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[args.mixed_precision]
         self.losses: list[float] = []
-        self.step_done = 0
+        self.progress: Progress | None = None  # made in setup(); holds the step
+
+    @property
+    def step_done(self) -> int:
+        """Optimizer steps done (0 before setup; the checkpoint's step when resuming)."""
+        return self.progress.step if self.progress is not None else 0
 
     def setup(self) -> None:
         args, acc = self.args, self.accelerator
@@ -171,7 +176,6 @@ class Trainer:
         acc.register_load_state_pre_hook(lambda models, folder: models.clear())
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from / RESUME_DIR))
-            self.step_done = self.progress.step
             if acc.is_main_process:
                 keep_losses(self.folder / "logs" / "loss.csv", self.step_done)
 
@@ -223,7 +227,7 @@ class Trainer:
                 with self.timer("data"):
                     indices = next(self.order)
                 pending.append(self.step(indices))
-                self.step_done = self.progress.step = step
+                self.progress.step = step
                 bar.update(1)
                 checkpoint = step % args.checkpointing_steps == 0 or step == total
                 stop = signals.requested(acc)
