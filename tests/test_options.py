@@ -9,7 +9,16 @@ import train
 from conftest import REPO, train_args
 from tlora.options import parse_args
 
-NO_MODEL = "/nonexistent/model"  # loading this would fail with another error: the checks must come first
+NO_MODEL = "/nonexistent/model"
+
+
+def index_only(tmp_path: Path, pipeline: str = "StableDiffusionXLPipeline") -> Path:
+    """A model folder with a model_index.json and no weights: the family can be read, loading would fail with
+    another error, so the checks must come first."""
+    folder = tmp_path / "index-only"
+    folder.mkdir(exist_ok=True)
+    (folder / "model_index.json").write_text(f'{{"_class_name": "{pipeline}"}}')
+    return folder
 
 
 def run_main(argv, capsys):
@@ -25,7 +34,7 @@ def empty_dir(tmp_path):
 
 
 def args_with(image_dir, tmp_path, *extra):
-    return train_args(Path(NO_MODEL), image_dir, tmp_path / "out", *extra)
+    return train_args(index_only(tmp_path), image_dir, tmp_path / "out", *extra)
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 TRAINER_TYPES = ("lora", "ortho_lora")
-TRAINER_CLASSES = ("sdxl_lora", "sdxl_tlora")  # sdxl_tlora: the timestep rank mask; sdxl_lora: no mask
+# <family>_tlora: the timestep rank mask; <family>_lora: no mask (plain LoRA / Ortho-LoRA baselines)
+TRAINER_CLASSES = ("sdxl_lora", "sdxl_tlora", "flux_lora", "flux_tlora")
 SIG_TYPES = ("principal", "last", "middle")
+
+
+def timestep_dependent(trainer_class: str) -> bool:
+    """Whether a trainer class masks the rank by timestep (sdxl_tlora, flux_tlora)."""
+    return trainer_class.endswith("_tlora")
 
 
 def active_rank(

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .adapters import active_rank
-from .api import read_hparams, settings
+from .api import checkpoint_family, read_hparams, settings, usable
 from .checkpoint import read_weights
 from .cli import run_command
 from .generation import existing_images
@@ -159,7 +159,9 @@ def analyze(target: str | Path) -> Path:
     hparams = read_hparams(run / "logs" / "hparams.yml")
     if checkpoint is not None:
         weights, metadata = read_weights(checkpoint)
-        cfg = settings(weights, metadata, hparams)
+        family = checkpoint_family(weights, metadata, hparams if isinstance(hparams, dict) else None)
+        weights = usable(weights, family)
+        cfg = settings(weights, metadata, hparams, family)
         layers = analyse_updates(weights)
         (out / "effective_rank.json").write_text(json.dumps(layers, indent=1))
         plot_effective_rank(layers, out / "effective_rank.png")

@@ -13,8 +13,8 @@ Manifest (YAML):
     placeholder_token: sks
     images: {contextual: 5, complex: 5, base: 15}
     num_prompts: {contextual: 25, complex: 6}   # fewer for a quick look
-    num_inference_steps: 25
-    guidance_scale: 5.0
+    num_inference_steps: 25               # default: the model family's (SDXL 25, FLUX 28)
+    guidance_scale: 5.0                   # default: the model family's (SDXL 5.0, FLUX 3.5)
     evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}
     report_to: none                        # or wandb
     concepts:
@@ -70,8 +70,8 @@ class Manifest:
     pretrained_vae_model_name_or_path: str | None = None
     images: dict = field(default_factory=lambda: {"contextual": 5, "complex": 5, "base": 15})
     num_prompts: dict = field(default_factory=lambda: {"contextual": 25, "complex": 6})
-    num_inference_steps: int = 25
-    guidance_scale: float = 5.0
+    num_inference_steps: int | None = None  # None: the model family's default
+    guidance_scale: float | None = None
     seed: int = 0
     evaluation: dict = field(default_factory=dict)
     report_to: str = "none"
@@ -172,12 +172,13 @@ def train_job(m: Manifest, concept: dict, method: dict) -> Path:
 
 
 def _pipeline(pipes: dict, hp: dict, device: str):
-    """One SDXL pipeline per base model for the whole benchmark (kept on the CPU between jobs)."""
+    """One pipeline per base model for the whole benchmark (kept on the CPU between jobs)."""
     from .models import DTYPES, load_pipeline
 
     key = (hp["pretrained_model_name_or_path"], hp.get("pretrained_vae_model_name_or_path"), hp.get("revision"))
     if key not in pipes:
-        pipes[key] = load_pipeline(*key, DTYPES["fp16" if device.startswith("cuda") else "fp32"])
+        dtype = DTYPES[("bf16" if hp.get("family") == "flux" else "fp16") if device.startswith("cuda") else "fp32"]
+        pipes[key] = load_pipeline(*key, dtype, hp.get("family", "sdxl"))
     return pipes[key]
 
 
@@ -185,18 +186,22 @@ def generate_job(
     m: Manifest, concept: dict, checkpoint: Path, device: str, pipes: dict
 ) -> tuple[Path, dict[str, list[str]]]:
     """The protocol's images for one checkpoint (prompt folders already complete are skipped)."""
-    from . import api, generation
+    from . import api, families, generation
 
     hp = api.read_hparams(checkpoint.parent / "logs" / "hparams.yml")
+    family = families.get(hp.get("family", "sdxl"))
+    steps = m.num_inference_steps or family.inference_steps
+    guidance = family.inference_guidance if m.guidance_scale is None else m.guidance_scale
     contextual, complex_ = prompt_set(concept.get("kind", "live"))
     groups = {"contextual": contextual[: m.num_prompts["contextual"]], "complex": complex_[: m.num_prompts["complex"]]}
-    folder = generation.samples_folder(checkpoint, m.num_inference_steps, m.guidance_scale, 0)
+    folder = family.samples_folder(checkpoint, steps, guidance, 0)
     pipe = _pipeline(pipes, hp, device).to(device)
     api.load(pipe, checkpoint, hp)
     try:
         for name, templates in {"base": [BASE_PROMPT], **groups}.items():
-            cfg = generation.Sampling(m.placeholder_token, concept["class_name"], folder, m.images[name], 1,
-                                      m.num_inference_steps, m.guidance_scale, m.seed)
+            cfg = generation.Sampling(m.placeholder_token, concept["class_name"], folder, m.images[name], 1, steps,
+                                      guidance, m.seed, call_kwargs=generation.call_kwargs(
+                                          family.name, hp.get("max_sequence_length")))
             generation.run(pipe, templates, cfg, str(checkpoint))
     finally:
         api.unload(pipe)

@@ -1,8 +1,9 @@
 """Checkpoint files: `pytorch_lora_weights.safetensors` in the authors' key layout, written atomically.
 
-Keys: `<attention module path>.processor.to_{q,k,v,out}_lora.<param>`, float32. Our files also carry
-metadata (trainer_type, ranks, ...) so that they explain themselves; loading never needs it, because the
-authors' files carry only `format: pt`.
+Keys: `<attention module path>.processor.to_{q,k,v,out}_lora.<param>` (FLUX's text stream:
+`to_{q,k,v}_proj_lora`), float32. Our files also carry metadata (trainer_type, ranks, family, ...) so that
+they explain themselves; loading never needs it, because the authors' files carry only `format: pt`
+(SDXL) or are pickles (`lora.pt`, FLUX), which are read with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from safetensors.torch import load_file, save
 from .usage import UsageError
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+AUTHORS_FLUX_NAME = "lora.pt"  # the authors' FLUX checkpoints: a pickled dict of tensors, read with weights_only
 METADATA_KEYS = (
     "trainer_type", "trainer_class", "lora_rank", "min_rank", "alpha_rank_scale", "sig_type",
-    "pretrained_model_name_or_path",
+    "pretrained_model_name_or_path", "family",
 )
 
 
@@ -52,7 +54,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 def checkpoint_metadata(args, step: int) -> dict:
     """What our files say about themselves: the run's T-LoRA settings and step, plus the fields of the
     ComfyUI-T-LoRA node (max_rank, min_rank, alpha) under its own names."""
-    meta = {k: getattr(args, k) for k in METADATA_KEYS} | {"global_step": step}
+    meta = {k: getattr(args, k, None) for k in METADATA_KEYS} | {"global_step": step}
     return meta | {"max_rank": args.lora_rank, "alpha": args.alpha_rank_scale}
 
 
@@ -69,7 +71,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], folder: str | Path, metada
 def weights_path(checkpoint: str | Path) -> Path:
     """The weights file of a checkpoint folder, or the file itself."""
     path = Path(checkpoint)
-    path = path / WEIGHTS_NAME if path.is_dir() else path
+    if path.is_dir():
+        path = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() or not (path / AUTHORS_FLUX_NAME).is_file() \
+            else path / AUTHORS_FLUX_NAME
     if not path.is_file():
         raise CheckpointError(f"no T-LoRA weights at {path}; pass a checkpoint-N folder or its {WEIGHTS_NAME}")
     return path
@@ -79,9 +83,23 @@ class CheckpointError(UsageError):
     """A checkpoint file that cannot be used here: damaged, or made for other settings."""
 
 
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The authors' lora.pt: torch.load with weights_only (tensors and plain containers; never code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # damaged, or a pickle that holds more than tensors
+        raise CheckpointError(f"{path} is not a readable tensor file ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{path} does not hold a flat dict of named tensors; pass a T-LoRA checkpoint")
+    return state
+
+
 def read_header(checkpoint: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(key -> shape, metadata) of a checkpoint, from the file's header only (no tensor is read)."""
+    """(key -> shape, metadata) of a checkpoint, from the file's header only (no tensor is read;
+    a lora.pt is memory-mapped)."""
     path = weights_path(checkpoint)
+    if path.suffix == ".pt":
+        return {k: tuple(v.shape) for k, v in _read_pickle(path).items()}, {}
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
@@ -92,6 +110,8 @@ def read_header(checkpoint: str | Path) -> tuple[dict[str, tuple[int, ...]], dic
 def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a checkpoint folder or file."""
     path = weights_path(checkpoint)
+    if path.suffix == ".pt":
+        return {k: v.clone() for k, v in _read_pickle(path).items()}, {}
     _, metadata = read_header(path)
     try:
         return load_file(str(path)), metadata

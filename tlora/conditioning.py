@@ -1,55 +1,42 @@
-"""What the UNet is conditioned on during training: image latents, prompt embeddings, SDXL time ids.
+"""What the denoiser is conditioned on during training: image latents, prompt embeddings, loss masks.
 
 With `cache=True` (the default) each training image's latent distribution (mean, std) and each prompt's
 embeddings are computed once; every step then samples latents from the cached distribution, as a fresh
 VAE encode would. With `cache=False` every step reloads, re-crops and re-encodes the image and the prompt,
 as the authors' loop does (kept for benchmarks and for checking that both give the same numbers).
+What is encoded, and how, is the model family's (see families/).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+import torch.nn.functional as F
 
-from .data import load_pixels, time_ids
+from . import families
+from .data import load_mask, load_pixels
 from .timing import NULL_TIMER
 
 BASE_PROMPT = "a photo of {0}"
 
 
-@dataclass
-class Encoded:
-    """One image's or prompt's encodings, stacked along the batch when gathered."""
-
-    mean: torch.Tensor  # latent distribution mean (1, 4, h, w)
-    std: torch.Tensor  # latent distribution std  (1, 4, h, w)
-    time_ids: torch.Tensor  # (1, 6)
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str, device: torch.device, max_sequence_length: int = 512) -> dict[str, torch.Tensor]:
+    return families.of_model(pipe).encode_prompt(pipe, prompt, device, max_sequence_length)
 
 
 @torch.no_grad()
-def encode_prompt(pipe: StableDiffusionXLPipeline, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings (1, 77, 2048), pooled (1, 1280)) from both text encoders, via diffusers' own code."""
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
-    return embeds, pooled
-
-
-@torch.no_grad()
-def encode_image(pipe: StableDiffusionXLPipeline, path: Path, resolution: int, device: torch.device) -> Encoded:
-    """The VAE latent distribution of one preprocessed image."""
-    pixels, crop = load_pixels(path, resolution)
-    return encode_pixels(pipe, pixels[None], crop, resolution, device)
-
-
-@torch.no_grad()
-def encode_pixels(
-    pipe: StableDiffusionXLPipeline, pixels: torch.Tensor, crop: int, resolution: int, device: torch.device
-) -> Encoded:
-    vae = pipe.vae
-    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-    return Encoded(dist.mean, dist.std, time_ids(crop, resolution)[None].to(device))
+def encode_image(pipe, path: Path, resolution: int, device: torch.device, mask: Path | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """One preprocessed image's encodings; with `mask`, its loss mask at the latents' size, (1, 1, h, w)."""
+    family = families.of_model(pipe)
+    pixels, crop = load_pixels(path, resolution, family.resize_first)
+    encoded = family.encode_pixels(pipe, pixels[None], crop, resolution, device)
+    if mask is not None:
+        pixel_mask = load_mask(mask, resolution, family.resize_first)[None, None].to(device)
+        encoded["mask"] = F.interpolate(pixel_mask, size=encoded["mean"].shape[-2:], mode="area")
+    return encoded
 
 
 class Conditioning:
@@ -57,7 +44,7 @@ class Conditioning:
 
     def __init__(
         self,
-        pipe: StableDiffusionXLPipeline,
+        pipe,
         instance_images: list[Path],
         instance_prompt: str,
         resolution: int,
@@ -66,43 +53,53 @@ class Conditioning:
         class_prompt: str | None = None,
         cache: bool = True,
         timer=NULL_TIMER,
+        masks: list[Path] | None = None,
+        max_sequence_length: int = 512,
     ) -> None:
         self.pipe, self.resolution, self.device, self.cache, self.timer = pipe, resolution, device, cache, timer
         self.images = {"instance": instance_images, "class": class_images or []}
+        self.masks = {"instance": masks, "class": [None] * len(class_images or []) if masks else None}
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
-        self._images: dict[str, list[Encoded]] = {}
-        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_sequence_length = max_sequence_length
+        self._images: dict[str, list[dict]] = {}
+        self._prompts: dict[str, dict] = {}
         if cache:
             for kind, paths in self.images.items():
                 if paths:
-                    self._images[kind] = [encode_image(pipe, p, resolution, device) for p in paths]
-                    self._prompts[kind] = encode_prompt(pipe, self.prompts[kind], device)
+                    self._images[kind] = [self._encode_image(kind, i) for i in range(len(paths))]
+                    self._prompts[kind] = self._encode_prompt(kind)
 
-    def _image(self, kind: str, index: int) -> Encoded:
+    def _encode_image(self, kind: str, index: int) -> dict[str, torch.Tensor]:
+        masks = self.masks[kind]
+        encoded = encode_image(self.pipe, self.images[kind][index], self.resolution, self.device,
+                               masks[index] if masks else None)
+        if masks and "mask" not in encoded:  # class images: the whole image counts
+            encoded["mask"] = torch.ones_like(encoded["mean"][:, :1])
+        return encoded
+
+    def _encode_prompt(self, kind: str) -> dict[str, torch.Tensor]:
+        return encode_prompt(self.pipe, self.prompts[kind], self.device, self.max_sequence_length)
+
+    def _image(self, kind: str, index: int) -> dict[str, torch.Tensor]:
         if self.cache:
             return self._images[kind][index]
-        pixels, crop = load_pixels(self.images[kind][index], self.resolution)
         with self.timer("vae"):
-            return encode_pixels(self.pipe, pixels[None], crop, self.resolution, self.device)
+            return self._encode_image(kind, index)
 
-    def _prompt(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt(self, kind: str) -> dict[str, torch.Tensor]:
         if self.cache:
             return self._prompts[kind]
         with self.timer("text"):
-            return encode_prompt(self.pipe, self.prompts[kind], self.device)
+            return self._encode_prompt(kind)
 
     def batch(self, indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stacked mean, std, time_ids, prompt_embeds, pooled for the instance indices, then the class ones."""
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("mean", "std", "time_ids", "prompt_embeds", "pooled")}
+        """Every image and prompt tensor, stacked: the instance indices first, then the class ones."""
+        parts: dict[str, list[torch.Tensor]] = {}
         for kind in ("instance", "class"):
             if kind not in indices:
                 continue
-            embeds, pooled = self._prompt(kind)
+            prompt = self._prompt(kind)
             for i in indices[kind].tolist():
-                enc = self._image(kind, i)
-                parts["mean"].append(enc.mean)
-                parts["std"].append(enc.std)
-                parts["time_ids"].append(enc.time_ids)
-                parts["prompt_embeds"].append(embeds)
-                parts["pooled"].append(pooled)
+                for key, value in (self._image(kind, i) | prompt).items():
+                    parts.setdefault(key, []).append(value)
         return {k: torch.cat(v) for k, v in parts.items()}

@@ -1,4 +1,4 @@
-"""Training images: listing, the authors' preprocessing, and SDXL's size conditioning."""
+"""Training images and loss masks: listing, the authors' preprocessing, and SDXL's size conditioning."""
 
 from __future__ import annotations
 
@@ -57,15 +57,44 @@ def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> None:
                          "each side, remove or replace it")
 
 
-def load_pixels(path: str | Path, resolution: int) -> tuple[torch.Tensor, int]:
-    """(3, res, res) float tensor in [-1, 1] and the crop size: center crop to the short side, LANCZOS resize."""
-    image = open_rgb(path)
+def _square(image: Image.Image, resolution: int, resize_first: bool) -> tuple[Image.Image, int]:
+    """A resolution x resolution image and the side of the square it came from.
+
+    SDXL (the authors' SDXL code): center crop to the short side, then LANCZOS resize. resize_first (the
+    authors' FLUX code, torchvision's Resize + CenterCrop): short side LANCZOS-resized to the resolution,
+    long side int(resolution * long / short), then a center crop with round((size - resolution) / 2).
+    """
     width, height = image.size
     side = min(width, height)
+    if resize_first:
+        w, h = (resolution, int(resolution * height / width)) if width <= height else (int(resolution * width / height), resolution)
+        image = image.resize((w, h), Image.LANCZOS)
+        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+        return image.crop((left, top, left + resolution, top + resolution)), side
     left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
+    return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS), side
+
+
+def load_pixels(path: str | Path, resolution: int, resize_first: bool = False) -> tuple[torch.Tensor, int]:
+    """(3, res, res) float tensor in [-1, 1] and the crop size (see _square for the geometry)."""
+    image, side = _square(open_rgb(path), resolution, resize_first)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), side
+
+
+def load_mask(path: str | Path, resolution: int, resize_first: bool = False) -> torch.Tensor:
+    """A loss mask (res, res) in [0, 1] from a greyscale (or colour: its luminance) image, cropped as the image is."""
+    square, _ = _square(open_rgb(path).convert("L"), resolution, resize_first)
+    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)
+
+
+def find_mask(mask_dir: str | Path, image: Path) -> Path | None:
+    """The mask of a training image: the file in mask_dir with the image's name, or its stem and any image suffix."""
+    folder = Path(mask_dir)
+    for candidate in [folder / image.name, *(folder / f"{image.stem}{s}" for s in IMAGE_EXTENSIONS)]:
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def time_ids(crop_size: int, resolution: int) -> torch.Tensor:

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from .adapters import active_rank
-from .api import settings
+from .adapters import active_rank, timestep_dependent
+from .api import checkpoint_family, read_hparams, settings
 from .checkpoint import CheckpointError, atomic_write, read_weights, weights_path
 from .cli import run_command
 from .usage import Parser, UsageError
@@ -169,7 +169,7 @@ def schedule_chunks(cfg: dict) -> list[tuple[int, int, int]]:
     """(first, last + 1, t_on) per chunk of rank components: the first min_rank are always on (t_on = T);
     the others grouped by the timestep below which the T-LoRA schedule turns them on."""
     T, rank = cfg["num_train_timesteps"], cfg["lora_rank"]
-    if cfg["trainer_class"] != "sdxl_tlora":
+    if not timestep_dependent(cfg["trainer_class"]):
         return [(0, rank, T)]
     ranks = active_rank(torch.arange(T), T, rank, cfg["min_rank"], cfg["alpha_rank_scale"]).tolist()
     chunks, start = [], 0
@@ -241,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> Path:
     weights, metadata = read_weights(args.path)
+    hparams = read_hparams(args.hparams) if isinstance(args.hparams, (str, Path)) else args.hparams
+    if checkpoint_family(weights, metadata, hparams) != "sdxl":
+        raise UsageError(f"{args.path} is a FLUX T-LoRA: exports write SDXL layouts; load it with tlora.load(pipe, ...)")
     cfg = settings(weights, metadata, args.hparams) | {"num_train_timesteps": 1000}
     out = Path(args.out)
     if args.format == "authors":
@@ -250,7 +253,7 @@ def export(args: argparse.Namespace) -> Path:
         save_scheduled(weights, cfg, out)
         return out
     active = None
-    if args.active_at is not None and cfg["trainer_class"] == "sdxl_tlora":
+    if args.active_at is not None and timestep_dependent(cfg["trainer_class"]):
         active = int(active_rank(args.active_at, 1000, cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"]))
     factors = fixed_mask_factors(weights, cfg, active)
     if not factors:

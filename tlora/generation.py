@@ -1,6 +1,7 @@
 """Generating and saving images for '#'-separated prompt templates, with the authors' seeds and layout.
 
-Layout: `<checkpoint>/samples/ns<steps>_gs<guidance>/version_<v>/<template with {0} = token>/<k>.png`,
+Layout: `<checkpoint>/samples/ns<steps>_gs<guidance>/version_<v>/<template with {0} = token>/<k>.png`
+(FLUX: `ns<steps>gs<guidance>`, as the authors' FLUX code names it; see families/),
 plus `grid.png` in each prompt folder and `prompts.yaml` beside the prompt folders (with the full prompt
 text; folder names are made safe and short, see safe_names).
 """
@@ -8,7 +9,7 @@ text; folder names are made safe and short, see safe_names).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ class Sampling:
     guidance_scale: float = 5.0
     seed: int = 0
     replace: bool = False
+    call_kwargs: dict = field(default_factory=dict)  # more pipeline arguments (FLUX: max_sequence_length)
 
     def text(self, template: str) -> str:
         return template.format(f"{self.placeholder_token} {self.class_name}")
@@ -53,8 +55,9 @@ class Sampling:
         return self.folder / safe_component(template.format(self.placeholder_token), reserved=RESERVED)
 
 
-def samples_folder(checkpoint: Path, steps: int, guidance: float, version: int) -> Path:
-    return Path(checkpoint) / "samples" / f"ns{steps}_gs{guidance}" / f"version_{version}"
+def call_kwargs(family: str, max_sequence_length: int | None) -> dict:
+    """Pipeline arguments beyond the shared ones: FLUX's T5 prompt length, as trained."""
+    return {"max_sequence_length": max_sequence_length} if family == "flux" and max_sequence_length else {}
 
 
 def existing_images(folder: Path) -> list[Path]:
@@ -93,6 +96,7 @@ def generate_prompt(pipe, template: str, cfg: Sampling) -> tuple[list[Image.Imag
             num_images_per_prompt=count,
             num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance_scale,
+            **cfg.call_kwargs,
         )
         images += out.images
         seeds.append(seed)

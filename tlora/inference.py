@@ -8,15 +8,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import generation
-from .api import load, read_hparams, settings
+from . import families, generation
+from .api import checkpoint_family, load, read_hparams, settings, usable
 from .checkpoint import check_made_with, read_header
 from .models import DTYPES, load_pipeline
 from .options import DEFAULT_VAE, MAX_WORD_LENGTH, check_templates, check_text
 from .usage import Parser, UsageError, check_finite, check_model_source
 
-# The authors' hparams.yml has no VAE key: their tool always uses this VAE. min_rank and alpha default in tlora.load.
-HPARAM_DEFAULTS = {"revision": None, "pretrained_vae_model_name_or_path": DEFAULT_VAE}
+# The authors' SDXL hparams.yml has no VAE or family key: their SDXL tool always uses this VAE.
+# min_rank and alpha default in tlora.load; a FLUX run uses its model's own VAE.
+HPARAM_DEFAULTS = {"revision": None, "pretrained_vae_model_name_or_path": DEFAULT_VAE, "family": "sdxl"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prompts", type=str, required=True, help="'#'-separated prompts; {0} = '<token> <class>'.")
     a("--num_images_per_prompt", type=int, default=5)
     a("--batch_size", type=int, default=1)
-    a("--num_inference_steps", type=int, default=25)
-    a("--guidance_scale", type=float, default=5.0)
+    a("--num_inference_steps", type=int, default=None, help="Default: 25 (SDXL), 28 (FLUX).")
+    a("--guidance_scale", type=float, default=None, help="Default: 5.0 (SDXL), 3.5 (FLUX).")
     a("--version", type=int, default=0)
     a("--seed", type=int, default=0)
     a("--replace_inference_output", action="store_true", default=False)
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("pretrained_model_name_or_path", "placeholder_token", "class_name", "lora_rank"):
         if key not in args.hparams:
             raise UsageError(f"--config_path: {config_path} has no {key}; pass a run's logs/hparams.yml")
+    family = families.get(str(args.hparams["family"]))
+    args.family = family.name
+    args.num_inference_steps = family.inference_steps if args.num_inference_steps is None else args.num_inference_steps
+    args.guidance_scale = family.inference_guidance if args.guidance_scale is None else args.guidance_scale
     for key in ("placeholder_token", "class_name"):
         check_text(f"--config_path: {key}", str(args.hparams[key]), MAX_WORD_LENGTH)
     args.templates = generation.split_prompts(args.prompts)
@@ -93,7 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_checkpoint(args: argparse.Namespace) -> None:
     """The weights file is whole and was written with the run's trainer_type and lora_rank (header only)."""
     shapes, metadata = read_header(args.checkpoint)
-    cfg = settings(shapes, metadata, args.hparams)
+    family = checkpoint_family(shapes, metadata, args.hparams)
+    if family != args.family:
+        raise UsageError(f"--checkpoint_idx: {args.checkpoint} was trained on {family}, but the run is {args.family}")
+    shapes = usable(shapes, family)
+    cfg = settings(shapes, metadata, args.hparams, family)
     check_made_with(shapes, cfg["trainer_type"], cfg["lora_rank"], where=f"--checkpoint_idx: {args.checkpoint}")
 
 
@@ -114,15 +123,17 @@ def _device(name: str | None) -> str:
 def run(args: argparse.Namespace) -> Path:
     """Load the base model and the T-LoRA, generate every prompt not already done; returns the version folder."""
     hp = args.hparams
+    family = families.get(args.family)
     pipe = load_pipeline(
-        hp["pretrained_model_name_or_path"], hp["pretrained_vae_model_name_or_path"], hp["revision"], DTYPES[args.dtype]
+        hp["pretrained_model_name_or_path"], hp["pretrained_vae_model_name_or_path"], hp["revision"], DTYPES[args.dtype],
+        family.name,
     ).to(args.device)
     load(pipe, args.checkpoint, hp)
     cfg = generation.Sampling(
         hp["placeholder_token"], hp["class_name"],
-        generation.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version),
+        family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version),
         args.num_images_per_prompt, args.batch_size, args.num_inference_steps, args.guidance_scale, args.seed,
-        args.replace_inference_output,
+        args.replace_inference_output, generation.call_kwargs(family.name, hp.get("max_sequence_length")),
     )
     with tqdm(total=len(args.templates) * args.num_images_per_prompt, desc="images") as bar:
         generation.run(pipe, args.templates, cfg, str(args.checkpoint), progress=bar)

@@ -1,11 +1,13 @@
-"""Attaching T-LoRA adapters to a diffusers UNet without touching its modules or attention processors.
+"""Attaching T-LoRA adapters to a diffusers denoiser (SDXL UNet, FLUX transformer) without touching its
+modules or attention processors.
 
-Each `to_q`, `to_k`, `to_v`, `to_out.0` Linear of every `Attention` module gets the adapter as a submodule
-(`timestep_adapter`, so that `.to()`, DDP and optimizers see it) and a forward hook that adds the adapter's
-output. Nothing is replaced, so SDPA, flash or xformers processors keep running, and other LoRAs loaded
-with diffusers/peft (before or after; their layers wrap the Linear as `base_layer`) apply alongside and
-unload on their own. A forward pre-hook on the UNet reads the `timestep` it is called with and sets the
-rank mask for that call, so any SDXL pipeline and any scheduler gets the right mask at every step.
+Each adapted projection Linear (which ones: the model's family, see families/) gets the adapter as a
+submodule (`timestep_adapter`, so that `.to()`, DDP and optimizers see it) and a forward hook that adds the
+adapter's output. Nothing is replaced, so SDPA, flash or xformers processors keep running, and other LoRAs
+loaded with diffusers/peft (before or after; their layers wrap the Linear as `base_layer`) apply alongside
+and unload on their own. A forward pre-hook on the denoiser reads the timestep it is called with, turns it
+into T-LoRA's t (the family knows the scale) and sets the rank mask for that call, so any pipeline of the
+family and any scheduler gets the right mask at every step, per sample.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .adapters import make_adapter, rank_mask
 from .checkpoint import check_keys
-
-PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+from .families import Family, of_model
+from .families.base import get_module
 
 
 @dataclass
@@ -69,26 +70,22 @@ class _AddAdapter:
         return output + delta if scale == 1 else output + scale * delta
 
 
-def _get(module: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        module = getattr(module, part) if not part.isdigit() else module[int(part)]
-    return module
-
-
 class TLoRA:
-    """The adapters attached to one UNet: their parameters, checkpoint keys, scale, and `unload()`."""
+    """The adapters attached to one denoiser: their parameters, checkpoint keys, scale, and `unload()`."""
 
     def __init__(self, unet: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]]) -> None:
         self.unet, self.state, self.layers = unet, state, layers
+        self.family: type[Family] = of_model(unet)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         add = _AddAdapter(state)
         self._layer_hooks = [linear.register_forward_hook(add) for _, linear in layers.values()]
         unet._tlora = self
 
     def _on_unet_call(self, unet: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        self.state.set_timestep(timestep, sample.device)
+        name, position = self.family.timestep_arg
+        timestep = kwargs[name] if name in kwargs else args[position]
+        device = next(iter(self.layers.values()))[1].weight.device
+        self.state.set_timestep(self.family.diffusion_t(torch.as_tensor(timestep, device=device)), device)
 
     @property
     def adapters(self) -> dict[str, nn.Module]:
@@ -133,7 +130,7 @@ def attached(unet: nn.Module) -> TLoRA | None:
 
 
 def attach(
-    unet: nn.Module,
+    model: nn.Module,
     trainer_type: str,
     lora_rank: int,
     min_rank: int = 1,
@@ -144,36 +141,42 @@ def attach(
     num_train_timesteps: int = 1000,
     svd_device: torch.device | str | None = None,
 ) -> TLoRA:
-    """Give every attention projection of `unet` a fresh adapter (float32, on the UNet's device).
+    """Give every adapted projection of `model` (its family's layers) a fresh adapter (float32, on the
+    model's device).
 
-    Adapters are made in the order of `unet.attn_processors` and q, k, v, out within a module, as the
-    authors' code does, so one seed gives the same initial adapters in both tools.
+    Adapters are made in the authors' order (their attention processors' order, and within one the order
+    their processor makes them), so one seed gives the same initial adapters in both tools. Where the
+    authors make an adapter they never use (FLUX single blocks), a Vanilla one is made and dropped, to
+    draw the same random numbers; an ortho_lora start, which they never make on FLUX, skips those.
     """
-    if attached(unet) is not None:
-        raise ValueError("this UNet already has T-LoRA adapters; call unload() first")
+    if attached(model) is not None:
+        raise ValueError("this model already has T-LoRA adapters; call unload() first")
     state = MaskState(lora_rank, min_rank, alpha_rank_scale, num_train_timesteps, timestep_dependent)
     adapters: dict[str, tuple[str, nn.Module]] = {}
-    for name, module in list(unet.named_modules()):
-        if not isinstance(module, Attention):
+    width = None
+    for prefix, path in of_model(model).layers(model):
+        if path is None:
+            if init and trainer_type == "lora" and width is not None:
+                make_adapter(trainer_type, width, width, min(lora_rank, width), sig_type, True)
             continue
-        for proj, key in PROJECTIONS.items():
-            linear = base_linear(_get(module, proj))
-            rank = min(lora_rank, linear.in_features, linear.out_features)
-            adapter = make_adapter(trainer_type, linear.in_features, linear.out_features, rank, sig_type, init, svd_device)
-            adapters[f"{name}.processor.{key}"] = (f"{name}.{proj}", adapter)
+        linear = base_linear(get_module(model, path))
+        width = linear.out_features
+        rank = min(lora_rank, linear.in_features, linear.out_features)
+        adapter = make_adapter(trainer_type, linear.in_features, linear.out_features, rank, sig_type, init, svd_device)
+        adapters[prefix] = (path, adapter)
     if not adapters:
-        raise ValueError("no diffusers Attention modules found in this model")
-    return attach_adapters(unet, state, adapters)
+        raise ValueError("no attention projections found in this model")
+    return attach_adapters(model, state, adapters)
 
 
 def attach_adapters(unet: nn.Module, state: MaskState, adapters: dict[str, tuple[str, nn.Module]]) -> TLoRA:
     """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `unet`, adapter)."""
     if attached(unet) is not None:
-        raise ValueError("this UNet already has T-LoRA adapters; call unload() first")
+        raise ValueError("this model already has T-LoRA adapters; call unload() first")
     device = next(unet.parameters()).device
     layers: dict[str, tuple[str, nn.Linear]] = {}
     for prefix, (path, adapter) in adapters.items():
-        linear = base_linear(_get(unet, path))
+        linear = base_linear(get_module(unet, path))
         linear.add_module(ADAPTER, adapter.to(device))
         layers[prefix] = (path, linear)
     return TLoRA(unet, state, layers)

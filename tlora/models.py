@@ -1,77 +1,62 @@
-"""Loading SDXL with diffusers' own classes: the pipeline, its VAE choice, and the training noise scheduler."""
+"""Loading a model family's pipeline with diffusers' own classes, and moving its encoders around."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-from .usage import model_load_error
+from . import families
+from .families.base import moved
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# --base_model_precision: a quantized, frozen denoiser (diffusers' quantization backends)
+QUANTIZED = {
+    "int8-bnb": ("bitsandbytes_8bit", {"load_in_8bit": True}),
+    "nf4-bnb": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
+    "int8-torchao": ("torchao", {"quant_type": "int8wo"}),
+    "fp8-torchao": ("torchao", {"quant_type": "float8wo_e4m3"}),
+}
+BASE_PRECISIONS = ("auto", *QUANTIZED)
 
 
-def load_vae(name: str | None, dtype: torch.dtype) -> AutoencoderKL | None:
-    """The VAE named by --pretrained_vae_model_name_or_path; None for 'none' (the model's own)."""
-    if not name or name.lower() == "none":
+def quantization(precision: str, family: type[families.Family], dtype: torch.dtype) -> Any:
+    """diffusers' PipelineQuantizationConfig for the denoiser only (None for 'auto': no quantization)."""
+    if precision in (None, "auto"):
         return None
-    try:
-        return AutoencoderKL.from_pretrained(name, dtype=dtype)
-    except OSError as err:  # not found, no network, no access: the user's input, not a bug
-        raise model_load_error("--pretrained_vae_model_name_or_path", name, err) from None
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    backend, kwargs = QUANTIZED[precision]
+    if backend.startswith("bitsandbytes_4bit"):
+        kwargs = kwargs | {"bnb_4bit_compute_dtype": dtype}
+    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs,
+                                      components_to_quantize=[family.model_attr])
 
 
 def load_pipeline(
-    model: str, vae: str | None, revision: str | None = None, dtype: torch.dtype = torch.float32
-) -> StableDiffusionXLPipeline:
-    """SDXL with an Euler scheduler (the model's scheduler config), frozen, every part in `dtype`.
-
-    A VAE that needs fp32 (`force_upcast`, e.g. SDXL's own) stays in fp32 when `dtype` is fp16.
-    """
-    kwargs = {"revision": revision, "dtype": dtype}
-    custom_vae = load_vae(vae, dtype)
-    if custom_vae is not None:
-        kwargs["vae"] = custom_vae
-    try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, **kwargs)
-    except OSError as err:
-        raise model_load_error("--pretrained_model_name_or_path", model, err) from None
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        part.requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    model: str, vae: str | None, revision: str | None = None, dtype: torch.dtype = torch.float32,
+    family: str | None = None, base_model_precision: str = "auto",
+):
+    """The family's pipeline (detected from model_index.json unless given), frozen, every part in `dtype`."""
+    fam = families.get(family or families.detect(model, revision))
+    return fam.load_pipeline(model, vae, revision, dtype, quantization(base_model_precision, fam, dtype))
 
 
-def noise_scheduler(pipe: StableDiffusionXLPipeline) -> DDPMScheduler:
-    """The training scheduler: DDPM with the model's betas and prediction type."""
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+def noise_scheduler(pipe):
+    """The training scheduler of the pipeline's family."""
+    return families.of_model(pipe).noise_scheduler(pipe)
 
 
-def _encoders(pipe: StableDiffusionXLPipeline) -> list[torch.nn.Module]:
-    """The parts only needed to encode: both text encoders and the VAE's encoder half."""
-    return [pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder, pipe.vae.quant_conv]
-
-
-def offload_encoders(pipe: StableDiffusionXLPipeline) -> None:
+def offload_encoders(pipe) -> None:
     """Move the encoders to the CPU (a no-op there) once everything they encode is cached."""
-    for part in _encoders(pipe):
+    for part in families.of_model(pipe).encoders(pipe):
         if part is not None:
             part.to("cpu")
 
 
 @contextmanager
-def encoders_on(pipe: StableDiffusionXLPipeline, device: torch.device):
+def encoders_on(pipe, device: torch.device):
     """Bring the encoders to `device` for a while (validation), then back where they were."""
-    parts = [p for p in _encoders(pipe) if p is not None]
-    before = [next(p.parameters()).device for p in parts]
-    for part in parts:
-        part.to(device)
-    try:
+    with moved(families.of_model(pipe).encoders(pipe), device):
         yield
-    finally:
-        for part, where in zip(parts, before):
-            part.to(where)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .adapters import timestep_dependent
 from .checkpoint import atomic_write
 from .safe_names import safe_component
 from .usage import UsageError, redact, secret_values
@@ -41,7 +42,7 @@ def next_run_index(output_dir: Path) -> int:
 
 def run_name(args: argparse.Namespace, index: int) -> str:
     data = safe_component(os.path.basename(os.path.normpath(os.path.abspath(args.train_data_dir))), 60)
-    t = "t" if args.trainer_class == "sdxl_tlora" else ""
+    t = "t" if timestep_dependent(args.trainer_class) else ""
     return f"{index:05d}-{secrets.token_hex(2)}-{data}_{t}{args.trainer_type}{args.lora_rank}"
 
 

@@ -1,8 +1,10 @@
-"""A tiny random SDXL in diffusers' folder layout, built in seconds with no download.
+"""A tiny random SDXL or FLUX in diffusers' folder layout, built in seconds with no download.
 
-Same classes and wiring as stabilityai/stable-diffusion-xl-base-1.0 (two CLIP text encoders, the second
-with a projection, a `text_time` UNet, an SDXL scheduler config) at toy sizes. For tests and the CPU demo.
-`python -m tlora.tiny FOLDER` writes one.
+SDXL: the classes and wiring of stabilityai/stable-diffusion-xl-base-1.0 (two CLIP text encoders, the
+second with a projection, a `text_time` UNet, an SDXL scheduler config) at toy sizes. FLUX: those of
+black-forest-labs/FLUX.1-dev (CLIP + T5 text encoders, a guidance-distilled FluxTransformer2DModel with
+double- and single-stream blocks, a 16-channel VAE, the flow-matching scheduler config). For tests and
+the CPU demo. `python -m tlora.tiny FOLDER [sdxl|flux]` writes one.
 """
 
 from __future__ import annotations
@@ -12,8 +14,24 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 TEXT_DIM = 32
 WORDS = ("a", "photo", "of", "sks", "dog", "cat", "riding", "bike", "swimming", "in", "the", "red", "on", "beach")
@@ -90,5 +108,49 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def t5_tokenizer() -> T5TokenizerFast:
+    """A small unigram T5 tokenizer: the special tokens, a few whole words, and single letters."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1-dev-like model to `folder` (loadable by FluxPipeline.from_pretrained)."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    write_tokenizer(folder / "_tok")
+    tokenizer = CLIPTokenizer(str(folder / "_tok/vocab.json"), str(folder / "_tok/merges.txt"), model_max_length=77)
+    t5_tok = t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        force_upcast=False,
+    )
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_text_config(len(tokenizer), True)),
+        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+BUILDERS = {"sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
+
 if __name__ == "__main__":
-    print(build_tiny_sdxl(sys.argv[1] if len(sys.argv) > 1 else "tiny-sdxl"))
+    family = sys.argv[2] if len(sys.argv) > 2 else "sdxl"
+    print(BUILDERS[family](sys.argv[1] if len(sys.argv) > 1 else f"tiny-{family}"))

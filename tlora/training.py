@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
-from diffusers import StableDiffusionXLPipeline
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import generation
+from . import families, generation
+from .adapters import timestep_dependent
 from .checkpoint import atomic_write, checkpoint_metadata, read_weights, save_weights
 from .conditioning import BASE_PROMPT, Conditioning
-from .data import BatchOrder, PairedIndices, list_images, training_images
+from .data import BatchOrder, PairedIndices, find_mask, list_images, training_images
 from .injection import TLoRA, attach
-from .models import DTYPES, encoders_on, load_pipeline, noise_scheduler, offload_encoders
+from .models import DTYPES, encoders_on, load_pipeline, offload_encoders
 from .options import tracker, wandb_key
 from .resume import RESUME_DIR, Progress, checkpoint_step, prune, write_checkpoint
 from .run_folder import create_run_folder, public_hparams, record_run, remove_run_folder
@@ -34,34 +34,22 @@ LOSS_FLUSH_STEPS = 10  # losses are read back from the device in groups, not eve
 
 
 def diffusion_loss(
-    unet, scheduler, batch: dict[str, torch.Tensor], scaling: float, dtype: torch.dtype, prior_weight: float | None
+    model, pipe, scheduler, batch: dict[str, torch.Tensor], dtype: torch.dtype, prior_weight: float | None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the scheduler's target for fresh noise and timesteps.
+    """MSE between the denoiser's prediction and its family's target for fresh noise and timesteps.
 
-    Random numbers are drawn in the authors' order: latent sample, noise, timesteps.
+    With a `mask` in the batch (--mask_dir), prediction and target are multiplied by it first.
     With `prior_weight`, the second half of the batch is class images: loss = instance + weight * class.
     """
-    mean = batch["mean"]
-    latents = (mean + batch["std"] * torch.randn_like(mean)) * scaling
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unknown prediction type {scheduler.config.prediction_type}")
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(
-        noisy.to(dtype),
-        timesteps,
-        batch["prompt_embeds"].to(dtype),
-        added_cond_kwargs={"time_ids": batch["time_ids"].to(dtype), "text_embeds": batch["pooled"].to(dtype)},
-    ).sample
+    pred, target = families.of_model(pipe).predict(model, pipe, scheduler, batch, dtype, guidance)
+    pred, target = pred.float(), target.float()
+    if "mask" in batch:
+        pred, target = pred * batch["mask"], target * batch["mask"]
     if prior_weight is None:
-        return F.mse_loss(pred.float(), target.float())
-    pred, prior_pred = pred.float().chunk(2)
-    target, prior_target = target.float().chunk(2)
+        return F.mse_loss(pred, target)
+    pred, prior_pred = pred.chunk(2)
+    target, prior_target = target.chunk(2)
     return F.mse_loss(pred, target) + prior_weight * F.mse_loss(prior_pred, prior_target)
 
 
@@ -80,10 +68,15 @@ def _run_folder(args: argparse.Namespace, accelerator: Accelerator, resume_from:
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW, constant learning rate: bitsandbytes' 8-bit version with --use_8bit_adam, else torch's fused
-    kernel (one pass over all adapter tensors; 2.5x faster than the default on the CPU too)."""
+    """Constant learning rate. AdamW: bitsandbytes' 8-bit version with --use_8bit_adam, else torch's fused
+    kernel (one pass over all adapter tensors; 2.5x faster than the default on the CPU too).
+    Prodigy (the authors' FLUX default; learning rate 1.0 means Prodigy's own step size)."""
     hyper = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, **hyper)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -103,7 +96,7 @@ class Trainer:
         self,
         args: argparse.Namespace,
         cache: bool = True,
-        pipe: StableDiffusionXLPipeline | None = None,
+        pipe=None,
         adapter_state: dict[str, torch.Tensor] | None = None,
         timer=NULL_TIMER,
     ) -> None:
@@ -143,14 +136,20 @@ class Trainer:
         if self.pipe is None:
             self.pipe = load_pipeline(
                 args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision,
-                self.weight_dtype,
+                self.weight_dtype, args.family, args.base_model_precision,
             )
-        self.pipe.to(self.device)
-        self.scheduler = noise_scheduler(self.pipe)
+        self.family = families.of_model(self.pipe)
+        if args.base_model_precision == "auto":  # quantized weights are placed by their backend
+            self.pipe.to(self.device)
+        else:
+            for name, part in self.pipe.components.items():
+                if isinstance(part, torch.nn.Module) and name != self.family.model_attr:
+                    part.to(self.device)
+        self.scheduler = self.family.noise_scheduler(self.pipe)
         set_seed(args.seed)
         self.tlora: TLoRA = attach(
-            self.pipe.unet, args.trainer_type, args.lora_rank, args.min_rank, args.alpha_rank_scale, args.sig_type,
-            timestep_dependent=args.trainer_class == "sdxl_tlora",
+            self.family.model(self.pipe), args.trainer_type, args.lora_rank, args.min_rank, args.alpha_rank_scale,
+            args.sig_type, timestep_dependent=timestep_dependent(args.trainer_class),
             init=self.adapter_state is None and self.resume_from is None,
             num_train_timesteps=self.scheduler.config.num_train_timesteps, svd_device=self.device,
         )
@@ -161,17 +160,17 @@ class Trainer:
         if acc.process_index > 0:  # every process its own noise and timesteps; process 0 draws as a single one
             set_seed(args.seed + acc.process_index)
         if args.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
+            self.family.model(self.pipe).enable_gradient_checkpointing()
         self.optimizer = make_optimizer(args, self.tlora.trainable_parameters())
-        self.unet, self.optimizer = acc.prepare(self.pipe.unet, self.optimizer)
-        self.unet.train()
+        self.model, self.optimizer = acc.prepare(self.family.model(self.pipe), self.optimizer)
+        self.model.train()
         self._setup_data()
         if self.cache:  # nothing encodes during training any more: free the accelerator's memory
             offload_encoders(self.pipe)
         init_trackers(acc, args, public_hparams(args), self.folder / "logs")
         self.progress = Progress(self.order, acc)
         acc.register_for_checkpointing(self.progress)
-        # The adapters are saved as pytorch_lora_weights.safetensors; accelerate keeps the rest, not the UNet.
+        # The adapters are saved as pytorch_lora_weights.safetensors; accelerate keeps the rest, not the model.
         acc.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
         acc.register_load_state_pre_hook(lambda models, folder: models.clear())
         if self.resume_from is not None:
@@ -183,10 +182,12 @@ class Trainer:
         args = self.args
         concept = f"{args.placeholder_token} {args.class_name}"
         class_images = list_images(args.class_data_dir) if args.with_prior_preservation else []
+        images = training_images(args.train_data_dir, args.one_image)
+        masks = [find_mask(args.mask_dir, image) for image in images] if args.mask_dir else None
         self.conditioning = Conditioning(
-            self.pipe, training_images(args.train_data_dir, args.one_image), BASE_PROMPT.format(concept),
-            args.resolution, self.device, class_images, BASE_PROMPT.format(args.class_name), cache=self.cache,
-            timer=self.timer,
+            self.pipe, images, BASE_PROMPT.format(concept), args.resolution, self.device, class_images,
+            BASE_PROMPT.format(args.class_name), cache=self.cache, timer=self.timer, masks=masks,
+            max_sequence_length=args.max_sequence_length,
         )
         indices = PairedIndices(len(self.conditioning.images["instance"]), len(class_images))
         seed = args.seed + self.accelerator.process_index
@@ -207,11 +208,12 @@ class Trainer:
         prior = self.args.prior_loss_weight if self.args.with_prior_preservation else None
         with self.timer("unet"):
             with self.accelerator.autocast():
-                loss = diffusion_loss(
-                    self.unet, self.scheduler, batch, self.pipe.vae.config.scaling_factor, self.weight_dtype, prior
-                )
+                loss = diffusion_loss(self.model, self.pipe, self.scheduler, batch, self.weight_dtype, prior,
+                                      self.args.guidance_scale)
             self.accelerator.backward(loss)
         with self.timer("optimizer"):
+            if self.args.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.tlora.trainable_parameters(), self.args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -286,18 +288,21 @@ class Trainer:
             raise RuntimeError(f"adapters differ between processes: {sums.tolist()}")
 
     def validate(self, checkpoint: Path, step: int) -> None:
-        """Sample the validation prompts with inference.py's defaults (25 steps, guidance 5.0, seed 0).
+        """Sample the validation prompts with inference.py's defaults for the family (SDXL: 25 steps,
+        guidance 5.0; FLUX: 28 steps, guidance 3.5; seed 0) with the pipeline being trained (no copy).
         Runs on a forked RNG, so that training draws the same noise with or without validation."""
-        args = self.args
+        args, family = self.args, self.family
+        steps, guidance = family.inference_steps, family.inference_guidance
         cfg = generation.Sampling(
-            args.placeholder_token, args.class_name, generation.samples_folder(checkpoint, 25, 5.0, 0),
-            num_images_per_prompt=args.num_val_imgs_per_prompt, replace=True,
+            args.placeholder_token, args.class_name, family.samples_folder(checkpoint, steps, guidance, 0),
+            num_images_per_prompt=args.num_val_imgs_per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+            replace=True, call_kwargs=generation.call_kwargs(family.name, args.max_sequence_length),
         )
-        self.unet.eval()
+        self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.accelerator.autocast(), encoders_on(self.pipe, self.device):
             images = generation.run(self.pipe, generation.split_prompts(args.validation_prompts), cfg, str(checkpoint))
-        self.unet.train()
+        self.model.train()
         log_images(self.accelerator, {cfg.text(t): imgs for t, imgs in images.items()}, step)
 
 

@@ -1,0 +1,64 @@
+"""Model families: what differs between SDXL and FLUX (see base.Family); everything else is shared."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from torch import nn
+
+from ..usage import UsageError
+from .base import Family
+from .flux import FLUX
+from .sdxl import SDXL
+
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "flux": FLUX}
+PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}  # model_index.json _class_name
+
+
+def get(name: str) -> type[Family]:
+    if name not in FAMILIES:
+        raise UsageError(f"model family must be one of {', '.join(FAMILIES)}, got {name!r}")
+    return FAMILIES[name]
+
+
+def of_model(pipe_or_model: Any) -> type[Family]:
+    """The family of a pipeline or of a bare denoiser (UNet / transformer)."""
+    for family in FAMILIES.values():
+        if family.owns(family.model(pipe_or_model)):
+            return family
+    raise ValueError(f"{type(pipe_or_model).__name__} is not a pipeline or denoiser of a supported family "
+                     f"({', '.join(FAMILIES)})")
+
+
+def denoiser(pipe_or_model: Any) -> nn.Module:
+    """The UNet or transformer of a pipeline (or the denoiser itself)."""
+    return of_model(pipe_or_model).model(pipe_or_model)
+
+
+def model_index(model: str, revision: str | None = None) -> dict:
+    """A model's model_index.json: from a local folder, else from the hub (or its cache when offline)."""
+    from pathlib import Path
+
+    path = Path(model).expanduser() / "model_index.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model, "model_index.json", revision=revision))
+        except Exception as err:  # offline and not cached, no access, no such repository
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"--pretrained_model_name_or_path: cannot read {model}'s model_index.json ({first})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--pretrained_model_name_or_path: {path} is not readable JSON ({err})") from None
+
+
+def detect(model: str, revision: str | None = None) -> str:
+    """The family of a model folder or hub id, from its pipeline class in model_index.json."""
+    cls = model_index(model, revision).get("_class_name", "")
+    if cls in PIPELINES:
+        return PIPELINES[cls]
+    raise UsageError(f"--pretrained_model_name_or_path: {model} is a {cls or 'model of unknown class'}; "
+                     f"tlora trains {', '.join(sorted(PIPELINES))} models")

@@ -1,0 +1,157 @@
+"""What differs between model families, in one place: a `Family` names it, one small module per family.
+
+Everything else (adapters, injection, checkpoints, run folders, options, tracking, the loop, generation,
+evaluation) is shared and asks the family for these. A new family is one module with one subclass and
+an entry in `families.FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..usage import model_load_error
+
+
+class Family:
+    """One model family: its pipeline, adapted layers and keys, encodings, loss target, timestep scale."""
+
+    name: str = ""
+    pipeline_class: type = object
+    model_attr: str = ""  # the denoiser's attribute on the pipeline: "unet" or "transformer"
+    timestep_arg: tuple[str, int] = ("timestep", 1)  # the denoiser's timestep argument: keyword, position
+    default_vae: str | None = None  # the VAE a run uses unless told otherwise (None: the model's own)
+    train_defaults: dict[str, Any] = {}  # train.py defaults that differ between families
+    resolution_multiple: int = 8  # training images' side must be a multiple of this
+    resize_first: bool = False  # image preprocessing: resize then crop (else crop then resize); see data._square
+    inference_steps: int = 25
+    inference_guidance: float = 5.0
+    call_kwargs: dict[str, Any] = {}  # extra pipeline-call arguments for generation
+
+    # -- the denoiser and its adapted layers ------------------------------------------------------
+    @classmethod
+    def model(cls, pipe_or_model: Any) -> nn.Module:
+        return getattr(pipe_or_model, cls.model_attr, pipe_or_model)
+
+    @classmethod
+    def owns(cls, model: nn.Module) -> bool:
+        """Whether `model` is this family's denoiser."""
+        raise NotImplementedError
+
+    @classmethod
+    def layers(cls, model: nn.Module) -> list[tuple[str, str | None]]:
+        """(checkpoint key prefix, dotted path of the Linear) for every adapter, in the authors' creation
+        order; path None marks an adapter the authors create (drawing random numbers) but never use."""
+        raise NotImplementedError
+
+    @classmethod
+    def ignored_key(cls, key: str) -> bool:
+        """Keys of the authors' files that their code writes but never uses: skipped when reading."""
+        return False
+
+    @classmethod
+    def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
+        """T-LoRA's t (0..num_train_timesteps) from the timestep the denoiser is called with."""
+        return timestep
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load_pipeline(cls, model: str, vae: str | None, revision: str | None, dtype: torch.dtype,
+                      quantization: Any = None):
+        """The pipeline in `dtype`, frozen, with the family's inference scheduler; load errors are one line."""
+        kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype}
+        custom_vae = load_vae(vae, dtype)
+        if custom_vae is not None:
+            kwargs["vae"] = custom_vae
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
+        try:
+            pipe = cls.pipeline_class.from_pretrained(model, **kwargs)
+        except OSError as err:
+            raise model_load_error("--pretrained_model_name_or_path", model, err) from None
+        cls.prepare(pipe, dtype)
+        for part in pipe.components.values():
+            if isinstance(part, nn.Module):
+                part.requires_grad_(False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @classmethod
+    def prepare(cls, pipe, dtype: torch.dtype) -> None:
+        """Family-specific touches after loading (scheduler choice, VAE precision)."""
+
+    @classmethod
+    def noise_scheduler(cls, pipe):
+        """The training scheduler."""
+        raise NotImplementedError
+
+    @classmethod
+    def encoders(cls, pipe) -> list[nn.Module]:
+        """Parts only needed to encode prompts and images (moved off the GPU once all is cached)."""
+        raise NotImplementedError
+
+    # -- conditioning and loss -----------------------------------------------------------------
+    @classmethod
+    def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """Prompt tensors with a leading batch dimension of 1."""
+        raise NotImplementedError
+
+    @classmethod
+    def encode_pixels(cls, pipe, pixels: torch.Tensor, crop: int, resolution: int, device: torch.device
+                      ) -> dict[str, torch.Tensor]:
+        """Image tensors with a leading batch dimension of 1: the latent distribution (mean, std) and more."""
+        dist = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist
+        return {"mean": dist.mean, "std": dist.std}
+
+    @classmethod
+    def predict(cls, model: nn.Module, pipe, scheduler, batch: dict[str, torch.Tensor], dtype: torch.dtype,
+                guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, target) in latent layout for fresh noise and timesteps. Random numbers are drawn in
+        the authors' order: latent sample, noise, timesteps."""
+        raise NotImplementedError
+
+    # -- generation ----------------------------------------------------------------------------
+    @classmethod
+    def samples_name(cls, steps: int, guidance: float) -> str:
+        """The authors' folder name for one sampling setting."""
+        return f"ns{steps}_gs{guidance}"
+
+    @classmethod
+    def samples_folder(cls, checkpoint: Path, steps: int, guidance: float, version: int) -> Path:
+        return Path(checkpoint) / "samples" / cls.samples_name(steps, guidance) / f"version_{version}"
+
+
+def load_vae(name: str | None, dtype: torch.dtype):
+    """The VAE named by --pretrained_vae_model_name_or_path; None for 'none' (the model's own)."""
+    from diffusers import AutoencoderKL
+
+    if not name or name.lower() == "none":
+        return None
+    try:
+        return AutoencoderKL.from_pretrained(name, dtype=dtype)
+    except OSError as err:  # not found, no network, no access: the user's input, not a bug
+        raise model_load_error("--pretrained_vae_model_name_or_path", name, err) from None
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+@contextmanager
+def moved(parts: list[nn.Module], device: torch.device):
+    """Bring `parts` to `device` for a while, then back where they were."""
+    parts = [p for p in parts if p is not None]
+    before = [next(p.parameters()).device for p in parts]
+    for part in parts:
+        part.to(device)
+    try:
+        yield
+    finally:
+        for part, where in zip(parts, before):
+            part.to(where)

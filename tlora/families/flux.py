@@ -1,0 +1,108 @@
+"""FLUX.1 (dev): the authors' FLUX release. MM-DiT attention, flow matching, timesteps scaled to 0..1.
+
+Adapters go on every double-stream block's image and text projections (`to_q/k/v`, `to_out.0`,
+`add_q/k/v_proj`) and every single-stream block's `to_q/k/v`, with the authors' keys
+(`<block>.attn.processor.to_{q,k,v,out}_lora`, `to_{q,k,v}_proj_lora` for the text stream).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from torch import nn
+
+from .base import Family
+
+DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
+SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")
+IMAGE = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+TEXT = {"add_q_proj": "to_q_proj_lora", "add_k_proj": "to_k_proj_lora", "add_v_proj": "to_v_proj_lora"}
+# The authors' single-block processors also make these (in this order) and never use them.
+UNUSED_IN_SINGLE = ("to_out_lora", "to_q_proj_lora", "to_k_proj_lora", "to_v_proj_lora")
+IGNORED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")\.")
+
+
+class FLUX(Family):
+    name = "flux"
+    pipeline_class = FluxPipeline
+    model_attr = "transformer"
+    timestep_arg = ("timestep", 3)
+    default_vae = None
+    train_defaults = {  # the authors' FLUX defaults
+        "trainer_type": "lora", "trainer_class": "flux_lora", "lora_rank": 16, "min_rank": 16, "learning_rate": 1.0,
+        "checkpointing_steps": 100, "optimizer": "prodigy", "max_grad_norm": 1.0, "mixed_precision": "bf16",
+        "num_val_imgs_per_prompt": 4,
+    }
+    resize_first = True
+    resolution_multiple = 16  # VAE factor 8 times the 2x2 latent packing
+    inference_steps, inference_guidance = 28, 3.5
+
+    @classmethod
+    def owns(cls, model: nn.Module) -> bool:
+        return isinstance(model, FluxTransformer2DModel)
+
+    @classmethod
+    def layers(cls, model: nn.Module) -> list[tuple[str, str | None]]:
+        out: list[tuple[str, str | None]] = []
+        for name, _ in model.named_modules():
+            prefix = f"{name}.processor"
+            if DOUBLE.match(name):
+                out += [(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
+            elif SINGLE.match(name):
+                out += [(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in IMAGE.items() if proj != "to_out.0"]
+                out += [(f"{prefix}.{key}", None) for key in UNUSED_IN_SINGLE]
+        return out
+
+    @classmethod
+    def ignored_key(cls, key: str) -> bool:
+        return IGNORED.match(key) is not None
+
+    @classmethod
+    def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
+        """FluxPipeline calls the transformer with t / 1000: back to t, rounded to 1/1000 so that integer
+        training timesteps come back exactly (float32 t / 1000 * 1000 can miss by one ulp)."""
+        return torch.round(timestep.float() * 1_000_000) / 1000
+
+    @classmethod
+    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
+        """The model's flow-matching scheduler; its training timesteps are 1000..1 (no shift at this point)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    @classmethod
+    def encoders(cls, pipe) -> list[nn.Module]:
+        return [pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder, pipe.vae.quant_conv]
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """T5 embeddings (1, max_sequence_length, 4096) and CLIP pooled (1, 768), via diffusers' own code."""
+        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=device, max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled": pooled}
+
+    @classmethod
+    def predict(cls, model, pipe, scheduler, batch, dtype, guidance):
+        """Flow matching: sigma = t / 1000 for t drawn from the scheduler's timesteps,
+        noisy = (1 - sigma) x0 + sigma noise, target = noise - x0."""
+        mean, cfg = batch["mean"], pipe.vae.config
+        latents = ((mean + batch["std"] * torch.randn_like(mean)) - cfg.shift_factor) * cfg.scaling_factor
+        noise = torch.randn_like(latents)
+        b, c, h, w = latents.shape
+        index = torch.randint(0, len(scheduler.timesteps), (b,), device=latents.device)
+        sigma = scheduler.timesteps.to(latents.device)[index].float() / 1000
+        noisy = (1 - sigma[:, None, None, None]) * latents + sigma[:, None, None, None] * noise
+        embeds = batch["prompt_embeds"]
+        flag = torch.full((b,), guidance, device=latents.device) if model.config.guidance_embeds else None
+        pred = model(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype), timestep=sigma, guidance=flag,
+            pooled_projections=batch["pooled"].to(dtype), encoder_hidden_states=embeds.to(dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype),
+            return_dict=False,
+        )[0]
+        scale = 2 ** (len(cfg.block_out_channels) - 1)
+        return FluxPipeline._unpack_latents(pred, h * scale, w * scale, scale), noise - latents
+
+    @classmethod
+    def samples_name(cls, steps: int, guidance: float) -> str:
+        return f"ns{steps}gs{guidance}"

@@ -1,0 +1,86 @@
+"""Stable Diffusion XL: the authors' original family (UNet attention, DDPM epsilon/v target, 0..999 timesteps)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from ..data import time_ids
+from .base import Family
+
+PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+
+
+class SDXL(Family):
+    name = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+    model_attr = "unet"
+    timestep_arg = ("timestep", 1)
+    default_vae = "madebyollin/sdxl-vae-fp16-fix"
+    train_defaults = {
+        "trainer_type": None, "trainer_class": None, "lora_rank": 4, "min_rank": 1, "learning_rate": 1e-4,
+        "checkpointing_steps": 200, "optimizer": "adamw", "max_grad_norm": None, "mixed_precision": "no",
+        "num_val_imgs_per_prompt": 5,
+    }
+    inference_steps, inference_guidance = 25, 5.0
+
+    @classmethod
+    def owns(cls, model: nn.Module) -> bool:
+        return isinstance(model, UNet2DConditionModel)
+
+    @classmethod
+    def layers(cls, model: nn.Module) -> list[tuple[str, str | None]]:
+        """Every Attention's q, k, v, out, in module order (the order of `unet.attn_processors`)."""
+        return [
+            (f"{name}.processor.{key}", f"{name}.{proj}")
+            for name, module in model.named_modules() if isinstance(module, Attention)
+            for proj, key in PROJECTIONS.items()
+        ]
+
+    @classmethod
+    def prepare(cls, pipe, dtype: torch.dtype) -> None:
+        """Euler for sampling; a VAE that needs fp32 (`force_upcast`, e.g. SDXL's own) stays fp32 under fp16."""
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+            pipe.vae.to(torch.float32)
+
+    @classmethod
+    def noise_scheduler(cls, pipe) -> DDPMScheduler:
+        """DDPM with the model's betas and prediction type."""
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+
+    @classmethod
+    def encoders(cls, pipe) -> list[nn.Module]:
+        return [pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder, pipe.vae.quant_conv]
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """Embeddings (1, 77, 2048) and pooled (1, 1280) from both text encoders, via diffusers' own code."""
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+        return {"prompt_embeds": embeds, "pooled": pooled}
+
+    @classmethod
+    def encode_pixels(cls, pipe, pixels, crop, resolution, device) -> dict[str, torch.Tensor]:
+        return super().encode_pixels(pipe, pixels, crop, resolution, device) | {
+            "time_ids": time_ids(crop, resolution)[None].to(device)}
+
+    @classmethod
+    def predict(cls, model, pipe, scheduler, batch, dtype, guidance):
+        mean = batch["mean"]
+        latents = (mean + batch["std"] * torch.randn_like(mean)) * pipe.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        if scheduler.config.prediction_type == "epsilon":
+            target = noise
+        elif scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unknown prediction type {scheduler.config.prediction_type}")
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        pred = model(
+            noisy.to(dtype), timesteps, batch["prompt_embeds"].to(dtype),
+            added_cond_kwargs={"time_ids": batch["time_ids"].to(dtype), "text_embeds": batch["pooled"].to(dtype)},
+        ).sample
+        return pred, target
