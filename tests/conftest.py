@@ -108,3 +108,27 @@ def tiny_embedders(tiny_embedder_dir):
     from tlora.metrics import Embedders
 
     return Embedders.load(str(tiny_embedder_dir / "clip"), str(tiny_embedder_dir / "dino"), "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from tlora.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(tiny_flux):
+    from tlora.models import load_pipeline
+
+    return load_pipeline(str(tiny_flux), "none")
+
+
+def flux_train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """The authors' FLUX command line (run.py -> train.py) for the tiny FLUX at 64 px."""
+    return [
+        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--output_dir", str(out),
+        "--class_name", "dog", "--rank", "4", "--min_rank", "1", "--tlora", "--max_train_steps", "2",
+        "--checkpointing_steps", "2", "--resolution", "64", "--max_sequence_length", "16", "--seed", "0",
+        "--dataloader_num_workers", "0", *extra,
+    ]

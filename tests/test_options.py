@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 import train
-from conftest import REPO, train_args
+from conftest import REPO, flux_train_args, train_args
 from tlora.options import parse_args
 
 NO_MODEL = "/nonexistent/model"
@@ -106,9 +107,71 @@ def test_unknown_config_key(image_dir, tmp_path, capsys):
     assert code == 2 and "unknown key 'lora_rnk'" in err
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", sorted(set((REPO / "configs").glob("*.yaml")) - {REPO / "configs/flux_tlora.yaml"}),
+                         ids=lambda p: p.stem)
 def test_shipped_configs_parse(config, tiny_model, image_dir, tmp_path):
     args = parse_args(["--config", str(config), "--train_data_dir", str(image_dir), "--output_dir", str(tmp_path),
                        "--class_name", "dog", "--placeholder_token", "sks", "--pretrained_model_name_or_path",
                        str(tiny_model), "--pretrained_vae_model_name_or_path", "none"])
     assert args.lora_rank == 64 and args.min_rank == 32
+
+
+def flux_args(tiny_flux, image_dir, tmp_path, *extra):
+    return flux_train_args(tiny_flux, image_dir, tmp_path / "out", *extra)
+
+
+def test_flux_flags_are_aliases_with_the_authors_defaults(tiny_flux, image_dir, tmp_path):
+    args = parse_args(flux_train_args_min(tiny_flux, image_dir, tmp_path))
+    assert (args.family, args.trainer_type, args.trainer_class, args.lora_rank, args.min_rank) == (
+        "flux", "lora", "flux_lora", 16, 16)
+    assert (args.optimizer, args.learning_rate, args.max_grad_norm, args.mixed_precision, args.checkpointing_steps,
+            args.num_train_epochs, args.guidance_scale, args.max_sequence_length, args.placeholder_token,
+            args.pretrained_vae_model_name_or_path) == ("prodigy", 1.0, 1.0, "bf16", 100, 1000, 1.0, 512, "sks", "none")
+    args = parse_args(flux_args(tiny_flux, image_dir, tmp_path, "--mask_dir=None", "--optimizer", "AdamW"))
+    assert (args.trainer_class, args.lora_rank, args.min_rank, args.num_train_epochs, args.train_data_dir) == (
+        "flux_tlora", 4, 1, 2, str(image_dir))
+    assert args.mask_dir is None and args.optimizer == "adamw"
+
+
+def flux_train_args_min(tiny_flux, image_dir, tmp_path):
+    return ["--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(image_dir),
+            "--output_dir", str(tmp_path / "out"), "--class_name", "dog", "--resolution", "64"]
+
+
+def test_flux_config_file_uses_the_authors_names(tiny_flux, image_dir, tmp_path):
+    config = yaml.safe_load((REPO / "configs" / "flux_tlora.yaml").read_text())
+    config["pretrained_model_name_or_path"] = str(tiny_flux)
+    (tmp_path / "flux.yaml").write_text(yaml.safe_dump(config))
+    args = parse_args(["--config", str(tmp_path / "flux.yaml"), "--instance_data_dir", str(image_dir),
+                       "--class_name", "dog", "--output_dir", str(tmp_path / "out")])
+    assert (args.trainer_class, args.lora_rank, args.min_rank, args.gradient_checkpointing) == ("flux_tlora", 32, 1, True)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--trainer_class", "sdxl_tlora"), "--trainer_class sdxl_tlora is for another model family; this is a flux "
+                                        "model: pass --trainer_class flux_tlora"),
+    (("--tlora", "--trainer_class", "flux_lora"), "--tlora asks for the timestep mask, but --trainer_class is flux_lora"),
+    (("--resolution", "72"), "--resolution must be a positive multiple of 16 for flux, got 72"),
+    (("--max_sequence_length", "513"), "--max_sequence_length must be between 1 and 512"),
+    (("--mask_dir", "/no/masks"), "--mask_dir: folder /no/masks does not exist"),
+    (("--optimizer", "prodigy", "--use_8bit_adam"), "--use_8bit_adam is an AdamW option"),
+    (("--rank", "8"), "--min_rank (16) must not exceed --lora_rank (8)"),
+])
+def test_flux_bad_input(tiny_flux, image_dir, tmp_path, capsys, extra, message):
+    code, err = run_main(flux_train_args_min(tiny_flux, image_dir, tmp_path) + list(extra), capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_missing_mask_and_flux_only_flags_on_sdxl(tiny_flux, image_dir, tmp_path, capsys):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (64, 64), 255).save(masks / "00.png")  # none for 01.jpg
+    code, err = run_main(flux_train_args_min(tiny_flux, image_dir, tmp_path) + ["--mask_dir", str(masks)], capsys)
+    assert code == 2 and "--mask_dir: no mask for 01.jpg in" in err
+    code, err = run_main(args_with(image_dir, tmp_path, "--guidance_scale", "3.5"), capsys)
+    assert code == 2 and "--guidance_scale is for FLUX models" in err
+
+
+def test_unknown_pipeline_class_is_named(image_dir, tmp_path, capsys):
+    code, err = run_main(train_args(index_only(tmp_path, "Flux2Pipeline"), image_dir, tmp_path / "out"), capsys)
+    assert code == 2 and "is a Flux2Pipeline; tlora trains FluxPipeline, StableDiffusionXLPipeline models" in err

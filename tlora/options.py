@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prior_loss_weight", type=float, default=1.0)
     a("--with_prior_preservation", action="store_true", default=False)
     a("--class_name", type=str, default=None, help="Class word, e.g. dog. Required.")
-    a("--placeholder_token", type=str, default=None, help="Concept token, e.g. sks. Required.")
+    a("--placeholder_token", type=str, default=None,
+      help="Concept token, e.g. sks. Required on SDXL; FLUX default: sks (the authors' FLUX prompt).")
     a("--validation_prompts", "--validation_prompt", dest="validation_prompts", type=str, default=None,
       help="'#'-separated prompts; {0} = '<token> <class>'.")
     a("--num_val_imgs_per_prompt", "--num_validation_images", dest="num_val_imgs_per_prompt", type=int, default=None,
@@ -266,16 +267,16 @@ def apply_family(args: argparse.Namespace) -> None:
     check_model_source("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, revision=args.revision)
     family = families.get(families.detect(args.pretrained_model_name_or_path, args.revision))
     args.family = family.name
+    if args.tlora:
+        if args.trainer_class not in (None, f"{family.name}_tlora"):
+            raise UsageError(f"--tlora asks for the timestep mask, but --trainer_class is {args.trainer_class}; "
+                             "drop one of them")
+        args.trainer_class = f"{family.name}_tlora"
     for name, value in family.train_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.pretrained_vae_model_name_or_path is None:
         args.pretrained_vae_model_name_or_path = family.default_vae or "none"
-    if args.tlora:
-        if args.trainer_class not in (None, family.train_defaults["trainer_class"], f"{family.name}_tlora"):
-            raise UsageError(f"--tlora asks for the timestep mask, but --trainer_class is {args.trainer_class}; "
-                             "drop one of them")
-        args.trainer_class = f"{family.name}_tlora"
     for name, default in FLUX_ONLY.items():
         if family.name == "flux" and getattr(args, name) is None:
             setattr(args, name, default)

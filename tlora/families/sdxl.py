@@ -22,7 +22,7 @@ class SDXL(Family):
     train_defaults = {
         "trainer_type": None, "trainer_class": None, "lora_rank": 4, "min_rank": 1, "learning_rate": 1e-4,
         "checkpointing_steps": 200, "optimizer": "adamw", "max_grad_norm": None, "mixed_precision": "no",
-        "num_val_imgs_per_prompt": 5,
+        "num_val_imgs_per_prompt": 5, "placeholder_token": None,
     }
     inference_steps, inference_guidance = 25, 5.0
 

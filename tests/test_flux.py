@@ -1,0 +1,258 @@
+"""FLUX.1 on a tiny random FLUX built in code: the authors' keys and random start, the mask through the stock
+FluxPipeline, the flow-matching loss, the authors' lora.pt, masked loss, and train -> inference -> evaluate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+from PIL import Image
+from torch import nn
+
+import tlora
+from conftest import REPO, flux_train_args
+from tlora.adapters import rank_mask
+from tlora.checkpoint import read_weights
+from tlora.conditioning import Conditioning
+from tlora.injection import attach
+from tlora.training import diffusion_loss
+
+HIDDEN = 32  # the tiny FLUX's inner dimension (2 heads x 16)
+
+
+def authors_adapters(transformer: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """The authors' FLUX start, made their way: per attention processor, seven LoRALinearLayers
+    (nn.Linear down, nn.Linear up, normal_(down, std 1/r), zeros_(up)) in q, k, v, out, q_proj, k_proj, v_proj order."""
+    state = {}
+    for name in transformer.attn_processors:
+        for key in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora", "to_q_proj_lora", "to_k_proj_lora",
+                    "to_v_proj_lora"):
+            down, up = nn.Linear(HIDDEN, rank, bias=False), nn.Linear(rank, HIDDEN, bias=False)
+            nn.init.normal_(down.weight, std=1 / rank)
+            nn.init.zeros_(up.weight)
+            state[f"{name}.{key}.down.weight"], state[f"{name}.{key}.up.weight"] = down.weight.data, up.weight.data
+    return state
+
+
+def test_authors_keys_shapes_and_random_start(flux_pipe):
+    transformer = flux_pipe.transformer
+    torch.manual_seed(5)
+    theirs = authors_adapters(transformer, 4)
+    torch.manual_seed(5)
+    ours = attach(transformer, "lora", 4, 1)
+    try:
+        state = ours.state_dict()
+        used = {k: v for k, v in theirs.items() if not (
+            k.startswith("single_transformer_blocks") and ("_proj_lora" in k or "to_out_lora" in k))}
+        assert sorted(state) == sorted(used)
+        assert len(state) == 2 * (2 * 7 + 2 * 3)  # 2 double blocks x 7 layers, 2 single blocks x 3, down + up
+        assert all(torch.equal(state[k], used[k]) for k in used)  # same seed, same start, unused draws included
+        assert state["transformer_blocks.0.attn.processor.to_q_proj_lora.down.weight"].shape == (4, HIDDEN)
+        assert state["single_transformer_blocks.1.attn.processor.to_v_lora.up.weight"].shape == (HIDDEN, 4)
+    finally:
+        ours.unload()
+
+
+def _transformer_inputs(transformer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(2, 16, 64, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.25, 0.9]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), guidance=torch.ones(2), return_dict=False)
+
+
+@pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
+def test_zero_output_at_start_and_exact_unload(flux_pipe, trainer_type):
+    transformer = flux_pipe.transformer
+    inputs = _transformer_inputs(transformer)
+    with torch.no_grad():
+        before = transformer(**inputs)[0]
+        t = attach(transformer, trainer_type, 4, 1)
+        during = transformer(**inputs)[0]
+        t.unload()
+        after = transformer(**inputs)[0]
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert not any("timestep_adapter" in n for n, _ in transformer.named_modules())
+
+
+def test_mask_follows_the_timestep_through_the_stock_pipelines(flux_pipe):
+    """At every step of FluxPipeline (and img2img / inpaint), every sample's mask is r(t) of the scheduler's t."""
+    t = attach(flux_pipe.transformer, "lora", 8, 2)
+    seen = []
+    hook = flux_pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(t.state.mask.clone()),
+                                                           with_kwargs=True)
+    try:
+        flux_pipe("a photo of sks dog", num_inference_steps=4, height=64, width=64, num_images_per_prompt=2,
+                  max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+        timesteps = flux_pipe.scheduler.timesteps
+        assert len(seen) == 4 and timesteps[0] == 1000 and timesteps[-1] < 500  # full range: masks differ
+        for mask, step in zip(seen, timesteps):
+            assert mask.shape == (2, 8) and torch.equal(mask, rank_mask(torch.full((2,), step.item()), 1000, 8, 2))
+        assert seen[0].sum(1).tolist() == [2, 2] and seen[-1].sum(1)[0] > 2
+        image = Image.new("RGB", (64, 64), "red")
+        for cls, extra in ((FluxImg2ImgPipeline, {}), (FluxInpaintPipeline, {"mask_image": image.convert("L")})):
+            seen.clear()
+            pipe = cls(**flux_pipe.components)
+            pipe.set_progress_bar_config(disable=True)
+            pipe(prompt="a sks dog", image=image, height=64, width=64, num_inference_steps=4, strength=0.6,
+                 max_sequence_length=16, **extra)
+            steps = pipe.scheduler.timesteps[-len(seen):]  # img2img and inpaint start part-way (strength)
+            assert len(seen) >= 2 and steps[0] < 1000
+            for mask, step in zip(seen, steps):
+                assert torch.equal(mask, rank_mask(torch.tensor([step.item()]), 1000, 8, 2))
+    finally:
+        hook.remove()
+        t.unload()
+
+
+def test_integer_training_timesteps_come_back_exactly():
+    from tlora.families import FLUX
+
+    t = torch.arange(1, 1001, dtype=torch.float32)
+    assert torch.equal(FLUX.diffusion_t(t / 1000), t)
+
+
+def _conditioning(flux_pipe, image: Path, masks=None):
+    return Conditioning(flux_pipe, [image], "a photo of sks dog", 64, torch.device("cpu"), masks=masks,
+                        max_sequence_length=16)
+
+
+def test_loss_is_the_flow_matching_loss(flux_pipe, image_dir):
+    """diffusion_loss equals a hand-written flow-matching loss with the same random numbers."""
+    transformer, vae = flux_pipe.transformer, flux_pipe.vae
+    scheduler = tlora.families.FLUX.noise_scheduler(flux_pipe)
+    batch = _conditioning(flux_pipe, image_dir / "00.png").batch({"instance": torch.tensor([0])})
+    torch.manual_seed(3)
+    with torch.no_grad():
+        loss = diffusion_loss(transformer, flux_pipe, scheduler, batch, torch.float32, None, guidance=1.0)
+    torch.manual_seed(3)
+    x0 = (batch["mean"] + batch["std"] * torch.randn_like(batch["mean"]) - vae.config.shift_factor) * vae.config.scaling_factor
+    noise = torch.randn_like(x0)
+    t = torch.linspace(1000, 1, 1000)[torch.randint(0, 1000, (1,))]  # FLUX.1-dev's training timesteps: 1000..1
+    sigma = t / 1000
+    noisy = (1 - sigma) * x0 + sigma * noise
+    packed = noisy.reshape(1, 16, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 64)  # 2x2 patches
+    ids = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 2)
+    with torch.no_grad():
+        pred = transformer(hidden_states=packed, timestep=sigma, guidance=torch.ones(1),
+                           pooled_projections=batch["pooled"], encoder_hidden_states=batch["prompt_embeds"],
+                           txt_ids=torch.zeros(16, 3), img_ids=torch.cat([torch.zeros(16, 1), ids], 1),
+                           return_dict=False)[0]
+    pred = pred.reshape(1, 4, 4, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, 16, 8, 8)
+    assert torch.allclose(loss, ((pred - (noise - x0)) ** 2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_loss(flux_pipe, image_dir, tmp_path):
+    """White mask = the plain loss; black mask = zero; a half mask counts only its half."""
+    scheduler = tlora.families.FLUX.noise_scheduler(flux_pipe)
+    losses = {}
+    for name, fill in (("none", None), ("white", 255), ("black", 0)):
+        masks = None
+        if fill is not None:
+            masks = [tmp_path / f"{name}.png"]
+            Image.new("L", (96, 80), fill).save(masks[0])
+        batch = _conditioning(flux_pipe, image_dir / "00.png", masks).batch({"instance": torch.tensor([0])})
+        torch.manual_seed(1)
+        with torch.no_grad():
+            losses[name] = diffusion_loss(flux_pipe.transformer, flux_pipe, scheduler, batch, torch.float32, None).item()
+    assert losses["white"] == losses["none"] > 0 and losses["black"] == 0
+
+
+def authors_lora_pt(folder: Path, transformer, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A lora.pt as the authors' FLUX code writes it: every processor's seven layers (trained-looking values),
+    torch.save of a plain dict."""
+    torch.manual_seed(11)
+    state = {k: torch.randn_like(v) * 0.1 for k, v in authors_adapters(transformer, rank).items()}
+    state["single_transformer_blocks.0.attn.processor.to_out_lora.up.weight"] = torch.zeros(3, 3)  # never used
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "lora.pt")
+    return state
+
+
+def test_reads_the_authors_lora_pt(flux_pipe, tmp_path):
+    transformer = flux_pipe.transformer
+    state = authors_lora_pt(tmp_path / "checkpoint-100", transformer)
+    inputs = _transformer_inputs(transformer)
+    with torch.no_grad():
+        base = transformer(**inputs)[0]
+        t = tlora.load(flux_pipe, tmp_path / "checkpoint-100", trainer_class="flux_tlora", min_rank=1)
+        out = transformer(**inputs)[0]
+    loaded = t.state_dict()
+    t.unload()
+    assert len(loaded) == 40 and all(torch.equal(loaded[k], state[k]) for k in loaded)
+    assert not torch.allclose(out, base)
+    # by hand: the first double block's q projection, sample 0 at t = 250 (rank r(250) = int(0.75 * 3) + 1 = 3)
+    attn = transformer.transformer_blocks[0].attn
+    x = torch.randn(3, HIDDEN)
+    down, up = state["transformer_blocks.0.attn.processor.to_q_lora.down.weight"], state[
+        "transformer_blocks.0.attn.processor.to_q_lora.up.weight"]
+    t = tlora.load(flux_pipe, tmp_path / "checkpoint-100", trainer_class="flux_tlora", min_rank=1)
+    try:
+        t.state.set_timestep(torch.tensor([250.0]), torch.device("cpu"))
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x, attn.to_q.weight, attn.to_q.bias) + (x @ down[:3].T) @ up[:, :3].T
+            assert torch.allclose(attn.to_q(x), expected, atol=1e-6)
+    finally:
+        t.unload()
+
+
+def test_unknown_keys_in_a_lora_pt_are_refused(flux_pipe, tmp_path):
+    state = authors_lora_pt(tmp_path / "run", flux_pipe.transformer)
+    state["transformer_blocks.0.attn.processor.to_add_out_lora.down.weight"] = torch.zeros(4, HIDDEN)
+    torch.save(state, tmp_path / "run" / "lora.pt")
+    with pytest.raises(KeyError, match="to_add_out_lora"):
+        tlora.load(flux_pipe, tmp_path / "run")
+    assert not any("timestep_adapter" in n for n, _ in flux_pipe.transformer.named_modules())
+
+
+def test_a_pickle_with_code_is_never_unpickled(flux_pipe, tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    (tmp_path / "run").mkdir()
+    torch.save({"x": Boom()}, tmp_path / "run" / "lora.pt")
+    with pytest.raises(ValueError, match="not a readable tensor file"):
+        tlora.load(flux_pipe, tmp_path / "run")
+
+
+def run(script: str, *argv: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, image_dir, tmp_path, tiny_embedder_dir):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image in ("00.png", "01.jpg"):
+        Image.new("L", (96, 80), 255).save(masks / Path(image).with_suffix(".png").name)
+    run("train.py", *flux_train_args(tiny_flux, image_dir, tmp_path / "out", "--mask_dir", str(masks),
+                                     "--validation_prompt", "a {0} on the beach", "--num_validation_images", "1"))
+    (folder,) = (tmp_path / "out").iterdir()
+    assert folder.name.endswith(f"{image_dir.name}_tlora4")
+    hp = yaml.safe_load((folder / "logs" / "hparams.yml").read_text())
+    assert (hp["family"], hp["trainer_type"], hp["trainer_class"], hp["lora_rank"], hp["min_rank"]) == (
+        "flux", "lora", "flux_tlora", 4, 1)
+    assert (hp["optimizer"], hp["learning_rate"], hp["max_grad_norm"], hp["mixed_precision"]) == ("prodigy", 1.0, 1.0, "bf16")
+    weights, meta = read_weights(folder / "checkpoint-2")
+    assert meta["family"] == "flux" and len(weights) == 40
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(".up.weight"))  # it trained
+    assert (folder / "checkpoint-2/samples/ns28gs3.5/version_0/a sks on the beach/0.png").is_file()
+    run("inference.py", "--config_path", str(folder / "logs/hparams.yml"), "--checkpoint_idx", "2",
+        "--prompts", "a {0} riding a bike", "--num_images_per_prompt", "2", "--num_inference_steps", "3")
+    samples = folder / "checkpoint-2/samples/ns3gs3.5/version_0"
+    images = sorted((samples / "a sks riding a bike").glob("?.png"))
+    assert [Image.open(p).size for p in images] == [(64, 64), (64, 64)]
+    from tlora import evaluate
+
+    assert evaluate.main(["--samples", str(samples), "--reference", str(image_dir / "00.png"), "--class_name", "dog",
+                          "--placeholder_token", "sks", "--clip_model", str(tiny_embedder_dir / "clip"),
+                          "--dino_model", str(tiny_embedder_dir / "dino"), "--device", "cpu"]) == 0
+    metrics = yaml.safe_load((samples / "metrics.json").read_text())
+    assert set(metrics["TS_per_prompt"]) == {"a {0} riding a bike"} and -1 <= metrics["TS"] <= 1
