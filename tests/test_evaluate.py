@@ -160,3 +160,22 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
     again = benchmark.collect(benchmark.parse_args([str(tmp_path / "m.yaml")]))
     assert again == rows
     assert work() == before  # nothing trained, generated or evaluated again
+
+
+def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tmp_path, monkeypatch):
+    make_image(tmp_path / "concept.png", seed=3)
+    (tmp_path / "flux.yaml").write_text(yaml.safe_dump({  # the authors' FLUX flag names
+        "tlora": True, "rank": 4, "min_rank": 1, "max_train_steps": 1, "checkpointing_steps": 1, "resolution": 64,
+        "max_sequence_length": 16, "dataloader_num_workers": 0}))
+    manifest = {
+        "output_dir": "bench", "pretrained_model_name_or_path": str(tiny_flux),
+        "images": {"contextual": 1, "complex": 1, "base": 1}, "num_prompts": {"contextual": 1, "complex": 1},
+        "num_inference_steps": 2, "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}],
+        "methods": [{"name": "Vanilla T-LoRA", "config": "flux.yaml"}],
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    monkeypatch.setattr("tlora.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
+    (row,) = benchmark.run(benchmark.parse_args([str(tmp_path / "m.yaml")]))
+    assert row["method"] == "Vanilla T-LoRA" and 0 < row["IS"] <= 1.0 + 1e-6
+    version = next((tmp_path / "bench").glob("runs/pet/Vanilla T-LoRA/*/checkpoint-1/samples/ns2gs3.5/version_0"))
+    assert len(list((version / "a photo of sks").glob("[0-9].png"))) == 1
