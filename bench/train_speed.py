@@ -3,6 +3,8 @@
     python bench/train_speed.py --model tiny --resolution 64
     python bench/train_speed.py --model sdxl --resolution 128 --steps 3      # SDXL architecture, random weights
     python bench/train_speed.py --model sdxl --resolution 1024 --precisions bf16 --cache on   # on a GPU
+    python bench/train_speed.py --model flux --flux_heads 6 --resolution 128 --steps 3   # FLUX.1-dev, 1/4 width
+    python bench/train_speed.py --model tiny-flux --trainer_type lora --rank 4 --min_rank 1
 
 For each configuration (cache on/off x precision x gradient checkpointing) it runs `--warmup` steps, then
 `--steps` timed steps of `Trainer.step`, and prints a markdown table: median seconds per step, the mean
@@ -32,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from accelerate.state import AcceleratorState  # noqa: E402
 
+from tlora import families  # noqa: E402
 from tlora.injection import attach  # noqa: E402
 from tlora.models import DTYPES, load_pipeline  # noqa: E402
 from tlora.options import parse_args  # noqa: E402
@@ -68,24 +71,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(name: str, scratch: Path):
-    if name == "tiny":
-        from tlora.tiny import build_tiny_sdxl
+def build_model(opts, scratch: Path):
+    if opts.model in ("tiny", "tiny-flux"):
+        from tlora.tiny import build_tiny_flux, build_tiny_sdxl
 
-        return load_pipeline(str(build_tiny_sdxl(scratch / "tiny")), "none")
+        build = build_tiny_flux if opts.model == "tiny-flux" else build_tiny_sdxl
+        return load_pipeline(str(build(scratch / "tiny")), "none")
+    if opts.model == "flux":
+        from flux_architecture import build_flux_architecture
+
+        return build_flux_architecture(opts.flux_heads)
     from sdxl_architecture import build_sdxl_architecture
 
     return build_sdxl_architecture()
 
 
 def train_argv(opts, data: Path, out: Path, precision: str, checkpointing: bool) -> list[str]:
+    family = "flux" if "flux" in opts.model else "sdxl"
     argv = [
-        "--trainer_type", opts.trainer_type, "--trainer_class", "sdxl_tlora", "--pretrained_model_name_or_path",
+        "--trainer_type", opts.trainer_type, "--trainer_class", f"{family}_tlora", "--pretrained_model_name_or_path",
         str(out.parent / "model"), "--pretrained_vae_model_name_or_path", "none", "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog",
         "--placeholder_token", "sks", "--resolution", str(opts.resolution), "--lora_rank", str(opts.rank),
         "--min_rank", str(opts.min_rank), "--num_train_epochs", "1000000", "--checkpointing_steps", "1000000",
         "--mixed_precision", "no" if precision == "fp32" else precision, "--dataloader_num_workers", "1",
-    ]
+        "--optimizer", "adamw", "--learning_rate", "1e-4",
+    ] + (["--max_sequence_length", "512"] if family == "flux" else [])
     return argv + (["--gradient_checkpointing"] if checkpointing else []) + (["--allow_tf32"] if opts.tf32 else [])
 
 
@@ -100,8 +110,7 @@ def unet_seconds(trainer: Trainer, steps: int, adapters: bool) -> float:
         sync(trainer.device)
         start = time.perf_counter()
         with trainer.accelerator.autocast():
-            loss = diffusion_loss(trainer.unet, trainer.scheduler, batch, trainer.pipe.vae.config.scaling_factor,
-                                  trainer.weight_dtype, None)
+            loss = diffusion_loss(trainer.model, trainer.pipe, trainer.scheduler, batch, trainer.weight_dtype, None)
         loss.backward()
         sync(trainer.device)
         times.append(time.perf_counter() - start)
@@ -114,10 +123,11 @@ def initial_adapters(opts, pipe) -> tuple[dict, float]:
     """T-LoRA's initialisation (one SVD per projection, on the accelerator when there is one), timed once;
     every configuration then starts from these adapters."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.unet.to(device)
+    model = families.denoiser(pipe)
+    model.to(device)
     sync(device)
     start = time.perf_counter()
-    tlora = attach(pipe.unet, opts.trainer_type, opts.rank, opts.min_rank, svd_device=device)
+    tlora = attach(model, opts.trainer_type, opts.rank, opts.min_rank, svd_device=device)
     sync(device)
     seconds = time.perf_counter() - start
     state = tlora.state_dict()
@@ -154,7 +164,7 @@ def run_config(opts, pipe, data, scratch, rss, state, precision, cache, checkpoi
     with_adapters = unet_seconds(trainer, opts.adapter_steps, True)
     row["adapters"] = with_adapters - unet_seconds(trainer, opts.adapter_steps, False)
     trainer.tlora.unload()
-    pipe.unet.disable_gradient_checkpointing()
+    families.denoiser(pipe).disable_gradient_checkpointing()
     trainer.accelerator.end_training()
     return row
 
@@ -179,7 +189,8 @@ def table(rows: list[tuple[str, dict]], opts, init_seconds: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "sdxl", "tiny-flux", "flux"], default="tiny")
+    p.add_argument("--flux_heads", type=int, default=24, help="FLUX transformer width in heads of 128 (24 = FLUX.1-dev)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -199,7 +210,7 @@ def main() -> None:
     rng = np.random.RandomState(0)
     Image.fromarray((rng.rand(1200, 1280, 3) * 255).astype("uint8")).save(data / "00.jpg")
     rss = PeakRSS()
-    pipe = build_model(opts.model, scratch)
+    pipe = build_model(opts, scratch)
     pipe.save_config(scratch / "model")  # model_index.json only: the options check a model folder; the pipe is in memory
     state: dict = {}
     state["adapters"], state["init_seconds"] = initial_adapters(opts, pipe)
