@@ -11,14 +11,20 @@ from . import families
 from .families.base import moved
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# --base_model_precision: a quantized, frozen denoiser (diffusers' quantization backends)
-QUANTIZED = {
-    "int8-bnb": ("bitsandbytes_8bit", {"load_in_8bit": True}),
-    "nf4-bnb": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
-    "int8-torchao": ("torchao", {"quant_type": "int8wo"}),
-    "fp8-torchao": ("torchao", {"quant_type": "float8wo_e4m3"}),
-}
-BASE_PRECISIONS = ("auto", *QUANTIZED)
+# --base_model_precision: a quantized, frozen denoiser (diffusers' bitsandbytes and torchao backends)
+BASE_PRECISIONS = ("auto", "int8-bnb", "nf4-bnb", "int8-torchao", "fp8-torchao")
+
+
+def _quant_config(precision: str, dtype: torch.dtype) -> Any:
+    from diffusers import BitsAndBytesConfig, TorchAoConfig
+
+    if precision == "int8-bnb":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if precision == "nf4-bnb":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig() if precision == "int8-torchao" else Float8WeightOnlyConfig())
 
 
 def quantization(precision: str, family: type[families.Family], dtype: torch.dtype) -> Any:
@@ -27,11 +33,7 @@ def quantization(precision: str, family: type[families.Family], dtype: torch.dty
         return None
     from diffusers.quantizers import PipelineQuantizationConfig
 
-    backend, kwargs = QUANTIZED[precision]
-    if backend.startswith("bitsandbytes_4bit"):
-        kwargs = kwargs | {"bnb_4bit_compute_dtype": dtype}
-    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs,
-                                      components_to_quantize=[family.model_attr])
+    return PipelineQuantizationConfig(quant_mapping={family.model_attr: _quant_config(precision, dtype)})
 
 
 def load_pipeline(
