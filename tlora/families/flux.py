@@ -71,10 +71,6 @@ class FLUX(Family):
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
-    def encoders(cls, pipe) -> list[nn.Module]:
-        return [pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder, pipe.vae.quant_conv]
-
-    @classmethod
     def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:
         """T5 embeddings (1, max_sequence_length, 4096) and CLIP pooled (1, 768), via diffusers' own code."""
         embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=device, max_sequence_length=max_sequence_length)

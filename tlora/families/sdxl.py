@@ -52,10 +52,6 @@ class SDXL(Family):
         return DDPMScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
-    def encoders(cls, pipe) -> list[nn.Module]:
-        return [pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder, pipe.vae.quant_conv]
-
-    @classmethod
     def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:
         """Embeddings (1, 77, 2048) and pooled (1, 1280) from both text encoders, via diffusers' own code."""
         embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
