@@ -293,27 +293,27 @@ def _check_family_choices(args: argparse.Namespace) -> None:
         raise UsageError(f"--trainer_class {args.trainer_class} is for another model family; this is a {args.family} "
                          f"model: pass --trainer_class {args.family}_{kind}")
     if args.optimizer == "prodigy":
-        import importlib.util
-
-        if importlib.util.find_spec("prodigyopt") is None:
-            raise UsageError("--optimizer prodigy needs prodigyopt: pip install prodigyopt (or --optimizer adamw)")
+        _require("--optimizer prodigy", "prodigyopt", "pip install prodigyopt", "or --optimizer adamw")
         if args.use_8bit_adam:
             raise UsageError("--use_8bit_adam is an AdamW option; drop it or pass --optimizer adamw")
-    if args.base_model_precision != "auto":
-        _check_quantization(args.base_model_precision)
+    precision = args.base_model_precision
+    if precision != "auto":
+        package = "bitsandbytes" if precision.endswith("bnb") else "torchao"
+        _require(f"--base_model_precision {precision}", package, f"pip install {package}",
+                 "or --base_model_precision auto" if package == "torchao" else "pass auto or a torchao precision",
+                 cuda=package == "bitsandbytes")
 
 
-def _check_quantization(precision: str) -> None:
+def _require(flag: str, package: str, install: str, instead: str, cuda: bool = False) -> None:
+    """`flag` needs `package` installed (and a CUDA GPU when `cuda`): one line naming the fix otherwise."""
     import importlib.util
 
     import torch
 
-    package = "bitsandbytes" if precision.endswith("bnb") else "torchao"
     if importlib.util.find_spec(package) is None:
-        raise UsageError(f"--base_model_precision {precision} needs {package}: pip install {package} "
-                         "(or --base_model_precision auto)")
-    if package == "bitsandbytes" and not torch.cuda.is_available():
-        raise UsageError(f"--base_model_precision {precision} needs a CUDA GPU; pass auto or a torchao precision")
+        raise UsageError(f"{flag} needs {package}: {install} ({instead})")
+    if cuda and not torch.cuda.is_available():
+        raise UsageError(f"{flag} needs a CUDA GPU; {instead}")
 
 
 def _check_masks(args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -350,23 +350,13 @@ def validate(args: argparse.Namespace) -> None:
         check_templates("--validation_prompts", split_prompts(args.validation_prompts))
     _check_data(args)
     if args.use_8bit_adam:
-        _check_8bit_adam()
+        _require("--use_8bit_adam", "bitsandbytes", "pip install -e '.[bnb]'",
+                 "drop the flag to train with torch's AdamW", cuda=True)
     _check_tracker(args)
     _check_output_dir(args.output_dir)
     if args.pretrained_vae_model_name_or_path and args.pretrained_vae_model_name_or_path.lower() != "none":
         check_model_source("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, "config.json")
     resume.check(args)
-
-
-def _check_8bit_adam() -> None:
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install -e '.[bnb]' (or drop the flag)")
-    if not torch.cuda.is_available():
-        raise UsageError("--use_8bit_adam needs a CUDA GPU; drop the flag to train with torch's AdamW")
 
 
 def wandb_key(args: argparse.Namespace) -> str | None:
