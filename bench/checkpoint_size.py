@@ -18,13 +18,14 @@ from diffusers import UNet2DConditionModel
 
 from sdxl_architecture import UNET
 from tlora.injection import attach
+from tlora.settings import TLoRASettings
 
 
 def sizes(trainer_type: str, rank: int) -> tuple[int, int, int]:
     """(weights bytes, optimizer-state bytes, trainable values) for SDXL with `rank` adapters."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(**UNET)
-        adapters = attach(unet, trainer_type, rank, init=False)
+        adapters = attach(unet, TLoRASettings(trainer_type, rank), init=False)
     weights = sum(t.numel() * 4 for a in adapters.adapters.values() for t in a.state_dict().values())
     trainable = adapters.trainable_parameters()
     values = sum(p.numel() for p in trainable)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tlora.checkpoint import read_weights
+from tlora.reading import read
 from tlora.tiny import build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def check(out: Path) -> tuple[list[int], int]:
     steps, rows = [], 0
     for run in out.iterdir():
         for checkpoint in run.glob("checkpoint-*"):
-            read_weights(checkpoint)  # raises on a missing or partial file
+            read(checkpoint, quiet=True).tensors()  # raises on a missing or partial file
             state = checkpoint / "resume"
             if state.is_dir():
                 assert sorted(p.name for p in state.iterdir()) == STATE_FILES, checkpoint

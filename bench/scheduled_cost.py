@@ -57,9 +57,8 @@ def main() -> None:
     pipe, rank, min_rank = build(opts.model, scratch)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
-    adapters = tlora.attach(pipe.unet, "ortho_lora", rank, min_rank, init=False)
-    save_weights(adapters.state_dict(), scratch / "checkpoint-1",
-                 {"trainer_type": "ortho_lora", "trainer_class": "sdxl_tlora", "lora_rank": rank, "min_rank": min_rank})
+    adapters = tlora.attach(pipe.unet, tlora.TLoRASettings("ortho_lora", rank, min_rank), init=False)
+    save_weights(adapters.state_dict(), scratch / "checkpoint-1", adapters.settings.to_metadata())
     adapters.unload()
     export([str(scratch / "checkpoint-1"), "--format", "diffusers-scheduled", "--out", str(scratch / "scheduled")])
     rows = {"base model": seconds_per_step(pipe, opts.steps, opts.resolution)}

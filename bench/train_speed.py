@@ -38,6 +38,7 @@ from tlora import families  # noqa: E402
 from tlora.injection import attach  # noqa: E402
 from tlora.models import DTYPES, load_pipeline  # noqa: E402
 from tlora.options import parse_args  # noqa: E402
+from tlora.settings import TLoRASettings  # noqa: E402
 from tlora.timing import SectionTimer  # noqa: E402
 from tlora.training import Trainer, diffusion_loss  # noqa: E402
 
@@ -127,7 +128,7 @@ def initial_adapters(opts, pipe) -> tuple[dict, float]:
     model.to(device)
     sync(device)
     start = time.perf_counter()
-    tlora = attach(model, opts.trainer_type, opts.rank, opts.min_rank, svd_device=device)
+    tlora = attach(model, TLoRASettings(opts.trainer_type, opts.rank, opts.min_rank), svd_device=device)
     sync(device)
     seconds = time.perf_counter() - start
     state = tlora.state_dict()

@@ -17,6 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def read_weights(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a checkpoint folder or file, through tlora's reader (no settings needed)."""
+    from tlora.reading import find_weights, read_header, read_tensors
+
+    found = find_weights(path)
+    return read_tensors(found), read_header(found)[1]
+
+
 def make_image(path: Path, size: tuple[int, int] = (96, 80), seed: int = 0) -> Path:
     """A random RGB image (not square, so cropping is exercised)."""
     rng = np.random.RandomState(seed)

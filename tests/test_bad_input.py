@@ -17,7 +17,8 @@ import inference
 import tlora
 import train
 from conftest import make_image, train_args
-from tlora.checkpoint import WEIGHTS_NAME, read_weights
+from conftest import read_weights
+from tlora.checkpoint import WEIGHTS_NAME
 from tlora.data import load_pixels, open_rgb
 
 
@@ -169,7 +170,7 @@ def test_inference_rejects_damaged_and_foreign_checkpoints(run_folder, tmp_path,
 
 def test_api_checks_its_settings(tiny_pipe, run_folder):
     checkpoint = run_folder / "checkpoint-1"
-    with pytest.raises(ValueError, match="min_rank must be between 1 and lora_rank"):
+    with pytest.raises(ValueError, match=r"min_rank \(99\) must not exceed lora_rank \(4\)"):
         tlora.load(tiny_pipe, checkpoint, min_rank=99)
     with pytest.raises(ValueError, match="trainer_class must be one of sdxl_lora, sdxl_tlora, flux_lora, flux_tlora, got 'nonsense'"):
         tlora.load(tiny_pipe, checkpoint, trainer_class="nonsense")

@@ -7,8 +7,11 @@ from diffusers.models.attention_processor import Attention
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tlora.checkpoint import WEIGHTS_NAME, infer_rank, infer_trainer_type, read_weights, save_weights
+from conftest import read_weights
+from tlora.checkpoint import WEIGHTS_NAME, save_weights
+from tlora.reading import infer_rank, infer_trainer_type
 from tlora.injection import attach
+from tlora.settings import TLoRASettings
 from test_injection import perturb, unet_inputs
 
 PARAMS = {
@@ -33,7 +36,7 @@ def expected_keys(unet, trainer_type, rank):
 
 @pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
 def test_checkpoint_keys_and_shapes(unet, tmp_path, trainer_type):
-    tlora = attach(unet, trainer_type, 4, 2)
+    tlora = attach(unet, TLoRASettings(trainer_type, 4, 2))
     path = save_weights(tlora.state_dict(), tmp_path, {"trainer_type": trainer_type, "lora_rank": 4})
     tensors, meta = read_weights(tmp_path)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_keys(unet, trainer_type, 4)
@@ -47,11 +50,11 @@ def test_checkpoint_keys_and_shapes(unet, tmp_path, trainer_type):
 
 @pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
 def test_save_then_load_gives_identical_outputs(unet, tiny_model, tmp_path, trainer_type):
-    tlora = attach(unet, trainer_type, 4, 1)
+    tlora = attach(unet, TLoRASettings(trainer_type, 4, 1))
     perturb(tlora)
     save_weights(tlora.state_dict(), tmp_path)
     fresh = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    loaded = attach(fresh, trainer_type, 4, 1, init=False)
+    loaded = attach(fresh, TLoRASettings(trainer_type, 4, 1), init=False)
     loaded.load_state_dict(read_weights(tmp_path)[0])
     inputs = unet_inputs(unet)
     with torch.no_grad():
@@ -64,16 +67,16 @@ def test_save_then_load_gives_identical_outputs(unet, tiny_model, tmp_path, trai
 
 
 def test_authors_file_without_metadata_loads(unet, tiny_model, tmp_path):
-    tlora = attach(unet, "ortho_lora", 4, 1)
+    tlora = attach(unet, TLoRASettings("ortho_lora", 4, 1))
     perturb(tlora)
     save_file(tlora.state_dict(), str(tmp_path / WEIGHTS_NAME), metadata={"format": "pt"})
-    fresh = attach(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), "ortho_lora", 4, 1, init=False)
+    fresh = attach(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), TLoRASettings("ortho_lora", 4, 1), init=False)
     fresh.load_state_dict(read_weights(tmp_path)[0])
     assert all(torch.equal(v, tlora.state_dict()[k]) for k, v in fresh.state_dict().items())
 
 
 def test_load_names_the_first_bad_key(unet):
-    tlora = attach(unet, "lora", 4, 1)
+    tlora = attach(unet, TLoRASettings("lora", 4, 1))
     sd = tlora.state_dict()
     first = next(iter(sd))
     missing = dict(sd)

@@ -14,6 +14,7 @@ from tlora import benchmark
 from tlora.analyze import analyze, analyse_updates, effective_rank
 from tlora.evaluate import evaluate_samples
 from tlora.metrics import mask_background, reference_images
+from tlora.settings import TLoRASettings
 
 
 def write_samples(folder, prompts, images):
@@ -95,7 +96,7 @@ def test_effective_rank_by_hand():
     v, _ = torch.linalg.qr(torch.randn(10, 4, generator=g))
     s = torch.tensor([8.0, 4.0, 2.0, 1.0])  # 12/15 = 0.8, 14/15 = 0.933, 15/15: effective rank 4
     weights = {"a.attn1.processor.to_q_lora.up.weight": u * s, "a.attn1.processor.to_q_lora.down.weight": v.T}
-    layer = analyse_updates(weights)["a.attn1.processor.to_q_lora"]
+    layer = analyse_updates(weights, TLoRASettings("lora", 4, family="sdxl"))["a.attn1.processor.to_q_lora"]
     assert layer["effective_rank"] == 4 and layer["kind"] == "self"
     assert torch.allclose(torch.tensor(layer["singular_values"][:4], dtype=torch.float64), s.double(), atol=1e-5)
 

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 import tlora
 from test_injection import perturb, unet_inputs
-from tlora.checkpoint import WEIGHTS_NAME, read_weights, save_weights
+from conftest import read_weights
+from tlora.checkpoint import WEIGHTS_NAME, save_weights
 from tlora.export import best_rank, main, sgm_path
 from tlora.models import load_pipeline
 
@@ -21,7 +22,7 @@ def checkpoint(request, tiny_model, tmp_path_factory):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     torch.manual_seed(0)
-    adapters = tlora.attach(unet, request.param, 4, 2)
+    adapters = tlora.attach(unet, tlora.TLoRASettings(request.param, 4, 2))
     perturb(adapters, seed=7)
     folder = tmp_path_factory.mktemp(f"ckpt_{request.param}") / "checkpoint-10"
     save_weights(adapters.state_dict(), folder, {"trainer_type": request.param, "trainer_class": "sdxl_tlora",

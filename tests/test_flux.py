@@ -17,9 +17,10 @@ from torch import nn
 import tlora
 from conftest import REPO, flux_train_args
 from tlora.adapters import rank_mask
-from tlora.checkpoint import read_weights
+from conftest import read_weights
 from tlora.conditioning import Conditioning
 from tlora.injection import attach
+from tlora.settings import TLoRASettings
 from tlora.training import diffusion_loss
 
 HIDDEN = 32  # the tiny FLUX's inner dimension (2 heads x 16)
@@ -44,7 +45,7 @@ def test_authors_keys_shapes_and_random_start(flux_pipe):
     torch.manual_seed(5)
     theirs = authors_adapters(transformer, 4)
     torch.manual_seed(5)
-    ours = attach(transformer, "lora", 4, 1)
+    ours = attach(transformer, TLoRASettings("lora", 4, 1))
     try:
         state = ours.state_dict()
         used = {k: v for k, v in theirs.items() if not (
@@ -71,7 +72,7 @@ def test_zero_output_at_start_and_exact_unload(flux_pipe, trainer_type):
     inputs = _transformer_inputs(transformer)
     with torch.no_grad():
         before = transformer(**inputs)[0]
-        t = attach(transformer, trainer_type, 4, 1)
+        t = attach(transformer, TLoRASettings(trainer_type, 4, 1))
         during = transformer(**inputs)[0]
         t.unload()
         after = transformer(**inputs)[0]
@@ -81,7 +82,7 @@ def test_zero_output_at_start_and_exact_unload(flux_pipe, trainer_type):
 
 def test_mask_follows_the_timestep_through_the_stock_pipelines(flux_pipe):
     """At every step of FluxPipeline (and img2img / inpaint), every sample's mask is r(t) of the scheduler's t."""
-    t = attach(flux_pipe.transformer, "lora", 8, 2)
+    t = attach(flux_pipe.transformer, TLoRASettings("lora", 8, 2))
     seen = []
     hook = flux_pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(t.state.mask.clone()),
                                                            with_kwargs=True)

@@ -12,7 +12,8 @@ import inference
 import tlora
 from conftest import train_args
 from tlora.adapters import active_rank
-from tlora.checkpoint import WEIGHTS_NAME, read_weights
+from conftest import read_weights
+from tlora.checkpoint import WEIGHTS_NAME
 from tlora.options import parse_args
 from test_injection import perturb
 
@@ -68,7 +69,8 @@ def test_inference_bad_input(trained_run, capsys):
     assert "--config_path: /no/hparams.yml does not exist" in capsys.readouterr().err
     argv = ["--config_path", str(trained_run / "logs" / "hparams.yml"), "--checkpoint_idx", "99", "--prompts", "a {0}"]
     assert inference.main(argv) == 2
-    assert "--checkpoint_idx: no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+    assert "--checkpoint_idx: no T-LoRA weights (pytorch_lora_weights.safetensors or the authors' lora.pt) in" in \
+        capsys.readouterr().err
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from diffusers.models.attention_processor import Attention
 
 from tlora.adapters import active_rank
 from tlora.injection import ADAPTER, attach, attached
+from tlora.settings import TLoRASettings
 
 
 def unet_inputs(unet, batch=2, seed=0):
@@ -32,7 +33,7 @@ def perturb(tlora, seed=0):
 
 def test_every_projection_wrapped_and_processors_kept(unet):
     processors = {k: type(v) for k, v in unet.attn_processors.items()}
-    tlora = attach(unet, "ortho_lora", 4, 2)
+    tlora = attach(unet, TLoRASettings("ortho_lora", 4, 2))
     assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
     attns = [m for m in unet.modules() if isinstance(m, Attention)]
     assert len(tlora.layers) == 4 * len(attns) > 0
@@ -42,7 +43,7 @@ def test_every_projection_wrapped_and_processors_kept(unet):
 
 
 def test_mask_follows_the_unet_timestep(unet):
-    tlora = attach(unet, "lora", 4, 1)
+    tlora = attach(unet, TLoRASettings("lora", 4, 1))
     seen = []
     next(iter(tlora.adapters.values())).register_forward_pre_hook(lambda m, a: seen.append(a[1].clone()))
     with torch.no_grad():
@@ -53,7 +54,7 @@ def test_mask_follows_the_unet_timestep(unet):
 
 
 def test_sdxl_lora_has_no_mask(unet):
-    tlora = attach(unet, "lora", 4, 1, timestep_dependent=False)
+    tlora = attach(unet, TLoRASettings("lora", 4, 1, timestep_dependent=False))
     with torch.no_grad():
         unet(timestep=999, **unet_inputs(unet))
     assert tlora.state.mask is None
@@ -63,7 +64,7 @@ def test_zero_effect_at_init_then_timestep_dependent(unet):
     inputs = unet_inputs(unet)
     with torch.no_grad():
         base = unet(timestep=torch.tensor([10, 900]), **inputs).sample
-        tlora = attach(unet, "ortho_lora", 4, 1)
+        tlora = attach(unet, TLoRASettings("ortho_lora", 4, 1))
         assert torch.equal(unet(timestep=torch.tensor([10, 900]), **inputs).sample, base)
         perturb(tlora)
         out = unet(timestep=torch.tensor([10, 900]), **inputs).sample
@@ -74,7 +75,7 @@ def test_unload_restores_exactly_and_scale_zero_is_base(unet):
     inputs = unet_inputs(unet)
     with torch.no_grad():
         base = unet(timestep=300, **inputs).sample
-        tlora = attach(unet, "lora", 4, 2)
+        tlora = attach(unet, TLoRASettings("lora", 4, 2))
         perturb(tlora)
         assert not torch.equal(unet(timestep=300, **inputs).sample, base)
         tlora.set_scale(0.0)
@@ -88,13 +89,13 @@ def test_unload_restores_exactly_and_scale_zero_is_base(unet):
 
 
 def test_attach_twice_is_an_error(unet):
-    attach(unet, "lora", 4, 1)
+    attach(unet, TLoRASettings("lora", 4, 1))
     with pytest.raises(ValueError, match="already"):
-        attach(unet, "lora", 4, 1)
+        attach(unet, TLoRASettings("lora", 4, 1))
 
 
 def test_per_layer_rank_is_capped(unet):
-    tlora = attach(unet, "lora", 80, 1)  # the tiny UNet's attention layers are 64 wide
+    tlora = attach(unet, TLoRASettings("lora", 80, 1))  # the tiny UNet's attention layers are 64 wide
     for _, layer in tlora.layers.values():
         adapter = getattr(layer, ADAPTER)
         assert adapter.rank == min(80, layer.in_features, layer.out_features) == 64
@@ -106,10 +107,10 @@ def test_adapters_follow_the_seed_in_module_order(unet, tiny_model):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    first = attach(unet, "ortho_lora", 4, 1).state_dict()
+    first = attach(unet, TLoRASettings("ortho_lora", 4, 1)).state_dict()
     other = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     torch.manual_seed(0)
-    second = attach(other, "ortho_lora", 4, 1).state_dict()
+    second = attach(other, TLoRASettings("ortho_lora", 4, 1)).state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     order = [k.rsplit(".processor", 1)[0] for k in first if k.endswith("to_q_lora.q_layer.weight")]
     assert order == [k.rsplit(".processor", 1)[0] for k in unet.attn_processors]

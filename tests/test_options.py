@@ -44,7 +44,7 @@ def args_with(image_dir, tmp_path, *extra):
         (("--train_data_dir", "/no/such/folder"), "--train_data_dir: folder /no/such/folder does not exist"),
         (("--one_image", "missing.jpg"), "--one_image: missing.jpg is not a file in"),
         (("--lora_rank", "4", "--min_rank", "8"), "--min_rank (8) must not exceed --lora_rank (4)"),
-        (("--lora_rank", "0"), "--lora_rank and --min_rank must be positive"),
+        (("--lora_rank", "0"), "--lora_rank must be a whole number of at least 1, got 0"),
         (("--resolution", "100"), "--resolution must be a positive multiple of 8"),
         (("--with_prior_preservation",), "--class_data_dir: folder None does not exist"),
         (("--num_train_epochs", "0"), "--num_train_epochs must be at least 1"),

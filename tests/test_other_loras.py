@@ -32,10 +32,10 @@ def tlora_checkpoint(tiny_model, tmp_path_factory):
     from tlora.checkpoint import save_weights
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    adapters = tlora.attach(unet, "ortho_lora", 4, 2)
+    adapters = tlora.attach(unet, tlora.TLoRASettings("ortho_lora", 4, 2))
     perturb(adapters, seed=5)
     folder = tmp_path_factory.mktemp("tlora_ckpt")
-    save_weights(adapters.state_dict(), folder, {"trainer_type": "ortho_lora", "lora_rank": 4, "min_rank": 2})
+    save_weights(adapters.state_dict(), folder, adapters.settings.to_metadata())
     return folder
 
 

@@ -10,7 +10,7 @@ import yaml
 
 import train as train_py
 from conftest import train_args
-from tlora.checkpoint import read_weights
+from conftest import read_weights
 from tlora.options import parse_args
 from tlora.resume import RESUME_DIR
 

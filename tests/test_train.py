@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import REPO, SHARED, train_args
-from tlora.checkpoint import read_weights
+from conftest import read_weights
 from tlora.options import parse_args
 from wandb_log import history
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, train_args
-from tlora.checkpoint import read_weights
+from conftest import read_weights
 from tlora.options import parse_args
 
 

@@ -1,4 +1,4 @@
-"""tlora: T-LoRA (timestep-dependent LoRA) for Stable Diffusion XL on diffusers."""
+"""tlora: T-LoRA (timestep-dependent LoRA) for Stable Diffusion XL and FLUX on diffusers."""
 
 import logging
 
@@ -16,10 +16,12 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallb
 from .adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, rank_mask
 from .api import load, set_scale, unload
 from .injection import TLoRA, attach, attached
+from .reading import AssumedSetting, Checkpoint, read
 from .scheduled import scheduled
+from .settings import TLoRASettings
 
 __all__ = [
-    "LoRAAdapter", "OrthoLoRAAdapter", "TLoRA", "active_rank", "attach", "attached", "load", "rank_mask",
-    "scheduled", "set_scale", "unload",
+    "AssumedSetting", "Checkpoint", "LoRAAdapter", "OrthoLoRAAdapter", "TLoRA", "TLoRASettings", "active_rank",
+    "attach", "attached", "load", "rank_mask", "read", "scheduled", "set_scale", "unload",
 ]
 __version__ = "0.1.0"

@@ -6,42 +6,57 @@ T-LoRA (``ortho_lora``):        delta(x) = P (M_t * L * (Q x)) - P0 (M_t * L0 * 
 
 P, L, Q start from the SVD of a random N(0, std 1/r) matrix; P0, L0, Q0 are frozen copies of that start,
 so delta is exactly zero before the first optimizer step. Parameter names match the authors' checkpoints.
+The update is written once (`branches`): the adapters' forward (`apply`), exports and analysis
+(`factors`, update = up @ down) all use it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 TRAINER_TYPES = ("lora", "ortho_lora")
-# <family>_tlora: the timestep rank mask; <family>_lora: no mask (plain LoRA / Ortho-LoRA baselines)
-TRAINER_CLASSES = ("sdxl_lora", "sdxl_tlora", "flux_lora", "flux_tlora")
 SIG_TYPES = ("principal", "last", "middle")
-
-
-def timestep_dependent(trainer_class: str) -> bool:
-    """Whether a trainer class masks the rank by timestep (sdxl_tlora, flux_tlora)."""
-    return trainer_class.endswith("_tlora")
+# How each tool rounds r(t); all equal the paper's formula, but float rounding makes int() differ at some t
+# (e.g. r - r_min = 75 at t = 160, r - r_min = 50 at t = 420), so each T-LoRA is masked as its tool masks it.
+RANK_RULES = {
+    "sdxl": "((T - t) / T) ** alpha * (r - r_min) in float32 (the authors' SDXL code)",
+    "flux": "(T - t) * (r - r_min) / T in float32 (the authors' FLUX code; alpha 1, else as sdxl)",
+    "lycoris": "int(t), then ((T - t) / T) ** alpha * (r - r_min) in float64, at most r (LyCORIS / SimpleTuner)",
+}
 
 
 def active_rank(
-    timesteps: torch.Tensor | float, num_train_timesteps: int, max_rank: int, min_rank: int, alpha: float = 1.0
+    timesteps: torch.Tensor | float, num_train_timesteps: int, max_rank: int, min_rank: int, alpha: float = 1.0,
+    rule: str = "sdxl",
 ) -> torch.Tensor:
-    """r(t) for each timestep, computed in float32 as the authors' code does (int64 result)."""
-    t = torch.as_tensor(timesteps).to(torch.float32)
-    frac = ((num_train_timesteps - t) / num_train_timesteps) ** alpha
-    return (frac * (max_rank - min_rank)).to(torch.int64) + min_rank
+    """r(t) for each timestep (int64), computed exactly as the tool named by `rule` computes it (RANK_RULES)."""
+    T, span = num_train_timesteps, max_rank - min_rank
+    t = torch.as_tensor(timesteps)
+    if rule == "lycoris":
+        frac = (T - t.to(torch.float64).trunc()) / T
+        ranks = ((frac if alpha == 1 else frac ** alpha) * span).to(torch.int64) + min_rank
+        return ranks.clamp(max=max_rank)
+    if rule not in RANK_RULES:
+        raise ValueError(f"rank rule must be one of {', '.join(RANK_RULES)}, got {rule!r}")
+    t = t.to(torch.float32)
+    if rule == "flux" and alpha == 1:
+        return ((T - t) * span / T).to(torch.int64) + min_rank
+    return (((T - t) / T) ** alpha * span).to(torch.int64) + min_rank
 
 
 def rank_mask(
-    timesteps: torch.Tensor | float, num_train_timesteps: int, max_rank: int, min_rank: int, alpha: float = 1.0
+    timesteps: torch.Tensor | float, num_train_timesteps: int, max_rank: int, min_rank: int, alpha: float = 1.0,
+    rule: str = "sdxl",
 ) -> torch.Tensor:
     """0/1 float mask of shape (N, max_rank): row i keeps the first r(t_i) rank components."""
-    ranks = active_rank(timesteps, num_train_timesteps, max_rank, min_rank, alpha).reshape(-1, 1)
+    ranks = active_rank(timesteps, num_train_timesteps, max_rank, min_rank, alpha, rule).reshape(-1, 1)
     positions = torch.arange(max_rank, device=ranks.device).reshape(1, -1)
     return (positions < ranks).to(torch.float32)
 
@@ -56,6 +71,55 @@ def _scale_rank(h: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return h * scale.reshape(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])
 
 
+# -- the update, once -----------------------------------------------------------------------------
+class Branch(NamedTuple):
+    """One term sign * up diag(scale * mask) down of an adapter's update."""
+
+    down: torch.Tensor  # r x in
+    scale: torch.Tensor | None  # 1 x r (lambda), None for 1
+    up: torch.Tensor  # out x r
+    sign: int  # +1, or -1 for T-LoRA's frozen start
+
+
+def branches(params: Mapping[str, torch.Tensor], trainer_type: str) -> list[Branch]:
+    """The update of one adapter from its parameters (the authors' names), as a sum of branches:
+    lora: B M A; ortho_lora: P L M Q - P0 L0 M Q0."""
+    if trainer_type == "lora":
+        return [Branch(params["down.weight"], None, params["up.weight"], 1)]
+    if trainer_type == "ortho_lora":
+        return [Branch(params["q_layer.weight"], params["lambda_layer"], params["p_layer.weight"], 1),
+                Branch(params["base_q.weight"], params["base_lambda"], params["base_p.weight"], -1)]
+    raise ValueError(f"--trainer_type must be one of {TRAINER_TYPES}, got {trainer_type!r}")
+
+
+def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The update applied to x: one down-projection for every branch (x is read once), one multiply by
+    scale * mask (bitwise equal to multiplying by each in turn, the mask being 0/1), then one
+    up-projection per branch, subtracted for the frozen start so that the sum is exactly zero while
+    the trained branch equals it."""
+    rank = parts[0].down.shape[0]
+    down = parts[0].down if len(parts) == 1 else torch.cat([b.down for b in parts])
+    h = F.linear(x.to(down.dtype), down)
+    scale = None if parts[0].scale is None else torch.cat([b.scale for b in parts], dim=1)
+    if mask is not None:
+        m = mask[:, :rank].repeat(1, len(parts))
+        scale = m if scale is None else scale * m.to(scale.device)
+    pieces = _scale_rank(h, scale).split(rank, dim=-1)
+    out = F.linear(pieces[0], parts[0].up)
+    for piece, branch in zip(pieces[1:], parts[1:]):
+        out = out + F.linear(piece, branch.up) if branch.sign > 0 else out - F.linear(piece, branch.up)
+    return out.to(x.dtype)
+
+
+def factors(parts: list[Branch], mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update as LoRA factors (down k x in, up out x k) with `mask` (1 x r) folded in, so that
+    update = up @ down; component i of branch j is row/column j * r + i."""
+    rank = parts[0].down.shape[0]
+    m = torch.ones(1, rank, dtype=parts[0].down.dtype) if mask is None else mask[:, :rank].to(parts[0].down.dtype)
+    down = torch.cat([(m if b.scale is None else b.scale * m).T * b.down for b in parts])
+    return down, torch.cat([b.sign * b.up for b in parts], dim=1)
+
+
 class LoRAAdapter(nn.Module):
     """Vanilla T-LoRA: up(down(x) * mask). Keys: ``down.weight`` (r x in), ``up.weight`` (out x r)."""
 
@@ -68,9 +132,11 @@ class LoRAAdapter(nn.Module):
             nn.init.normal_(self.down.weight, std=1 / rank)
             nn.init.zeros_(self.up.weight)
 
+    def branches(self) -> list[Branch]:
+        return branches(dict(self.named_parameters()), "lora")
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.down(x.to(self.down.weight.dtype))
-        return self.up(_scale_rank(h, None if mask is None else mask[:, : self.rank])).to(x.dtype)
+        return apply(self.branches(), x, mask)
 
 
 def _svd_slice(size: int, rank: int, sig_type: str) -> slice:
@@ -134,16 +200,11 @@ class OrthoLoRAAdapter(nn.Module):
         self.base_p = copy.deepcopy(self.p_layer).requires_grad_(False)
         self.base_lambda = nn.Parameter(self.lambda_layer.detach().clone(), requires_grad=False)
 
+    def branches(self) -> list[Branch]:
+        return branches(dict(self.named_parameters()), "ortho_lora")
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # One down-projection for both paths (x is read once) and one multiply by lambda * mask (a 0/1 mask
-        # makes this bitwise equal to multiplying by each in turn); two up-projections, so that the
-        # difference is exactly zero while P = P0, L = L0, Q = Q0.
-        down = F.linear(x.to(self.q_layer.weight.dtype), torch.cat([self.q_layer.weight, self.base_q.weight]))
-        scale = torch.cat([self.lambda_layer, self.base_lambda], dim=1)
-        if mask is not None:
-            scale = scale * mask[:, : self.rank].to(scale.device).repeat(1, 2)
-        trained, frozen = _scale_rank(down, scale).split(self.rank, dim=-1)
-        return (self.p_layer(trained) - self.base_p(frozen)).to(x.dtype)
+        return apply(self.branches(), x, mask)
 
 
 def make_adapter(

@@ -3,7 +3,8 @@
 Writes into `<RUN_OR_CHECKPOINT>/analysis/`:
 - rank_schedule.png  r(t) for t = 0..999 with the run's rank, min_rank and alpha
 - effective_rank.png singular values of each layer's learned update and its effective rank (smallest k
-                     holding 95% of the singular-value sum), self- vs cross-attention (the paper's Fig. 4)
+                     holding 95% of the singular-value sum) by kind of layer: self- vs cross-attention on
+                     SDXL (the paper's Fig. 4); double blocks' image and text streams and single blocks on FLUX
 - effective_rank.json the numbers behind it
 - samples_grid.png   a checkpoint's samples: prompts as rows, images as columns, captions under rows
 - loss.png           the loss curve, from logs/loss.csv
@@ -13,18 +14,19 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from .adapters import active_rank
-from .api import checkpoint_family, read_hparams, settings, usable
-from .checkpoint import read_weights
+from . import families
+from .adapters import active_rank, branches, factors
 from .cli import run_command
 from .generation import existing_images
+from .reading import read, weights_file
+from .run_folder import checkpoints, read_hparams
+from .settings import TLoRASettings
 from .usage import Parser, UsageError
 
 THRESHOLD = 0.95
@@ -39,26 +41,25 @@ def effective_rank(singular_values: torch.Tensor, threshold: float = THRESHOLD) 
     return int((share < threshold - 1e-12).sum().item()) + 1
 
 
-def layer_updates(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def layer_updates(weights: dict[str, torch.Tensor], trainer_type: str) -> dict[str, torch.Tensor]:
     """Adapter key prefix -> learned update (out x in) with every rank component active."""
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        prefix, name = key.split(".processor.")[0], key.split(".processor.")[1]
+        layer, _, param = name.partition(".")
+        params.setdefault(f"{prefix}.processor.{layer}", {})[param] = value
     updates = {}
-    for key in weights:
-        if key.endswith(".up.weight"):
-            prefix = key[: -len(".up.weight")]
-            updates[prefix] = weights[key] @ weights[f"{prefix}.down.weight"]
-        elif key.endswith(".p_layer.weight"):
-            prefix = key[: -len(".p_layer.weight")]
-            w = lambda name: weights[f"{prefix}.{name}"]  # noqa: E731
-            updates[prefix] = (w("p_layer.weight") * w("lambda_layer")) @ w("q_layer.weight") - (
-                w("base_p.weight") * w("base_lambda")) @ w("base_q.weight")
+    for prefix, p in params.items():
+        down, up = factors(branches(p, trainer_type))
+        updates[prefix] = up @ down
     return updates
 
 
 def resolve(target: Path) -> tuple[Path, Path | None]:
     """(run folder, checkpoint folder or None) for a run or checkpoint path."""
     if (target / "logs" / "hparams.yml").is_file():
-        checkpoints = sorted(target.glob("checkpoint-*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
-        return target, (checkpoints[-1] if checkpoints else None)
+        found = [folder for _, folder in checkpoints(target) if weights_file(folder)]
+        return target, (found[-1] if found else None)
     if (target.parent / "logs" / "hparams.yml").is_file():
         return target.parent, target
     raise UsageError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints; pass one")
@@ -74,36 +75,48 @@ def pyplot():
     return plt
 
 
-def plot_rank_schedule(cfg: dict, path: Path) -> None:
+def plot_rank_schedule(s: TLoRASettings, path: Path) -> list[float]:
+    """r(t) for t = 0..T-1 as the T-LoRA masks it (whole-number ticks); returns the rank axis' ticks."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
-    t = torch.arange(1000)
+    t = torch.arange(s.num_train_timesteps)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(t, active_rank(t, 1000, cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"]))
-    ax.set(xlabel="timestep t", ylabel="active rank r(t)",
-           title=f"r={cfg['lora_rank']}, r_min={cfg['min_rank']}, alpha={cfg['alpha_rank_scale']}")
+    if s.timestep_dependent:
+        ranks = active_rank(t, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale, s.rule)
+    else:
+        ranks = torch.full_like(t, s.lora_rank)
+    ax.plot(t, ranks)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    mask = f"r_min={s.min_rank}, alpha={s.alpha_rank_scale}" if s.timestep_dependent else "no mask"
+    ax.set(xlabel="timestep t", ylabel="active rank r(t)", title=f"{s.trainer_class}: r={s.lora_rank}, {mask}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    ticks = [float(v) for v in ax.get_yticks()]
     plt.close(fig)
+    return ticks
 
 
-def analyse_updates(weights: dict[str, torch.Tensor]) -> dict[str, dict]:
+def analyse_updates(weights: dict[str, torch.Tensor], settings: TLoRASettings) -> dict[str, dict]:
+    family = families.get(settings.family)
     out = {}
-    for prefix, update in layer_updates(weights).items():
+    for prefix, update in layer_updates(weights, settings.trainer_type).items():
         s = torch.linalg.svdvals(update.double())
-        kind = "self" if ".attn1." in prefix else "cross" if ".attn2." in prefix else "other"
-        out[prefix] = {"kind": kind, "effective_rank": effective_rank(s), "singular_values": s[:128].tolist()}
+        out[prefix] = {"kind": family.layer_kind(prefix), "effective_rank": effective_rank(s),
+                       "singular_values": s[:128].tolist()}
     return out
 
 
-def plot_effective_rank(layers: dict[str, dict], path: Path) -> None:
+def plot_effective_rank(layers: dict[str, dict], kinds: dict[str, str], path: Path) -> None:
+    """Spectra and effective ranks, one colour per kind of layer (`kinds`: kind -> label)."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for kind, colour in (("self", "tab:blue"), ("cross", "tab:orange")):
+    for (kind, label), colour in zip(kinds.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         group = [v for v in layers.values() if v["kind"] == kind]
         for i, v in enumerate(group):
             s = torch.tensor(v["singular_values"])
-            left.plot(s / max(float(s[0]), 1e-12), color=colour, alpha=0.3, label=f"{kind}-attention" if i == 0 else None)
-        right.hist([v["effective_rank"] for v in group], bins=20, alpha=0.6, color=colour, label=f"{kind}-attention")
+            left.plot(s / max(float(s[0]), 1e-12), color=colour, alpha=0.3, label=label if i == 0 else None)
+        right.hist([v["effective_rank"] for v in group], bins=20, alpha=0.6, color=colour, label=label)
     left.set(xlabel="index", ylabel="singular value / largest", title="Spectra of the learned updates", yscale="log")
     right.set(xlabel=f"effective rank ({int(THRESHOLD * 100)}% of the singular-value sum)", ylabel="layers",
               title="Effective rank per layer")
@@ -156,20 +169,19 @@ def analyze(target: str | Path) -> Path:
     run, checkpoint = resolve(target)
     out = target / "analysis"
     out.mkdir(exist_ok=True)
-    hparams = read_hparams(run / "logs" / "hparams.yml")
+    hparams_path = run / "logs" / "hparams.yml"
     if checkpoint is not None:
-        weights, metadata = read_weights(checkpoint)
-        family = checkpoint_family(weights, metadata, hparams if isinstance(hparams, dict) else None)
-        weights = usable(weights, family)
-        cfg = settings(weights, metadata, hparams, family)
-        layers = analyse_updates(weights)
+        ckpt = read(checkpoint, hparams_path, fix=f"add {{key}} to {hparams_path}")
+        settings = ckpt.settings
+        layers = analyse_updates(ckpt.tensors(), settings)
         (out / "effective_rank.json").write_text(json.dumps(layers, indent=1))
-        plot_effective_rank(layers, out / "effective_rank.png")
+        plot_effective_rank(layers, families.get(settings.family).layer_kinds, out / "effective_rank.png")
         for version in sorted(checkpoint.glob("samples/*/version_*"))[:1]:
             samples_grid(version, out / "samples_grid.png")
     else:
-        cfg = {"min_rank": 1, "alpha_rank_scale": 1.0, **hparams}
-    plot_rank_schedule(cfg, out / "rank_schedule.png")
+        settings = TLoRASettings.from_hparams(read_hparams(hparams_path), str(hparams_path))
+        print(f"note: {run} has no checkpoint yet: no effective_rank or samples_grid pictures", file=sys.stderr)
+    plot_rank_schedule(settings, out / "rank_schedule.png")
     plot_loss(run / "logs" / "loss.csv", out / "loss.png")
     return out
 

@@ -11,11 +11,11 @@ Manifest (YAML):
     output_dir: bench                      # required
     pretrained_model_name_or_path: stabilityai/stable-diffusion-xl-base-1.0
     placeholder_token: sks
-    images: {contextual: 5, complex: 5, base: 15}
-    num_prompts: {contextual: 25, complex: 6}   # fewer for a quick look
+    images: {contextual: 5, complex: 5, base: 15}   # images per prompt; keys left out keep these defaults
+    num_prompts: {contextual: 25, complex: 6}       # fewer for a quick look
     num_inference_steps: 25               # default: the model family's (SDXL 25, FLUX 28)
     guidance_scale: 5.0                   # default: the model family's (SDXL 5.0, FLUX 3.5)
-    evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}
+    evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}  # mask_dir: relative to this file
     report_to: none                        # or wandb
     concepts:
       - {name: dog, image: dog_example/02.jpg, class_name: dog, kind: live}
@@ -47,6 +47,8 @@ from .safe_names import safe_component
 from .usage import Parser, UsageError
 
 COLUMNS = ("concept", "method", "kind", "IS", "DINO_IS", "TS_contextual", "TS_complex", "checkpoint")
+IMAGES = {"contextual": 5, "complex": 5, "base": 15}  # images per prompt of each group (the paper's)
+NUM_PROMPTS = {"contextual": 25, "complex": 6}
 METRICS = ("IS", "DINO_IS", "TS_contextual", "TS_complex")
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
@@ -68,8 +70,8 @@ class Manifest:
     placeholder_token: str = "sks"
     pretrained_model_name_or_path: str | None = None
     pretrained_vae_model_name_or_path: str | None = None
-    images: dict = field(default_factory=lambda: {"contextual": 5, "complex": 5, "base": 15})
-    num_prompts: dict = field(default_factory=lambda: {"contextual": 25, "complex": 6})
+    images: dict = field(default_factory=lambda: dict(IMAGES))
+    num_prompts: dict = field(default_factory=lambda: dict(NUM_PROMPTS))
     num_inference_steps: int | None = None  # None: the model family's default
     guidance_scale: float | None = None
     seed: int = 0
@@ -108,10 +110,28 @@ class Manifest:
             prompt_set(item.get("kind", "live"))
         for item in values["methods"]:
             item["config"] = str(base / item["config"])
+        for key, defaults in (("images", IMAGES), ("num_prompts", NUM_PROMPTS)):
+            values[key] = _counts(path, key, values.get(key) or {}, defaults)
+        evaluation = values.get("evaluation") or {}
+        if not isinstance(evaluation, dict):
+            raise UsageError(f"manifest {path}: evaluation must be a mapping (clip_model, dino_model, mask_dir)")
+        if evaluation.get("mask_dir"):
+            evaluation["mask_dir"] = str(base / evaluation["mask_dir"])
+        values["evaluation"] = evaluation
         return cls(**values)
 
     def jobs(self) -> list[tuple[dict, dict]]:
         return [(c, m) for c in self.concepts for m in self.methods]
+
+
+def _counts(path, key: str, given, defaults: dict[str, int]) -> dict[str, int]:
+    """A partial mapping of counts over its defaults (images: {base: 3} keeps contextual and complex)."""
+    if not isinstance(given, dict) or set(given) - set(defaults):
+        raise UsageError(f"manifest {path}: {key} must be a mapping with keys among {', '.join(defaults)}")
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"manifest {path}: {key}.{name} must be a whole number of at least 1, got {value!r}")
+    return {**defaults, **given}
 
 
 def _flag_list(values: dict) -> list[str]:
@@ -139,8 +159,10 @@ def job_env() -> dict[str, str]:
 
 def final_checkpoint(job_dir: Path, steps: int) -> Path | None:
     """checkpoint-<steps> of a finished run in job_dir, if any."""
-    done = sorted(job_dir.glob(f"*/checkpoint-{steps}/pytorch_lora_weights.safetensors"))
-    return done[-1].parent if done else None
+    from .reading import weights_file
+
+    done = sorted(folder for folder in job_dir.glob(f"*/checkpoint-{steps}") if weights_file(folder))
+    return done[-1] if done else None
 
 
 def job_dir(m: Manifest, concept: dict, method: dict) -> Path:
@@ -171,14 +193,14 @@ def train_job(m: Manifest, concept: dict, method: dict) -> Path:
     return final_checkpoint(folder, steps)
 
 
-def _pipeline(pipes: dict, hp: dict, device: str):
+def _pipeline(pipes: dict, hp: dict, family, device: str):
     """One pipeline per base model for the whole benchmark (kept on the CPU between jobs)."""
     from .models import DTYPES, load_pipeline
 
     key = (hp["pretrained_model_name_or_path"], hp.get("pretrained_vae_model_name_or_path"), hp.get("revision"))
     if key not in pipes:
-        dtype = DTYPES[("bf16" if hp.get("family") == "flux" else "fp16") if device.startswith("cuda") else "fp32"]
-        pipes[key] = load_pipeline(*key, dtype, hp.get("family", "sdxl"))
+        dtype = DTYPES[family.gpu_dtype if device.startswith("cuda") else "fp32"]
+        pipes[key] = load_pipeline(*key, dtype, family.name)
     return pipes[key]
 
 
@@ -187,16 +209,17 @@ def generate_job(
 ) -> tuple[Path, dict[str, list[str]]]:
     """The protocol's images for one checkpoint (prompt folders already complete are skipped)."""
     from . import api, families, generation
+    from .reading import read
 
-    hp = api.read_hparams(checkpoint.parent / "logs" / "hparams.yml")
-    family = families.get(hp.get("family", "sdxl"))
+    ckpt = read(checkpoint)
+    hp, family = ckpt.hparams, families.get(ckpt.settings.family)
     steps = m.num_inference_steps or family.inference_steps
     guidance = family.inference_guidance if m.guidance_scale is None else m.guidance_scale
     contextual, complex_ = prompt_set(concept.get("kind", "live"))
     groups = {"contextual": contextual[: m.num_prompts["contextual"]], "complex": complex_[: m.num_prompts["complex"]]}
     folder = family.samples_folder(checkpoint, steps, guidance, 0)
-    pipe = _pipeline(pipes, hp, device).to(device)
-    api.load(pipe, checkpoint, hp)
+    pipe = _pipeline(pipes, hp, family, device).to(device)
+    api.load(pipe, ckpt)
     try:
         for name, templates in {"base": [BASE_PROMPT], **groups}.items():
             cfg = generation.Sampling(m.placeholder_token, concept["class_name"], folder, m.images[name], 1, steps,
@@ -225,14 +248,15 @@ def result_path(m: Manifest, concept: dict, method: dict) -> Path:
     return m.output_dir / "results" / name
 
 
-def collect(m: Manifest) -> list[dict]:
-    """Every finished job's row, in manifest order; rewrites results.csv."""
+def collect(m: Manifest, write: bool = True) -> list[dict]:
+    """Every finished job's row, in manifest order; rewrites results.csv when `write` (the main process)."""
     rows = [json.loads(p.read_text()) for c, me in m.jobs() if (p := result_path(m, c, me)).is_file()]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(m.output_dir / "results.csv", buf.getvalue().encode())
+    if write:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(m.output_dir / "results.csv", buf.getvalue().encode())
     return rows
 
 
@@ -320,7 +344,7 @@ def run(m: Manifest) -> list[dict]:
         print(f"{concept['name']} x {method['name']}: " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS
                                                                      if row[k] is not None))
     state.wait_for_everyone()
-    rows = collect(m)
+    rows = collect(m, write=state.is_main_process)
     if state.is_main_process:
         md, png = write_report(m, rows)
         log_report(m, md, png, rows)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Callable
 
-from .usage import UsageError
+from .usage import AssumedSetting, UsageError
 
 
 def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], Any], label: str | None,
@@ -19,8 +20,11 @@ def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], A
     from .stopping import Interrupted
 
     try:
-        args = parse(argv)
-        result = run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", AssumedSetting)
+            warnings.showwarning = _note(warnings.showwarning)
+            args = parse(argv)
+            result = run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -35,6 +39,19 @@ def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], A
     if label and _main_process():
         print(f"{label}: {result}")
     return 0
+
+
+def _note(show: Callable) -> Callable:
+    """showwarning that prints an AssumedSetting as one `note:` line (others as before)."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, AssumedSetting):
+            if _main_process():
+                print(f"note: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 def _main_process() -> bool:

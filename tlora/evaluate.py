@@ -14,13 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 from .cli import run_command
 from .conditioning import BASE_PROMPT
-from .generation import existing_images
+from .generation import existing_images, read_record
 from .data import open_rgb
 from .metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
 from .usage import Parser, UsageError, check_model_source
@@ -30,8 +29,7 @@ TS_TEXT = "prompt with {0} replaced by the class name alone"
 
 def prompt_folders(samples: Path, placeholder_token: str) -> dict[str, Path]:
     """Prompt template -> folder, from prompts.yaml when present, else from the folder names."""
-    record_path = samples / "prompts.yaml"
-    record = yaml.safe_load(record_path.read_text()) if record_path.is_file() else {}
+    record = read_record(samples)
     folders = {}
     for folder in sorted(p for p in samples.iterdir() if p.is_dir() and existing_images(p)):
         entry = record.get(folder.name) or {}

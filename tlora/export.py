@@ -12,7 +12,10 @@ rank-K approximation of each layer (its relative error is printed).
 Formats: `diffusers` (diffusers' save_lora_weights layout and metadata), `kohya` (kohya's SDXL keys,
 which ComfyUI, A1111/Forge and diffusers load), `diffusers-scheduled` (a folder of standard LoRA chunks and
 a schedule that `tlora.scheduled` switches per denoising step: the exact T-LoRA), `authors` (exactly the
-authors' keys and metadata).
+authors' files: SDXL pytorch_lora_weights.safetensors, FLUX lora.pt with every key their loader expects).
+
+Settings are read as tlora.load reads them (the file's metadata, the run's hparams.yml, --config_path, the
+flags below); a timestep mask or schedule is never built on a guessed min_rank, alpha or trainer_class.
 """
 
 from __future__ import annotations
@@ -27,15 +30,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from .adapters import active_rank, timestep_dependent
-from .api import checkpoint_family, read_hparams, settings
-from .checkpoint import CheckpointError, atomic_write, read_weights, weights_path
+from . import families
+from .adapters import active_rank, branches, factors
+from .checkpoint import CheckpointError, atomic_write, save_pickle
 from .cli import run_command
+from .reading import LYCORIS_REFUSAL, Checkpoint, read
+from .scheduled import SCHEDULE_NAME
+from .settings import TLoRASettings
 from .usage import Parser, UsageError
 
 FORMATS = ("diffusers", "kohya", "diffusers-scheduled", "authors")
 PROJECTION = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
-SCHEDULE_NAME = "schedule.json"
+BAKED = ("min_rank", "alpha_rank_scale", "trainer_class")  # settings a timestep mask or schedule is built on
+FIX = "pass --{key} or --config_path RUN/logs/hparams.yml"
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (down (k x in), up (out x k))
 
@@ -52,13 +59,10 @@ def adapter_prefixes(weights: dict[str, torch.Tensor]) -> list[str]:
 
 
 def components(weights: dict[str, torch.Tensor], prefix: str, trainer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) of one adapter with every component, in mask order: row/column i is rank component i
-    (ortho_lora: 2r columns, component i of the trained path then of the frozen one)."""
-    w = lambda name: weights[f"{prefix}.{name}"].double()  # noqa: E731
-    if trainer_type == "lora":
-        return w("down.weight"), w("up.weight")
-    down = torch.cat([w("lambda_layer").T * w("q_layer.weight"), w("base_lambda").T * w("base_q.weight")])
-    return down, torch.cat([w("p_layer.weight"), -w("base_p.weight")], dim=1)
+    """(down, up) of one adapter with every component, in mask order, in float64: row/column i is rank
+    component i (ortho_lora: 2r, component i of the trained branch then of the frozen one)."""
+    params = {k[len(prefix) + 1:]: v.double() for k, v in weights.items() if k.startswith(prefix + ".")}
+    return factors(branches(params, trainer_type))
 
 
 def select(weights: dict[str, torch.Tensor], trainer_type: str, first: int, end: int, drop_zero: bool) -> Factors:
@@ -79,10 +83,10 @@ def select(weights: dict[str, torch.Tensor], trainer_type: str, first: int, end:
     return out
 
 
-def fixed_mask_factors(weights: dict[str, torch.Tensor], cfg: dict, active: int | None) -> Factors:
+def fixed_mask_factors(weights: dict[str, torch.Tensor], settings: TLoRASettings, active: int | None) -> Factors:
     """Every layer's update under a fixed mask (the first `active` components; None = all) as exact LoRA
     factors, components that are exactly zero dropped."""
-    return select(weights, cfg["trainer_type"], 0, cfg["lora_rank"] if active is None else active, drop_zero=True)
+    return select(weights, settings.trainer_type, 0, settings.lora_rank if active is None else active, drop_zero=True)
 
 
 def best_rank(down: torch.Tensor, up: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -165,13 +169,13 @@ def kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def schedule_chunks(cfg: dict) -> list[tuple[int, int, int]]:
+def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
     """(first, last + 1, t_on) per chunk of rank components: the first min_rank are always on (t_on = T);
     the others grouped by the timestep below which the T-LoRA schedule turns them on."""
-    T, rank = cfg["num_train_timesteps"], cfg["lora_rank"]
-    if not timestep_dependent(cfg["trainer_class"]):
+    T, rank = s.num_train_timesteps, s.lora_rank
+    if not s.timestep_dependent:
         return [(0, rank, T)]
-    ranks = active_rank(torch.arange(T), T, rank, cfg["min_rank"], cfg["alpha_rank_scale"]).tolist()
+    ranks = active_rank(torch.arange(T), T, rank, s.min_rank, s.alpha_rank_scale, s.rule).tolist()
     chunks, start = [], 0
     for end in sorted(set(ranks)):  # each distinct active count ends a chunk
         if end > start:  # r(t) falls as t grows: the chunk is on for t below the last t with r(t) >= end
@@ -180,15 +184,15 @@ def schedule_chunks(cfg: dict) -> list[tuple[int, int, int]]:
     return chunks
 
 
-def save_scheduled(weights: dict[str, torch.Tensor], cfg: dict, out: Path) -> None:
+def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, out: Path) -> None:
     """One standard diffusers LoRA per chunk of rank components, plus schedule.json."""
     out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for i, (first, end, t_on) in enumerate(schedule_chunks(cfg)):
+    for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
         name = f"chunk_{i:03d}.safetensors"
-        save_diffusers(select(weights, cfg["trainer_type"], first, end, drop_zero=False), out / name)
+        save_diffusers(select(weights, settings.trainer_type, first, end, drop_zero=False), out / name)
         entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
-    schedule = {"num_train_timesteps": cfg["num_train_timesteps"], "chunks": entries,
+    schedule = {"num_train_timesteps": settings.num_train_timesteps, "chunks": entries,
                 "rule": "a chunk is active at timestep t when t < on_below"}
     atomic_write(out / SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
 
@@ -205,27 +209,54 @@ def parse_mask(value: str) -> int | None:
 def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0].strip("`"), formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("checkpoint", help="A checkpoint-N folder or its pytorch_lora_weights.safetensors.")
+    p.add_argument("checkpoint", help="A run folder (its newest checkpoint), a checkpoint-N folder, or its weights file "
+                                      "(pytorch_lora_weights.safetensors, or the authors' FLUX lora.pt).")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="diffusers: one LoRA file for diffusers' load_lora_weights; kohya: one LoRA file with kohya's "
                         "SDXL keys (ComfyUI LoraLoader, A1111/Forge, diffusers); diffusers-scheduled: a folder of LoRA "
                         "chunks and schedule.json for tlora.scheduled (the exact T-LoRA in stock diffusers); authors: "
-                        "exactly the authors' keys and metadata.")
+                        "exactly the authors' file (SDXL: pytorch_lora_weights.safetensors; FLUX: lora.pt, which "
+                        "their run_inference.py loads).")
     p.add_argument("--out", required=True, help="The file to write (a folder for diffusers-scheduled).")
     p.add_argument("--mask", default="full", help="diffusers/kohya: 'full' (every component, as at t = 0, default) "
                                                   "or 'timestep:T' (the components active at timestep T).")
     p.add_argument("--rank", type=int, default=None,
                    help="diffusers/kohya: the best rank-K approximation of each layer (prints the relative error).")
     p.add_argument("--config_path", default=None,
-                   help="The run's hparams.yml (default: logs/hparams.yml beside the checkpoint, if any).")
+                   help="The run's hparams.yml (default: logs/hparams.yml of the run holding the checkpoint, if any).")
+    p.add_argument("--trainer_class", default=None, help="Override: whether the timestep mask applies "
+                                                         "(sdxl_tlora / flux_tlora) or not (sdxl_lora / flux_lora).")
+    p.add_argument("--min_rank", type=int, default=None, help="Override: the run's min_rank.")
+    p.add_argument("--alpha_rank_scale", type=float, default=None, help="Override: the run's alpha_rank_scale.")
     return p
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    """What the export is built on is known: a timestep mask or schedule never rests on a guessed setting."""
+    ckpt: Checkpoint = args.ckpt
+    if ckpt.lycoris:
+        raise UsageError(f"{ckpt.path} {LYCORIS_REFUSAL}; exports take tlora's or the authors' checkpoints")
+    family = ckpt.settings.family
+    if family != "sdxl" and args.format != "authors":
+        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: --format {args.format} writes SDXL layouts; use "
+                         f"--format authors, or load it with tlora.load(pipe, ...)")
+    baked = args.format == "diffusers-scheduled" or args.active_at is not None
+    guessed = [k for k in BAKED if k in ckpt.assumed] if baked and ckpt.settings.timestep_dependent else []
+    if guessed:
+        what = f"--mask {args.mask}" if args.active_at is not None else f"--format {args.format}"
+        raise UsageError(f"{what} is built on {guessed[0]}, which {ckpt.path} does not record; "
+                         f"{FIX.format(key=guessed[0])}")
+    if args.format == "authors" and family == "flux":
+        if ckpt.settings.trainer_type != "lora":
+            raise UsageError(f"{ckpt.path} is an ortho_lora T-LoRA: the authors' FLUX code has only Vanilla T-LoRA "
+                             "(lora); --format authors cannot express it")
+        if not args.out.endswith(".pt"):
+            raise UsageError(f"--out {args.out}: the authors' FLUX checkpoints are lora.pt files; pass --out .../lora.pt")
+    ckpt.announce(FIX)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    args.path = weights_path(args.checkpoint)
-    run_hparams = args.path.parent.parent / "logs" / "hparams.yml"
-    args.hparams = args.config_path or (str(run_hparams) if run_hparams.is_file() else None)
     args.active_at = parse_mask(args.mask)
     if args.active_at is not None and args.active_at > 999:
         raise UsageError(f"--mask timestep:{args.active_at}: T must be in 0..999")
@@ -236,28 +267,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = Path(args.out)
     if out.exists() and (out.is_dir() != (args.format == "diffusers-scheduled")):
         raise UsageError(f"--out: {out} exists and is a {'folder' if out.is_dir() else 'file'}; pass a new path")
+    args.ckpt = read(args.checkpoint, args.config_path, quiet=True, trainer_class=args.trainer_class,
+                     min_rank=args.min_rank, alpha_rank_scale=args.alpha_rank_scale)
+    _check_settings(args)
     return args
 
 
+def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:
+    """The authors' file: their keys (FLUX: also the layers their loader expects but never uses), no metadata
+    but `format: pt` (SDXL safetensors) or a plain torch.save of tensors (FLUX lora.pt)."""
+    family = families.get(ckpt.settings.family)
+    tensors = family.authors_file(weights)
+    if out.suffix == ".pt":
+        save_pickle(tensors, out)
+        if ckpt.settings.timestep_dependent and ckpt.settings.alpha_rank_scale != 1:
+            print(f"note: the authors' FLUX code has no alpha: their run_inference.py masks with alpha 1, not "
+                  f"{ckpt.settings.alpha_rank_scale}", file=sys.stderr)
+    else:
+        atomic_write(out, save(tensors, metadata={"format": "pt"}))
+
+
 def export(args: argparse.Namespace) -> Path:
-    weights, metadata = read_weights(args.path)
-    hparams = read_hparams(args.hparams) if isinstance(args.hparams, (str, Path)) else args.hparams
-    if checkpoint_family(weights, metadata, hparams) != "sdxl":
-        raise UsageError(f"{args.path} is a FLUX T-LoRA: exports write SDXL layouts; load it with tlora.load(pipe, ...)")
-    cfg = settings(weights, metadata, args.hparams) | {"num_train_timesteps": 1000}
+    ckpt: Checkpoint = args.ckpt
+    weights, s = ckpt.tensors(), ckpt.settings
     out = Path(args.out)
     if args.format == "authors":
-        atomic_write(out, save(weights, metadata={"format": "pt"}))
+        save_authors(ckpt, weights, out)
         return out
     if args.format == "diffusers-scheduled":
-        save_scheduled(weights, cfg, out)
+        save_scheduled(weights, s, out)
         return out
     active = None
-    if args.active_at is not None and timestep_dependent(cfg["trainer_class"]):
-        active = int(active_rank(args.active_at, 1000, cfg["lora_rank"], cfg["min_rank"], cfg["alpha_rank_scale"]))
-    factors = fixed_mask_factors(weights, cfg, active)
+    if args.active_at is not None and s.timestep_dependent:
+        active = int(active_rank(args.active_at, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale,
+                                 s.rule))
+    factors = fixed_mask_factors(weights, s, active)
     if not factors:
-        raise UsageError(f"{args.path}: the update is zero under this mask (an untrained lora?); nothing to export")
+        raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?); nothing to export")
     if args.rank is not None:
         factors, errors = truncate(factors, args.rank)
         print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")

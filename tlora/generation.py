@@ -18,6 +18,7 @@ from PIL import Image
 
 from .checkpoint import atomic_write
 from .safe_names import safe_component
+from .usage import UsageError
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
 
@@ -62,6 +63,20 @@ def call_kwargs(family: str, hparams: dict) -> dict:
         return {}
     size = hparams.get("resolution") or 1024
     return {"max_sequence_length": hparams.get("max_sequence_length") or 512, "height": size, "width": size}
+
+
+def read_record(folder: Path) -> dict[str, dict]:
+    """A version folder's prompts.yaml (prompt folder -> its record); {} when absent or empty."""
+    path = Path(folder) / "prompts.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        record = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); delete or fix it") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} is not a mapping of prompt folders; delete or fix it")
+    return {k: v for k, v in record.items() if isinstance(v, dict)}
 
 
 def existing_images(folder: Path) -> list[Path]:
@@ -118,7 +133,7 @@ def run(pipe, templates: list[str], cfg: Sampling, checkpoint: str = "", progres
     """Generate and save every template not already done; returns the new images by template."""
     done: dict[str, list[Image.Image]] = {}
     record_path = cfg.folder / "prompts.yaml"
-    record = yaml.safe_load(record_path.read_text()) if record_path.is_file() else {}
+    record = read_record(cfg.folder)
     for template in templates:
         folder = cfg.prompt_folder(template)
         if not cfg.replace and len(existing_images(folder)) >= cfg.num_images_per_prompt:

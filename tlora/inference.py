@@ -9,15 +9,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import families, generation
-from .api import checkpoint_family, load, read_hparams, settings, usable
-from .checkpoint import check_made_with, read_header
+from .api import load
 from .models import DTYPES, load_pipeline
-from .options import DEFAULT_VAE, MAX_WORD_LENGTH, check_templates, check_text
+from .options import MAX_WORD_LENGTH, check_templates, check_text
+from .reading import read, weights_file
+from .run_folder import read_hparams
 from .usage import Parser, UsageError, check_finite, check_model_source
-
-# The authors' SDXL hparams.yml has no VAE or family key: their SDXL tool always uses this VAE.
-# min_rank and alpha default in tlora.load; a FLUX run uses its model's own VAE.
-HPARAM_DEFAULTS = {"revision": None, "pretrained_vae_model_name_or_path": DEFAULT_VAE, "family": "sdxl"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,24 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--replace_inference_output", action="store_true", default=False)
     a("--pretrained_vae_model_name_or_path", type=str, default=None,
-      help="Override the run's VAE ('none' = the base model's own). Default: the run's, else " + DEFAULT_VAE + ".")
+      help="Override the run's VAE ('none' = the base model's own). Default: the run's, else the family's "
+           f"(SDXL: {families.SDXL.default_vae}, as the authors' SDXL tool; FLUX: the model's own).")
     a("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
-    a("--dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"], help="Default: fp16 on CUDA, fp32 on CPU.")
+    a("--dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"], help="Default on CUDA: fp16 (SDXL), bf16 (FLUX); fp32 on the CPU.")
     return p
 
 
 def checkpoint_folder(config_path: Path, hparams: dict, checkpoint_idx: str | None) -> Path:
-    """checkpoint-N of the run (or the run folder itself); the run is hparams' output_dir, or the
-    folder holding logs/hparams.yml when that run folder was moved."""
+    """checkpoint-N of the run (or the run folder itself): the run is the folder holding the given
+    logs/hparams.yml (so a moved or copied run is read where it is), else the output_dir it records."""
     if checkpoint_idx is not None and not checkpoint_idx.isdigit():
         raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {checkpoint_idx!r}")
     name = f"checkpoint-{checkpoint_idx}" if checkpoint_idx is not None else ""
-    candidates = [Path(str(hparams.get("output_dir", ""))), config_path.resolve().parent.parent]
+    candidates = [config_path.resolve().parent.parent]
+    if hparams.get("output_dir"):
+        candidates.append(Path(str(hparams["output_dir"])))
     for run in candidates:
         folder = run / name if name else run
-        if (folder / "pytorch_lora_weights.safetensors").is_file():
+        if weights_file(folder) is not None:
             return folder
-    raise UsageError(f"--checkpoint_idx: no pytorch_lora_weights.safetensors in {candidates[-1] / name}")
+    raise UsageError(f"--checkpoint_idx: no T-LoRA weights (pytorch_lora_weights.safetensors or the authors' lora.pt) "
+                     f"in {candidates[0] / name}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,14 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config_path = Path(args.config_path)
     if not config_path.is_file():
         raise UsageError(f"--config_path: {config_path} does not exist; pass a run's logs/hparams.yml")
-    args.hparams = {**HPARAM_DEFAULTS, **read_hparams(config_path)}
+    hparams = read_hparams(config_path)
+    args.checkpoint = checkpoint_folder(config_path, hparams, args.checkpoint_idx)
+    args.ckpt = read(args.checkpoint, config_path, fix=f"add {{key}} to {config_path}")  # header only: checked early
+    family = families.get(args.ckpt.settings.family)
+    args.family = family.name
+    # The authors' hparams.yml have no VAE key: their SDXL tool always uses SDXL's default VAE, FLUX the model's own.
+    args.hparams = {"revision": None, "pretrained_vae_model_name_or_path": family.default_vae or "none", **hparams}
     if args.pretrained_vae_model_name_or_path is not None:
         args.hparams["pretrained_vae_model_name_or_path"] = args.pretrained_vae_model_name_or_path
-    for key in ("pretrained_model_name_or_path", "placeholder_token", "class_name", "lora_rank"):
-        if key not in args.hparams:
+    for key in ("pretrained_model_name_or_path", "placeholder_token", "class_name"):
+        if args.hparams.get(key) is None:
             raise UsageError(f"--config_path: {config_path} has no {key}; pass a run's logs/hparams.yml")
-    family = families.get(str(args.hparams["family"]))
-    args.family = family.name
     args.num_inference_steps = family.inference_steps if args.num_inference_steps is None else args.num_inference_steps
     args.guidance_scale = family.inference_guidance if args.guidance_scale is None else args.guidance_scale
     for key in ("placeholder_token", "class_name"):
@@ -82,10 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.version < 0:
         raise UsageError(f"--version must be 0 or more, got {args.version}")
     check_finite("--guidance_scale", args.guidance_scale)
-    args.checkpoint = checkpoint_folder(config_path, args.hparams, args.checkpoint_idx)
-    _check_checkpoint(args)
     args.device = _device(args.device)
-    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    args.dtype = args.dtype or (family.gpu_dtype if args.device.startswith("cuda") else "fp32")
     hp = args.hparams
     check_model_source("--config_path: pretrained_model_name_or_path", str(hp["pretrained_model_name_or_path"]),
                        revision=hp["revision"])
@@ -93,17 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if vae and str(vae).lower() != "none":
         check_model_source("--pretrained_vae_model_name_or_path", str(vae), "config.json")
     return args
-
-
-def _check_checkpoint(args: argparse.Namespace) -> None:
-    """The weights file is whole and was written with the run's trainer_type and lora_rank (header only)."""
-    shapes, metadata = read_header(args.checkpoint)
-    family = checkpoint_family(shapes, metadata, args.hparams)
-    if family != args.family:
-        raise UsageError(f"--checkpoint_idx: {args.checkpoint} was trained on {family}, but the run is {args.family}")
-    shapes = usable(shapes, family)
-    cfg = settings(shapes, metadata, args.hparams, family)
-    check_made_with(shapes, cfg["trainer_type"], cfg["lora_rank"], where=f"--checkpoint_idx: {args.checkpoint}")
 
 
 def _device(name: str | None) -> str:
@@ -128,7 +120,7 @@ def run(args: argparse.Namespace) -> Path:
         hp["pretrained_model_name_or_path"], hp["pretrained_vae_model_name_or_path"], hp["revision"], DTYPES[args.dtype],
         family.name,
     ).to(args.device)
-    load(pipe, args.checkpoint, hp)
+    load(pipe, args.ckpt)
     cfg = generation.Sampling(
         hp["placeholder_token"], hp["class_name"],
         family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version),

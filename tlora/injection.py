@@ -21,30 +21,33 @@ from .adapters import make_adapter, rank_mask
 from .checkpoint import check_keys
 from .families import Family, of_model
 from .families.base import get_module
+from .settings import TLoRASettings
+from .usage import UsageError
 
 
 @dataclass
 class MaskState:
-    """What every adapter of one UNet shares: the current rank mask and the adapter scale."""
+    """What every adapter of one denoiser shares: the settings, the current rank mask and the adapter scale."""
 
-    max_rank: int
-    min_rank: int = 1
-    alpha: float = 1.0
-    num_train_timesteps: int = 1000
-    timestep_dependent: bool = True
+    settings: TLoRASettings
     scale: float = 1.0
     mask: torch.Tensor | None = field(default=None, repr=False)
 
     def set_timestep(self, timestep: torch.Tensor | float, device: torch.device) -> None:
-        """Set the mask for a UNet call at `timestep` (scalar or one per sample); no host sync."""
-        if not self.timestep_dependent:
+        """Set the mask for a denoiser call at `timestep` (scalar or one per sample); no host sync."""
+        s = self.settings
+        if not s.timestep_dependent:
             self.mask = None
             return
         t = torch.as_tensor(timestep, device=device)
-        self.mask = rank_mask(t, self.num_train_timesteps, self.max_rank, self.min_rank, self.alpha)
+        self.mask = rank_mask(t, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale, s.rule)
 
 
 ADAPTER = "timestep_adapter"  # the adapter's name on its Linear; no "lora" in it, so peft never takes it for its own
+FUSED = ("this model's attention projections are fused (fuse_qkv_projections): the fused layer bypasses the "
+         "T-LoRA on to_q/to_k/to_v; call unfuse_qkv_projections() to use the T-LoRA")
+OFFLOADED = ("the T-LoRA's adapters are offloaded layer by layer (enable_sequential_cpu_offload), which they do not "
+             "support; use enable_model_cpu_offload() or keep the model on one device")
 
 
 def base_linear(module: nn.Module) -> nn.Linear:
@@ -54,6 +57,16 @@ def base_linear(module: nn.Module) -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise ValueError(f"expected a Linear attention projection, found {type(module).__name__}")
     return module
+
+
+def attention_of(model: nn.Module, path: str) -> nn.Module | None:
+    """The attention module (one that can fuse its projections) holding the Linear at `path`, if any."""
+    parts = path.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        module = get_module(model, ".".join(parts[:end]))
+        if hasattr(module, "fuse_projections"):
+            return module
+    return None
 
 
 class _AddAdapter:
@@ -71,20 +84,35 @@ class _AddAdapter:
 
 
 class TLoRA:
-    """The adapters attached to one denoiser: their parameters, checkpoint keys, scale, and `unload()`."""
+    """The adapters attached to one denoiser: their settings, parameters, checkpoint keys, scale, and `unload()`."""
 
     def __init__(self, unet: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]]) -> None:
         self.unet, self.state, self.layers = unet, state, layers
         self.family: type[Family] = of_model(unet)
+        self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(unet, path))}.values())
+        self.check_usable()
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         add = _AddAdapter(state)
         self._layer_hooks = [linear.register_forward_hook(add) for _, linear in layers.values()]
         unet._tlora = self
 
+    @property
+    def settings(self) -> TLoRASettings:
+        return self.state.settings
+
+    def check_usable(self) -> None:
+        """Refuse, in one line, a model state in which part of the T-LoRA would silently not apply."""
+        if any(getattr(a, "fused_projections", False) for a in self._attentions):
+            raise UsageError(FUSED)
+        first = next(iter(self.layers.values()))[1]
+        if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(first, ADAPTER, first).modules()):
+            raise UsageError(OFFLOADED)
+
     def _on_unet_call(self, unet: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.check_usable()
         name, position = self.family.timestep_arg
         timestep = kwargs[name] if name in kwargs else args[position]
-        device = next(iter(self.layers.values()))[1].weight.device
+        device = timestep.device if torch.is_tensor(timestep) else next(iter(self.layers.values()))[1].weight.device
         self.state.set_timestep(self.family.diffusion_t(torch.as_tensor(timestep, device=device)), device)
 
     @property
@@ -125,51 +153,44 @@ class TLoRA:
 
 
 def attached(unet: nn.Module) -> TLoRA | None:
-    """The TLoRA attached to `unet`, if any."""
-    return getattr(unet, "_tlora", None)
+    """The TLoRA attached to `unet` (or to the model a torch.compile wrapper holds), if any."""
+    return getattr(getattr(unet, "_orig_mod", unet), "_tlora", None)
 
 
 def attach(
-    model: nn.Module,
-    trainer_type: str,
-    lora_rank: int,
-    min_rank: int = 1,
-    alpha_rank_scale: float = 1.0,
-    sig_type: str = "last",
-    timestep_dependent: bool = True,
-    init: bool = True,
-    num_train_timesteps: int = 1000,
-    svd_device: torch.device | str | None = None,
+    model: nn.Module, settings: TLoRASettings, init: bool = True, svd_device: torch.device | str | None = None
 ) -> TLoRA:
     """Give every adapted projection of `model` (its family's layers) a fresh adapter (float32, on the
-    model's device).
+    model's device); `init=False` leaves the start to a checkpoint.
 
     Adapters are made in the authors' order (their attention processors' order, and within one the order
     their processor makes them), so one seed gives the same initial adapters in both tools. Where the
     authors make an adapter they never use (FLUX single blocks), a Vanilla one is made and dropped, to
     draw the same random numbers; an ortho_lora start, which they never make on FLUX, skips those.
     """
+    model = of_model(model).model(model)
     if attached(model) is not None:
         raise ValueError("this model already has T-LoRA adapters; call unload() first")
-    state = MaskState(lora_rank, min_rank, alpha_rank_scale, num_train_timesteps, timestep_dependent)
+    settings = settings.for_family(of_model(model).name).validate()
     adapters: dict[str, tuple[str, nn.Module]] = {}
     width = None
     for prefix, path in of_model(model).layers(model):
         if path is None:
-            if init and trainer_type == "lora" and width is not None:
-                make_adapter(trainer_type, width, width, min(lora_rank, width), sig_type, True)
+            if init and settings.trainer_type == "lora" and width is not None:
+                make_adapter("lora", width, width, min(settings.lora_rank, width), settings.sig_type, True)
             continue
         linear = base_linear(get_module(model, path))
         width = linear.out_features
-        rank = min(lora_rank, linear.in_features, linear.out_features)
-        adapter = make_adapter(trainer_type, linear.in_features, linear.out_features, rank, sig_type, init, svd_device)
+        rank = min(settings.lora_rank, linear.in_features, linear.out_features)
+        adapter = make_adapter(settings.trainer_type, linear.in_features, linear.out_features, rank, settings.sig_type,
+                               init, svd_device)
         adapters[prefix] = (path, adapter)
     if not adapters:
         raise ValueError("no attention projections found in this model")
-    return attach_adapters(model, state, adapters)
+    return attach_adapters(model, settings, adapters)
 
 
-def attach_adapters(unet: nn.Module, state: MaskState, adapters: dict[str, tuple[str, nn.Module]]) -> TLoRA:
+def attach_adapters(unet: nn.Module, settings: TLoRASettings, adapters: dict[str, tuple[str, nn.Module]]) -> TLoRA:
     """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `unet`, adapter)."""
     if attached(unet) is not None:
         raise ValueError("this model already has T-LoRA adapters; call unload() first")
@@ -179,4 +200,9 @@ def attach_adapters(unet: nn.Module, state: MaskState, adapters: dict[str, tuple
         linear = base_linear(get_module(unet, path))
         linear.add_module(ADAPTER, adapter.to(device))
         layers[prefix] = (path, linear)
-    return TLoRA(unet, state, layers)
+    try:
+        return TLoRA(unet, MaskState(settings), layers)
+    except UsageError:
+        for _, linear in layers.values():
+            delattr(linear, ADAPTER)
+        raise

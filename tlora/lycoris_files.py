@@ -4,39 +4,23 @@ LyCORIS saves Q, P, lambda and its alpha, but not the frozen start: at load time
 from an SVD of the base model's weight (`TLoraModule.make_module_from_state_dict`). We call that same
 LyCORIS function on the same base layers and run the result through tlora's adapters, so the output is
 the one LyCORIS gives (to float rounding), under the mask SimpleTuner applies: max_rank = `linear_dim`,
-min_rank = `tlora_min_rank` (default 1), alpha = `tlora_alpha` (default 1), scale = linear_alpha / rank.
+min_rank = `tlora_min_rank` (default 1), alpha = `tlora_alpha` (default 1), scale = linear_alpha / rank,
+and r(t) rounded as LyCORIS's compute_timestep_mask rounds it (rank rule "lycoris"). The settings are read by
+tlora.reading like every other file's.
 """
 
 from __future__ import annotations
-
-import json
 
 import torch
 from torch import nn
 
 from .adapters import OrthoLoRAAdapter
-from .injection import MaskState, TLoRA, attach_adapters
+from .injection import TLoRA, attach_adapters
+from .settings import TLoRASettings
 from .usage import UsageError
 
 PREFIX = "lycoris_"
 PARAMS = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha")
-
-
-def is_lycoris(keys) -> bool:
-    return any(k.startswith(PREFIX) for k in keys)
-
-
-def lycoris_settings(metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> dict:
-    """The mask settings SimpleTuner trained with, from the file's lycoris_config (with its defaults)."""
-    try:
-        config = json.loads(metadata.get("lycoris_config") or "{}")
-    except ValueError:
-        raise UsageError("this LyCORIS file's lycoris_config metadata is not JSON") from None
-    if config.get("algo", "tlora") != "tlora":
-        raise UsageError(f"this LyCORIS file holds algo {config.get('algo')!r}, not a T-LoRA (algo tlora)")
-    rank = max(v.shape[0] for k, v in weights.items() if k.endswith(".q_layer.weight"))
-    return {"max_rank": int(config.get("linear_dim") or rank), "min_rank": int(config.get("tlora_min_rank", 1)),
-            "alpha": float(config.get("tlora_alpha", 1.0))}
 
 
 def _groups(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -70,16 +54,14 @@ def adapter_from_lycoris(name: str, linear: nn.Linear, params: dict[str, torch.T
     return adapter
 
 
-def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], metadata: dict[str, str],
-                 num_train_timesteps: int = 1000) -> TLoRA:
-    """Attach a LyCORIS T-LoRA to `unet` (any of its Linear layers that the file names)."""
-    cfg = lycoris_settings(metadata, weights)
+def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings) -> TLoRA:
+    """Attach a LyCORIS T-LoRA (its tensors, and the settings tlora.reading read from its lycoris_config) to
+    `unet`: any of its Linear layers that the file names."""
     paths = {PREFIX + name.replace(".", "_"): name for name, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    modules = dict(unet.named_modules())
     adapters = {}
     for prefix, params in _groups(weights).items():
         if prefix not in paths or set(params) != set(PARAMS):
             raise UsageError(f"LyCORIS module {prefix!r} has no Linear layer in this model (or misses tensors)")
-        linear = dict(unet.named_modules())[paths[prefix]]
-        adapters[prefix] = (paths[prefix], adapter_from_lycoris(prefix, linear, params))
-    state = MaskState(cfg["max_rank"], cfg["min_rank"], cfg["alpha"], num_train_timesteps, timestep_dependent=True)
-    return attach_adapters(unet, state, adapters)
+        adapters[prefix] = (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
+    return attach_adapters(unet, settings, adapters)

@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 from . import families
-from .adapters import SIG_TYPES, TRAINER_CLASSES, TRAINER_TYPES
+from .adapters import SIG_TYPES, TRAINER_TYPES
 from .data import check_image, find_mask, list_images, training_images
 from .generation import split_prompts
 from .models import BASE_PRECISIONS
+from .settings import TRAINER_CLASSES, TLoRASettings
 from .usage import Parser, UsageError, check_finite, check_model_source, redact_argv
 
 REQUIRED = ("trainer_type", "trainer_class", "train_data_dir", "output_dir", "class_name", "placeholder_token")
@@ -30,6 +31,7 @@ DEFAULT_VAE = families.SDXL.default_vae
 FLUX_ONLY = {"guidance_scale": 1.0, "max_sequence_length": 512}  # FLUX-only flags and their defaults
 MAX_PROMPT_LENGTH = 1000
 MAX_WORD_LENGTH = 64
+LEARNING_RATES = {"adamw": 1e-4, "prodigy": 1.0}  # --learning_rate's default for each --optimizer
 
 
 def _family_default(flag: str) -> str:
@@ -89,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sig_type", type=str, default="last", choices=list(SIG_TYPES))
     a("--alpha_rank_scale", type=float, default=1.0)
     a("--optimizer", type=str.lower, default=None, choices=["adamw", "prodigy"], help=_family_default("optimizer"))
-    a("--learning_rate", type=float, default=None, help=_family_default("learning_rate"))
+    a("--learning_rate", type=float, default=None,
+      help="Constant learning rate. Default: 1e-4 with --optimizer adamw, 1.0 with --optimizer prodigy (Prodigy's "
+           "own step size).")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-4)
@@ -206,10 +210,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         check_finite("--guidance_scale", args.guidance_scale, 0)
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
         raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {args.max_sequence_length}")
-    if args.lora_rank < 1 or args.min_rank < 1:
-        raise UsageError(f"--lora_rank and --min_rank must be positive, got {args.lora_rank} and {args.min_rank}")
-    if args.min_rank > args.lora_rank:
-        raise UsageError(f"--min_rank ({args.min_rank}) must not exceed --lora_rank ({args.lora_rank})")
+    TLoRASettings.from_hparams(vars(args), "train.py", flags=True)
     for name in ("num_train_epochs", "checkpointing_steps", "train_batch_size", "num_val_imgs_per_prompt",
                  "resume_state_total_limit"):
         if getattr(args, name) < 1:
@@ -275,6 +276,8 @@ def apply_family(args: argparse.Namespace) -> None:
     for name, value in family.train_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.learning_rate is None:
+        args.learning_rate = LEARNING_RATES[args.optimizer]
     if args.pretrained_vae_model_name_or_path is None:
         args.pretrained_vae_model_name_or_path = family.default_vae or "none"
     for name, default in FLUX_ONLY.items():

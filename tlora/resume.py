@@ -15,12 +15,11 @@ import re
 import shutil
 from pathlib import Path
 
-from .checkpoint import WEIGHTS_NAME
-from .run_folder import read_hparams
+from .reading import weights_file
+from .run_folder import CHECKPOINT, checkpoints, read_hparams
 from .usage import UsageError
 
 RESUME_DIR = "resume"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RUN = re.compile(r"^(\d+)-")
 # May differ from the run's hparams.yml when resuming; every other recorded setting must match.
 MAY_CHANGE = frozenset({
@@ -34,19 +33,13 @@ MAY_CHANGE = frozenset({
 PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path")
 
 
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint-N folder of a run, oldest first."""
-    found = [(int(m.group(1)), p) for p in run.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
-    return sorted(found)
-
-
 def checkpoint_step(checkpoint: Path) -> int:
     """N of checkpoint-N."""
     return int(CHECKPOINT.match(checkpoint.name).group(1))
 
 
 def is_resumable(checkpoint: Path) -> bool:
-    return (checkpoint / WEIGHTS_NAME).is_file() and (checkpoint / RESUME_DIR).is_dir()
+    return weights_file(checkpoint) is not None and (checkpoint / RESUME_DIR).is_dir()
 
 
 def newest_resumable(run: Path) -> Path | None:

@@ -1,4 +1,5 @@
-"""The run folder (`<output_dir>/<NNNNN>-<hex>-<data>_<t?><type><rank>/`) and its logs/hparams.yml."""
+"""The run folder (`<output_dir>/<NNNNN>-<hex>-<data>_<t?><type><rank>/`), its checkpoint-N folders and its
+logs/hparams.yml."""
 
 from __future__ import annotations
 
@@ -11,13 +12,30 @@ from pathlib import Path
 
 import yaml
 
-from .adapters import timestep_dependent
 from .checkpoint import atomic_write
 from .safe_names import safe_component
+from .settings import TLoRASettings
 from .usage import UsageError, redact, secret_values
 
 RUN_INDEX = re.compile(r"^(\d+)-")
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 INTERNAL = ("resume_checkpoint",)  # set while parsing, not options: never recorded
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder of a run, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(run).iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def run_of(folder: Path) -> Path | None:
+    """The run folder a folder belongs to (itself, or the run holding it as checkpoint-N), judged by the
+    run's logs/hparams.yml; None for a folder outside any run (a checkpoint copied alone)."""
+    folder = Path(folder)
+    for run in (folder, folder.parent) if CHECKPOINT.match(folder.name) else (folder,):
+        if (run / "logs" / "hparams.yml").is_file():
+            return run
+    return None
 
 
 def read_hparams(path: str | Path) -> dict:
@@ -42,7 +60,7 @@ def next_run_index(output_dir: Path) -> int:
 
 def run_name(args: argparse.Namespace, index: int) -> str:
     data = safe_component(os.path.basename(os.path.normpath(os.path.abspath(args.train_data_dir))), 60)
-    t = "t" if timestep_dependent(args.trainer_class) else ""
+    t = "t" if args.trainer_class.endswith("_tlora") else ""
     return f"{index:05d}-{secrets.token_hex(2)}-{data}_{t}{args.trainer_type}{args.lora_rank}"
 
 
@@ -72,9 +90,11 @@ def remove_run_folder(folder: Path) -> None:
 
 
 def public_hparams(args: argparse.Namespace) -> dict:
-    """Every option, with secrets removed however they were given: what hparams.yml and trackers receive."""
+    """Every option, with secrets removed however they were given: what hparams.yml and trackers receive.
+    The T-LoRA settings are written by TLoRASettings (on FLUX with the authors' keys tlora and rank too)."""
     hidden = secret_values(list(getattr(args, "argv", []))) | ({args.wandb_api_key} if args.wandb_api_key else set())
     values = {k: v for k, v in vars(args).items() if k not in INTERNAL}
+    values |= TLoRASettings.from_hparams(values, "train.py").to_hparams()
     values["wandb_api_key"] = None
 
     def clean(value):

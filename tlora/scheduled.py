@@ -18,8 +18,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .export import SCHEDULE_NAME
 from .usage import UsageError
+
+SCHEDULE_NAME = "schedule.json"  # written by `python -m tlora.export --format diffusers-scheduled`
 
 
 class _NoTextEncoderKeys(logging.Filter):

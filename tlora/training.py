@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,15 +17,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import families, generation
-from .adapters import timestep_dependent
-from .checkpoint import atomic_write, checkpoint_metadata, read_weights, save_weights
+from .checkpoint import atomic_write, save_weights
 from .conditioning import BASE_PROMPT, Conditioning
 from .data import BatchOrder, PairedIndices, find_mask, list_images, training_images
 from .injection import TLoRA, attach
 from .models import DTYPES, encoders_on, load_pipeline, offload_encoders
 from .options import tracker, wandb_key
+from .reading import read
 from .resume import RESUME_DIR, Progress, checkpoint_step, prune, write_checkpoint
 from .run_folder import create_run_folder, public_hparams, record_run, remove_run_folder
+from .settings import TLoRASettings
 from .stopping import Interrupted, StopSignals
 from .timing import NULL_TIMER
 from .tracking import init_trackers, log_images
@@ -147,16 +149,14 @@ class Trainer:
                     part.to(self.device)
         self.scheduler = self.family.noise_scheduler(self.pipe)
         set_seed(args.seed)
-        self.tlora: TLoRA = attach(
-            self.family.model(self.pipe), args.trainer_type, args.lora_rank, args.min_rank, args.alpha_rank_scale,
-            args.sig_type, timestep_dependent=timestep_dependent(args.trainer_class),
-            init=self.adapter_state is None and self.resume_from is None,
-            num_train_timesteps=self.scheduler.config.num_train_timesteps, svd_device=self.device,
-        )
+        self.settings = replace(TLoRASettings.from_hparams(vars(args), "train.py"),
+                                num_train_timesteps=self.scheduler.config.num_train_timesteps)
+        self.tlora: TLoRA = attach(self.family.model(self.pipe), self.settings,
+                                   init=self.adapter_state is None and self.resume_from is None, svd_device=self.device)
         if self.adapter_state is not None:
             self.tlora.load_state_dict(self.adapter_state)
         if self.resume_from is not None:
-            self.tlora.load_state_dict(read_weights(self.resume_from)[0])
+            self.tlora.load_state_dict(read(self.resume_from, quiet=True).tensors())
         if acc.process_index > 0:  # every process its own noise and timesteps; process 0 draws as a single one
             set_seed(args.seed + acc.process_index)
         if args.gradient_checkpointing:
@@ -268,7 +268,8 @@ class Trainer:
         Older checkpoints and resume states beyond the limits are removed once this one is complete."""
         acc = self.accelerator
         self._check_replicas()
-        meta = checkpoint_metadata(self.args, step)
+        meta = self.settings.to_metadata() | {
+            "pretrained_model_name_or_path": self.args.pretrained_model_name_or_path, "global_step": step}
         folder = write_checkpoint(acc, self.progress, self.folder / f"checkpoint-{step}",
                                   lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
         if acc.is_main_process:

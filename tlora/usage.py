@@ -22,6 +22,11 @@ class UsageError(ValueError):
     """Bad input from a flag, a config file or an API argument; the message is shown as is, on one line."""
 
 
+class AssumedSetting(UserWarning):
+    """A setting that changes a T-LoRA's result is recorded nowhere, so a default was taken (commands show
+    it as one `note:` line)."""
+
+
 def _is_secret_flag(name: str) -> bool:
     """`--wandb_api_key` and anything that could be read as it (prefixes, hyphens for underscores)."""
     name = name.replace("-", "_")

@@ -31,6 +31,15 @@ def of_model(pipe_or_model: Any) -> type[Family]:
                      f"({', '.join(FAMILIES)})")
 
 
+def of_keys(keys) -> str | None:
+    """The family whose denoiser a checkpoint's keys name (None when no family owns them all)."""
+    keys = list(keys)
+    for name, family in FAMILIES.items():
+        if keys and all(family.owns_key(k) for k in keys):
+            return name
+    return None
+
+
 def denoiser(pipe_or_model: Any) -> nn.Module:
     """The UNet or transformer of a pipeline (or the denoiser itself)."""
     return of_model(pipe_or_model).model(pipe_or_model)

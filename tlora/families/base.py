@@ -31,11 +31,20 @@ class Family:
     inference_steps: int = 25
     inference_guidance: float = 5.0
     call_kwargs: dict[str, Any] = {}  # extra pipeline-call arguments for generation
+    gpu_dtype: str = "fp16"  # inference.py's dtype on CUDA
+    # -- reading T-LoRAs of this family ---------------------------------------------------------
+    key_prefixes: tuple[str, ...] = ()  # first word of its checkpoint keys (also LyCORIS's, "." -> "_")
+    rank_rule: str = "sdxl"  # how its authors round r(t) (adapters.RANK_RULES)
+    masked_by_default: bool = True  # the authors' default when nothing records the trainer_class
+    masked_by_default_why: str = ""
+    layer_kinds: dict[str, str] = {}  # kind of adapted layer -> label (analyze's plots)
 
     # -- the denoiser and its adapted layers ------------------------------------------------------
     @classmethod
     def model(cls, pipe_or_model: Any) -> nn.Module:
-        return getattr(pipe_or_model, cls.model_attr, pipe_or_model)
+        """The denoiser of a pipeline (or the denoiser itself); a torch.compile wrapper is looked through."""
+        model = getattr(pipe_or_model, cls.model_attr, pipe_or_model)
+        return getattr(model, "_orig_mod", model)
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -52,6 +61,21 @@ class Family:
     def ignored_key(cls, key: str) -> bool:
         """Keys of the authors' files that their code writes but never uses: skipped when reading."""
         return False
+
+    @classmethod
+    def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint's tensors as the authors' code writes them (every key their loader expects)."""
+        return dict(tensors)
+
+    @classmethod
+    def owns_key(cls, key: str) -> bool:
+        """Whether a checkpoint key (ours, the authors' or LyCORIS's) names a layer of this family's denoiser."""
+        return key.removeprefix("lycoris_").startswith(cls.key_prefixes)
+
+    @classmethod
+    def layer_kind(cls, prefix: str) -> str:
+        """The kind (a key of layer_kinds) of the layer an adapter key prefix names."""
+        raise NotImplementedError
 
     @classmethod
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ IMAGE = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.
 TEXT = {"add_q_proj": "to_q_proj_lora", "add_k_proj": "to_k_proj_lora", "add_v_proj": "to_v_proj_lora"}
 # The authors' single-block processors also make these (in this order) and never use them.
 UNUSED_IN_SINGLE = ("to_out_lora", "to_q_proj_lora", "to_k_proj_lora", "to_v_proj_lora")
+AUTHORS_ORDER = (*IMAGE.values(), *TEXT.values())  # the layers of each of their processors, in creation order
 IGNORED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")\.")
 
 
@@ -31,13 +32,19 @@ class FLUX(Family):
     timestep_arg = ("timestep", 3)
     default_vae = None
     train_defaults = {  # the authors' FLUX defaults
-        "trainer_type": "lora", "trainer_class": "flux_lora", "lora_rank": 16, "min_rank": 16, "learning_rate": 1.0,
+        "trainer_type": "lora", "trainer_class": "flux_lora", "lora_rank": 16, "min_rank": 16,
         "checkpointing_steps": 100, "optimizer": "prodigy", "max_grad_norm": 1.0, "mixed_precision": "bf16",
         "num_val_imgs_per_prompt": 4, "placeholder_token": "sks",
     }
     resize_first = True
     resolution_multiple = 16  # VAE factor 8 times the 2x2 latent packing
     inference_steps, inference_guidance = 28, 3.5
+    gpu_dtype = "bf16"  # as the authors' FLUX inference; FLUX overflows in fp16
+    key_prefixes = ("transformer_blocks", "single_transformer_blocks")
+    rank_rule = "flux"
+    masked_by_default, masked_by_default_why = False, "no mask: the authors' FLUX default, without --tlora"
+    layer_kinds = {"double-image": "double blocks, image stream", "double-text": "double blocks, text stream",
+                   "single": "single blocks"}
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -58,6 +65,25 @@ class FLUX(Family):
     @classmethod
     def ignored_key(cls, key: str) -> bool:
         return IGNORED.match(key) is not None
+
+    @classmethod
+    def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Their lora.pt: seven Vanilla layers per attention processor, in their order; the single blocks'
+        unused four (their strict loader wants them) as zeros of their shapes."""
+        out = {}
+        for processor in dict.fromkeys(k.split(".processor.")[0] + ".processor" for k in tensors):
+            rank, hidden = tensors[f"{processor}.to_q_lora.down.weight"].shape
+            for layer in AUTHORS_ORDER:
+                for param, shape in (("down.weight", (rank, hidden)), ("up.weight", (hidden, rank))):
+                    key = f"{processor}.{layer}.{param}"
+                    out[key] = tensors[key] if key in tensors or not cls.ignored_key(key) else torch.zeros(shape)
+        return out
+
+    @classmethod
+    def layer_kind(cls, prefix: str) -> str:
+        if prefix.startswith("single_transformer_blocks"):
+            return "single"
+        return "double-text" if prefix.rsplit(".", 1)[-1] in TEXT.values() else "double-image"
 
     @classmethod
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:

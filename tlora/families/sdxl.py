@@ -20,11 +20,15 @@ class SDXL(Family):
     timestep_arg = ("timestep", 1)
     default_vae = "madebyollin/sdxl-vae-fp16-fix"
     train_defaults = {
-        "trainer_type": None, "trainer_class": None, "lora_rank": 4, "min_rank": 1, "learning_rate": 1e-4,
+        "trainer_type": None, "trainer_class": None, "lora_rank": 4, "min_rank": 1,
         "checkpointing_steps": 200, "optimizer": "adamw", "max_grad_norm": None, "mixed_precision": "no",
         "num_val_imgs_per_prompt": 5, "placeholder_token": None,
     }
     inference_steps, inference_guidance = 25, 5.0
+    key_prefixes = ("down_blocks", "mid_block", "up_blocks")
+    rank_rule = "sdxl"
+    masked_by_default, masked_by_default_why = True, "the T-LoRA mask; the authors' SDXL runs record it"
+    layer_kinds = {"self": "self-attention", "cross": "cross-attention"}
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -38,6 +42,10 @@ class SDXL(Family):
             for name, module in model.named_modules() if isinstance(module, Attention)
             for proj, key in PROJECTIONS.items()
         ]
+
+    @classmethod
+    def layer_kind(cls, prefix: str) -> str:
+        return "self" if ".attn1." in prefix else "cross"
 
     @classmethod
     def prepare(cls, pipe, dtype: torch.dtype) -> None:

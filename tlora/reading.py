@@ -1,0 +1,319 @@
+"""Reading a T-LoRA: the one place that finds a checkpoint's weights, reads them and works out its settings.
+
+    ckpt = tlora.read("RUN/checkpoint-800")   # a run folder, a checkpoint folder, a .safetensors or lora.pt file
+    ckpt.settings                             # a TLoRASettings
+    ckpt.sources                              # where each setting came from
+    ckpt.tensors()                            # the adapters' tensors
+
+Settings, the first source that has one wins:
+ 1. what the caller sets: tlora.load / tlora.read keywords, export's flags;
+ 2. the file's metadata (our files carry every setting);
+ 3. the run's hparams.yml: the one passed, else `logs/hparams.yml` of the run that holds the checkpoint
+    (our keys, the authors' SDXL keys, or the authors' FLUX keys `tlora`, `rank`, `min_rank`);
+ 4. what the tensors show: trainer type, rank and model family;
+ 5. the authors' defaults: sdxl_tlora on SDXL, flux_lora (no mask) on FLUX, min_rank 1, alpha 1, each said
+    in one line (an `AssumedSetting` warning) when it changes the result.
+A file's metadata and a hparams.yml that disagree are an error, and so are settings that the tensors
+contradict. SimpleTuner / LyCORIS files carry their settings in `lycoris_config` and are read as
+SimpleTuner reads them. A `lora.pt` is read with torch.load(weights_only=True): tensors only, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from . import families
+from .checkpoint import AUTHORS_FLUX_NAME, WEIGHTS_NAME, WEIGHTS_NAMES, CheckpointError
+from .run_folder import checkpoints, read_hparams, run_of
+from .settings import (
+    RESULT_FIELDS, TLoRASettings, hparams_kind, known_from_hparams, known_from_lycoris, known_from_metadata,
+    known_from_overrides,
+)
+from .usage import AssumedSetting
+
+DEFAULT = "default"
+TENSORS = "the tensors"
+GIVEN = "given"
+METADATA = "the file's metadata"
+LYCORIS_CONFIG = "the file's lycoris_config"
+FIX = "pass {key}=... to tlora.load (or the run's hparams.yml)"
+
+
+@dataclass
+class Checkpoint:
+    """A T-LoRA on disk: its weights file, settings and where each came from; tensors are read on demand."""
+
+    path: Path
+    settings: TLoRASettings
+    sources: dict[str, str]
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    hparams: dict[str, Any] = field(default_factory=dict)
+    hparams_path: Path | None = None
+    lycoris: bool = False
+    assumed: dict[str, str] = field(default_factory=dict)  # setting -> the line that says what was assumed
+
+    @property
+    def folder(self) -> Path:
+        """The checkpoint folder (the folder holding the weights file)."""
+        return self.path.parent
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapters' tensors (without the keys the authors write but never use)."""
+        tensors = read_tensors(self.path)
+        return {k: v for k, v in tensors.items() if k in self.shapes}
+
+    def announce(self, fix: str = FIX) -> None:
+        """Say, one line each, which settings that change the result were assumed (AssumedSetting warnings,
+        attributed to the caller's code outside tlora)."""
+        for key, line in self.assumed.items():
+            warnings.warn(f"{line}; {fix.format(key=key)}", AssumedSetting, stacklevel=_outside_tlora())
+
+    def describe(self) -> str:
+        """One line per setting: value and source."""
+        values = self.settings.as_dict()
+        return "\n".join(f"{key}: {values[key]} ({source})" for key, source in self.sources.items())
+
+
+def _outside_tlora() -> int:
+    """The stacklevel of the first frame outside the tlora package (as seen from warnings.warn's caller)."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# -- finding files ----------------------------------------------------------------------------------
+def weights_file(folder: str | Path) -> Path | None:
+    """The weights file a checkpoint folder holds (ours or the authors' FLUX lora.pt), if any."""
+    return next((Path(folder) / n for n in WEIGHTS_NAMES if (Path(folder) / n).is_file()), None)
+
+
+def find_weights(path: str | Path) -> Path:
+    """The weights file of a file, a checkpoint folder, or a run folder (its newest checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist; pass a run folder, a checkpoint-N folder or a weights file")
+    found = weights_file(path) or next((w for _, f in reversed(checkpoints(path)) if (w := weights_file(f))), None)
+    if found is None:
+        raise CheckpointError(f"no T-LoRA weights in {path}: pass a run folder, a checkpoint-N folder, or its "
+                              f"{WEIGHTS_NAME} (the authors' FLUX runs: {AUTHORS_FLUX_NAME})")
+    return found
+
+
+def find_hparams(weights: Path) -> Path | None:
+    """logs/hparams.yml of the run that holds a weights file (in the run folder or in one of its checkpoints)."""
+    run = run_of(weights.parent)
+    return run / "logs" / "hparams.yml" if run is not None else None
+
+
+# -- reading files ----------------------------------------------------------------------------------
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The authors' lora.pt: torch.load with weights_only (tensors and plain containers; never code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # damaged, or a pickle that holds more than tensors
+        raise CheckpointError(f"{path} is not a readable tensor file ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{path} does not hold a flat dict of named tensors; pass a T-LoRA checkpoint")
+    return state
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(key -> shape, metadata) from a file's header only (no tensor is read; a lora.pt is memory-mapped)."""
+    if path.suffix == ".pt":
+        return {k: tuple(v.shape) for k, v in _read_pickle(path).items()}, {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".pt":
+        return {k: v.clone() for k, v in _read_pickle(path).items()}
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err})") from None
+
+
+# -- what the tensors show --------------------------------------------------------------------------
+DOWN_UP = ((".down.weight", ".up.weight"), (".q_layer.weight", ".p_layer.weight"))
+LYCORIS_REFUSAL = ("is a LyCORIS (SimpleTuner) T-LoRA file: load it with tlora.load(pipe, file) (LyCORIS rebuilds "
+                   "its frozen start from the base model's weights)")
+
+
+def is_lycoris(keys) -> bool:
+    return any(k.startswith("lycoris_") for k in keys)
+
+
+def infer_trainer_type(shapes: dict) -> str:
+    """`ortho_lora` or `lora`, read off the parameter names."""
+    if any(k.endswith(".q_layer.weight") for k in shapes):
+        return "ortho_lora"
+    if any(k.endswith(".down.weight") for k in shapes):
+        return "lora"
+    raise CheckpointError("not a T-LoRA checkpoint: it has neither q_layer nor down weights")
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def infer_rank(shapes: dict) -> int:
+    """The largest adapter rank in the file (= lora_rank)."""
+    return max(_shape(v)[0] for k, v in shapes.items() if k.endswith((".q_layer.weight", ".down.weight")))
+
+
+def layer_ranks(shapes: dict) -> dict[str, tuple[int, int, int]]:
+    """Adapter prefix -> (rank, in_features, out_features), read off the down/q and up/p shapes."""
+    out = {}
+    for key, shape in shapes.items():
+        for down, up in DOWN_UP:
+            if key.endswith(down) and key[: -len(down)] + up in shapes:
+                prefix = key[: -len(down)]
+                rank, in_features = _shape(shape)
+                out[prefix] = (rank, in_features, _shape(shapes[prefix + up])[0])
+    return out
+
+
+def check_made_with(shapes: dict, trainer_type: str, lora_rank: int, where: str = "checkpoint") -> None:
+    """Fail in one line when a checkpoint was not made with `trainer_type` and `lora_rank`."""
+    found_type, found_rank = infer_trainer_type(shapes), infer_rank(shapes)
+    if found_type != trainer_type or any(r != min(lora_rank, i, o) for r, i, o in layer_ranks(shapes).values()):
+        raise CheckpointError(
+            f"{where}: this is a {found_type} checkpoint, rank {found_rank}, but the settings say "
+            f"trainer_type {trainer_type}, lora_rank {lora_rank}; use the hparams.yml of the run that wrote it"
+        )
+
+
+def file_family(shapes: dict, where: Path) -> str:
+    name = families.of_keys(shapes)
+    if name is None:
+        raise CheckpointError(f"{where}: its keys name no layer of a {' or '.join(families.FAMILIES)} model; "
+                              "pass a T-LoRA checkpoint")
+    return name
+
+
+# -- settings ---------------------------------------------------------------------------------------
+def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """First source wins; metadata and a hparams.yml (the two records) must agree on what changes the result."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    records = [(label, known) for label, known in layers if label not in (GIVEN, TENSORS)]
+    for key in RESULT_FIELDS:
+        said = {label: known[key] for label, known in records if key in known}
+        if len(set(map(str, said.values()))) > 1:
+            (a, x), (b, y) = list(said.items())[:2]
+            raise CheckpointError(f"{key}: {a} says {x!r} but {b} says {y!r}; pass {key}=... (or the right "
+                                  "hparams.yml) to choose")
+    for label, known in layers:
+        for key, value in known.items():
+            if key not in merged:
+                merged[key], sources[key] = value, label
+    return merged, sources
+
+
+def _defaults(merged: dict[str, Any], sources: dict[str, str], where: Path) -> dict[str, str]:
+    """Fill what no source gave with the authors' defaults; returns the lines for those that change the result."""
+    family = families.get(merged["family"])
+    defaults = {"timestep_dependent": family.masked_by_default, "min_rank": 1, "alpha_rank_scale": 1.0,
+                "sig_type": "last", "num_train_timesteps": 1000}
+    assumed = {}
+    for key, value in defaults.items():
+        if key in merged:
+            continue
+        merged[key], sources[key] = value, DEFAULT
+        if key == "timestep_dependent":
+            assumed["trainer_class"] = (f"{where}: nothing records whether the timestep mask applies; assuming "
+                                        f"trainer_class {merged['family']}_{'tlora' if value else 'lora'} "
+                                        f"({family.masked_by_default_why})")
+        elif key in ("min_rank", "alpha_rank_scale") and merged["timestep_dependent"]:
+            assumed[key] = f"{where}: nothing records {key}; assuming {value} (the authors' default)"
+    return assumed
+
+
+def _hparams(given: dict | str | Path | None, weights: Path) -> tuple[dict, str | None, Path | None]:
+    """(values, source label, path) of the run's hparams.yml: the one given, else the one beside the run."""
+    if isinstance(given, dict):
+        return dict(given), "the hparams given", None
+    path = Path(given) if given is not None else find_hparams(weights)
+    if path is None:
+        return {}, None, None
+    values = read_hparams(path)
+    label = str(path) + (" (the authors' FLUX keys)" if hparams_kind(values) == "authors-flux" else "")
+    return values, label, path
+
+
+def read(
+    path: str | Path,
+    hparams: dict | str | Path | None = None,
+    *,
+    family: str | None = None,
+    num_train_timesteps: int | None = None,
+    fix: str = FIX,
+    quiet: bool = False,
+    **overrides: Any,
+) -> Checkpoint:
+    """Find, read and check a T-LoRA checkpoint; see the module docstring for where its settings come from.
+
+    `family` is the model's it will be loaded on (refused when the file's is another); `num_train_timesteps`
+    the model scheduler's; `overrides` are settings (trainer_class, min_rank, ...) that win over every record.
+    Unless `quiet`, assumed settings are said through `AssumedSetting` warnings, each ending with `fix`.
+    """
+    weights = find_weights(path)
+    shapes, metadata = read_header(weights)
+    if is_lycoris(shapes):
+        return _read_lycoris(weights, shapes, metadata, family, num_train_timesteps)
+    fam = file_family(shapes, weights)
+    if family is not None and family != fam:
+        raise CheckpointError(f"{weights} was trained on {fam}; this is a {family} model")
+    shapes = {k: v for k, v in shapes.items() if not families.get(fam).ignored_key(k)}
+    values, label, hparams_path = _hparams(hparams, weights)
+    layers = [(GIVEN, known_from_overrides(overrides)), (METADATA, known_from_metadata(metadata, str(weights)))]
+    if label is not None:
+        layers.append((label, known_from_hparams(values, label)))
+    layers.append((TENSORS, {"family": fam, "trainer_type": infer_trainer_type(shapes), "lora_rank": infer_rank(shapes)}))
+    if weights.suffix == ".pt":  # only the authors' FLUX code writes lora.pt files, and it has no alpha
+        layers.append(("the authors' FLUX code (no alpha)", {"alpha_rank_scale": 1.0}))
+    if num_train_timesteps is not None:
+        layers.append(("the model's scheduler", {"num_train_timesteps": num_train_timesteps}))
+    merged, sources = _merge(layers)
+    if merged["family"] != fam:
+        raise CheckpointError(f"{weights}: {sources['family']} says family {merged['family']}, but its keys are {fam}'s")
+    assumed = _defaults(merged, sources, weights)
+    settings = TLoRASettings.from_known(merged)
+    check_made_with(shapes, settings.trainer_type, settings.lora_rank, where=str(weights))
+    ckpt = Checkpoint(weights, settings, sources, metadata, shapes, values, hparams_path, assumed=assumed)
+    if not quiet:
+        ckpt.announce(fix)
+    return ckpt
+
+
+def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family: str | None,
+                  num_train_timesteps: int | None) -> Checkpoint:
+    """A SimpleTuner / LyCORIS T-LoRA: settings from its lycoris_config with SimpleTuner's defaults."""
+    try:
+        config = json.loads(metadata.get("lycoris_config") or "{}")
+    except ValueError:
+        raise CheckpointError(f"{weights}: its lycoris_config metadata is not JSON") from None
+    rank = max((s[0] for k, s in shapes.items() if k.endswith(".q_layer.weight")), default=1)
+    known = known_from_lycoris(config, rank, str(weights))
+    known["family"] = family or families.of_keys(k for k in shapes) or "sdxl"
+    known["num_train_timesteps"] = num_train_timesteps or 1000
+    sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
+    return Checkpoint(weights, TLoRASettings.from_known(known), sources, metadata, shapes, lycoris=True)
