@@ -180,3 +180,42 @@ def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tmp_path, monkeypat
     assert row["method"] == "Vanilla T-LoRA" and 0 < row["IS"] <= 1.0 + 1e-6
     version = next((tmp_path / "bench").glob("runs/pet/Vanilla T-LoRA/*/checkpoint-1/samples/ns2gs3.5/version_0"))
     assert len(list((version / "a photo of sks").glob("[0-9].png"))) == 1
+
+
+def test_manifest_counts_merge_with_their_defaults_and_paths_are_the_manifests(tmp_path):
+    make_image(tmp_path / "concept.png")
+    (tmp_path / "masks").mkdir()
+    manifest = {"output_dir": "bench", "images": {"base": 3}, "num_prompts": {"complex": 2},
+                "evaluation": {"mask_dir": "masks"}, "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}],
+                "methods": [{"name": "T-LoRA", "config": "tl.yaml"}]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    m = benchmark.Manifest.read(tmp_path / "m.yaml")
+    assert m.images == {"contextual": 5, "complex": 5, "base": 3} and m.num_prompts == {"contextual": 25, "complex": 2}
+    assert m.evaluation["mask_dir"] == str(tmp_path / "masks")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest | {"images": {"bsae": 3}}))
+    with pytest.raises(ValueError, match="images must be a mapping with keys among contextual, complex, base"):
+        benchmark.Manifest.read(tmp_path / "m.yaml")
+    benchmark.collect(m, write=False)  # the processes other than the main one
+    assert not (tmp_path / "bench" / "results.csv").exists()
+
+
+def test_an_empty_prompts_yaml_is_no_record(tmp_path):
+    from tlora.evaluate import prompt_folders
+    from tlora.generation import read_record
+
+    folder = tmp_path / "version_0"
+    make_image((folder / "a photo of sks").mkdir(parents=True) or folder / "a photo of sks" / "0.png")
+    (folder / "prompts.yaml").write_text("")
+    assert read_record(folder) == {}
+    assert prompt_folders(folder, "sks") == {"a photo of {0}": folder / "a photo of sks"}
+    (folder / "prompts.yaml").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a mapping of prompt folders"):
+        read_record(folder)
+
+
+@pytest.mark.parametrize("rank, min_rank", [(4, 2), (8, 1), (64, 32)])
+def test_rank_schedule_ticks_are_whole_ranks(tmp_path, rank, min_rank):
+    from tlora.analyze import plot_rank_schedule
+
+    ticks = plot_rank_schedule(TLoRASettings("lora", rank, min_rank, family="sdxl"), tmp_path / "r.png")
+    assert ticks and all(t == int(t) for t in ticks) and (tmp_path / "r.png").is_file()

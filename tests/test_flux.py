@@ -3,6 +3,7 @@ FluxPipeline, the flow-matching loss, the authors' lora.pt, masked loss, and tra
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 from PIL import Image
 from torch import nn
 
+import authors
 import tlora
 from conftest import REPO, flux_train_args
 from tlora.adapters import rank_mask
@@ -26,24 +28,10 @@ from tlora.training import diffusion_loss
 HIDDEN = 32  # the tiny FLUX's inner dimension (2 heads x 16)
 
 
-def authors_adapters(transformer: nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """The authors' FLUX start, made their way: per attention processor, seven LoRALinearLayers
-    (nn.Linear down, nn.Linear up, normal_(down, std 1/r), zeros_(up)) in q, k, v, out, q_proj, k_proj, v_proj order."""
-    state = {}
-    for name in transformer.attn_processors:
-        for key in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora", "to_q_proj_lora", "to_k_proj_lora",
-                    "to_v_proj_lora"):
-            down, up = nn.Linear(HIDDEN, rank, bias=False), nn.Linear(rank, HIDDEN, bias=False)
-            nn.init.normal_(down.weight, std=1 / rank)
-            nn.init.zeros_(up.weight)
-            state[f"{name}.{key}.down.weight"], state[f"{name}.{key}.up.weight"] = down.weight.data, up.weight.data
-    return state
-
-
 def test_authors_keys_shapes_and_random_start(flux_pipe):
     transformer = flux_pipe.transformer
     torch.manual_seed(5)
-    theirs = authors_adapters(transformer, 4)
+    theirs = authors.flux_start(transformer, 4)
     torch.manual_seed(5)
     ours = attach(transformer, TLoRASettings("lora", 4, 1))
     try:
@@ -92,7 +80,8 @@ def test_mask_follows_the_timestep_through_the_stock_pipelines(flux_pipe):
         timesteps = flux_pipe.scheduler.timesteps
         assert len(seen) == 4 and timesteps[0] == 1000 and timesteps[-1] < 500  # full range: masks differ
         for mask, step in zip(seen, timesteps):
-            assert mask.shape == (2, 8) and torch.equal(mask, rank_mask(torch.full((2,), step.item()), 1000, 8, 2))
+            assert mask.shape == (2, 8) and torch.equal(mask, rank_mask(torch.full((2,), step.item()), 1000, 8, 2,
+                                                                        rule="flux"))
         assert seen[0].sum(1).tolist() == [2, 2] and seen[-1].sum(1)[0] > 2
         image = Image.new("RGB", (64, 64), "red")
         for cls, extra in ((FluxImg2ImgPipeline, {}), (FluxInpaintPipeline, {"mask_image": image.convert("L")})):
@@ -104,7 +93,7 @@ def test_mask_follows_the_timestep_through_the_stock_pipelines(flux_pipe):
             steps = pipe.scheduler.timesteps[-len(seen):]  # img2img and inpaint start part-way (strength)
             assert len(seen) >= 2 and steps[0] < 1000
             for mask, step in zip(seen, steps):
-                assert torch.equal(mask, rank_mask(torch.tensor([step.item()]), 1000, 8, 2))
+                assert torch.equal(mask, rank_mask(torch.tensor([step.item()]), 1000, 8, 2, rule="flux"))
     finally:
         hook.remove()
         t.unload()
@@ -164,11 +153,8 @@ def test_masked_loss(flux_pipe, image_dir, tmp_path):
 
 
 def authors_lora_pt(folder: Path, transformer, rank: int = 4) -> dict[str, torch.Tensor]:
-    """A lora.pt as the authors' FLUX code writes it: every processor's seven layers (trained-looking values),
-    torch.save of a plain dict."""
-    torch.manual_seed(11)
-    state = {k: torch.randn_like(v) * 0.1 for k, v in authors_adapters(transformer, rank).items()}
-    state["single_transformer_blocks.0.attn.processor.to_out_lora.up.weight"] = torch.zeros(3, 3)  # never used
+    """A lora.pt as the authors' FLUX code writes it (every processor's seven layers), alone in a folder."""
+    state = authors.flux_trained(transformer, rank)
     folder.mkdir(parents=True)
     torch.save(state, folder / "lora.pt")
     return state
@@ -206,7 +192,7 @@ def test_unknown_keys_in_a_lora_pt_are_refused(flux_pipe, tmp_path):
     state["transformer_blocks.0.attn.processor.to_add_out_lora.down.weight"] = torch.zeros(4, HIDDEN)
     torch.save(state, tmp_path / "run" / "lora.pt")
     with pytest.raises(KeyError, match="to_add_out_lora"):
-        tlora.load(flux_pipe, tmp_path / "run")
+        tlora.load(flux_pipe, tmp_path / "run", trainer_class="flux_lora")
     assert not any("timestep_adapter" in n for n, _ in flux_pipe.transformer.named_modules())
 
 
@@ -221,6 +207,81 @@ def test_a_pickle_with_code_is_never_unpickled(flux_pipe, tmp_path):
         tlora.load(flux_pipe, tmp_path / "run")
 
 
+def _batch(n: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(n, 16, 64, generator=g), encoder_hidden_states=torch.randn(n, 5, 32, generator=g),
+                pooled_projections=torch.randn(n, 32, generator=g), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3),
+                guidance=torch.ones(n), return_dict=False)
+
+
+@pytest.fixture(scope="module")
+def authors_run(tiny_flux, flux_pipe, tmp_path_factory):
+    """The authors' FLUX T-LoRA run (their hparams.yml and lora.pt, as their code writes them): rank 8, min_rank 3."""
+    state = authors.flux_trained(flux_pipe.transformer, 8)
+    return authors.flux_run(tmp_path_factory.mktemp("their_flux"), tiny_flux, state, rank=8, min_rank=3), state
+
+
+def test_the_authors_flux_run_equals_their_tlora_at_every_timestep(flux_pipe, authors_run, recwarn):
+    """tlora.load on their run (untouched) gives their T-LoRA's transformer output at t = 999..0, masked as theirs."""
+    run, state = authors_run
+    transformer = flux_pipe.transformer
+    t = torch.arange(999, -1, -1, dtype=torch.float32)
+    expected = torch.cat([authors.their_flux_forward(transformer, state, c, 8, 3, **_batch(len(c), i))
+                          for i, c in enumerate(t.split(250))])
+    loaded = tlora.load(flux_pipe, run / "checkpoint-10" / "lora.pt", run / "logs" / "hparams.yml")
+    try:
+        assert loaded.settings.trainer_class == "flux_tlora" and loaded.settings.rule == "flux"
+        with torch.no_grad():
+            got = torch.cat([transformer(timestep=c / 1000, **_batch(len(c), i))[0] for i, c in enumerate(t.split(250))])
+    finally:
+        tlora.unload(flux_pipe)
+    assert (got - expected).abs().max() <= 1e-5
+    base = torch.cat([authors.their_flux_forward(transformer, state, c, 8, None, **_batch(len(c), i))
+                      for i, c in enumerate(t.split(250))])
+    assert (base - expected)[0].abs().max() > 1e-3  # without the mask (what tlora did before) it differs at t = 999
+    assert not [w for w in recwarn if issubclass(w.category, tlora.AssumedSetting)]  # their run says everything
+
+
+def test_the_authors_flux_run_is_read_from_its_folder(authors_run, flux_pipe):
+    run, state = authors_run
+    ckpt = tlora.read(run)  # the run folder alone: its newest checkpoint's lora.pt, its logs/hparams.yml
+    hparams = str(run / "logs" / "hparams.yml") + " (the authors' FLUX keys)"
+    assert ckpt.path == run / "checkpoint-10" / "lora.pt" and ckpt.hparams_path == run / "logs" / "hparams.yml"
+    s = ckpt.settings
+    assert (s.family, s.trainer_type, s.trainer_class, s.lora_rank, s.min_rank, s.alpha_rank_scale) == (
+        "flux", "lora", "flux_tlora", 8, 3, 1.0)
+    assert ckpt.sources["timestep_dependent"] == ckpt.sources["min_rank"] == ckpt.sources["lora_rank"] == hparams
+    assert ckpt.assumed == {} and len(ckpt.tensors()) == 2 * (2 * 7 + 2 * 3)  # the unused single-block keys skipped
+
+
+def test_inference_and_analyze_on_the_authors_flux_run(authors_run, tmp_path):
+    import inference
+    from tlora.analyze import analyze
+
+    run, _ = authors_run
+    argv = ["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "10", "--prompts",
+            "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2"]
+    assert inference.main(argv) == 0  # their hparams.yml names no family, VAE or lora_rank
+    assert (run / "checkpoint-10/samples/ns2gs3.5/version_0/a sks riding a bike/0.png").is_file()  # their layout
+    layers = json.loads((analyze(run) / "effective_rank.json").read_text())
+    kinds = {v["kind"] for v in layers.values()}
+    assert kinds == {"double-image", "double-text", "single"} and len(layers) == 2 * 7 + 2 * 3
+
+
+def test_export_authors_format_on_flux(authors_run, flux_pipe, tmp_path):
+    """Their run, and our file of it, both export to a lora.pt with every key their strict loader wants."""
+    from tlora import export
+
+    run, state = authors_run
+    out = tmp_path / "checkpoint-10" / "lora.pt"
+    assert export.main([str(run), "--format", "authors", "--out", str(out)]) == 0
+    written = torch.load(out, weights_only=True)
+    assert list(written) == list(state) and all(written[k].shape == state[k].shape for k in state)
+    used = tlora.read(run).tensors()
+    assert all(torch.equal(written[k], v) for k, v in used.items())
+    assert export.main([str(run), "--format", "authors", "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
 def run(script: str, *argv: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=REPO,
                           timeout=600)
@@ -228,7 +289,7 @@ def run(script: str, *argv: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, image_dir, tmp_path, tiny_embedder_dir):
+def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe, image_dir, tmp_path, tiny_embedder_dir):
     masks = tmp_path / "masks"
     masks.mkdir()
     for image in ("00.png", "01.jpg"):
@@ -241,6 +302,8 @@ def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, image_dir
     assert (hp["family"], hp["trainer_type"], hp["trainer_class"], hp["lora_rank"], hp["min_rank"]) == (
         "flux", "lora", "flux_tlora", 4, 1)
     assert (hp["optimizer"], hp["learning_rate"], hp["max_grad_norm"], hp["mixed_precision"]) == ("prodigy", 1.0, 1.0, "bf16")
+    assert all(hp.get(k) is not None for k in authors.FLUX_INFERENCE_KEYS)  # what their run_inference.py reads
+    assert (hp["tlora"], hp["rank"], hp["output_dir"]) == (True, 4, str(folder))
     weights, meta = read_weights(folder / "checkpoint-2")
     assert meta["family"] == "flux" and len(weights) == 40
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(".up.weight"))  # it trained
@@ -250,7 +313,14 @@ def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, image_dir
     samples = folder / "checkpoint-2/samples/ns3gs3.5/version_0"
     images = sorted((samples / "a sks riding a bike").glob("?.png"))
     assert [Image.open(p).size for p in images] == [(64, 64), (64, 64)]
-    from tlora import evaluate
+    from tlora import evaluate, export
+
+    # --format authors: the lora.pt their run_inference.py loads from checkpoint-N, strictly (every key they make)
+    assert export.main([str(folder / "checkpoint-2"), "--format", "authors", "--out", str(folder / "checkpoint-2/lora.pt")]) == 0
+    theirs = torch.load(folder / "checkpoint-2/lora.pt", weights_only=True)
+    start = authors.flux_start(flux_pipe.transformer, 4)
+    assert list(theirs) == list(start) and all(theirs[k].shape == start[k].shape for k in start)
+    assert all(torch.equal(theirs[k], v) for k, v in weights.items())
 
     assert evaluate.main(["--samples", str(samples), "--reference", str(image_dir / "00.png"), "--class_name", "dog",
                           "--placeholder_token", "sks", "--clip_model", str(tiny_embedder_dir / "clip"),

@@ -143,3 +143,15 @@ def test_authors_checkpoint_and_hparams(pipe, trained_run, tmp_path):
     theirs_out = infer(run, *same, "--pretrained_vae_model_name_or_path", "none") / "version_7" / "a sks swimming"
     ours_out = infer(trained_run, *same) / "version_7" / "a sks swimming"
     assert np.array_equal(pixels(theirs_out / "0.png"), pixels(ours_out / "0.png"))
+
+
+def test_a_copied_run_is_read_where_it_is(trained_run, tmp_path):
+    """Its hparams.yml still names the original output_dir; the copy's own checkpoint and folder are used."""
+    import shutil
+
+    copy = shutil.copytree(trained_run, tmp_path / trained_run.name, ignore=shutil.ignore_patterns("samples"))
+    assert yaml.safe_load((copy / "logs" / "hparams.yml").read_text())["output_dir"] == str(trained_run)
+    before = sorted(trained_run.rglob("*"))
+    infer(copy, "--version", "3", "--num_images_per_prompt", "1")
+    assert (copy / "checkpoint-2/samples/ns3_gs5.0/version_3/a sks swimming/0.png").is_file()
+    assert sorted(trained_run.rglob("*")) == before  # nothing written into the original

@@ -1,6 +1,7 @@
 """SimpleTuner / LyCORIS T-LoRA files load with tlora.load and give the output LyCORIS itself gives."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,15 +10,16 @@ import tlora
 from test_injection import unet_inputs
 from tlora import export
 
-lycoris = pytest.importorskip("lycoris")
+lycoris_tlora = pytest.importorskip("lycoris.modules.tlora")
 
 
-def test_lycoris_tlora_gives_lycoris_output(tiny_model, tmp_path, capsys):
+def test_lycoris_tlora_gives_lycoris_output(tiny_model, tmp_path, capsys, monkeypatch):
     from diffusers import UNet2DConditionModel
     from lycoris import LycorisNetwork, create_lycoris
     from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").requires_grad_(False)
+    monkeypatch.setattr(lycoris_tlora, "gc", SimpleNamespace(collect=lambda *a: 0))  # its 0.2 s per module, in the test
     LycorisNetwork.apply_preset({"target_module": ["Attention"]})
     torch.manual_seed(0)
     network = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2, algo="tlora")
@@ -40,10 +42,15 @@ def test_lycoris_tlora_gives_lycoris_output(tiny_model, tmp_path, capsys):
             clear_timestep_mask()
     assert not torch.allclose(expected[0], expected[999])  # the mask matters
 
+    ckpt = tlora.read(path)  # SimpleTuner's settings, read as SimpleTuner reads them
+    assert ckpt.lycoris and ckpt.sources["min_rank"] == "the file's lycoris_config"
+    assert (ckpt.settings.lora_rank, ckpt.settings.min_rank, ckpt.settings.rule) == (4, 2, "lycoris")
     fresh = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").requires_grad_(False)
     with torch.no_grad():
         base = fresh(timestep=600, **inputs).sample
+    gc = lycoris_tlora.gc
     loaded = tlora.load(fresh, path)
+    assert lycoris_tlora.gc is gc  # tlora's own speed-up of LyCORIS's module building is undone
     assert len(loaded.layers) == len(network.loras) == 32
     with torch.no_grad():
         for t, out in expected.items():

@@ -130,7 +130,16 @@ def test_flux_flags_are_aliases_with_the_authors_defaults(tiny_flux, image_dir, 
     args = parse_args(flux_args(tiny_flux, image_dir, tmp_path, "--mask_dir=None", "--optimizer", "AdamW"))
     assert (args.trainer_class, args.lora_rank, args.min_rank, args.num_train_epochs, args.train_data_dir) == (
         "flux_tlora", 4, 1, 2, str(image_dir))
-    assert args.mask_dir is None and args.optimizer == "adamw"
+    assert args.mask_dir is None and (args.optimizer, args.learning_rate) == ("adamw", 1e-4)  # not Prodigy's 1.0
+
+
+def test_learning_rate_default_follows_the_optimizer(image_dir, tmp_path, capsys):
+    assert parse_args(args_with(image_dir, tmp_path, "--optimizer", "prodigy")).learning_rate == 1.0
+    assert parse_args(args_with(image_dir, tmp_path)).learning_rate == 1e-4
+    assert parse_args(args_with(image_dir, tmp_path, "--learning_rate", "3e-4")).learning_rate == 3e-4
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "Default: 1e-4 with --optimizer adamw, 1.0 with --optimizer prodigy" in " ".join(capsys.readouterr().out.split())
 
 
 def flux_train_args_min(tiny_flux, image_dir, tmp_path):

@@ -90,3 +90,75 @@ def test_tlora_and_diffusers_lora_together(tiny_model, other_lora, tlora_checkpo
     after = pipe.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(output(pipe, inputs), base)
+
+
+def test_fusing_a_diffusers_lora_keeps_the_tlora(tiny_model, other_lora, tlora_checkpoint):
+    pipe = load_pipeline(str(tiny_model), "none")
+    inputs = unet_inputs(pipe.unet)
+    tlora.load(pipe, tlora_checkpoint)
+    pipe.load_lora_weights(str(other_lora), adapter_name="other")
+    both = output(pipe, inputs)
+    pipe.fuse_lora()  # the other LoRA merged into the base weights; the T-LoRA hooks stay on the base layers
+    assert torch.allclose(output(pipe, inputs), both, atol=1e-5)
+    pipe.unfuse_lora()
+    assert torch.allclose(output(pipe, inputs), both, atol=1e-5)
+
+
+@pytest.fixture
+def loaded(tiny_model, tlora_checkpoint):
+    """A fresh pipeline with the T-LoRA loaded."""
+    pipe = load_pipeline(str(tiny_model), "none")
+    tlora.load(pipe, tlora_checkpoint)
+    return pipe
+
+
+def test_fused_projections_are_refused_not_silently_dropped(loaded):
+    inputs = unet_inputs(loaded.unet)
+    before = output(loaded, inputs)
+    loaded.fuse_qkv_projections()  # a fused to_qkv would run instead of the to_q / to_k / to_v the T-LoRA is on
+    with pytest.raises(ValueError, match=r"fuse_qkv_projections\): the fused layer bypasses the T-LoRA"):
+        output(loaded, inputs)
+    loaded.unfuse_qkv_projections()
+    assert torch.equal(output(loaded, inputs), before)
+
+
+def test_fused_projections_on_flux(flux_pipe, tmp_path):
+    torch.manual_seed(0)
+    adapters = tlora.attach(flux_pipe.transformer, tlora.TLoRASettings("lora", 4, 1))
+    try:
+        flux_pipe.transformer.fuse_qkv_projections()
+        with pytest.raises(ValueError, match="fuse_qkv_projections"):
+            flux_pipe("a sks dog", num_inference_steps=1, height=64, width=64, max_sequence_length=16)
+        flux_pipe.transformer.unfuse_qkv_projections()
+        adapters.check_usable()
+    finally:
+        adapters.unload()
+
+
+def test_a_compiled_unet_keeps_the_tlora_exactly(loaded):
+    inputs = unet_inputs(loaded.unet)
+    tlora.set_scale(loaded, 0.0)
+    base = output_at(loaded.unet, inputs, (100, 800))
+    tlora.set_scale(loaded, 1.0)
+    expected = {t: output_at(loaded.unet, inputs, t) for t in ((100, 800), (900, 5))}
+    loaded.unet = torch.compile(loaded.unet, backend="eager")  # dynamo traces the hooks; no compiler needed here
+    for t, out in expected.items():  # each sample's mask follows its timestep inside the compiled graph
+        assert torch.equal(output_at(loaded.unet, inputs, t), out)
+    tlora.unload(loaded)  # through the compiled wrapper; dynamo's guards see the hooks go
+    assert torch.equal(output_at(loaded.unet, inputs, (100, 800)), base)
+
+
+def output_at(unet, inputs, t):
+    with torch.no_grad():
+        return unet(timestep=torch.tensor(t), **inputs).sample
+
+
+def test_layer_by_layer_offload_is_refused_not_garbage(loaded):
+    """accelerate's cpu_offload (enable_sequential_cpu_offload) leaves adapter weights off-device between calls;
+    the adapters read them directly, so the T-LoRA refuses to run rather than compute with empty weights."""
+    from accelerate import cpu_offload
+
+    inputs = unet_inputs(loaded.unet)
+    cpu_offload(loaded.unet, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="offloaded layer by layer"):
+        output(loaded, inputs)

@@ -153,8 +153,10 @@ def test_resume_with_other_settings_is_refused(tiny_model, image_dir, tmp_path, 
 
 def test_resume_keeps_the_wandb_run(tiny_model, image_dir, tmp_path):
     folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "1", "--report_to", "wandb")
+    (first,) = (folder / "logs" / "wandb").glob("offline-run-*")
+    first.rename(first.with_name("first-" + first.name))  # W&B names its folders by the second: both runs may share one
     run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--report_to", "wandb",
         "--resume_from_checkpoint", "latest")
     run_id = yaml.safe_load((folder / "logs" / "hparams.yml").read_text())["wandb_run_id"]
-    offline = sorted((folder / "logs" / "wandb").glob("offline-run-*"))
+    offline = sorted((folder / "logs" / "wandb").glob("*offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)

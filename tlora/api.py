@@ -52,17 +52,16 @@ def load(
     if isinstance(checkpoint, Checkpoint):
         if hparams is not None or overrides:
             raise UsageError("tlora.load: give hparams and settings to tlora.read, not beside what it returned")
-        ckpt = checkpoint
-        if ckpt.settings.family != family:
-            raise UsageError(f"{ckpt.path} was trained on {ckpt.settings.family}; this is a {family} model")
+        ckpt, settings = checkpoint, checkpoint.settings.for_family(family)
         if timesteps is not None and ckpt.sources.get("num_train_timesteps") == DEFAULT:
-            ckpt.settings = replace(ckpt.settings, num_train_timesteps=timesteps)
+            settings = replace(settings, num_train_timesteps=timesteps)
     else:
         ckpt = read(checkpoint, hparams, family=family, num_train_timesteps=timesteps, **overrides)
+        settings = ckpt.settings
     if ckpt.lycoris:  # SimpleTuner / LyCORIS: LyCORIS rebuilds the frozen start from the model's weights
-        tlora = load_lycoris(model, ckpt.tensors(), ckpt.settings)
+        tlora = load_lycoris(model, ckpt.tensors(), settings)
     else:
-        tlora = attach(model, ckpt.settings, init=False)
+        tlora = attach(model, settings, init=False)
         try:
             tlora.load_state_dict(ckpt.tensors())
         except (KeyError, ValueError):

@@ -41,7 +41,7 @@ from .usage import Parser, UsageError
 
 FORMATS = ("diffusers", "kohya", "diffusers-scheduled", "authors")
 PROJECTION = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
-BAKED = ("min_rank", "alpha_rank_scale", "trainer_class")  # settings a timestep mask or schedule is built on
+BAKED = ("min_rank",)  # a timestep mask or schedule is never built on a guess of these (others: a note)
 FIX = "pass --{key} or --config_path RUN/logs/hparams.yml"
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (down (k x in), up (out x k))
@@ -240,8 +240,8 @@ def _check_settings(args: argparse.Namespace) -> None:
     if family != "sdxl" and args.format != "authors":
         raise UsageError(f"{ckpt.path} is a {family} T-LoRA: --format {args.format} writes SDXL layouts; use "
                          f"--format authors, or load it with tlora.load(pipe, ...)")
-    baked = args.format == "diffusers-scheduled" or args.active_at is not None
-    guessed = [k for k in BAKED if k in ckpt.assumed] if baked and ckpt.settings.timestep_dependent else []
+    scheduled = args.format == "diffusers-scheduled" or args.active_at is not None  # built on the mask settings
+    guessed = [k for k in BAKED if k in ckpt.assumed] if scheduled and ckpt.settings.timestep_dependent else []
     if guessed:
         what = f"--mask {args.mask}" if args.active_at is not None else f"--format {args.format}"
         raise UsageError(f"{what} is built on {guessed[0]}, which {ckpt.path} does not record; "
@@ -252,7 +252,8 @@ def _check_settings(args: argparse.Namespace) -> None:
                              "(lora); --format authors cannot express it")
         if not args.out.endswith(".pt"):
             raise UsageError(f"--out {args.out}: the authors' FLUX checkpoints are lora.pt files; pass --out .../lora.pt")
-    ckpt.announce(FIX)
+    if scheduled:  # a full mask, or the authors' file, depends on no setting beyond the tensors
+        ckpt.announce(FIX)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -102,7 +102,7 @@ class TLoRA:
 
     def check_usable(self) -> None:
         """Refuse, in one line, a model state in which part of the T-LoRA would silently not apply."""
-        if any(getattr(a, "fused_projections", False) for a in self._attentions):
+        if any(self.family.fused(a) for a in self._attentions):
             raise UsageError(FUSED)
         first = next(iter(self.layers.values()))[1]
         if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(first, ADAPTER, first).modules()):

@@ -11,6 +11,9 @@ tlora.reading like every other file's.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -36,10 +39,8 @@ def _groups(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tenso
 def adapter_from_lycoris(name: str, linear: nn.Linear, params: dict[str, torch.Tensor]) -> OrthoLoRAAdapter:
     """LyCORIS's own module rebuilt on `linear` (its frozen start from the SVD of linear's weight), as a
     tlora adapter; LyCORIS's scale alpha / rank is folded into P and P0."""
-    try:
-        from lycoris.modules.tlora import TLoraModule
-    except ImportError:
-        raise UsageError("LyCORIS T-LoRA files need the lycoris-lora package: pip install 'lycoris-lora>=4.1'") from None
+    from lycoris.modules.tlora import TLoraModule
+
     module = TLoraModule.make_module_from_state_dict(
         name, linear, params["q_layer.weight"], params["p_layer.weight"], params["lambda_layer"], params["alpha"])
     rank = module.lora_dim
@@ -54,14 +55,31 @@ def adapter_from_lycoris(name: str, linear: nn.Linear, params: dict[str, torch.T
     return adapter
 
 
+@contextmanager
+def _without_full_collections():
+    """LyCORIS runs a full gc.collect() for every module it builds (0.2 s each in a large process: minutes for
+    an SDXL file); it has nothing to free here, so its module sees a no-op collect until we are done."""
+    try:
+        from lycoris.modules import tlora as module
+    except ImportError:
+        raise UsageError("LyCORIS T-LoRA files need the lycoris-lora package: pip install 'lycoris-lora>=4.1'") from None
+    original = module.gc
+    module.gc = SimpleNamespace(collect=lambda *args: 0)
+    try:
+        yield
+    finally:
+        module.gc = original
+
+
 def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings) -> TLoRA:
     """Attach a LyCORIS T-LoRA (its tensors, and the settings tlora.reading read from its lycoris_config) to
     `unet`: any of its Linear layers that the file names."""
     paths = {PREFIX + name.replace(".", "_"): name for name, m in unet.named_modules() if isinstance(m, nn.Linear)}
     modules = dict(unet.named_modules())
     adapters = {}
-    for prefix, params in _groups(weights).items():
-        if prefix not in paths or set(params) != set(PARAMS):
-            raise UsageError(f"LyCORIS module {prefix!r} has no Linear layer in this model (or misses tensors)")
-        adapters[prefix] = (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
+    with _without_full_collections():
+        for prefix, params in _groups(weights).items():
+            if prefix not in paths or set(params) != set(PARAMS):
+                raise UsageError(f"LyCORIS module {prefix!r} has no Linear layer in this model (or misses tensors)")
+            adapters[prefix] = (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
     return attach_adapters(unet, settings, adapters)

@@ -62,11 +62,6 @@ class Checkpoint:
     lycoris: bool = False
     assumed: dict[str, str] = field(default_factory=dict)  # setting -> the line that says what was assumed
 
-    @property
-    def folder(self) -> Path:
-        """The checkpoint folder (the folder holding the weights file)."""
-        return self.path.parent
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """The adapters' tensors (without the keys the authors write but never use)."""
         tensors = read_tensors(self.path)
@@ -79,9 +74,10 @@ class Checkpoint:
             warnings.warn(f"{line}; {fix.format(key=key)}", AssumedSetting, stacklevel=_outside_tlora())
 
     def describe(self) -> str:
-        """One line per setting: value and source."""
+        """One line per setting: value and source (the mask as the authors' trainer_class)."""
         values = self.settings.as_dict()
-        return "\n".join(f"{key}: {values[key]} ({source})" for key, source in self.sources.items())
+        name = lambda key: "trainer_class" if key == "timestep_dependent" else key  # noqa: E731
+        return "\n".join(f"{name(k)}: {values[name(k)]} ({source})" for k, source in self.sources.items())
 
 
 def _outside_tlora() -> int:
@@ -211,11 +207,13 @@ def file_family(shapes: dict, where: Path) -> str:
 
 # -- settings ---------------------------------------------------------------------------------------
 def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
-    """First source wins; metadata and a hparams.yml (the two records) must agree on what changes the result."""
+    """First source wins; metadata and a hparams.yml (the two records) must agree on what changes the result,
+    unless the caller sets it."""
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     records = [(label, known) for label, known in layers if label not in (GIVEN, TENSORS)]
-    for key in RESULT_FIELDS:
+    given = dict(layers).get(GIVEN, {})
+    for key in (k for k in RESULT_FIELDS if k not in given):
         said = {label: known[key] for label, known in records if key in known}
         if len(set(map(str, said.values()))) > 1:
             (a, x), (b, y) = list(said.items())[:2]
@@ -275,16 +273,17 @@ def read(
     the model scheduler's; `overrides` are settings (trainer_class, min_rank, ...) that win over every record.
     Unless `quiet`, assumed settings are said through `AssumedSetting` warnings, each ending with `fix`.
     """
+    given = known_from_overrides(overrides)
     weights = find_weights(path)
     shapes, metadata = read_header(weights)
     if is_lycoris(shapes):
-        return _read_lycoris(weights, shapes, metadata, family, num_train_timesteps)
+        return _read_lycoris(weights, shapes, metadata, family, num_train_timesteps, given)
     fam = file_family(shapes, weights)
     if family is not None and family != fam:
         raise CheckpointError(f"{weights} was trained on {fam}; this is a {family} model")
     shapes = {k: v for k, v in shapes.items() if not families.get(fam).ignored_key(k)}
     values, label, hparams_path = _hparams(hparams, weights)
-    layers = [(GIVEN, known_from_overrides(overrides)), (METADATA, known_from_metadata(metadata, str(weights)))]
+    layers = [(GIVEN, given), (METADATA, known_from_metadata(metadata, str(weights)))]
     if label is not None:
         layers.append((label, known_from_hparams(values, label)))
     layers.append((TENSORS, {"family": fam, "trainer_type": infer_trainer_type(shapes), "lora_rank": infer_rank(shapes)}))
@@ -305,15 +304,16 @@ def read(
 
 
 def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family: str | None,
-                  num_train_timesteps: int | None) -> Checkpoint:
-    """A SimpleTuner / LyCORIS T-LoRA: settings from its lycoris_config with SimpleTuner's defaults."""
+                  num_train_timesteps: int | None, given: dict[str, Any]) -> Checkpoint:
+    """A SimpleTuner / LyCORIS T-LoRA: settings given, else from its lycoris_config with SimpleTuner's defaults."""
     try:
         config = json.loads(metadata.get("lycoris_config") or "{}")
     except ValueError:
         raise CheckpointError(f"{weights}: its lycoris_config metadata is not JSON") from None
     rank = max((s[0] for k, s in shapes.items() if k.endswith(".q_layer.weight")), default=1)
     known = known_from_lycoris(config, rank, str(weights))
-    known["family"] = family or families.of_keys(k for k in shapes) or "sdxl"
+    known["family"] = family or families.of_keys(shapes)
     known["num_train_timesteps"] = num_train_timesteps or 1000
     sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
-    return Checkpoint(weights, TLoRASettings.from_known(known), sources, metadata, shapes, lycoris=True)
+    sources |= dict.fromkeys(given, GIVEN)
+    return Checkpoint(weights, TLoRASettings.from_known(known | given), sources, metadata, shapes, lycoris=True)

@@ -57,7 +57,8 @@ class TLoRASettings:
     @property
     def trainer_class(self) -> str:
         """The authors' name for family and mask: sdxl_tlora, sdxl_lora, flux_tlora, flux_lora."""
-        return f"{self.family or 'sdxl'}_{'tlora' if self.timestep_dependent else 'lora'}"
+        kind = "tlora" if self.timestep_dependent else "lora"
+        return f"{self.family}_{kind}" if self.family else kind
 
     @property
     def rule(self) -> str:

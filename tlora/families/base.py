@@ -63,6 +63,12 @@ class Family:
         return False
 
     @classmethod
+    def fused(cls, attention: nn.Module) -> bool:
+        """Whether an attention module computes q, k, v through a fused layer (diffusers'
+        fuse_qkv_projections), bypassing the separate projections that the adapters are hooked on."""
+        return bool(getattr(attention, "fused_projections", False))
+
+    @classmethod
     def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A checkpoint's tensors as the authors' code writes them (every key their loader expects)."""
         return dict(tensors)

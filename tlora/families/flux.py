@@ -71,7 +71,9 @@ class FLUX(Family):
         """Their lora.pt: seven Vanilla layers per attention processor, in their order; the single blocks'
         unused four (their strict loader wants them) as zeros of their shapes."""
         out = {}
-        for processor in dict.fromkeys(k.split(".processor.")[0] + ".processor" for k in tensors):
+        processors = {k.split(".processor.")[0] + ".processor" for k in tensors}
+        order = lambda p: (p.startswith("single_"), int(p.split(".")[1]))  # noqa: E731  (their processors' order)
+        for processor in sorted(processors, key=order):
             rank, hidden = tensors[f"{processor}.to_q_lora.down.weight"].shape
             for layer in AUTHORS_ORDER:
                 for param, shape in (("down.weight", (rank, hidden)), ("up.weight", (hidden, rank))):

@@ -44,6 +44,12 @@ class SDXL(Family):
         ]
 
     @classmethod
+    def fused(cls, attention: nn.Module) -> bool:
+        """The UNet's unfuse_qkv_projections only puts the unfused processors back (the flag stays set), so
+        what counts is whether a fused processor runs."""
+        return super().fused(attention) and "Fused" in type(getattr(attention, "processor", None)).__name__
+
+    @classmethod
     def layer_kind(cls, prefix: str) -> str:
         return "self" if ".attn1." in prefix else "cross"
 
