@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 import inference
 import tlora
 import train
-from conftest import make_image, train_args
-from conftest import read_weights
+from conftest import make_image, read_weights, train_args
 from tlora.checkpoint import WEIGHTS_NAME
 from tlora.data import load_pixels, open_rgb
 

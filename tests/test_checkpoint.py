@@ -70,7 +70,8 @@ def test_authors_file_without_metadata_loads(unet, tiny_model, tmp_path):
     tlora = attach(unet, TLoRASettings("ortho_lora", 4, 1))
     perturb(tlora)
     save_file(tlora.state_dict(), str(tmp_path / WEIGHTS_NAME), metadata={"format": "pt"})
-    fresh = attach(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), TLoRASettings("ortho_lora", 4, 1), init=False)
+    fresh = attach(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), TLoRASettings("ortho_lora", 4, 1),
+                   init=False)
     fresh.load_state_dict(read_weights(tmp_path)[0])
     assert all(torch.equal(v, tlora.state_dict()[k]) for k, v in fresh.state_dict().items())
 

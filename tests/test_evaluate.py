@@ -186,8 +186,8 @@ def test_manifest_counts_merge_with_their_defaults_and_paths_are_the_manifests(t
     make_image(tmp_path / "concept.png")
     (tmp_path / "masks").mkdir()
     manifest = {"output_dir": "bench", "images": {"base": 3}, "num_prompts": {"complex": 2},
-                "evaluation": {"mask_dir": "masks"}, "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}],
-                "methods": [{"name": "T-LoRA", "config": "tl.yaml"}]}
+                "evaluation": {"mask_dir": "masks"}, "methods": [{"name": "T-LoRA", "config": "tl.yaml"}],
+                "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}]}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
     m = benchmark.Manifest.read(tmp_path / "m.yaml")
     assert m.images == {"contextual": 5, "complex": 5, "base": 3} and m.num_prompts == {"contextual": 25, "complex": 2}

@@ -17,9 +17,8 @@ from torch import nn
 
 import authors
 import tlora
-from conftest import REPO, flux_train_args
+from conftest import REPO, flux_train_args, read_weights
 from tlora.adapters import rank_mask
-from conftest import read_weights
 from tlora.conditioning import Conditioning
 from tlora.injection import attach
 from tlora.settings import TLoRASettings
@@ -209,9 +208,9 @@ def test_a_pickle_with_code_is_never_unpickled(flux_pipe, tmp_path):
 
 def _batch(n: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(n, 16, 64, generator=g), encoder_hidden_states=torch.randn(n, 5, 32, generator=g),
-                pooled_projections=torch.randn(n, 32, generator=g), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3),
-                guidance=torch.ones(n), return_dict=False)
+    return dict(hidden_states=torch.randn(n, 16, 64, generator=g), pooled_projections=torch.randn(n, 32, generator=g),
+                encoder_hidden_states=torch.randn(n, 5, 32, generator=g), img_ids=torch.zeros(16, 3),
+                txt_ids=torch.zeros(5, 3), guidance=torch.ones(n), return_dict=False)
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +288,8 @@ def run(script: str, *argv: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe, image_dir, tmp_path, tiny_embedder_dir):
+def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe, image_dir, tmp_path,
+                                                            tiny_embedder_dir):
     masks = tmp_path / "masks"
     masks.mkdir()
     for image in ("00.png", "01.jpg"):
@@ -316,8 +316,9 @@ def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe
     from tlora import evaluate, export
 
     # --format authors: the lora.pt their run_inference.py loads from checkpoint-N, strictly (every key they make)
-    assert export.main([str(folder / "checkpoint-2"), "--format", "authors", "--out", str(folder / "checkpoint-2/lora.pt")]) == 0
-    theirs = torch.load(folder / "checkpoint-2/lora.pt", weights_only=True)
+    out = folder / "checkpoint-2" / "lora.pt"
+    assert export.main([str(folder / "checkpoint-2"), "--format", "authors", "--out", str(out)]) == 0
+    theirs = torch.load(out, weights_only=True)
     start = authors.flux_start(flux_pipe.transformer, 4)
     assert list(theirs) == list(start) and all(theirs[k].shape == start[k].shape for k in start)
     assert all(torch.equal(theirs[k], v) for k, v in weights.items())

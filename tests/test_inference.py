@@ -10,9 +10,8 @@ from safetensors.torch import save_file
 
 import inference
 import tlora
-from conftest import train_args
+from conftest import read_weights, train_args
 from tlora.adapters import active_rank
-from conftest import read_weights
 from tlora.checkpoint import WEIGHTS_NAME
 from tlora.options import parse_args
 from test_injection import perturb

@@ -32,7 +32,8 @@ def imported_at_import(module: str) -> set[str]:
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{base}.{node.module}" if node.module else base
-                todo += [base] + [f"{base}.{a.name}" for a in node.names if (REPO / base.replace(".", "/") / f"{a.name}.py").is_file()]
+                folder = REPO / base.replace(".", "/")
+                todo += [base] + [f"{base}.{a.name}" for a in node.names if (folder / f"{a.name}.py").is_file()]
             elif isinstance(node, ast.Import):
                 todo += [a.name for a in node.names if a.name.startswith("tlora.")]
     return seen

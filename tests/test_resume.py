@@ -9,8 +9,7 @@ import torch
 import yaml
 
 import train as train_py
-from conftest import train_args
-from conftest import read_weights
+from conftest import read_weights, train_args
 from tlora.options import parse_args
 from tlora.resume import RESUME_DIR
 

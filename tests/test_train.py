@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, SHARED, train_args
-from conftest import read_weights
+from conftest import REPO, SHARED, read_weights, train_args
 from tlora.options import parse_args
 from wandb_log import history
 

@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, train_args
-from conftest import read_weights
+from conftest import REPO, read_weights, train_args
 from tlora.options import parse_args
 
 

@@ -15,7 +15,7 @@ Manifest (YAML):
     num_prompts: {contextual: 25, complex: 6}       # fewer for a quick look
     num_inference_steps: 25               # default: the model family's (SDXL 25, FLUX 28)
     guidance_scale: 5.0                   # default: the model family's (SDXL 5.0, FLUX 3.5)
-    evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}  # mask_dir: relative to this file
+    evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}  # mask_dir: too
     report_to: none                        # or wandb
     concepts:
       - {name: dog, image: dog_example/02.jpg, class_name: dog, kind: live}

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="Override the run's VAE ('none' = the base model's own). Default: the run's, else the family's "
            f"(SDXL: {families.SDXL.default_vae}, as the authors' SDXL tool; FLUX: the model's own).")
     a("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
-    a("--dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"], help="Default on CUDA: fp16 (SDXL), bf16 (FLUX); fp32 on the CPU.")
+    a("--dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"],
+      help="Default on CUDA: fp16 (SDXL), bf16 (FLUX); fp32 on the CPU.")
     return p
 
 

@@ -3,13 +3,13 @@
 Like peft's `LoraConfig` for a LoRA: one dataclass, checked by `validate()`, converted to and from every
 place settings are kept:
 
-| where                         | keys                                                                   |
-|-------------------------------|------------------------------------------------------------------------|
-| our checkpoint metadata       | trainer_type, trainer_class, lora_rank, min_rank, alpha_rank_scale, sig_type, family (+ ComfyUI-T-LoRA's max_rank, alpha) |
-| our hparams.yml               | the same keys, plus the authors' FLUX keys `tlora` and `rank` on FLUX    |
-| the authors' SDXL hparams.yml | trainer_type, trainer_class, lora_rank, min_rank, alpha_rank_scale, sig_type |
-| the authors' FLUX hparams.yml | tlora (mask or not), rank, min_rank; their code has no alpha (1) and only Vanilla T-LoRA |
-| SimpleTuner / LyCORIS config  | algo tlora, linear_dim, tlora_min_rank (default 1), tlora_alpha (default 1) |
+- our checkpoint metadata: trainer_type, trainer_class, lora_rank, min_rank, alpha_rank_scale, sig_type, family
+  (and ComfyUI-T-LoRA's names max_rank, alpha);
+- our hparams.yml: the same keys, and on FLUX also the authors' FLUX keys `tlora` and `rank`;
+- the authors' SDXL hparams.yml: trainer_type, trainer_class, lora_rank, min_rank, alpha_rank_scale, sig_type;
+- the authors' FLUX hparams.yml: tlora (mask or not), rank, min_rank; their code has no alpha (1) and only
+  Vanilla T-LoRA;
+- SimpleTuner / LyCORIS lycoris_config: algo tlora, linear_dim, tlora_min_rank (default 1), tlora_alpha (default 1).
 
 Partial sources (a file's metadata, a hparams.yml) give a `dict` of the fields they know (`known_from_*`);
 `tlora.reading` merges them in order and records where each setting came from.
@@ -198,10 +198,12 @@ def known_from_hparams(values: dict[str, Any], where: str) -> dict[str, Any]:
     if hparams_kind(values) != "authors-flux":
         return known_from_ours(values, where)
     # The authors' FLUX code: Vanilla T-LoRA only, the mask only with --tlora, r(t) without alpha.
-    return {"family": "flux", "trainer_type": "lora", "alpha_rank_scale": 1.0,
-            "timestep_dependent": _typed(where, "tlora", values["tlora"], bool),
-            "lora_rank": _typed(where, "rank", values["rank"], int),
-            **({"min_rank": _typed(where, "min_rank", values["min_rank"], int)} if values.get("min_rank") is not None else {})}
+    known = {"family": "flux", "trainer_type": "lora", "alpha_rank_scale": 1.0,
+             "timestep_dependent": _typed(where, "tlora", values["tlora"], bool),
+             "lora_rank": _typed(where, "rank", values["rank"], int)}
+    if values.get("min_rank") is not None:
+        known["min_rank"] = _typed(where, "min_rank", values["min_rank"], int)
+    return known
 
 
 def known_from_overrides(overrides: dict[str, Any], where: str = "tlora.load") -> dict[str, Any]:
