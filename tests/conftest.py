@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,31 @@ def read_weights(path) -> tuple[dict, dict]:
 
     found = find_weights(path)
     return read_tensors(found), read_header(found)[1]
+
+
+# A one-line error names what is wrong (a --flag, a file or folder, the manifest) and how to fix it.
+NAMES = re.compile(r"--\w|/|\w\.\w{2,}|manifest|tlora\.load")
+FIX = re.compile(r"\b(pass|add|drop|remove|use|start|resume|install|fix|delete|free|lower|replace|download|wait|"
+                 r"choose|must|give|check|set|write|call|load|rename|save|run|include|shorten|copy)\b")
+
+
+def assert_helpful(line: str) -> None:
+    """`line` is one line that names the flag or file and says the fix."""
+    assert line.count("\n") <= 1 and NAMES.search(line) and FIX.search(line), f"not a helpful error: {line!r}"
+
+
+def one_line_error(capsys, code: int, message: str, exit_code: int = 2) -> str:
+    """The command failed with `exit_code` and one helpful `error:` line that contains `message`: all it printed
+    for bad input (exit 2, before anything loads); its last line, after the progress, for a run that failed."""
+    err = capsys.readouterr().err
+    assert code == exit_code, err
+    if exit_code != 2:
+        lines = err.splitlines()
+        assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+        err = lines[-1] + "\n"
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert_helpful(err)
+    return err
 
 
 def make_image(path: Path, size: tuple[int, int] = (96, 80), seed: int = 0) -> Path:

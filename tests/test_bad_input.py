@@ -16,16 +16,9 @@ from safetensors.torch import save_file
 import inference
 import tlora
 import train
-from conftest import make_image, read_weights, train_args
+from conftest import make_image, one_line_error, read_weights, train_args
 from tlora.checkpoint import WEIGHTS_NAME
 from tlora.data import load_pixels, open_rgb
-
-
-def one_line_error(capsys, code, message):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +43,10 @@ def config(tmp_path, text):
     (lambda t, d: config(t, "num_train_epochs: 800.0\n"), "--num_train_epochs must be int, got 800.0"),
     (lambda t, d: config(t, "class_name: 123\n"), "--class_name must be str, got 123"),
     (lambda t, d: config(t, "with_prior_preservation: 1\n"), "--with_prior_preservation must be true/false"),
-    (lambda t, d: ("--learning_rate", "nan"), "--learning_rate must be a finite number in (0, inf], got nan"),
-    (lambda t, d: ("--alpha_rank_scale", "0"), "--alpha_rank_scale must be a finite number in (0, inf]"),
-    (lambda t, d: ("--alpha_rank_scale", "-1"), "--alpha_rank_scale must be a finite number in (0, inf]"),
+    (lambda t, d: ("--learning_rate", "nan"), "--learning_rate must be a finite number in (0, inf), got nan"),
+    (lambda t, d: ("--learning_rate", "inf"), "--learning_rate must be a finite number in (0, inf), got inf"),
+    (lambda t, d: ("--alpha_rank_scale", "0"), "--alpha_rank_scale must be a finite number in (0, inf)"),
+    (lambda t, d: ("--alpha_rank_scale", "-1"), "--alpha_rank_scale must be a finite number in (0, inf)"),
     (lambda t, d: ("--adam_beta2", "1"), "--adam_beta2 must be a finite number in [0, 1)"),
     (lambda t, d: ("--one_image", "../elsewhere.png"), "--one_image: ../elsewhere.png must be a file name inside"),
     (lambda t, d: ("--report_to", "tensorboard"), "--report_to tensorboard needs tensorboard"),
@@ -111,9 +105,12 @@ def test_failure_after_the_run_folder_leaves_nothing(tiny_model, image_dir, tmp_
         raise RuntimeError("out of memory while loading")
 
     monkeypatch.setattr(training, "load_pipeline", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(training.RunFailed, match="training failed at step 0: RuntimeError: out of memory while "
+                                                 "loading .traceback in .*; nothing was kept") as failed:
         training.train(parse_args(train_args(tiny_model, image_dir, tmp_path / "out")))
     assert list((tmp_path / "out").iterdir()) == []
+    traceback = str(failed.value).split("traceback in ")[1].split(")")[0]
+    assert "out of memory while loading" in open(traceback).read()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 
 import train
-from conftest import REPO, flux_train_args, train_args
+from conftest import REPO, assert_helpful, flux_train_args, train_args
 from tlora.options import parse_args
 
 NO_MODEL = "/nonexistent/model"
@@ -54,6 +54,7 @@ def test_bad_input_fails_before_loading(image_dir, tmp_path, capsys, change, mes
     code, err = run_main(args_with(image_dir, tmp_path, *change), capsys)
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_helpful(err)
     assert not (tmp_path / "out").exists()  # nothing created
 
 
@@ -169,6 +170,7 @@ def test_flux_config_file_uses_the_authors_names(tiny_flux, image_dir, tmp_path)
 def test_flux_bad_input(tiny_flux, image_dir, tmp_path, capsys, extra, message):
     code, err = run_main(flux_train_args_min(tiny_flux, image_dir, tmp_path) + list(extra), capsys)
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert_helpful(err)
 
 
 def test_missing_mask_and_flux_only_flags_on_sdxl(tiny_flux, image_dir, tmp_path, capsys):

@@ -25,7 +25,7 @@ from .adapters import active_rank, branches, factors
 from .cli import run_command
 from .generation import existing_images
 from .reading import read, weights_file
-from .run_folder import checkpoints, read_hparams
+from .run_folder import checkpoints, moved_from, read_hparams
 from .settings import TLoRASettings
 from .usage import Parser, UsageError
 
@@ -57,6 +57,8 @@ def layer_updates(weights: dict[str, torch.Tensor], trainer_type: str) -> dict[s
 
 def resolve(target: Path) -> tuple[Path, Path | None]:
     """(run folder, checkpoint folder or None) for a run or checkpoint path."""
+    if target.is_file():
+        raise UsageError(f"{target} is a file; pass its run folder or one of the run's checkpoint-N folders")
     if (target / "logs" / "hparams.yml").is_file():
         found = [folder for _, folder in checkpoints(target) if weights_file(folder)]
         return target, (found[-1] if found else None)
@@ -164,26 +166,36 @@ def plot_loss(loss_csv: Path, path: Path) -> bool:
 
 
 def analyze(target: str | Path) -> Path:
-    """Write every picture that the run or checkpoint allows; returns the analysis folder."""
+    """Write every picture that the run or checkpoint allows, saying which it could not draw and why; returns
+    the analysis folder (inside `target`, wherever the run was written)."""
     target = Path(target)
     run, checkpoint = resolve(target)
     out = target / "analysis"
     out.mkdir(exist_ok=True)
     hparams_path = run / "logs" / "hparams.yml"
+    hparams = read_hparams(hparams_path)
+    if old := moved_from(run, hparams):
+        _note(f"{run.name} was written in {old}; reading it where it is, {run}")
     if checkpoint is not None:
         ckpt = read(checkpoint, hparams_path, fix=f"add {{key}} to {hparams_path}")
         settings = ckpt.settings
         layers = analyse_updates(ckpt.tensors(), settings)
         (out / "effective_rank.json").write_text(json.dumps(layers, indent=1))
         plot_effective_rank(layers, families.get(settings.family).layer_kinds, out / "effective_rank.png")
-        for version in sorted(checkpoint.glob("samples/*/version_*"))[:1]:
-            samples_grid(version, out / "samples_grid.png")
+        versions = sorted(checkpoint.glob("samples/*/version_*"))
+        if not (versions and samples_grid(versions[0], out / "samples_grid.png")):
+            _note(f"no samples_grid.png: {checkpoint} has no samples (inference.py writes them)")
     else:
-        settings = TLoRASettings.from_hparams(read_hparams(hparams_path), str(hparams_path))
-        print(f"note: {run} has no checkpoint yet: no effective_rank or samples_grid pictures", file=sys.stderr)
+        settings = TLoRASettings.from_hparams(hparams, str(hparams_path))
+        _note(f"no effective_rank.png or samples_grid.png: {run} has no checkpoint yet")
     plot_rank_schedule(settings, out / "rank_schedule.png")
-    plot_loss(run / "logs" / "loss.csv", out / "loss.png")
+    if not plot_loss(run / "logs" / "loss.csv", out / "loss.png"):
+        _note(f"no loss.png: {run / 'logs' / 'loss.csv'} is missing or empty")
     return out
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

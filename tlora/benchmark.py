@@ -38,13 +38,12 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 
 from .checkpoint import atomic_write
 from .cli import run_command
 from .conditioning import BASE_PROMPT
 from .safe_names import safe_component
-from .usage import Parser, UsageError
+from .usage import Parser, UsageError, load_yaml
 
 COLUMNS = ("concept", "method", "kind", "IS", "DINO_IS", "TS_contextual", "TS_complex", "checkpoint")
 IMAGES = {"contextual": 5, "complex": 5, "base": 15}  # images per prompt of each group (the paper's)
@@ -83,9 +82,10 @@ class Manifest:
     def read(cls, path: str | Path) -> "Manifest":
         """Read and check a manifest: paths relative to it, names made safe folder names, one-line errors."""
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UsageError(f"manifest {path}: cannot read it ({str(err).splitlines()[0]})") from None
+            text = Path(path).read_text()
+        except OSError as err:
+            raise UsageError(f"manifest {path}: cannot read it ({err.strerror}); pass a YAML manifest") from None
+        values = load_yaml(text, f"manifest {path}") or {}
         if not isinstance(values, dict):
             raise UsageError(f"manifest {path}: must be a mapping (see python -m tlora.benchmark --help)")
         unknown = set(values) - set(cls.__dataclass_fields__)
@@ -93,7 +93,7 @@ class Manifest:
             raise UsageError(f"manifest {path}: unknown key {sorted(unknown)[0]!r}")
         for key in ("output_dir", "concepts", "methods"):
             if not values.get(key):
-                raise UsageError(f"manifest {path}: {key} is required")
+                raise UsageError(f"manifest {path}: {key} is required; add it")
         base = Path(path).resolve().parent
         values["output_dir"] = base / values["output_dir"]
         for kind, keys in (("concepts", ("name", "image", "class_name")), ("methods", ("name", "config"))):

@@ -1,5 +1,7 @@
 """Entry points of every command: bad input is one `error:` line with exit code 2, before any model loads;
-a clean stop on a signal is one line with exit code 130 (SIGINT) or 143 (SIGTERM).
+a clean stop on a signal is one line with exit code 130 (SIGINT) or 143 (SIGTERM); a run that cannot go on
+(it diverged, the disk filled, ...) and any other fault are one `error:` line with exit code 1 (the traceback,
+if any, in a file the line names).
 
 Also `python -m tlora.cli train|inference ...`.
 """
@@ -11,13 +13,13 @@ import sys
 import warnings
 from typing import Any, Callable
 
-from .usage import AssumedSetting, UsageError
+from .usage import AssumedSetting, UsageError, first_line
 
 
 def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], Any], label: str | None,
                 argv: list[str] | None) -> int:
     """Parse and check, then run; print `label: result` when a label is given."""
-    from .stopping import Interrupted
+    from .stopping import Interrupted, RunFailed
 
     try:
         with warnings.catch_warnings():
@@ -32,13 +34,28 @@ def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], A
         if _main_process():
             print(err, file=sys.stderr)
         return err.exit_code
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("stopped at once (no checkpoint written for the current step); "
-              "resume with --resume_from_checkpoint latest", file=sys.stderr)
+        print("stopped (Ctrl-C)", file=sys.stderr)
         return 130
+    except Exception as err:  # a fault nobody foresaw: one line, the traceback in a file
+        print(f"error: {type(err).__name__}: {first_line(err)} (traceback in {_save_traceback(err)})", file=sys.stderr)
+        return 1
     if label and _main_process():
         print(f"{label}: {result}")
     return 0
+
+
+def _save_traceback(err: BaseException) -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="tlora-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(err)))
+    return path
 
 
 def _note(show: Callable) -> Callable:

@@ -27,14 +27,15 @@ def encode_prompt(pipe, prompt: str, device: torch.device, max_sequence_length: 
 
 
 @torch.no_grad()
-def encode_image(pipe, path: Path, resolution: int, device: torch.device, mask: Path | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """One preprocessed image's encodings; with `mask`, its loss mask at the latents' size, (1, 1, h, w)."""
+def encode_image(pipe, path: Path, resolution: int, device: torch.device, mask: Path | None = None,
+                 alpha: bool = False) -> dict[str, torch.Tensor]:
+    """One preprocessed image's encodings; with `mask`, its loss mask at the latents' size, (1, 1, h, w) (`alpha`:
+    the mask file's transparency)."""
     family = families.of_model(pipe)
     pixels, crop = load_pixels(path, resolution, family.resize_first)
     encoded = family.encode_pixels(pipe, pixels[None], crop, resolution, device)
     if mask is not None:
-        pixel_mask = load_mask(mask, resolution, family.resize_first)[None, None].to(device)
+        pixel_mask = load_mask(mask, resolution, family.resize_first, alpha)[None, None].to(device)
         encoded["mask"] = F.interpolate(pixel_mask, size=encoded["mean"].shape[-2:], mode="area")
     return encoded
 
@@ -55,11 +56,13 @@ class Conditioning:
         timer=NULL_TIMER,
         masks: list[Path] | None = None,
         max_sequence_length: int = 512,
+        alpha_masks: bool = False,
     ) -> None:
         self.pipe, self.resolution, self.device, self.cache, self.timer = pipe, resolution, device, cache, timer
         self.images = {"instance": instance_images, "class": class_images or []}
         self.masks = {"instance": masks, "class": [None] * len(class_images or []) if masks else None}
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
+        self.alpha_masks = alpha_masks  # the masks are the images' transparency (--alpha_mask)
         self.max_sequence_length = max_sequence_length
         self._images: dict[str, list[dict]] = {}
         self._prompts: dict[str, dict] = {}
@@ -72,7 +75,7 @@ class Conditioning:
     def _encode_image(self, kind: str, index: int) -> dict[str, torch.Tensor]:
         masks = self.masks[kind]
         encoded = encode_image(self.pipe, self.images[kind][index], self.resolution, self.device,
-                               masks[index] if masks else None)
+                               masks[index] if masks else None, self.alpha_masks)
         if masks and "mask" not in encoded:  # class images: the whole image counts
             encoded["mask"] = torch.ones_like(encoded["mean"][:, :1])
         return encoded

@@ -26,16 +26,32 @@ def training_images(train_data_dir: str | Path, one_image: str | None = None) ->
 
 MIN_SIDE = 64
 WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16/32-bit greyscale: PIL's convert("RGB") clips it
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto (convert("RGB") would keep their colour)
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB, scaling 16-bit greyscale to 8 bits (plain convert() would clip nearly all of it to white)."""
+    """8-bit RGB: 16-bit greyscale scaled to 8 bits (plain convert() would clip nearly all of it to white),
+    transparent pixels composited onto white (convert() would train the colour hidden under them)."""
     if image.mode in WIDE_GREY:
         grey = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
         image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":
         raise ValueError("floating-point images are not supported; save it as an 8- or 16-bit image")
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def open_alpha(path: str | Path) -> Image.Image:
+    """The image's transparency as a greyscale mask (255 = opaque), EXIF orientation applied; all 255 without one."""
+    with Image.open(path) as raw:
+        image = ImageOps.exif_transpose(raw)
+        return image.convert("RGBA").getchannel("A") if has_alpha(image) else Image.new("L", image.size, 255)
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -82,9 +98,10 @@ def load_pixels(path: str | Path, resolution: int, resize_first: bool = False) -
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), side
 
 
-def load_mask(path: str | Path, resolution: int, resize_first: bool = False) -> torch.Tensor:
-    """A loss mask (res, res) in [0, 1] from a greyscale (or colour: its luminance) image, cropped as the image is."""
-    square, _ = _square(open_rgb(path).convert("L"), resolution, resize_first)
+def load_mask(path: str | Path, resolution: int, resize_first: bool = False, alpha: bool = False) -> torch.Tensor:
+    """A loss mask (res, res) in [0, 1] from a greyscale (or colour: its luminance) image, or from an image's
+    transparency (`alpha`), cropped as the image is."""
+    square, _ = _square(open_alpha(path) if alpha else open_rgb(path).convert("L"), resolution, resize_first)
     return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)
 
 

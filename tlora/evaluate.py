@@ -90,13 +90,17 @@ def build_parser() -> Parser:
     p.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT model: hub id or local folder.")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default=None)
-    p.add_argument("--output", default=None, help="JSON file (default: metrics.json in --samples).")
+    p.add_argument("--output", default=None, help="JSON file (default: metrics.json in --samples, rewritten on each "
+                                                  "run); an existing --output only with --overwrite.")
+    p.add_argument("--overwrite", action="store_true", default=False, help="Replace an existing --output.")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check every input (images, folders, model names) before any model loads."""
     args = build_parser().parse_args(argv)
+    if Path(args.samples).is_file():
+        raise UsageError(f"--samples: {args.samples} is a file; pass the version folder that holds it")
     if not Path(args.samples).is_dir():
         raise UsageError(f"--samples: {args.samples} is not a folder; pass a version folder written by inference.py")
     if not prompt_folders(Path(args.samples), args.placeholder_token):
@@ -105,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--reference: {args.reference} does not exist; pass an image or a folder of images")
     if args.mask_dir and not Path(args.mask_dir).is_dir():
         raise UsageError(f"--mask_dir: {args.mask_dir} is not a folder")
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise UsageError(f"--output: {args.output} exists; pass a new path, or --overwrite to replace it")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     try:

@@ -217,7 +217,9 @@ def build_parser() -> Parser:
                         "chunks and schedule.json for tlora.scheduled (the exact T-LoRA in stock diffusers); authors: "
                         "exactly the authors' file (SDXL: pytorch_lora_weights.safetensors; FLUX: lora.pt, which "
                         "their run_inference.py loads).")
-    p.add_argument("--out", required=True, help="The file to write (a folder for diffusers-scheduled).")
+    p.add_argument("--out", required=True, help="The file to write (a folder for diffusers-scheduled); an existing one "
+                                                "only with --overwrite, and never the checkpoint itself.")
+    p.add_argument("--overwrite", action="store_true", default=False, help="Replace an existing --out.")
     p.add_argument("--mask", default="full", help="diffusers/kohya: 'full' (every component, as at t = 0, default) "
                                                   "or 'timestep:T' (the components active at timestep T).")
     p.add_argument("--rank", type=int, default=None,
@@ -265,13 +267,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--rank must be at least 1, got {args.rank}")
     if args.format in ("authors", "diffusers-scheduled") and (args.rank is not None or args.mask != "full"):
         raise UsageError(f"--format {args.format} keeps the T-LoRA whole: drop --mask and --rank")
-    out = Path(args.out)
-    if out.exists() and (out.is_dir() != (args.format == "diffusers-scheduled")):
-        raise UsageError(f"--out: {out} exists and is a {'folder' if out.is_dir() else 'file'}; pass a new path")
     args.ckpt = read(args.checkpoint, args.config_path, quiet=True, trainer_class=args.trainer_class,
                      min_rank=args.min_rank, alpha_rank_scale=args.alpha_rank_scale)
+    _check_out(args)
     _check_settings(args)
     return args
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Never write over the checkpoint being exported; over another existing path only with --overwrite."""
+    out, source = Path(args.out).absolute(), args.ckpt.path.absolute()
+    if out.resolve() == source.resolve() or (out.is_dir() and source.resolve().is_relative_to(out.resolve())):
+        raise UsageError(f"--out {args.out} is (or holds) the checkpoint being exported; pass another path")
+    if out.exists() and (out.is_dir() != (args.format == "diffusers-scheduled")):
+        raise UsageError(f"--out: {out} exists and is a {'folder' if out.is_dir() else 'file'}; pass a new path")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out: {args.out} exists; pass a new path, or --overwrite to replace it")
 
 
 def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import atomic_write
 from .safe_names import safe_component
-from .usage import UsageError
+from .usage import UsageError, first_line
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
 
@@ -73,7 +73,7 @@ def read_record(folder: Path) -> dict[str, dict]:
     try:
         record = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); delete or fix it") from None
+        raise UsageError(f"{path} is not valid YAML ({first_line(err)}); delete or fix it") from None
     if not isinstance(record, dict):
         raise UsageError(f"{path} is not a mapping of prompt folders; delete or fix it")
     return {k: v for k, v in record.items() if isinstance(v, dict)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from .api import load
 from .models import DTYPES, load_pipeline
 from .options import MAX_WORD_LENGTH, check_templates, check_text
 from .reading import read, weights_file
-from .run_folder import read_hparams
+from .run_folder import moved_from, read_hparams
 from .usage import Parser, UsageError, check_finite, check_model_source
 
 
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--config_path: {config_path} does not exist; pass a run's logs/hparams.yml")
     hparams = read_hparams(config_path)
     args.checkpoint = checkpoint_folder(config_path, hparams, args.checkpoint_idx)
+    run = config_path.resolve().parent.parent
+    if args.checkpoint.resolve().is_relative_to(run) and (old := moved_from(run, hparams)):
+        print(f"note: {run.name} was written in {old}; reading it, and writing samples, where it is: {run}",
+              file=sys.stderr)
     args.ckpt = read(args.checkpoint, config_path, fix=f"add {{key}} to {config_path}")  # header only: checked early
     family = families.get(args.ckpt.settings.family)
     args.family = family.name

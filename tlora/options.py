@@ -16,7 +16,6 @@ import string
 import sys
 from pathlib import Path
 
-import yaml
 
 from . import families
 from .adapters import SIG_TYPES, TRAINER_TYPES
@@ -24,7 +23,7 @@ from .data import check_image, find_mask, list_images, training_images
 from .generation import split_prompts
 from .models import BASE_PRECISIONS
 from .settings import TRAINER_CLASSES, TLoRASettings
-from .usage import Parser, UsageError, check_finite, check_model_source, redact_argv
+from .usage import Parser, UsageError, check_finite, check_model_source, load_yaml, redact_argv
 
 REQUIRED = ("trainer_type", "trainer_class", "train_data_dir", "output_dir", "class_name", "placeholder_token")
 DEFAULT_VAE = families.SDXL.default_vae
@@ -72,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mask_dir", type=str, default=None,
       help="Folder of loss masks named as the training images (white = counts); the loss is taken on masked "
            "prediction and target. 'None' or '' = no mask.")
+    a("--alpha_mask", action="store_true", default=False,
+      help="Use each training image's transparency as its loss mask (kohya's --alpha_mask). Without it, transparent "
+           "pixels are composited onto white.")
     a("--train_batch_size", type=int, default=1)
     a("--dataloader_num_workers", type=int, default=1)
     a("--resolution", type=int, default=1024)
@@ -121,12 +123,7 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """The flag values of a --config YAML file, each checked against its flag's type and choices."""
     if not Path(path).is_file():
         raise UsageError(f"--config: file {path} does not exist; pass a YAML file of flag values")
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise UsageError(f"--config: {path} is not valid YAML{line} ({getattr(err, 'problem', err)}); fix the file")
+    values = load_yaml(Path(path).read_text(), f"--config: {path}") or {}
     if not isinstance(values, dict):
         raise UsageError(f"--config: {path} must hold a mapping of flag names to values")
     actions = {s.lstrip("-"): action for action in parser._actions for s in action.option_strings}
@@ -166,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_image_folder(flag: str, folder: str | None) -> None:
+    if folder and Path(folder).is_file():
+        raise UsageError(f"{flag}: {folder} is a file, not a folder; pass the folder that holds the images")
     if not folder or not Path(folder).is_dir():
         raise UsageError(f"{flag}: folder {folder} does not exist; pass a folder that holds the images")
     if not list_images(folder):
@@ -179,7 +178,7 @@ def check_text(flag: str, text: str, limit: int) -> None:
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise UsageError(f"{flag}: {text[:40]!r} holds a control character (a newline?); remove it")
     if len(text) > limit:
-        raise UsageError(f"{flag}: {text[:40]!r}... has {len(text)} characters; the limit is {limit}")
+        raise UsageError(f"{flag}: {text[:40]!r}... has {len(text)} characters; the limit is {limit}, shorten it")
 
 
 def check_templates(flag: str, templates: list[str]) -> None:
@@ -234,6 +233,8 @@ def _check_data(args: argparse.Namespace) -> None:
             raise UsageError(f"--one_image: {name} is not a file in {args.train_data_dir}; pass a file name there")
     digest = hashlib.sha256()
     images = [("--train_data_dir", p) for p in training_images(args.train_data_dir, args.one_image)]
+    if args.mask_dir and args.alpha_mask:
+        raise UsageError("--alpha_mask and --mask_dir both give loss masks; drop one of them")
     if args.mask_dir:
         images += _check_masks(args)
     if args.with_prior_preservation:
@@ -254,9 +255,17 @@ def _check_output_dir(folder: str) -> None:
         raise UsageError(f"--output_dir: cannot write in {existing}; pass a folder you can write to")
 
 
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # W&B refuses these in a project name, and names over 128 characters
+
+
 def _check_tracker(args: argparse.Namespace) -> None:
     import importlib.util
 
+    if tracker(args) == "wandb":
+        bad = sorted(set(args.project_name) & set(WANDB_PROJECT_FORBIDDEN))
+        if not args.project_name.strip() or bad or len(args.project_name) > 128:
+            raise UsageError(f"--project_name {args.project_name!r}: W&B takes 1 to 128 characters without "
+                             f"{' '.join(WANDB_PROJECT_FORBIDDEN)}; pass another name")
     if args.report_to == "tensorboard" and not any(
         importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
     ):
@@ -321,6 +330,8 @@ def _require(flag: str, package: str, install: str, instead: str, cuda: bool = F
 
 def _check_masks(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """Every training image has its mask in --mask_dir; returns (flag, mask) pairs for the image checks."""
+    if Path(args.mask_dir).is_file():
+        raise UsageError(f"--mask_dir: {args.mask_dir} is a file, not a folder; pass the folder of masks")
     if not Path(args.mask_dir).is_dir():
         raise UsageError(f"--mask_dir: folder {args.mask_dir} does not exist; pass the folder of masks (or drop the flag)")
     pairs = []

@@ -38,7 +38,7 @@ from .settings import (
     RESULT_FIELDS, TLoRASettings, hparams_kind, known_from_hparams, known_from_lycoris, known_from_metadata,
     known_from_overrides,
 )
-from .usage import AssumedSetting
+from .usage import AssumedSetting, first_line
 
 DEFAULT = "default"
 TENSORS = "the tensors"
@@ -121,7 +121,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # damaged, or a pickle that holds more than tensors
-        raise CheckpointError(f"{path} is not a readable tensor file ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is not a readable tensor file ({first_line(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{path} does not hold a flat dict of named tensors; pass a T-LoRA checkpoint")
     return state
@@ -135,7 +135,8 @@ def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
     except Exception as err:  # safetensors raises its own error type for damaged files
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err})") from None
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err}); copy it again "
+                              "or use another checkpoint") from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -144,7 +145,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err})") from None
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err}); copy it again "
+                              "or use another checkpoint") from None
 
 
 # -- what the tensors show --------------------------------------------------------------------------

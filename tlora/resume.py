@@ -13,13 +13,15 @@ import argparse
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
-from .reading import weights_file
-from .run_folder import CHECKPOINT, checkpoints, read_hparams
+from .reading import read, weights_file
+from .run_folder import CHECKPOINT, RunLock, checkpoints, read_hparams
 from .usage import UsageError
 
 RESUME_DIR = "resume"
+STATE_FILES = ("optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")  # accelerate's save_state
 RUN = re.compile(r"^(\d+)-")
 # May differ from the run's hparams.yml when resuming; every other recorded setting must match.
 MAY_CHANGE = frozenset({
@@ -39,12 +41,43 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def is_resumable(checkpoint: Path) -> bool:
+    """Whether a checkpoint has weights and resume state (whole or not: see `damage`)."""
     return weights_file(checkpoint) is not None and (checkpoint / RESUME_DIR).is_dir()
 
 
-def newest_resumable(run: Path) -> Path | None:
-    done = [p for _, p in checkpoints(run) if is_resumable(p)]
-    return done[-1] if done else None
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's weights or resume state, read without loading any model; None when whole.
+    Every file of resume/ is a zip archive (torch.save) whose checksums are tested; nothing is unpickled."""
+    try:
+        read(checkpoint, quiet=True)  # safetensors checks that its header's tensors fill the file
+    except UsageError as err:
+        return str(err)
+    state = checkpoint / RESUME_DIR
+    for name in STATE_FILES:
+        if not (state / name).is_file():
+            return f"{state / name} is missing"
+    for path in sorted(p for p in state.iterdir() if p.is_file()):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"{path} is damaged ({err})"
+        if bad is not None:
+            return f"{path} is damaged ({bad} fails its checksum)"
+    return None
+
+
+def newest_whole(run: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of a run with whole weights and resume state, and what is wrong with newer ones."""
+    skipped = []
+    for _, folder in reversed(checkpoints(run)):
+        if not is_resumable(folder):
+            continue
+        problem = damage(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(problem)
+    return None, skipped
 
 
 def _run_of(value: str) -> Path:
@@ -85,34 +118,71 @@ def changed_setting(recorded: dict, args: argparse.Namespace) -> tuple[str, obje
     return None
 
 
+def _latest(args: argparse.Namespace) -> Path | None:
+    """The newest whole checkpoint of the newest run in --output_dir with these settings; None (and a note in
+    args.resume_note) when there is none."""
+    out = Path(args.output_dir)
+    runs = [p for p in out.iterdir() if p.is_dir() and RUN.match(p.name)] if out.is_dir() else []
+    other = None
+    for run in sorted(runs, key=lambda p: int(RUN.match(p.name).group(1)), reverse=True):
+        change = changed_setting(_hparams(run), args)
+        if change is not None:
+            other = other or f"{run.name} has {change[0]} = {change[1]!r}, not {change[2]!r}"
+            continue
+        found, skipped = newest_whole(run)
+        if found is not None:
+            args.resume_note = f"resuming {found}, the newest whole checkpoint: {'; '.join(skipped)}" if skipped \
+                else None
+            return found
+    why = f" with these settings ({other})" if other else ""
+    args.resume_note = f"--resume_from_checkpoint latest: no run to resume in {out}{why}; starting a new run"
+    return None
+
+
+def _checkpoint(path: Path) -> Path:
+    """An explicit checkpoint-N: it must be the newest of its run with resume state, and whole."""
+    if not is_resumable(path):
+        raise UsageError(f"--resume_from_checkpoint: {path} has no resume state ({RESUME_DIR}/ and weights); pass "
+                         "its run folder to resume from the newest complete checkpoint")
+    newer = [p for step, p in checkpoints(path.parent) if is_resumable(p) and step > checkpoint_step(path)]
+    if newer:
+        raise UsageError(f"--resume_from_checkpoint: {newer[-1].name} of this run is newer; resume from it "
+                         "(or from the run folder), or start a new run")
+    problem = damage(path)
+    if problem is not None:
+        older = [p for _, p in reversed(checkpoints(path.parent)) if p != path and is_resumable(p) and not damage(p)]
+        instead = f"resume from {older[0]} instead" if older else "no other checkpoint of this run has whole " \
+                                                                  "resume state: start a new run"
+        raise UsageError(f"--resume_from_checkpoint: {problem}; {instead}")
+    return path
+
+
 def find(args: argparse.Namespace) -> Path | None:
     """The checkpoint to resume from (None: start a new run). UsageError when PATH cannot be resumed."""
     value = args.resume_from_checkpoint
+    args.resume_note = None
     if not value:
         return None
     if value == "latest":
-        out = Path(args.output_dir)
-        runs = [p for p in out.iterdir() if p.is_dir() and RUN.match(p.name)] if out.is_dir() else []
-        for run in sorted(runs, key=lambda p: int(RUN.match(p.name).group(1)), reverse=True):
-            if changed_setting(_hparams(run), args) is None and (found := newest_resumable(run)) is not None:
-                return found
-        return None
+        return _latest(args)
     path = Path(value)
+    if not path.exists():
+        raise UsageError(f"--resume_from_checkpoint: {path} does not exist; pass a checkpoint-N folder, a run folder "
+                         "or latest")
+    if not path.is_dir():
+        raise UsageError(f"--resume_from_checkpoint: {path} is a file; pass its checkpoint-N folder or its run folder")
     if CHECKPOINT.match(path.name):
-        if not is_resumable(path):
-            raise UsageError(f"--resume_from_checkpoint: {path} has no complete resume state ({RESUME_DIR}/); pass "
-                             "its run folder to resume from the newest complete checkpoint")
-        newer = [p for step, p in checkpoints(path.parent) if is_resumable(p) and step > checkpoint_step(path)]
-        if newer:
-            raise UsageError(f"--resume_from_checkpoint: {newer[-1].name} of this run is newer; resume from it "
-                             "(or from the run folder), or start a new run")
-        return path
+        return _checkpoint(path)
     if (path / "logs" / "hparams.yml").is_file():
-        found = newest_resumable(path)
+        found, skipped = newest_whole(path)
         if found is None:
-            raise UsageError(f"--resume_from_checkpoint: {path} has no checkpoint with resume state; start a new run")
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            raise UsageError(f"--resume_from_checkpoint: {path} has no checkpoint with whole resume state{why}; "
+                             "start a new run")
+        args.resume_note = f"resuming {found}, the newest whole checkpoint: {'; '.join(skipped)}" if skipped else None
         return found
-    raise UsageError(f"--resume_from_checkpoint: {value} is neither a checkpoint-N folder, a run folder nor 'latest'")
+    raise UsageError(f"--resume_from_checkpoint: {value} is neither a checkpoint-N folder, a run folder nor 'latest'; "
+                     "pass one of them")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -121,6 +191,7 @@ def check(args: argparse.Namespace) -> None:
     if args.resume_checkpoint is None:
         return
     run = args.resume_checkpoint.parent
+    RunLock(run).check()
     change = changed_setting(_hparams(run), args)
     if change is not None:
         key, recorded, current = change
@@ -171,17 +242,21 @@ def write_checkpoint(accelerator, progress: Progress, folder: Path, write_weight
     (every process) go into a hidden staging folder, which is renamed to `folder` when complete."""
     staging = folder.with_name(f".{folder.name}.tmp")
     progress.gather()
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / RESUME_DIR).mkdir(parents=True)
-        write_weights(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging / RESUME_DIR))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(staging / RESUME_DIR)
-        remove(folder)  # a checkpoint of this step left by an earlier, resumed attempt
-        os.replace(staging, folder)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            (staging / RESUME_DIR).mkdir(parents=True)
+            write_weights(staging)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging / RESUME_DIR))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _fsync_tree(staging / RESUME_DIR)
+            remove(folder)  # a checkpoint of this step left by an earlier, resumed attempt
+            os.replace(staging, folder)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back what the half checkpoint took
+        raise
     accelerator.wait_for_everyone()
     return folder
 

@@ -4,10 +4,12 @@ logs/hparams.yml."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import yaml
@@ -15,11 +17,11 @@ import yaml
 from .checkpoint import atomic_write
 from .safe_names import safe_component
 from .settings import TLoRASettings
-from .usage import UsageError, redact, secret_values
+from .usage import UsageError, first_line, redact_value, secret_values
 
 RUN_INDEX = re.compile(r"^(\d+)-")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-INTERNAL = ("resume_checkpoint",)  # set while parsing, not options: never recorded
+INTERNAL = ("resume_checkpoint", "resume_note")  # set while parsing, not options: never recorded
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -44,7 +46,7 @@ def read_hparams(path: str | Path) -> dict:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); pass a run's logs/hparams.yml")
+        raise UsageError(f"{path} is not valid YAML ({first_line(err)}); pass a run's logs/hparams.yml")
     except OSError as err:
         raise UsageError(f"cannot read {path} ({err.strerror}); pass a run's logs/hparams.yml") from None
     if not isinstance(values, dict):
@@ -97,9 +99,9 @@ def public_hparams(args: argparse.Namespace) -> dict:
     values |= TLoRASettings.from_hparams(values, "train.py").to_hparams()
     values["wandb_api_key"] = None
 
-    def clean(value):
+    def clean(value):  # by exact value: a setting that merely contains the key's characters is kept
         if isinstance(value, str):
-            return redact(value, hidden)
+            return redact_value(value, hidden)
         if isinstance(value, list):
             return [clean(v) for v in value]
         if isinstance(value, dict):
@@ -130,3 +132,69 @@ def record_run(args: argparse.Namespace, folder: Path, resumed_step: int | None,
         args.argv = recorded.get("argv", args.argv)
     args.wandb_run_id = recorded.get("wandb_run_id") or (secrets.token_hex(4) if wandb else None)
     return write_hparams(args, folder)
+
+
+LOCK_NAME = ".tlora.lock"
+
+
+class RunLock:
+    """One training process group per run folder: `<run>/.tlora.lock` holds "<pid> <host>", made with O_EXCL,
+    removed when training ends (and at exit); a lock whose process is gone (same host) is stale and taken over."""
+
+    def __init__(self, run: Path) -> None:
+        self.path, self.held = Path(run) / LOCK_NAME, False
+
+    def holder(self) -> str | None:
+        """"pid <pid> on <host>" of a live holder; None when free or stale."""
+        try:
+            pid, host = self.path.read_text().split()
+        except (OSError, ValueError):
+            return None
+        if host == socket.gethostname():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return None
+            except (PermissionError, ValueError):
+                pass
+        return f"process {pid} on {host}"
+
+    def check(self, flag: str = "--resume_from_checkpoint") -> None:
+        """Refuse, in one line, a run that another process is training."""
+        holder = self.holder()
+        if holder is not None and not self.held:
+            raise UsageError(f"{flag}: {self.path.parent} is being trained by {holder}; wait for it to end "
+                             f"(or delete {self.path} if that process is gone)")
+
+    def acquire(self, flag: str = "--resume_from_checkpoint") -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.check(flag)
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            atexit.register(self.release)
+            return self
+        raise UsageError(f"{flag}: could not lock {self.path.parent}; delete {self.path} and try again")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+            atexit.unregister(self.release)
+
+
+def moved_from(run: Path, hparams: dict) -> str | None:
+    """The output_dir a run's hparams.yml records when the run is no longer there (moved or copied); None when
+    it is where it was written."""
+    recorded = str(hparams.get("output_dir") or "")
+    if not recorded:
+        return None
+    try:
+        return None if Path(recorded).exists() and Path(recorded).samefile(run) else recorded
+    except OSError:
+        return recorded

@@ -1,5 +1,6 @@
-"""Stopping cleanly: the first Ctrl-C or SIGTERM asks the training loop to stop after the current step (it
-then writes a complete checkpoint with resume state); a second one stops at once (KeyboardInterrupt)."""
+"""Stopping: the first Ctrl-C or SIGTERM asks the training loop to stop after the current step (it then writes
+a complete checkpoint with resume state); a second one stops at once (KeyboardInterrupt). And the ways a run
+ends early, each reported as one line (RunFailed and its kinds)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,20 @@ class StopSignals:
             return self.signum
         flags = accelerator.gather(torch.tensor([self.signum], device=accelerator.device))
         return int(flags.max().item())
+
+
+class RunFailed(Exception):
+    """Training could not go on (it diverged, the disk filled, the tracker refused, a bug): one line for the
+    user, exit code 1; every checkpoint finished before is whole and kept."""
+
+    exit_code = 1
+
+
+class Diverged(RunFailed):
+    """The loss or the adapter weights stopped being finite numbers."""
+
+
+class Stopped(RunFailed):
+    """A second Ctrl-C (or one before the first step) stopped training at once."""
+
+    exit_code = 130

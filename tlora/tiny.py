@@ -151,6 +151,25 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
 
 BUILDERS = {"sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
 
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_command
+    from .usage import Parser, UsageError
+
+    p = Parser(description="Write a tiny random model (diffusers layout) to FOLDER.")
+    p.add_argument("folder", nargs="?", default=None, help="Default: tiny-<family>.")
+    p.add_argument("family", nargs="?", default="sdxl", choices=sorted(BUILDERS))
+    p.add_argument("--overwrite", action="store_true", default=False, help="Write into a folder that is not empty.")
+
+    def parse(argv):
+        args = p.parse_args(argv)
+        args.folder = Path(args.folder or f"tiny-{args.family}")
+        if args.folder.exists() and (not args.folder.is_dir() or any(args.folder.iterdir())) and not args.overwrite:
+            raise UsageError(f"{args.folder} exists and is not an empty folder; pass a new folder, or --overwrite")
+        return args
+
+    return run_command(parse, lambda args: BUILDERS[args.family](args.folder), "written", argv)
+
+
 if __name__ == "__main__":
-    family = sys.argv[2] if len(sys.argv) > 2 else "sdxl"
-    print(BUILDERS[family](sys.argv[1] if len(sys.argv) > 1 else f"tiny-{family}"))
+    sys.exit(main())

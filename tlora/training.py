@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
+import traceback
 import warnings
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,14 +27,16 @@ from .data import BatchOrder, PairedIndices, find_mask, list_images, training_im
 from .injection import TLoRA, attach
 from .models import DTYPES, encoders_on, load_pipeline, offload_encoders
 from .options import tracker, wandb_key
-from .reading import read
+from .reading import read, weights_file
 from .resume import RESUME_DIR, Progress, checkpoint_step, prune, write_checkpoint
-from .run_folder import create_run_folder, public_hparams, record_run, remove_run_folder
+from .run_folder import (
+    RunLock, checkpoints, create_run_folder, moved_from, public_hparams, read_hparams, record_run, remove_run_folder,
+)
 from .settings import TLoRASettings
-from .stopping import Interrupted, StopSignals
+from .stopping import Diverged, Interrupted, RunFailed, StopSignals, Stopped
 from .timing import NULL_TIMER
 from .tracking import init_trackers, log_images
-from .usage import redact_argv
+from .usage import UsageError, first_line, redact_argv
 
 LOSS_FLUSH_STEPS = 10  # losses are read back from the device in groups, not every step
 
@@ -55,18 +61,28 @@ def diffusion_loss(
     return F.mse_loss(pred, target) + prior_weight * F.mse_loss(prior_pred, prior_target)
 
 
-def _run_folder(args: argparse.Namespace, accelerator: Accelerator, resume_from: Path | None) -> Path:
-    """The run folder, made (or, when resuming, recorded) on the main process; every process gets its path."""
-    folder = [None]
+def _run_folder(args: argparse.Namespace, accelerator: Accelerator, resume_from: Path | None
+                ) -> tuple[Path, RunLock | None]:
+    """The run folder, made (or, when resuming, recorded) and locked on the main process; every process gets
+    its path."""
+    folder, lock = [None], None
     if accelerator.is_main_process:
-        if resume_from is None and args.resume_from_checkpoint == "latest":
-            print(f"--resume_from_checkpoint latest: no run to resume in {args.output_dir}; starting a new run")
+        if args.resume_note:
+            print(f"note: {args.resume_note}", file=sys.stderr)
         folder = [create_run_folder(args) if resume_from is None else resume_from.parent]
-        resumed = None if resume_from is None else checkpoint_step(resume_from)
-        record_run(args, folder[0], resumed, wandb=tracker(args) == "wandb")
+        lock = RunLock(folder[0]).acquire()
+        try:
+            if resume_from is not None and (old := moved_from(folder[0], read_hparams(folder[0] / "logs" / "hparams.yml"))):
+                print(f"note: {folder[0].name} was written in {old}; resuming it where it is, {folder[0]}",
+                      file=sys.stderr)
+            resumed = None if resume_from is None else checkpoint_step(resume_from)
+            record_run(args, folder[0], resumed, wandb=tracker(args) == "wandb")
+        except BaseException:
+            lock.release()
+            raise
     folder = broadcast_object_list(folder)
     args.exp_name, args.output_dir, args.logging_dir = folder[0].name, str(folder[0]), str(folder[0] / "logs")
-    return folder[0]
+    return folder[0], lock
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -117,7 +133,8 @@ class Trainer:
             # into its bucket and warns once per process; the copy is of r numbers.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.resume_from: Path | None = getattr(args, "resume_checkpoint", None)
-        self.folder = _run_folder(args, self.accelerator, self.resume_from)
+        args.resume_note = getattr(args, "resume_note", None)
+        self.folder, self.lock = _run_folder(args, self.accelerator, self.resume_from)
         self.accelerator.project_configuration.project_dir = str(self.folder)
         self.accelerator.project_configuration.logging_dir = str(self.folder / "logs")
         self.device = self.accelerator.device
@@ -167,7 +184,11 @@ class Trainer:
         self._setup_data()
         if self.cache:  # nothing encodes during training any more: free the accelerator's memory
             offload_encoders(self.pipe)
-        init_trackers(acc, args, public_hparams(args), self.folder / "logs")
+        try:
+            init_trackers(acc, args, public_hparams(args), self.folder / "logs")
+        except Exception as err:  # a project name W&B refuses, no login, a tracker that cannot start
+            raise RunFailed(f"--report_to {tracker(args)}: the tracker did not start ({first_line(err)}); check "
+                            "--project_name and the tracker's login, or pass --report_to none") from err
         self.progress = Progress(self.order, acc)
         acc.register_for_checkpointing(self.progress)
         # The adapters are saved as pytorch_lora_weights.safetensors; accelerate keeps the rest, not the model.
@@ -184,10 +205,12 @@ class Trainer:
         class_images = list_images(args.class_data_dir) if args.with_prior_preservation else []
         images = training_images(args.train_data_dir, args.one_image)
         masks = [find_mask(args.mask_dir, image) for image in images] if args.mask_dir else None
+        if args.alpha_mask:
+            masks = images  # each image's own transparency
         self.conditioning = Conditioning(
             self.pipe, images, BASE_PROMPT.format(concept), args.resolution, self.device, class_images,
             BASE_PROMPT.format(args.class_name), cache=self.cache, timer=self.timer, masks=masks,
-            max_sequence_length=args.max_sequence_length,
+            max_sequence_length=args.max_sequence_length, alpha_masks=args.alpha_mask,
         )
         indices = PairedIndices(len(self.conditioning.images["instance"]), len(class_images))
         seed = args.seed + self.accelerator.process_index
@@ -224,7 +247,7 @@ class Trainer:
         args, total, acc = self.args, self.args.num_train_epochs, self.accelerator
         bar = tqdm(total=total, initial=self.step_done, desc="training", disable=not acc.is_local_main_process)
         pending: list[torch.Tensor] = []
-        with StopSignals() as signals:
+        with StopSignals() as signals, closing(bar):  # closed however the loop ends: a failure's line comes after
             for step in range(self.step_done + 1, total + 1):
                 with self.timer("data"):
                     indices = next(self.order)
@@ -242,12 +265,12 @@ class Trainer:
                     bar.close()
                     acc.end_training()
                     raise Interrupted(stop, step, folder)
-        bar.close()
         acc.end_training()
         return self.folder
 
     def _flush_losses(self, losses: list[torch.Tensor], last_step: int, bar: tqdm) -> None:
-        """Read back losses (the mean over processes) for trackers, loss.csv and the progress bar."""
+        """Read back losses (the mean over processes) for trackers, loss.csv and the progress bar; a loss that is
+        not finite stops the run (Diverged) once they are recorded."""
         stacked = torch.stack(losses).float()
         if self.accelerator.num_processes > 1:
             stacked = self.accelerator.gather(stacked).reshape(self.accelerator.num_processes, -1).mean(0)
@@ -262,16 +285,38 @@ class Trainer:
                 f.write(("step,loss\n" if new else "") + "".join(f"{first + i},{v}\n" for i, v in enumerate(values)))
         self.losses.extend(values)
         bar.set_postfix(loss=f"{values[-1]:.4f}")
+        bad = next(((first + i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise Diverged(f"training diverged: the loss is {bad[1]} at step {bad[0]}; {self._last_good()}; "
+                           "lower --learning_rate (or set --max_grad_norm) and start a new run")
+
+    def _last_good(self) -> str:
+        """Where the newest finite checkpoint is (every checkpoint written is finite)."""
+        found = [folder for _, folder in checkpoints(self.folder) if weights_file(folder)]
+        return f"the newest finite checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+
+    def _check_finite(self, step: int) -> None:
+        """The adapters hold finite numbers (one reduction, at checkpoints only); else stop before writing."""
+        params = self.tlora.trainable_parameters()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise Diverged(f"training diverged: the adapter weights are not finite after step {step}; "
+                           f"{self._last_good()}; lower --learning_rate (or set --max_grad_norm) and start a new run")
 
     def save_checkpoint(self, step: int, validate: bool = True) -> Path:
         """checkpoint-<step>: the weights, the resume state, then validation images if prompts were given.
         Older checkpoints and resume states beyond the limits are removed once this one is complete."""
         acc = self.accelerator
+        self._check_finite(step)
         self._check_replicas()
         meta = self.settings.to_metadata() | {
             "pretrained_model_name_or_path": self.args.pretrained_model_name_or_path, "global_step": step}
-        folder = write_checkpoint(acc, self.progress, self.folder / f"checkpoint-{step}",
-                                  lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
+        try:
+            folder = write_checkpoint(acc, self.progress, self.folder / f"checkpoint-{step}",
+                                      lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
+        except OSError as err:  # a full disk, a folder that went away
+            raise RunFailed(f"could not write checkpoint-{step} in {self.folder} ({err.strerror or err}); every "
+                            f"finished checkpoint is whole: free some space and resume with --resume_from_checkpoint "
+                            f"{self.folder}") from err
         if acc.is_main_process:
             prune(self.folder, self.args.checkpoints_total_limit, self.args.resume_state_total_limit)
             if validate and self.args.validation_prompts:
@@ -317,15 +362,44 @@ def keep_losses(loss_csv: Path, last_step: int) -> None:
 
 
 def train(args: argparse.Namespace, cache: bool = True) -> Path:
-    """Train from validated options; returns the run folder. A new run folder that a failure (or Ctrl-C)
-    leaves before its first step is removed."""
+    """Train from validated options; returns the run folder. Whatever ends it early is one line (RunFailed,
+    Interrupted); a new run folder that a failure leaves before its first step is removed, and every
+    checkpoint finished before is kept."""
     trainer = Trainer(args, cache=cache)
     try:
         trainer.setup()
         return trainer.train()
     except BaseException as err:
-        if trainer.resume_from is None and trainer.step_done == 0 and not isinstance(err, Interrupted):
-            trainer.accelerator.end_training()
-            if trainer.accelerator.is_main_process:
+        started = trainer.resume_from is not None or trainer.step_done > 0
+        if not isinstance(err, Interrupted):  # (Interrupted ended the trackers already)
+            try:
+                trainer.accelerator.end_training()
+            except Exception:  # a tracker that never started; the run's failure is what to report
+                pass
+            if not started and trainer.accelerator.is_main_process:
                 remove_run_folder(trainer.folder)
-        raise
+        if isinstance(err, (Interrupted, RunFailed, UsageError)) or not isinstance(err, (Exception, KeyboardInterrupt)):
+            raise
+        raise _one_line(err, trainer, started) from err
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()
+
+
+def _one_line(err: BaseException, trainer: Trainer, started: bool) -> RunFailed:
+    """Ctrl-C, or an error nobody foresaw, as one line; the traceback goes to a file that the line names."""
+    newest = trainer._last_good() if started else f"nothing was kept ({trainer.folder} is removed)"
+    if isinstance(err, KeyboardInterrupt):
+        if not started:
+            return Stopped(f"stopped at once before step 1 (Ctrl-C); {newest}: run the command again to start")
+        return Stopped(f"stopped at once at step {trainer.step_done}; {newest}; resume with "
+                       f"--resume_from_checkpoint {trainer.folder}")
+    if started:
+        path = trainer.folder / "logs" / "error.txt"
+    else:
+        fd, name = tempfile.mkstemp(prefix="tlora-error-", suffix=".txt")
+        os.close(fd)
+        path = Path(name)
+    path.write_text("".join(traceback.format_exception(err)))
+    return RunFailed(f"training failed at step {trainer.step_done}: {type(err).__name__}: {first_line(err)} "
+                     f"(traceback in {path}); {newest}")

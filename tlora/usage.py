@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 SECRET_FLAGS = ("--wandb_api_key",)
 SECRET_ENV = ("WANDB_API_KEY",)
 REDACTED = "<redacted>"
@@ -20,6 +22,12 @@ REDACTED = "<redacted>"
 
 class UsageError(ValueError):
     """Bad input from a flag, a config file or an API argument; the message is shown as is, on one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message, first line only (its type when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class AssumedSetting(UserWarning):
@@ -48,16 +56,30 @@ def secret_values(argv: list[str]) -> set[str]:
 
 
 def redact(text: str, secrets: set[str]) -> str:
-    """`text` with every secret value replaced by <redacted>."""
+    """A message with every secret value replaced by <redacted>, wherever it appears (messages are shown,
+    not read back; recorded settings use `redact_value` and `redact_argv`, which never touch other values)."""
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
 
 
+def redact_value(value, secrets: set[str]):
+    """A recorded setting with a value that is exactly a secret replaced (nothing else is changed)."""
+    return REDACTED if isinstance(value, str) and value in secrets else value
+
+
 def redact_argv(argv: list[str]) -> list[str]:
-    """argv with the values of secret flags (`--flag value`, `--flag=value`, abbreviated) replaced."""
-    secrets = secret_values(argv)
-    return [redact(arg, secrets) for arg in argv]
+    """argv with the values of secret flags (`--flag value`, `--flag=value`, however spelled) and any
+    argument that is exactly a secret replaced; other arguments are kept as they are."""
+    secrets, out = secret_values(argv), []
+    for i, arg in enumerate(argv):
+        name, eq, _ = arg.partition("=")
+        if eq and name.startswith("--") and _is_secret_flag(name):
+            arg = f"{name}={REDACTED}"
+        elif i and argv[i - 1].startswith("--") and "=" not in argv[i - 1] and _is_secret_flag(argv[i - 1]):
+            arg = REDACTED
+        out.append(redact_value(arg, secrets))
+    return out
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,20 +95,45 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
-        raise UsageError(redact(message, secret_values(self._argv)))
+        raise UsageError(redact(f"{message}; run with --help to see the flags", secret_values(self._argv)))
 
 
 def check_finite(flag: str, value: float, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
     """A finite number within [low, high] (open ends with *_open)."""
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
+    lo = "(" if low_open or low is None else "["
+    hi = ")" if high_open or high is None else "]"  # infinity itself is never a finite number
     span = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
         raise UsageError(f"{flag} must be a finite number in {span}, got {value!r}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str) -> object:
+    """A user's YAML file (a --config, a benchmark manifest): safe types only, no key given twice; errors are
+    one line naming the file and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{where} is not valid YAML{line} ({getattr(err, 'problem', err)}); fix the file") from None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -117,5 +164,5 @@ def check_model_source(flag: str, name: str, needs: str = "model_index.json", re
 
 def model_load_error(flag: str, name: str, err: Exception) -> UsageError:
     """One line for a model that could not be loaded (not found, no network, no access)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UsageError(f"{flag}: could not load {name} ({first}); pass a local folder or check the name and network")
+    return UsageError(f"{flag}: could not load {name} ({first_line(err)}); pass a local folder or check the name and "
+                      "network")

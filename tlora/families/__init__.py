@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..usage import UsageError
+from ..usage import UsageError, first_line
 from .base import Family
 from .flux import FLUX
 from .sdxl import SDXL
@@ -56,8 +56,8 @@ def model_index(model: str, revision: str | None = None) -> dict:
         try:
             path = Path(hf_hub_download(model, "model_index.json", revision=revision))
         except Exception as err:  # offline and not cached, no access, no such repository
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UsageError(f"--pretrained_model_name_or_path: cannot read {model}'s model_index.json ({first})")
+            raise UsageError(f"--pretrained_model_name_or_path: cannot read {model}'s model_index.json "
+                             f"({first_line(err)}); pass a local folder or check the name and network")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
