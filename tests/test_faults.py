@@ -4,6 +4,7 @@ transparency, secrets. Each failure is one line naming what is wrong and the fix
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -141,13 +142,16 @@ def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path,
 @pytest.mark.parametrize("fault, message, code", [
     (RuntimeError("W&B: project not found"), "--report_to wandb: the tracker did not start (W&B: project not found)",
      1),
-    (KeyboardInterrupt(), "stopped at once before step 1 (Ctrl-C); nothing was kept", 130),
+    (KeyboardInterrupt(), "stopped at once before step 1 (SIGINT); nothing was kept", 130),
+    ("SIGTERM", "stopped at once before step 1 (SIGTERM); nothing was kept", 143),
 ])
 def test_failures_before_the_first_step_leave_nothing(tiny_model, image_dir, tmp_path, capsys, monkeypatch, fault,
                                                      message, code):
     from tlora import training
 
     def broken(*args, **kwargs):
+        if fault == "SIGTERM":  # a job scheduler's, while the model loads
+            os.kill(os.getpid(), signal.SIGTERM)
         raise fault
 
     monkeypatch.setattr(training, "init_trackers", broken)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -22,6 +23,29 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before the training loop: handled as Ctrl-C is, so that start-up cleans up after itself."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """While inside (start-up: loading, caching), SIGTERM raises Terminated instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopSignals:
@@ -66,6 +90,8 @@ class Diverged(RunFailed):
 
 
 class Stopped(RunFailed):
-    """A second Ctrl-C (or one before the first step) stopped training at once."""
+    """A second Ctrl-C (or a Ctrl-C or SIGTERM before the first step) stopped training at once."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -33,7 +34,7 @@ from .run_folder import (
     RunLock, checkpoints, create_run_folder, moved_from, public_hparams, read_hparams, record_run, remove_run_folder,
 )
 from .settings import TLoRASettings
-from .stopping import Diverged, Interrupted, RunFailed, StopSignals, Stopped
+from .stopping import Diverged, Interrupted, RunFailed, StopSignals, Stopped, terminate_as_interrupt
 from .timing import NULL_TIMER
 from .tracking import init_trackers, log_images
 from .usage import UsageError, first_line, redact_argv
@@ -365,7 +366,11 @@ def train(args: argparse.Namespace, cache: bool = True) -> Path:
     """Train from validated options; returns the run folder. Whatever ends it early is one line (RunFailed,
     Interrupted); a new run folder that a failure leaves before its first step is removed, and every
     checkpoint finished before is kept."""
-    trainer = Trainer(args, cache=cache)
+    with terminate_as_interrupt():  # a SIGTERM while loading cleans up as Ctrl-C does; the loop has its own handler
+        return _train(Trainer(args, cache=cache))
+
+
+def _train(trainer: Trainer) -> Path:
     try:
         trainer.setup()
         return trainer.train()
@@ -390,10 +395,12 @@ def _one_line(err: BaseException, trainer: Trainer, started: bool) -> RunFailed:
     """Ctrl-C, or an error nobody foresaw, as one line; the traceback goes to a file that the line names."""
     newest = trainer._last_good() if started else f"nothing was kept ({trainer.folder} is removed)"
     if isinstance(err, KeyboardInterrupt):
+        signum = getattr(err, "signum", signal.SIGINT)
         if not started:
-            return Stopped(f"stopped at once before step 1 (Ctrl-C); {newest}: run the command again to start")
+            return Stopped(f"stopped at once before step 1 ({signal.Signals(signum).name}); {newest}: run the command "
+                           "again to start", signum)
         return Stopped(f"stopped at once at step {trainer.step_done}; {newest}; resume with "
-                       f"--resume_from_checkpoint {trainer.folder}")
+                       f"--resume_from_checkpoint {trainer.folder}", signum)
     if started:
         path = trainer.folder / "logs" / "error.txt"
     else:
