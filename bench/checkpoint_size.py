@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 
-import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
 import torch
 from diffusers import UNet2DConditionModel
-
 from sdxl_architecture import UNET
-from tlora.injection import attach
-from tlora.settings import TLoRASettings
+
+import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
+from tlora.method.injection import attach
+from tlora.method.settings import TLoRASettings
 
 
 def sizes(trainer_type: str, rank: int) -> tuple[int, int, int]:

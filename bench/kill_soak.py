@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
 import numpy as np
 import torch
 from PIL import Image
 
-from tlora.reading import read
-from tlora.tiny import build_tiny_sdxl
+import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
+from tlora.families.tiny import build_tiny_sdxl
+from tlora.runs.reading import read
 
 REPO = Path(__file__).resolve().parents[1]
 STATE_FILES = ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"]

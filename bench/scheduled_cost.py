@@ -16,18 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
 import torch
 
-from tlora.checkpoint import save_weights
-from tlora.export import main as export
+import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
+from tlora.interop.export import main as export
+from tlora.runs.weights import save_weights
 
 
 def build(model: str, scratch: Path):
-    from tlora.models import load_pipeline
+    from tlora.families.pipelines import load_pipeline
 
     if model == "tiny":
-        from tlora.tiny import build_tiny_sdxl
+        from tlora.families.tiny import build_tiny_sdxl
 
         return load_pipeline(str(build_tiny_sdxl(scratch / "tiny")), "none"), 8, 4
     from sdxl_architecture import build_sdxl_architecture

@@ -35,12 +35,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from tlora import families  # noqa: E402
-from tlora.injection import attach  # noqa: E402
-from tlora.models import DTYPES, load_pipeline  # noqa: E402
-from tlora.options import parse_args  # noqa: E402
-from tlora.settings import TLoRASettings  # noqa: E402
-from tlora.timing import SectionTimer  # noqa: E402
-from tlora.training import Trainer, diffusion_loss  # noqa: E402
+from tlora.families.pipelines import DTYPES, load_pipeline  # noqa: E402
+from tlora.method.injection import attach  # noqa: E402
+from tlora.method.settings import TLoRASettings  # noqa: E402
+from tlora.train.options import parse_args  # noqa: E402
+from tlora.train.timing import SectionTimer  # noqa: E402
+from tlora.train.trainer import Trainer, diffusion_loss  # noqa: E402
 
 SECTIONS = ("data", "vae", "text", "unet", "optimizer")
 
@@ -74,7 +74,7 @@ def sync(device: torch.device) -> None:
 
 def build_model(opts, scratch: Path):
     if opts.model in ("tiny", "tiny-flux"):
-        from tlora.tiny import build_tiny_flux, build_tiny_sdxl
+        from tlora.families.tiny import build_tiny_flux, build_tiny_sdxl
 
         build = build_tiny_flux if opts.model == "tiny-flux" else build_tiny_sdxl
         return load_pipeline(str(build(scratch / "tiny")), "none")

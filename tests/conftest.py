@@ -20,7 +20,7 @@ SHARED = REPO.parent / "shared"
 
 def read_weights(path) -> tuple[dict, dict]:
     """(tensors, metadata) of a checkpoint folder or file, through tlora's reader (no settings needed)."""
-    from tlora.reading import find_weights, read_header, read_tensors
+    from tlora.runs.reading import find_weights, read_header, read_tensors
 
     found = find_weights(path)
     return read_tensors(found), read_header(found)[1]
@@ -60,7 +60,7 @@ def make_image(path: Path, size: tuple[int, int] = (96, 80), seed: int = 0) -> P
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from tlora.tiny import build_tiny_sdxl
+    from tlora.families.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
@@ -83,7 +83,7 @@ def class_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model):
-    from tlora.models import load_pipeline
+    from tlora.families.pipelines import load_pipeline
 
     return load_pipeline(str(tiny_model), "none")
 
@@ -110,10 +110,18 @@ def train_args(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str
 @pytest.fixture(scope="session")
 def tiny_embedder_dir(tmp_path_factory) -> Path:
     """Tiny random CLIP (root/clip) and DINO ViT (root/dino) models with their processors, saved to disk."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig
-    from transformers import ViTImageProcessor, ViTModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
-    from tlora.tiny import write_tokenizer
+    from tlora.families.tiny import write_tokenizer
 
     root = tmp_path_factory.mktemp("embedders")
     __import__("torch").manual_seed(0)
@@ -139,21 +147,21 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_embedders(tiny_embedder_dir):
     """The tiny models, loaded as the metrics code loads them."""
-    from tlora.metrics import Embedders
+    from tlora.evaluation.metrics import Embedders
 
     return Embedders.load(str(tiny_embedder_dir / "clip"), str(tiny_embedder_dir / "dino"), "cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> Path:
-    from tlora.tiny import build_tiny_flux
+    from tlora.families.tiny import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
 @pytest.fixture(scope="session")
 def flux_pipe(tiny_flux):
-    from tlora.models import load_pipeline
+    from tlora.families.pipelines import load_pipeline
 
     return load_pipeline(str(tiny_flux), "none")
 

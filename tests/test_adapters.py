@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tlora.adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, orthogonal_init, rank_mask
+from tlora.method.adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, orthogonal_init, rank_mask
 
 
 def formula(t: int, max_rank: int, min_rank: int, alpha: float = 1.0, T: int = 1000) -> int:

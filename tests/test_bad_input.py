@@ -13,12 +13,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-import inference
 import tlora
+from tlora.common.images import load_pixels, open_rgb
+from tlora.runs.weights import WEIGHTS_NAME
+
+import inference
 import train
 from conftest import make_image, one_line_error, read_weights, train_args
-from tlora.checkpoint import WEIGHTS_NAME
-from tlora.data import load_pixels, open_rgb
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +99,16 @@ def test_secret_is_never_echoed_however_spelled(tiny_model, image_dir, tmp_path,
 
 def test_failure_after_the_run_folder_leaves_nothing(tiny_model, image_dir, tmp_path, monkeypatch):
     """A failure while loading (before step 1) removes the new run folder."""
-    from tlora import training
-    from tlora.options import parse_args
+    from tlora.common.errors import RunFailed
+    from tlora.train import trainer as training
+    from tlora.train.options import parse_args
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory while loading")
 
     monkeypatch.setattr(training, "load_pipeline", broken)
-    with pytest.raises(training.RunFailed, match="training failed at step 0: RuntimeError: out of memory while "
-                                                 "loading .traceback in .*; nothing was kept") as failed:
+    with pytest.raises(RunFailed, match="training failed at step 0: RuntimeError: out of memory while "
+                                        "loading .traceback in .*; nothing was kept") as failed:
         training.train(parse_args(train_args(tiny_model, image_dir, tmp_path / "out")))
     assert list((tmp_path / "out").iterdir()) == []
     traceback = str(failed.value).split("traceback in ")[1].split(")")[0]
@@ -115,8 +117,8 @@ def test_failure_after_the_run_folder_leaves_nothing(tiny_model, image_dir, tmp_
 
 @pytest.fixture(scope="module")
 def run_folder(tiny_model, image_dir, tmp_path_factory):
-    from tlora.options import parse_args
-    from tlora.training import train as train_run
+    from tlora.train.options import parse_args
+    from tlora.train.trainer import train as train_run
 
     return train_run(parse_args(train_args(tiny_model, image_dir, tmp_path_factory.mktemp("runs"),
                                            "--num_train_epochs", "1", "--lora_rank", "4")))
@@ -184,7 +186,7 @@ def test_api_checks_its_settings(tiny_pipe, run_folder):
 
 
 def test_evaluate_checks_inputs_before_loading_models(tmp_path, capsys):
-    from tlora.evaluate import main
+    from tlora.evaluation.evaluate import main
 
     samples = tmp_path / "samples" / "a photo of sks"
     samples.mkdir(parents=True)
@@ -199,7 +201,8 @@ def test_evaluate_checks_inputs_before_loading_models(tmp_path, capsys):
 
 
 def test_analyze_and_benchmark_and_demo_lines(tmp_path, capsys):
-    from tlora import analyze, benchmark
+    from tlora.evaluation import analyze
+    from tlora.evaluation import protocol as benchmark
 
     one_line_error(capsys, analyze.main([str(tmp_path)]), "is neither a run folder")
     with pytest.raises(SystemExit) as done:
@@ -212,7 +215,7 @@ def test_analyze_and_benchmark_and_demo_lines(tmp_path, capsys):
 def test_checkpoint_files_respect_the_umask(tmp_path):
     import os
 
-    from tlora.checkpoint import atomic_write
+    from tlora.common.files import atomic_write
 
     old = os.umask(0o022)
     try:

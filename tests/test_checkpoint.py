@@ -7,11 +7,12 @@ from diffusers.models.attention_processor import Attention
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tlora.method.injection import attach
+from tlora.method.settings import TLoRASettings
+from tlora.runs.reading import infer_rank, infer_trainer_type
+from tlora.runs.weights import WEIGHTS_NAME, save_weights
+
 from conftest import read_weights
-from tlora.checkpoint import WEIGHTS_NAME, save_weights
-from tlora.reading import infer_rank, infer_trainer_type
-from tlora.injection import attach
-from tlora.settings import TLoRASettings
 from test_injection import perturb, unet_inputs
 
 PARAMS = {
@@ -93,7 +94,7 @@ def test_load_names_the_first_bad_key(unet):
 
 def test_write_is_atomic(tmp_path, monkeypatch):
     save_weights({"a": torch.ones(2)}, tmp_path)
-    import tlora.checkpoint as ck
+    import tlora.common.files as ck
 
     def broken(*a, **k):
         raise OSError("disk full")

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from tlora.evaluation import protocol as benchmark
+from tlora.evaluation.analyze import analyse_updates, analyze, effective_rank
+from tlora.evaluation.evaluate import evaluate_samples
+from tlora.evaluation.metrics import mask_background, reference_images
+from tlora.method.settings import TLoRASettings
+
 from conftest import make_image
-from tlora import benchmark
-from tlora.analyze import analyze, analyse_updates, effective_rank
-from tlora.evaluate import evaluate_samples
-from tlora.metrics import mask_background, reference_images
-from tlora.settings import TLoRASettings
 
 
 def write_samples(folder, prompts, images):
@@ -59,7 +60,7 @@ def test_text_similarity_equals_a_hand_computed_cosine(tiny_embedders, tmp_path)
 
 
 def test_evaluate_command(tiny_embedder_dir, tmp_path, capsys):
-    from tlora.evaluate import main
+    from tlora.evaluation.evaluate import main
 
     ref = random_image(0)
     ref.save(tmp_path / "ref.png")
@@ -102,8 +103,9 @@ def test_effective_rank_by_hand():
 
 
 def test_analyze_writes_its_pictures(tiny_model, image_dir, tmp_path):
-    from tlora.options import parse_args
-    from tlora.training import train
+    from tlora.train.options import parse_args
+    from tlora.train.trainer import train
+
     from conftest import train_args
 
     run = train(parse_args(train_args(tiny_model, image_dir, tmp_path, "--num_train_epochs", "12",
@@ -135,7 +137,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
         "methods": [{"name": "T-LoRA", "config": "tl.yaml"}, {"name": "Vanilla", "config": "vl.yaml"}],
     }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
-    monkeypatch.setattr("tlora.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
+    monkeypatch.setattr("tlora.evaluation.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
     rows = benchmark.run(benchmark.parse_args([str(tmp_path / "m.yaml")]))
     out = tmp_path / "bench"
     assert [(r["concept"], r["method"]) for r in rows] == [("pet", "T-LoRA"), ("pet", "Vanilla"),
@@ -175,7 +177,7 @@ def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tmp_path, monkeypat
         "methods": [{"name": "Vanilla T-LoRA", "config": "flux.yaml"}],
     }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
-    monkeypatch.setattr("tlora.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
+    monkeypatch.setattr("tlora.evaluation.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
     (row,) = benchmark.run(benchmark.parse_args([str(tmp_path / "m.yaml")]))
     assert row["method"] == "Vanilla T-LoRA" and 0 < row["IS"] <= 1.0 + 1e-6
     version = next((tmp_path / "bench").glob("runs/pet/Vanilla T-LoRA/*/checkpoint-1/samples/ns2gs3.5/version_0"))
@@ -200,8 +202,8 @@ def test_manifest_counts_merge_with_their_defaults_and_paths_are_the_manifests(t
 
 
 def test_an_empty_prompts_yaml_is_no_record(tmp_path):
-    from tlora.evaluate import prompt_folders
-    from tlora.generation import read_record
+    from tlora.evaluation.evaluate import prompt_folders
+    from tlora.generate.generation import read_record
 
     folder = tmp_path / "version_0"
     make_image((folder / "a photo of sks").mkdir(parents=True) or folder / "a photo of sks" / "0.png")
@@ -215,7 +217,7 @@ def test_an_empty_prompts_yaml_is_no_record(tmp_path):
 
 @pytest.mark.parametrize("rank, min_rank", [(4, 2), (8, 1), (64, 32)])
 def test_rank_schedule_ticks_are_whole_ranks(tmp_path, rank, min_rank):
-    from tlora.analyze import plot_rank_schedule
+    from tlora.evaluation.analyze import plot_rank_schedule
 
     ticks = plot_rank_schedule(TLoRASettings("lora", rank, min_rank, family="sdxl"), tmp_path / "r.png")
     assert ticks and all(t == int(t) for t in ticks) and (tmp_path / "r.png").is_file()

@@ -8,11 +8,12 @@ import torch
 from safetensors import safe_open
 
 import tlora
-from test_injection import perturb, unet_inputs
+from tlora.families.pipelines import load_pipeline
+from tlora.interop.export import best_rank, main, sgm_path
+from tlora.runs.weights import WEIGHTS_NAME, save_weights
+
 from conftest import read_weights
-from tlora.checkpoint import WEIGHTS_NAME, save_weights
-from tlora.export import best_rank, main, sgm_path
-from tlora.models import load_pipeline
+from test_injection import perturb, unet_inputs
 
 
 @pytest.fixture(scope="module", params=["lora", "ortho_lora"])

@@ -14,12 +14,13 @@ import torch
 import yaml
 from PIL import Image
 
+from tlora.interop import export
+from tlora.runs.checkpoint_state import RESUME_DIR
+from tlora.runs.run_folder import LOCK_NAME
+from tlora.train.options import parse_args
+
 import train
 from conftest import make_image, one_line_error, read_weights, train_args
-from tlora import export
-from tlora.options import parse_args
-from tlora.resume import RESUME_DIR
-from tlora.run_folder import LOCK_NAME
 
 
 def finite(checkpoint) -> bool:
@@ -44,7 +45,7 @@ def test_a_diverging_run_stops_and_keeps_its_newest_finite_checkpoint(tiny_model
 
 def test_non_finite_weights_are_never_written(tiny_model, image_dir, tmp_path, capsys, monkeypatch):
     """Weights that stop being finite with a finite loss (no read-back) are caught before the checkpoint."""
-    from tlora import training
+    from tlora.train import trainer as training
 
     original = training.Trainer.step
 
@@ -65,7 +66,7 @@ def test_non_finite_weights_are_never_written(tiny_model, image_dir, tmp_path, c
 @pytest.fixture(scope="module")
 def state_run(tiny_model, image_dir, tmp_path_factory):
     """A finished run with resume state in its two checkpoints (2 and 4)."""
-    from tlora.training import train as train_run
+    from tlora.train.trainer import train as train_run
 
     return train_run(parse_args(train_args(tiny_model, image_dir, tmp_path_factory.mktemp("state"), "--num_train_epochs",
                                            "4", "--resume_state_total_limit", "2")))
@@ -97,8 +98,8 @@ def test_damaged_resume_state_is_one_line_before_anything_loads(state_run, tiny_
 
 
 def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_model, image_dir, tmp_path, capsys):
-    from tlora.analyze import analyze
-    from tlora.training import train as train_run
+    from tlora.evaluation.analyze import analyze
+    from tlora.train.trainer import train as train_run
 
     before = sorted(state_run.rglob("*"))
     run = copy(state_run, tmp_path)
@@ -122,7 +123,7 @@ def test_one_run_is_trained_by_one_process_at_a_time(state_run, tiny_model, imag
 
 
 def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path, capsys, monkeypatch):
-    from tlora import training
+    from tlora.train import trainer as training
 
     original = training.save_weights
 
@@ -147,7 +148,7 @@ def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path,
 ])
 def test_failures_before_the_first_step_leave_nothing(tiny_model, image_dir, tmp_path, capsys, monkeypatch, fault,
                                                      message, code):
-    from tlora import training
+    from tlora.train import trainer as training
 
     def broken(*args, **kwargs):
         if fault == "SIGTERM":  # a job scheduler's, while the model loads
@@ -190,7 +191,7 @@ def test_latest_says_which_setting_differs(state_run, tiny_model, image_dir, cap
 
 
 def test_transparent_pixels_are_white_or_the_loss_mask(tmp_path):
-    from tlora.data import load_mask, load_pixels
+    from tlora.common.images import load_mask, load_pixels
 
     rgba = np.zeros((80, 96, 4), dtype=np.uint8)
     rgba[..., 0] = 255  # red everywhere, hidden under transparency on the left half
@@ -206,7 +207,7 @@ def test_transparent_pixels_are_white_or_the_loss_mask(tmp_path):
 
 
 def test_alpha_mask_trains_and_excludes_mask_dir(tiny_model, image_dir, tmp_path, capsys):
-    from tlora.training import train as train_run
+    from tlora.train.trainer import train as train_run
 
     run = train_run(parse_args(train_args(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "1",
                                           "--alpha_mask")))
@@ -218,7 +219,7 @@ def test_alpha_mask_trains_and_excludes_mask_dir(tiny_model, image_dir, tmp_path
 
 def test_a_short_secret_never_corrupts_another_setting(tiny_model, image_dir, tmp_path):
     """Removed by setting name and exact value: a model path or token that contains the key's letters is kept."""
-    from tlora.run_folder import public_hparams
+    from tlora.runs.run_folder import public_hparams
 
     key = "sks"
     args = parse_args(train_args(tiny_model, image_dir, tmp_path / "sks_runs", "--wandb_api_key", key,

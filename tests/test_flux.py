@@ -13,16 +13,16 @@ import torch
 import yaml
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 from PIL import Image
-from torch import nn
+
+import tlora
+from tlora.method.adapters import rank_mask
+from tlora.method.injection import attach
+from tlora.method.settings import TLoRASettings
+from tlora.train.conditioning import Conditioning
+from tlora.train.trainer import diffusion_loss
 
 import authors
-import tlora
 from conftest import REPO, flux_train_args, read_weights
-from tlora.adapters import rank_mask
-from tlora.conditioning import Conditioning
-from tlora.injection import attach
-from tlora.settings import TLoRASettings
-from tlora.training import diffusion_loss
 
 HIDDEN = 32  # the tiny FLUX's inner dimension (2 heads x 16)
 
@@ -254,8 +254,9 @@ def test_the_authors_flux_run_is_read_from_its_folder(authors_run, flux_pipe):
 
 
 def test_inference_and_analyze_on_the_authors_flux_run(authors_run, tmp_path):
+    from tlora.evaluation.analyze import analyze
+
     import inference
-    from tlora.analyze import analyze
 
     run, _ = authors_run
     argv = ["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "10", "--prompts",
@@ -269,7 +270,7 @@ def test_inference_and_analyze_on_the_authors_flux_run(authors_run, tmp_path):
 
 def test_export_authors_format_on_flux(authors_run, flux_pipe, tmp_path):
     """Their run, and our file of it, both export to a lora.pt with every key their strict loader wants."""
-    from tlora import export
+    from tlora.interop import export
 
     run, state = authors_run
     out = tmp_path / "checkpoint-10" / "lora.pt"
@@ -313,7 +314,8 @@ def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe
     samples = folder / "checkpoint-2/samples/ns3gs3.5/version_0"
     images = sorted((samples / "a sks riding a bike").glob("?.png"))
     assert [Image.open(p).size for p in images] == [(64, 64), (64, 64)]
-    from tlora import evaluate, export
+    from tlora.evaluation import evaluate
+    from tlora.interop import export
 
     # --format authors: the lora.pt their run_inference.py loads from checkpoint-N, strictly (every key they make)
     out = folder / "checkpoint-2" / "lora.pt"

@@ -8,12 +8,13 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-import inference
 import tlora
+from tlora.method.adapters import active_rank
+from tlora.runs.weights import WEIGHTS_NAME
+from tlora.train.options import parse_args
+
+import inference
 from conftest import read_weights, train_args
-from tlora.adapters import active_rank
-from tlora.checkpoint import WEIGHTS_NAME
-from tlora.options import parse_args
 from test_injection import perturb
 
 PROMPTS = "a {0} riding a bike#a {0} swimming"
@@ -21,7 +22,7 @@ PROMPTS = "a {0} riding a bike#a {0} swimming"
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model, image_dir, tmp_path_factory):
-    from tlora.training import train
+    from tlora.train.trainer import train
 
     out = tmp_path_factory.mktemp("runs")
     return train(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "2", "--learning_rate", "1e-2")))
@@ -74,7 +75,7 @@ def test_inference_bad_input(trained_run, capsys):
 
 @pytest.fixture
 def pipe(tiny_model):
-    from tlora.models import load_pipeline
+    from tlora.families.pipelines import load_pipeline
 
     return load_pipeline(str(tiny_model), "none")
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from tlora.adapters import active_rank
-from tlora.injection import ADAPTER, attach, attached
-from tlora.settings import TLoRASettings
+from tlora.method.adapters import active_rank
+from tlora.method.injection import ADAPTER, attach, attached
+from tlora.method.settings import TLoRASettings
 
 
 def unet_inputs(unet, batch=2, seed=0):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import tlora
+from tlora.interop import export
+
 from test_injection import unet_inputs
-from tlora import export
 
 lycoris_tlora = pytest.importorskip("lycoris.modules.tlora")
 

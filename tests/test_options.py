@@ -6,9 +6,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from tlora.train.options import parse_args
+
 import train
 from conftest import REPO, assert_helpful, flux_train_args, train_args
-from tlora.options import parse_args
 
 NO_MODEL = "/nonexistent/model"
 

@@ -6,8 +6,9 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 import tlora
+from tlora.families.pipelines import load_pipeline
+
 from test_injection import perturb, unet_inputs
-from tlora.models import load_pipeline
 
 PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -29,7 +30,7 @@ def other_lora(tiny_model, tmp_path_factory):
 def tlora_checkpoint(tiny_model, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
-    from tlora.checkpoint import save_weights
+    from tlora.runs.weights import save_weights
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     adapters = tlora.attach(unet, tlora.TLoRASettings("ortho_lora", 4, 2))

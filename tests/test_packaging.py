@@ -1,4 +1,4 @@
-"""The package as installed: its requirements and what `import tlora` loads."""
+"""The package as installed: its requirements, its layers, and what `import tlora` loads."""
 
 import ast
 import tomllib
@@ -7,7 +7,10 @@ from packaging.requirements import Requirement
 
 from conftest import REPO
 
-ENTRY_POINTS = ("analyze", "benchmark", "cli", "demo", "evaluate", "export", "inference", "tiny")  # python -m tlora.X
+# The stages, lowest first: a module imports only from its own stage or the ones before it (anywhere in the file,
+# lazy imports included); the top-level modules (the package API and the commands) may import any stage.
+STAGES = ("common", "families", "method", "runs", "interop", "generate", "train", "evaluation")
+ENTRY_POINTS = ("analyze", "benchmark", "cli", "demo", "evaluate", "export", "tiny")  # python -m tlora.X
 
 
 def test_torch_pin_admits_no_torch_without_fused_cpu_adamw():
@@ -17,31 +20,43 @@ def test_torch_pin_admits_no_torch_without_fused_cpu_adamw():
     assert not torch.specifier.contains("2.3.1") and torch.specifier.contains("2.4.0")
 
 
-def imported_at_import(module: str) -> set[str]:
-    """The tlora modules that importing `module` imports (top-level imports, followed)."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = REPO / (name.replace(".", "/") + ".py")
-        path = path if path.is_file() else path.with_suffix("") / "__init__.py"
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.parse(path.read_text()).body:  # module level only: imports inside functions are lazy
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{base}.{node.module}" if node.module else base
-                folder = REPO / base.replace(".", "/")
-                todo += [base] + [f"{base}.{a.name}" for a in node.names if (folder / f"{a.name}.py").is_file()]
-            elif isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.startswith("tlora.")]
-    return seen
+def module_path(module: str):
+    path = REPO / (module.replace(".", "/") + ".py")
+    return path if path.is_file() else REPO / module.replace(".", "/") / "__init__.py"
+
+
+def imports(module: str, top_level_only: bool = False) -> set[str]:
+    """The tlora modules a module imports (`from tlora import x` counts as tlora.x)."""
+    tree = ast.parse(module_path(module).read_text())
+    found = set()
+    for node in (tree.body if top_level_only else ast.walk(tree)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tlora":
+            found |= {f"tlora.{a.name}" for a in node.names} if node.module == "tlora" else {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "tlora"}
+    return found
+
+
+def stage(module: str) -> int:
+    parts = module.split(".")
+    return STAGES.index(parts[1]) if len(parts) > 1 and parts[1] in STAGES else len(STAGES)
+
+
+def test_imports_only_point_down():
+    modules = [str(p.relative_to(REPO))[:-3].replace("/", ".").removesuffix(".__init__")
+               for p in (REPO / "tlora").rglob("*.py")]
+    upward = [f"{m} -> {t}" for m in modules for t in imports(m) if stage(t) > stage(m)]
+    assert len(modules) > 40 and upward == []
 
 
 def test_import_tlora_loads_no_entry_point():
     """Else `python -m tlora.X` finds tlora.X already imported and runpy warns on every run."""
-    loaded = imported_at_import("tlora")
-    assert "tlora.reading" in loaded and "tlora.settings" in loaded
-    assert not [m for m in loaded if m.removeprefix("tlora.") in ENTRY_POINTS]
-    assert "tlora.export" in imported_at_import("tlora.export") - loaded  # the check itself sees entry points
+    loaded, todo = set(), ["tlora"]
+    while todo:
+        module = todo.pop()
+        if module not in loaded and module_path(module).is_file():
+            loaded.add(module)
+            todo += imports(module, top_level_only=True)  # imports inside functions are lazy
+    assert {"tlora.runs.reading", "tlora.method.settings"} <= loaded
+    assert not loaded & {f"tlora.{name}" for name in ENTRY_POINTS}
+    assert "tlora.interop.export" in imports("tlora.export")  # the shim names its command's module

@@ -10,11 +10,13 @@ import yaml
 from safetensors.torch import save_file
 
 import tlora
+from tlora.common.errors import CheckpointError
+from tlora.interop import export
+from tlora.runs.reading import find_weights
+from tlora.runs.weights import WEIGHTS_NAME, save_weights
+
 from conftest import read_weights
 from test_injection import perturb
-from tlora import export
-from tlora.checkpoint import WEIGHTS_NAME, save_weights
-from tlora.reading import CheckpointError, find_weights
 
 SETTINGS = tlora.TLoRASettings("lora", 8, 4, 1.0, True, "sdxl")
 

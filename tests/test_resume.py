@@ -8,14 +8,15 @@ import pytest
 import torch
 import yaml
 
+from tlora.runs.checkpoint_state import RESUME_DIR
+from tlora.train.options import parse_args
+
 import train as train_py
 from conftest import read_weights, train_args
-from tlora.options import parse_args
-from tlora.resume import RESUME_DIR
 
 
 def run(tiny_model, data, out, *extra):
-    from tlora.training import train
+    from tlora.train.trainer import train
 
     return train(parse_args(train_args(tiny_model, data, out, *extra)))
 
@@ -51,7 +52,7 @@ def test_ten_plus_ten_steps_equal_twenty(tiny_model, image_dir, class_dir, tmp_p
 
 def interrupt_at(monkeypatch, at_step: int, signals: list[int]) -> None:
     """Deliver `signals` to this process right after optimizer step `at_step`."""
-    from tlora import training
+    from tlora.train import trainer as training
 
     original, done = training.Trainer.step, []
 
@@ -111,10 +112,10 @@ def test_checkpoint_and_resume_state_limits(tiny_model, image_dir, tmp_path):
 def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monkeypatch):
     """A crash while writing checkpoint-4 leaves no checkpoint-4 (only its hidden staging folder, as kill -9
     would leave it); resume goes on from checkpoint-2 and sweeps the leftover."""
-    from tlora import resume
+    from tlora.runs import checkpoint_state
 
     folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--checkpointing_steps", "2")
-    original = resume.Progress.state_dict
+    original = checkpoint_state.Progress.state_dict
 
     class Killed(BaseException):  # as kill -9: nothing runs after it
         pass
@@ -124,7 +125,7 @@ def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monke
             raise Killed
         return original(self)
 
-    monkeypatch.setattr(resume.Progress, "state_dict", crash)
+    monkeypatch.setattr(checkpoint_state.Progress, "state_dict", crash)
     with pytest.raises(Killed):
         run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
             "--resume_from_checkpoint", "latest")

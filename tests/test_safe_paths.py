@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from tlora.common.safe_names import safe_component
+
 import inference
 from conftest import train_args
-from tlora.safe_names import safe_component
 
 
 @pytest.mark.parametrize("text", ["../../x", "/abs/x", "..", ".", "", " ", "a\nb", "a\\b", ".hidden", "x" * 300,
@@ -30,8 +31,8 @@ def files_under(root: Path) -> set[Path]:
 
 
 def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tmp_path):
-    from tlora.options import parse_args
-    from tlora.training import train
+    from tlora.train.options import parse_args
+    from tlora.train.trainer import train
 
     escape = tmp_path / "escape"
     climb = "../" * 8 + "y {0}"  # from the version folder up past tmp_path
@@ -55,7 +56,7 @@ def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tm
 
 
 def test_benchmark_job_folders_stay_in_output_dir(tmp_path):
-    from tlora.benchmark import Manifest, job_dir, result_path
+    from tlora.evaluation.protocol import Manifest, job_dir, result_path
 
     m = Manifest(output_dir=tmp_path / "bench", concepts=[], methods=[])
     for concept, method in (({"name": "../../../z"}, {"name": "/abs"}), ({"name": ".."}, {"name": "x" * 300})):

@@ -4,13 +4,19 @@ import pytest
 import torch
 import yaml
 
+from tlora.common.errors import UsageError
+from tlora.method.adapters import active_rank
+from tlora.method.settings import (
+    TLoRASettings,
+    hparams_kind,
+    known_from_hparams,
+    known_from_lycoris,
+    known_from_metadata,
+    known_from_overrides,
+)
+
 import authors
 from conftest import SHARED
-from tlora.adapters import active_rank
-from tlora.settings import (
-    TLoRASettings, hparams_kind, known_from_hparams, known_from_lycoris, known_from_metadata, known_from_overrides,
-)
-from tlora.usage import UsageError
 
 FLUX_TLORA = TLoRASettings("lora", 8, 4, 1.0, True, "flux")
 SDXL_TLORA = TLoRASettings("ortho_lora", 64, 32, 0.5, True, "sdxl", sig_type="middle")

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
+from tlora.train.options import parse_args
+
 from conftest import REPO, SHARED, read_weights, train_args
-from tlora.options import parse_args
 from wandb_log import history
 
 RUN_NAME = re.compile(r"^(\d{5})-([0-9a-f]{4})-(.+)$")
@@ -46,7 +47,7 @@ def test_training_writes_the_documented_tree(tiny_model, image_dir, tmp_path, tr
         done = launch(argv)
         assert "torchvision" not in done.stderr  # transformers' notice on every import is silenced
     else:
-        from tlora.training import train
+        from tlora.train.trainer import train
 
         train(parse_args(argv))
     run = only_run(tmp_path / "out")
@@ -86,7 +87,7 @@ def test_run_index_increments_and_never_overwrites(tiny_model, image_dir, tmp_pa
     (out / "00007-abcd-old_run").mkdir(parents=True)
     (out / "00007-abcd-old_run" / "keep.txt").write_text("earlier work")
     (out / "notes").mkdir()
-    from tlora.training import train
+    from tlora.train.trainer import train
 
     run = train(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "1")))
     assert run.name.startswith("00008-") and (out / "00007-abcd-old_run" / "keep.txt").read_text() == "earlier work"
@@ -94,7 +95,7 @@ def test_run_index_increments_and_never_overwrites(tiny_model, image_dir, tmp_pa
 
 
 def test_prior_preservation_and_one_image(tiny_model, image_dir, class_dir, tmp_path):
-    from tlora.training import Trainer
+    from tlora.train.trainer import Trainer
 
     args = parse_args(train_args(tiny_model, image_dir, tmp_path / "out", "--with_prior_preservation",
                                  "--class_data_dir", str(class_dir), "--one_image", "01.jpg",
@@ -128,7 +129,7 @@ def test_wandb_offline_run_logs_loss_and_no_secret(tiny_model, image_dir, tmp_pa
 
 
 def test_cached_and_uncached_training_agree(tiny_model, image_dir, tmp_path):
-    from tlora.training import Trainer
+    from tlora.train.trainer import Trainer
 
     losses = {}
     for cache in (True, False):
@@ -143,7 +144,7 @@ def test_cached_and_uncached_training_agree(tiny_model, image_dir, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model, image_dir, tmp_path):
-    from tlora.training import Trainer
+    from tlora.train.trainer import Trainer
 
     losses = {}
     for flag in ((), ("--gradient_checkpointing",)):
@@ -160,7 +161,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model, image_dir, tmp
 
 @pytest.mark.skipif(not (SHARED / "dog_example").is_dir(), reason="../shared/dog_example not present")
 def test_trains_on_the_authors_dog_photos(tiny_model, tmp_path):
-    from tlora.training import train
+    from tlora.train.trainer import train
 
     run = train(parse_args(train_args(tiny_model, SHARED / "dog_example", tmp_path, "--one_image", "02.jpg",
                                       "--num_train_epochs", "2")))
@@ -170,8 +171,10 @@ def test_trains_on_the_authors_dog_photos(tiny_model, tmp_path):
 
 def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
     """The newcomer's chain from README: demo, then inference.py and analyze on its run."""
+    from tlora import demo
+    from tlora.evaluation import analyze
+
     import inference
-    from tlora import analyze, demo
 
     assert demo.main(["--output_dir", str(tmp_path), "--steps", "2"]) == 0
     run = Path(capsys.readouterr().out.split("demo run folder: ")[1].strip())
@@ -188,7 +191,7 @@ def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
 
 
 def test_progress_bar_moves_every_step(tiny_model, image_dir, tmp_path, monkeypatch):
-    from tlora import training
+    from tlora.train import trainer as training
 
     updates = []
 

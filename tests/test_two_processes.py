@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from tlora.train.options import parse_args
+
 from conftest import REPO, read_weights, train_args
-from tlora.options import parse_args
 
 
 def torchrun(argv):
@@ -41,7 +42,7 @@ def test_two_processes_one_run_and_exact_resume(tiny_model, image_dir, tmp_path)
     assert (straight / "logs" / "loss.csv").read_text() == (resumed / "logs" / "loss.csv").read_text()
 
     # Each process drew its own noise and timesteps: two processes differ from one process alone.
-    from tlora.training import train
+    from tlora.train.trainer import train
 
     single = train(parse_args(args("single", "4")))
     one = read_weights(single / "checkpoint-4")[0]

@@ -13,12 +13,13 @@ class _TorchvisionFallbackNotice(logging.Filter):
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
 
-from .adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, rank_mask
-from .api import load, set_scale, unload
-from .injection import TLoRA, attach, attached
-from .reading import AssumedSetting, Checkpoint, read
-from .scheduled import scheduled
-from .settings import TLoRASettings
+from tlora.common.errors import AssumedSetting
+from tlora.generate.api import load, set_scale, unload
+from tlora.generate.scheduled import scheduled
+from tlora.method.adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, rank_mask
+from tlora.method.injection import TLoRA, attach, attached
+from tlora.method.settings import TLoRASettings
+from tlora.runs.reading import Checkpoint, read
 
 __all__ = [
     "AssumedSetting", "Checkpoint", "LoRAAdapter", "OrthoLoRAAdapter", "TLoRA", "TLoRASettings", "active_rank",

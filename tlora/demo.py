@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cli import run_command
-from .data import list_images
-from .usage import Parser, UsageError
+from tlora.common.commands import run_command
+from tlora.common.errors import UsageError
+from tlora.common.images import list_images
+from tlora.common.usage import Parser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def training_folder(output_dir: Path) -> Path:
 
 def tiny_model(output_dir: Path) -> Path:
     """The demo's tiny SDXL in output_dir (built once, then reused)."""
-    from .tiny import build_tiny_sdxl
+    from tlora.families.tiny import build_tiny_sdxl
 
     folder = output_dir / "tiny-sdxl"
     if not (folder / "model_index.json").is_file():
@@ -48,8 +49,8 @@ def tiny_model(output_dir: Path) -> Path:
 
 def demo(output_dir: str | Path, steps: int) -> Path:
     """Train `steps` T-LoRA steps on the tiny model; returns the run folder."""
-    from .options import parse_args
-    from .training import train
+    from tlora.train.options import parse_args
+    from tlora.train.trainer import train
 
     output_dir = Path(output_dir).absolute()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from ..usage import UsageError, first_line
-from .base import Family
-from .flux import FLUX
-from .sdxl import SDXL
+from tlora.common.errors import UsageError, first_line
+from tlora.families.base import Family
+from tlora.families.flux import FLUX
+from tlora.families.sdxl import SDXL
 
 FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "flux": FLUX}
 PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}  # model_index.json _class_name

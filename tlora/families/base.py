@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..usage import model_load_error
+from tlora.common.usage import model_load_error
 
 
 class Family:

@@ -7,8 +7,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ..data import time_ids
-from .base import Family
+from tlora.families.base import Family
 
 PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
 
@@ -94,3 +93,8 @@ class SDXL(Family):
             added_cond_kwargs={"time_ids": batch["time_ids"].to(dtype), "text_embeds": batch["pooled"].to(dtype)},
         ).sample
         return pred, target
+
+
+def time_ids(crop_size: int, resolution: int) -> torch.Tensor:
+    """SDXL micro-conditioning: original size (crop, crop), crop top-left (0, 0), target (res, res)."""
+    return torch.tensor([crop_size, crop_size, 0, 0, resolution, resolution], dtype=torch.float32)

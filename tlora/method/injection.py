@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import make_adapter, rank_mask
-from .checkpoint import check_keys
-from .families import Family, of_model
-from .families.base import get_module
-from .settings import TLoRASettings
-from .usage import UsageError
+from tlora.common.errors import UsageError
+from tlora.families import Family, of_model
+from tlora.families.base import get_module
+from tlora.method.adapters import make_adapter, rank_mask
+from tlora.method.settings import TLoRASettings
 
 
 @dataclass
@@ -206,3 +205,15 @@ def attach_adapters(unet: nn.Module, settings: TLoRASettings, adapters: dict[str
         for _, linear in layers.values():
             delattr(linear, ADAPTER)
         raise
+
+
+def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor]) -> None:
+    """Raise naming the first expected key that is missing or has another shape, or the first extra key."""
+    for key, shape in expected.items():
+        if key not in found:
+            raise KeyError(f"checkpoint has no tensor {key!r} (expected shape {tuple(shape)})")
+        if found[key].shape != shape:
+            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(found[key].shape)}, expected {tuple(shape)}")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise KeyError(f"checkpoint has a tensor {extra[0]!r} that this model has no place for")

@@ -18,9 +18,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .usage import UsageError
-
-SCHEDULE_NAME = "schedule.json"  # written by `python -m tlora.export --format diffusers-scheduled`
+from tlora.common.errors import UsageError
+from tlora.interop.export import SCHEDULE_NAME
 
 
 class _NoTextEncoderKeys(logging.Filter):

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from . import families
-from .families.base import moved
+from tlora import families
+from tlora.families.base import moved
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --base_model_precision: a quantized, frozen denoiser (diffusers' bitsandbytes and torchao backends)

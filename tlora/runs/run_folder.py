@@ -14,10 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write
-from .safe_names import safe_component
-from .settings import TLoRASettings
-from .usage import UsageError, first_line, redact_value, secret_values
+from tlora.common.errors import UsageError, first_line
+from tlora.common.files import atomic_write
+from tlora.common.safe_names import safe_component
+from tlora.common.usage import redact_value, secret_values
+from tlora.method.settings import TLoRASettings
 
 RUN_INDEX = re.compile(r"^(\d+)-")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

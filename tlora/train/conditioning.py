@@ -14,11 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import families
-from .data import load_mask, load_pixels
-from .timing import NULL_TIMER
-
-BASE_PROMPT = "a photo of {0}"
+from tlora import families
+from tlora.common.images import load_mask, load_pixels
+from tlora.train.timing import NULL_TIMER
 
 
 @torch.no_grad()

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .adapters import OrthoLoRAAdapter
-from .injection import TLoRA, attach_adapters
-from .settings import TLoRASettings
-from .usage import UsageError
+from tlora.common.errors import UsageError
+from tlora.method.adapters import OrthoLoRAAdapter
+from tlora.method.injection import TLoRA, attach_adapters
+from tlora.method.settings import TLoRASettings
 
 PREFIX = "lycoris_"
 PARAMS = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha")

@@ -21,23 +21,35 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import families, generation
-from .checkpoint import atomic_write, save_weights
-from .conditioning import BASE_PROMPT, Conditioning
-from .data import BatchOrder, PairedIndices, find_mask, list_images, training_images
-from .injection import TLoRA, attach
-from .models import DTYPES, encoders_on, load_pipeline, offload_encoders
-from .options import tracker, wandb_key
-from .reading import read, weights_file
-from .resume import RESUME_DIR, Progress, checkpoint_step, prune, write_checkpoint
-from .run_folder import (
-    RunLock, checkpoints, create_run_folder, moved_from, public_hparams, read_hparams, record_run, remove_run_folder,
+from tlora import families
+from tlora.common.errors import Diverged, Interrupted, RunFailed, Stopped, UsageError, first_line
+from tlora.common.files import atomic_write
+from tlora.common.images import find_mask, list_images, training_images
+from tlora.common.prompts import BASE_PROMPT, split_prompts
+from tlora.common.usage import redact_argv
+from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
+from tlora.generate import generation
+from tlora.method.injection import TLoRA, attach
+from tlora.method.settings import TLoRASettings
+from tlora.runs.checkpoint_state import RESUME_DIR, Progress, checkpoint_step, prune, write_checkpoint
+from tlora.runs.reading import read, weights_file
+from tlora.runs.run_folder import (
+    RunLock,
+    checkpoints,
+    create_run_folder,
+    moved_from,
+    public_hparams,
+    read_hparams,
+    record_run,
+    remove_run_folder,
 )
-from .settings import TLoRASettings
-from .stopping import Diverged, Interrupted, RunFailed, StopSignals, Stopped, terminate_as_interrupt
-from .timing import NULL_TIMER
-from .tracking import init_trackers, log_images
-from .usage import UsageError, first_line, redact_argv
+from tlora.runs.weights import save_weights
+from tlora.train.conditioning import Conditioning
+from tlora.train.data import BatchOrder, PairedIndices
+from tlora.train.options import tracker, wandb_key
+from tlora.train.stopping import StopSignals, terminate_as_interrupt
+from tlora.train.timing import NULL_TIMER
+from tlora.train.tracking import init_trackers, log_images
 
 LOSS_FLUSH_STEPS = 10  # losses are read back from the device in groups, not every step
 
@@ -348,7 +360,7 @@ class Trainer:
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.accelerator.autocast(), encoders_on(self.pipe, self.device):
-            images = generation.run(self.pipe, generation.split_prompts(args.validation_prompts), cfg, str(checkpoint))
+            images = generation.run(self.pipe, split_prompts(args.validation_prompts), cfg, str(checkpoint))
         self.model.train()
         log_images(self.accelerator, {cfg.text(t): imgs for t, imgs in images.items()}, step)
 

@@ -15,24 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from tlora.common.errors import UsageError, first_line
+
 SECRET_FLAGS = ("--wandb_api_key",)
 SECRET_ENV = ("WANDB_API_KEY",)
 REDACTED = "<redacted>"
-
-
-class UsageError(ValueError):
-    """Bad input from a flag, a config file or an API argument; the message is shown as is, on one line."""
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message, first line only (its type when it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-class AssumedSetting(UserWarning):
-    """A setting that changes a T-LoRA's result is recorded nowhere, so a default was taken (commands show
-    it as one `note:` line)."""
 
 
 def _is_secret_flag(name: str) -> bool:

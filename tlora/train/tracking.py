@@ -7,11 +7,15 @@ no key, and sys.argv is redacted before any tracker starts (W&B records the comm
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
 from PIL import Image
+
+from tlora.common.usage import redact_argv
 
 SIMPLE = (int, float, str, bool)
 
@@ -39,3 +43,12 @@ def log_images(accelerator: Accelerator, images: dict[str, list[Image.Image]], s
         elif tracker.name == "tensorboard":
             for text, imgs in images.items():
                 tracker.log_images({text: np.stack([np.asarray(i) for i in imgs])}, step, dataformats="NHWC")
+
+
+def hand_over_secrets(args: argparse.Namespace) -> None:
+    """The command's side effects before training: the W&B key goes to wandb through the process environment
+    only (never to a file), and sys.argv, which W&B records, loses the key's value."""
+    key = args.wandb_api_key or os.environ.get("WANDB_API_KEY")
+    if key:
+        os.environ["WANDB_API_KEY"] = key
+    sys.argv[:] = redact_argv(sys.argv)

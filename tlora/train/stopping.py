@@ -13,18 +13,6 @@ import torch
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-    """Training stopped on a signal after writing a complete, resumable checkpoint."""
-
-    def __init__(self, signum: int, step: int, checkpoint) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"interrupted at step {step}; resume with --resume_from_checkpoint {checkpoint}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM before the training loop: handled as Ctrl-C is, so that start-up cleans up after itself."""
 
@@ -78,20 +66,3 @@ class StopSignals:
         return int(flags.max().item())
 
 
-class RunFailed(Exception):
-    """Training could not go on (it diverged, the disk filled, the tracker refused, a bug): one line for the
-    user, exit code 1; every checkpoint finished before is whole and kept."""
-
-    exit_code = 1
-
-
-class Diverged(RunFailed):
-    """The loss or the adapter weights stopped being finite numbers."""
-
-
-class Stopped(RunFailed):
-    """A second Ctrl-C (or a Ctrl-C or SIGTERM before the first step) stopped training at once."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM

@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from . import families
-from .injection import TLoRA, attach, attached
-from .lycoris_files import load_lycoris
-from .reading import DEFAULT, Checkpoint, read
-from .usage import UsageError
+from tlora import families
+from tlora.common.errors import UsageError
+from tlora.method.injection import TLoRA, attach, attached
+from tlora.runs.lycoris import load_lycoris
+from tlora.runs.reading import DEFAULT, Checkpoint, read
 
 
 def _unet(pipe_or_unet: Any) -> nn.Module:

@@ -16,16 +16,11 @@ import torch
 import yaml
 from PIL import Image
 
-from .checkpoint import atomic_write
-from .safe_names import safe_component
-from .usage import UsageError, first_line
+from tlora.common.errors import UsageError, first_line
+from tlora.common.files import atomic_write
+from tlora.common.safe_names import safe_component
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
-
-
-def split_prompts(prompts: str | None) -> list[str]:
-    """'a {0} on a bike#a {0} swimming' -> two templates (blank parts dropped)."""
-    return [p.strip() for p in (prompts or "").split("#") if p.strip()]
 
 
 def prompt_seed(template: str, batch_index: int, seed: int) -> int:

@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import families, generation
-from .api import load
-from .models import DTYPES, load_pipeline
-from .options import MAX_WORD_LENGTH, check_templates, check_text
-from .reading import read, weights_file
-from .run_folder import moved_from, read_hparams
-from .usage import Parser, UsageError, check_finite, check_model_source
+from tlora import families
+from tlora.common.errors import UsageError
+from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
+from tlora.common.usage import Parser, check_finite, check_model_source
+from tlora.families.pipelines import DTYPES, load_pipeline
+from tlora.generate import generation
+from tlora.generate.api import load
+from tlora.runs.reading import read, weights_file
+from tlora.runs.run_folder import moved_from, read_hparams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.guidance_scale = family.inference_guidance if args.guidance_scale is None else args.guidance_scale
     for key in ("placeholder_token", "class_name"):
         check_text(f"--config_path: {key}", str(args.hparams[key]), MAX_WORD_LENGTH)
-    args.templates = generation.split_prompts(args.prompts)
+    args.templates = split_prompts(args.prompts)
     if not args.templates:
         raise UsageError("--prompts: give at least one prompt ('#' separates prompts)")
     check_templates("--prompts", args.templates)

@@ -1,4 +1,4 @@
-"""Training images and loss masks: listing, the authors' preprocessing, and SDXL's size conditioning."""
+"""Images: listing, opening (EXIF, 16-bit greyscale, transparency), checking, the authors' crops, loss masks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -25,7 +24,9 @@ def training_images(train_data_dir: str | Path, one_image: str | None = None) ->
 
 
 MIN_SIDE = 64
+
 WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16/32-bit greyscale: PIL's convert("RGB") clips it
+
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto (convert("RGB") would keep their colour)
 
 
@@ -62,7 +63,7 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> None:
     """Open and decode a training image; one-line UsageError naming the file when it cannot be used."""
-    from .usage import UsageError
+    from tlora.common.errors import UsageError
 
     try:
         image = open_rgb(path)
@@ -112,82 +113,3 @@ def find_mask(mask_dir: str | Path, image: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def time_ids(crop_size: int, resolution: int) -> torch.Tensor:
-    """SDXL micro-conditioning: original size (crop, crop), crop top-left (0, 0), target (res, res)."""
-    return torch.tensor([crop_size, crop_size, 0, 0, resolution, resolution], dtype=torch.float32)
-
-
-class PairedIndices(Dataset):
-    """Index i pairs instance image i % n_instance with class image i % n_class (DreamBooth's pairing)."""
-
-    def __init__(self, num_instance: int, num_class: int = 0) -> None:
-        self.num_instance, self.num_class = num_instance, num_class
-
-    def __len__(self) -> int:
-        return max(self.num_instance, self.num_class)
-
-    def __getitem__(self, i: int) -> dict[str, int]:
-        item = {"instance": i % self.num_instance}
-        if self.num_class:
-            item["class"] = i % self.num_class
-        return item
-
-
-class ImageFiles(Dataset):
-    """Decoded, cropped pixels of a list of files, for training without the latent cache."""
-
-    def __init__(self, paths: list[Path], resolution: int) -> None:
-        self.paths, self.resolution = paths, resolution
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        pixels, crop = load_pixels(self.paths[i], self.resolution)
-        return {"pixels": pixels, "crop_size": crop}
-
-
-class BatchOrder:
-    """Index batches for ever from a shuffling DataLoader, with a state that resumes mid-pass exactly.
-
-    The state is the loader generator's state at the start of the current pass plus the batches taken
-    from it; restoring it replays the pass's draws, so the next batch is the one an uninterrupted run gets.
-    `fresh=True` starts a new pass for every batch (the authors' loop: a new iterator per step).
-    """
-
-    def __init__(self, loader: torch.utils.data.DataLoader, fresh: bool = False) -> None:
-        self.loader, self.fresh = loader, fresh
-        self._start = loader.generator.get_state()
-        self._taken = 0
-        self._iterator = None
-
-    def _new_pass(self) -> None:
-        self._start = self.loader.generator.get_state()
-        self._taken = 0
-        self._iterator = iter(self.loader)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._iterator is None or self.fresh:
-            self._new_pass()
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self._new_pass()
-            batch = next(self._iterator)
-        self._taken += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"generator": self._start.clone(), "taken": self._taken}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.generator.set_state(state["generator"])
-        self._new_pass()
-        for _ in range(state["taken"]):
-            next(self._iterator)
-        self._taken = state["taken"]

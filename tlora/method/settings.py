@@ -21,9 +21,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
-from .families import FAMILIES
-from .usage import UsageError
+from tlora.common.errors import UsageError
+from tlora.families import FAMILIES
+from tlora.method.adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
 
 TRAINER_CLASSES = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("lora", "tlora"))
 RESULT_FIELDS = ("family", "trainer_type", "timestep_dependent", "lora_rank", "min_rank", "alpha_rank_scale")

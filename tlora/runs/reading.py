@@ -31,14 +31,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import families
-from .checkpoint import AUTHORS_FLUX_NAME, WEIGHTS_NAME, WEIGHTS_NAMES, CheckpointError
-from .run_folder import checkpoints, read_hparams, run_of
-from .settings import (
-    RESULT_FIELDS, TLoRASettings, hparams_kind, known_from_hparams, known_from_lycoris, known_from_metadata,
+from tlora import families
+from tlora.common.errors import AssumedSetting, CheckpointError, first_line
+from tlora.method.settings import (
+    RESULT_FIELDS,
+    TLoRASettings,
+    hparams_kind,
+    known_from_hparams,
+    known_from_lycoris,
+    known_from_metadata,
     known_from_overrides,
 )
-from .usage import AssumedSetting, first_line
+from tlora.runs.run_folder import checkpoints, read_hparams, run_of
+from tlora.runs.weights import AUTHORS_FLUX_NAME, WEIGHTS_NAME, WEIGHTS_NAMES
 
 DEFAULT = "default"
 TENSORS = "the tensors"

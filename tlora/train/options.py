@@ -12,24 +12,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import string
 import sys
 from pathlib import Path
 
-
-from . import families
-from .adapters import SIG_TYPES, TRAINER_TYPES
-from .data import check_image, find_mask, list_images, training_images
-from .generation import split_prompts
-from .models import BASE_PRECISIONS
-from .settings import TRAINER_CLASSES, TLoRASettings
-from .usage import Parser, UsageError, check_finite, check_model_source, load_yaml, redact_argv
+from tlora import families
+from tlora.common.errors import UsageError
+from tlora.common.images import check_image, find_mask, list_images, training_images
+from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
+from tlora.common.usage import Parser, check_finite, check_model_source, load_yaml, redact_argv
+from tlora.families.pipelines import BASE_PRECISIONS
+from tlora.method.adapters import SIG_TYPES, TRAINER_TYPES
+from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
 
 REQUIRED = ("trainer_type", "trainer_class", "train_data_dir", "output_dir", "class_name", "placeholder_token")
 DEFAULT_VAE = families.SDXL.default_vae
 FLUX_ONLY = {"guidance_scale": 1.0, "max_sequence_length": 512}  # FLUX-only flags and their defaults
-MAX_PROMPT_LENGTH = 1000
-MAX_WORD_LENGTH = 64
 LEARNING_RATES = {"adamw": 1e-4, "prodigy": 1.0}  # --learning_rate's default for each --optimizer
 
 
@@ -169,30 +166,6 @@ def _check_image_folder(flag: str, folder: str | None) -> None:
         raise UsageError(f"{flag}: folder {folder} does not exist; pass a folder that holds the images")
     if not list_images(folder):
         raise UsageError(f"{flag}: no images (.jpg, .jpeg, .png, .webp, .bmp) in {folder}; add at least one")
-
-
-def check_text(flag: str, text: str, limit: int) -> None:
-    """A word or prompt: not empty, no control characters, at most `limit` characters."""
-    if not text.strip():
-        raise UsageError(f"{flag} must not be empty")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise UsageError(f"{flag}: {text[:40]!r} holds a control character (a newline?); remove it")
-    if len(text) > limit:
-        raise UsageError(f"{flag}: {text[:40]!r}... has {len(text)} characters; the limit is {limit}, shorten it")
-
-
-def check_templates(flag: str, templates: list[str]) -> None:
-    """Prompt templates whose only field is {0} (the concept), each of a sane length."""
-    for template in templates:
-        check_text(flag, template, MAX_PROMPT_LENGTH)
-        try:
-            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
-        except ValueError as err:
-            raise UsageError(f"{flag}: {template!r} has unbalanced braces ({err}); write {{{{ and }}}} for braces")
-        for name, spec, conv in fields:
-            if name not in ("0", "") or spec or conv:
-                raise UsageError(f"{flag}: {template!r} has the field {{{name}}}; only {{0}} (the concept) may stand "
-                                 "in braces, write {{ and }} for braces")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -345,7 +318,7 @@ def _check_masks(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def validate(args: argparse.Namespace) -> None:
     """Every check that can fail before a model is loaded."""
-    from . import resume
+    from tlora.train import resume
 
     resume.resolve_output_dir(args)
     apply_family(args)

@@ -1,0 +1,216 @@
+"""`python -m tlora.analyze RUN_OR_CHECKPOINT`: pictures of what a T-LoRA run learned.
+
+Writes into `<RUN_OR_CHECKPOINT>/analysis/`:
+- rank_schedule.png  r(t) for t = 0..999 with the run's rank, min_rank and alpha
+- effective_rank.png singular values of each layer's learned update and its effective rank (smallest k
+                     holding 95% of the singular-value sum) by kind of layer: self- vs cross-attention on
+                     SDXL (the paper's Fig. 4); double blocks' image and text streams and single blocks on FLUX
+- effective_rank.json the numbers behind it
+- samples_grid.png   a checkpoint's samples: prompts as rows, images as columns, captions under rows
+- loss.png           the loss curve, from logs/loss.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from tlora import families
+from tlora.common.commands import run_command
+from tlora.common.errors import UsageError
+from tlora.common.usage import Parser
+from tlora.generate.generation import existing_images
+from tlora.method.adapters import active_rank, branches, factors
+from tlora.method.settings import TLoRASettings
+from tlora.runs.reading import read, weights_file
+from tlora.runs.run_folder import checkpoints, moved_from, read_hparams
+
+THRESHOLD = 0.95
+
+
+def effective_rank(singular_values: torch.Tensor, threshold: float = THRESHOLD) -> int:
+    """Smallest k whose k largest singular values hold `threshold` of their sum."""
+    s = singular_values.double().sort(descending=True).values
+    if s.sum() <= 0:
+        return 0
+    share = s.cumsum(0) / s.sum()
+    return int((share < threshold - 1e-12).sum().item()) + 1
+
+
+def layer_updates(weights: dict[str, torch.Tensor], trainer_type: str) -> dict[str, torch.Tensor]:
+    """Adapter key prefix -> learned update (out x in) with every rank component active."""
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        prefix, name = key.split(".processor.")[0], key.split(".processor.")[1]
+        layer, _, param = name.partition(".")
+        params.setdefault(f"{prefix}.processor.{layer}", {})[param] = value
+    updates = {}
+    for prefix, p in params.items():
+        down, up = factors(branches(p, trainer_type))
+        updates[prefix] = up @ down
+    return updates
+
+
+def resolve(target: Path) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint folder or None) for a run or checkpoint path."""
+    if target.is_file():
+        raise UsageError(f"{target} is a file; pass its run folder or one of the run's checkpoint-N folders")
+    if (target / "logs" / "hparams.yml").is_file():
+        found = [folder for _, folder in checkpoints(target) if weights_file(folder)]
+        return target, (found[-1] if found else None)
+    if (target.parent / "logs" / "hparams.yml").is_file():
+        return target.parent, target
+    raise UsageError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints; pass one")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rank_schedule(s: TLoRASettings, path: Path) -> list[float]:
+    """r(t) for t = 0..T-1 as the T-LoRA masks it (whole-number ticks); returns the rank axis' ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    t = torch.arange(s.num_train_timesteps)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if s.timestep_dependent:
+        ranks = active_rank(t, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale, s.rule)
+    else:
+        ranks = torch.full_like(t, s.lora_rank)
+    ax.plot(t, ranks)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    mask = f"r_min={s.min_rank}, alpha={s.alpha_rank_scale}" if s.timestep_dependent else "no mask"
+    ax.set(xlabel="timestep t", ylabel="active rank r(t)", title=f"{s.trainer_class}: r={s.lora_rank}, {mask}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    ticks = [float(v) for v in ax.get_yticks()]
+    plt.close(fig)
+    return ticks
+
+
+def analyse_updates(weights: dict[str, torch.Tensor], settings: TLoRASettings) -> dict[str, dict]:
+    family = families.get(settings.family)
+    out = {}
+    for prefix, update in layer_updates(weights, settings.trainer_type).items():
+        s = torch.linalg.svdvals(update.double())
+        out[prefix] = {"kind": family.layer_kind(prefix), "effective_rank": effective_rank(s),
+                       "singular_values": s[:128].tolist()}
+    return out
+
+
+def plot_effective_rank(layers: dict[str, dict], kinds: dict[str, str], path: Path) -> None:
+    """Spectra and effective ranks, one colour per kind of layer (`kinds`: kind -> label)."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (kind, label), colour in zip(kinds.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        group = [v for v in layers.values() if v["kind"] == kind]
+        for i, v in enumerate(group):
+            s = torch.tensor(v["singular_values"])
+            left.plot(s / max(float(s[0]), 1e-12), color=colour, alpha=0.3, label=label if i == 0 else None)
+        right.hist([v["effective_rank"] for v in group], bins=20, alpha=0.6, color=colour, label=label)
+    left.set(xlabel="index", ylabel="singular value / largest", title="Spectra of the learned updates", yscale="log")
+    right.set(xlabel=f"effective rank ({int(THRESHOLD * 100)}% of the singular-value sum)", ylabel="layers",
+              title="Effective rank per layer")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def samples_grid(version_folder: Path, path: Path, caption_height: int = 24) -> bool:
+    """Prompts as rows (captioned underneath), images as columns; False when there are no samples."""
+    rows = [(p.name, [Image.open(i).convert("RGB") for i in existing_images(p)])
+            for p in sorted(version_folder.iterdir()) if p.is_dir() and existing_images(p)]
+    if not rows:
+        return False
+    w, h = rows[0][1][0].size
+    cols = max(len(images) for _, images in rows)
+    canvas = Image.new("RGB", (cols * w, len(rows) * (h + caption_height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (caption, images) in enumerate(rows):
+        top = r * (h + caption_height)
+        for c, image in enumerate(images):
+            canvas.paste(image.resize((w, h)), (c * w, top))
+        draw.text((4, top + h + 4), caption, fill="black")
+    canvas.save(path)
+    return True
+
+
+def plot_loss(loss_csv: Path, path: Path) -> bool:
+    if not loss_csv.is_file():
+        return False
+    with open(loss_csv) as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    if not rows:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([s for s, _ in rows], [v for _, v in rows], lw=0.8)
+    ax.set(xlabel="step", ylabel="loss", title="Training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def analyze(target: str | Path) -> Path:
+    """Write every picture that the run or checkpoint allows, saying which it could not draw and why; returns
+    the analysis folder (inside `target`, wherever the run was written)."""
+    target = Path(target)
+    run, checkpoint = resolve(target)
+    out = target / "analysis"
+    out.mkdir(exist_ok=True)
+    hparams_path = run / "logs" / "hparams.yml"
+    hparams = read_hparams(hparams_path)
+    if old := moved_from(run, hparams):
+        _note(f"{run.name} was written in {old}; reading it where it is, {run}")
+    if checkpoint is not None:
+        ckpt = read(checkpoint, hparams_path, fix=f"add {{key}} to {hparams_path}")
+        settings = ckpt.settings
+        layers = analyse_updates(ckpt.tensors(), settings)
+        (out / "effective_rank.json").write_text(json.dumps(layers, indent=1))
+        plot_effective_rank(layers, families.get(settings.family).layer_kinds, out / "effective_rank.png")
+        versions = sorted(checkpoint.glob("samples/*/version_*"))
+        if not (versions and samples_grid(versions[0], out / "samples_grid.png")):
+            _note(f"no samples_grid.png: {checkpoint} has no samples (inference.py writes them)")
+    else:
+        settings = TLoRASettings.from_hparams(hparams, str(hparams_path))
+        _note(f"no effective_rank.png or samples_grid.png: {run} has no checkpoint yet")
+    plot_rank_schedule(settings, out / "rank_schedule.png")
+    if not plot_loss(run / "logs" / "loss.csv", out / "loss.png"):
+        _note(f"no loss.png: {run / 'logs' / 'loss.csv'} is missing or empty")
+    return out
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("target", help="A run folder or one of its checkpoint-N folders.")
+
+    def run(args) -> Path:
+        out = analyze(args.target)
+        for f in sorted(out.iterdir()):
+            print(f"  {f.name}")
+        return out
+
+    return run_command(p.parse_args, run, "analysis", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

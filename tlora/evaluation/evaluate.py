@@ -1,0 +1,142 @@
+"""`python -m tlora.evaluate`: IS, DINO-IS and TS of generated images laid out as inference.py writes them.
+
+    python -m tlora.evaluate --reference dog_example/02.jpg \
+        --samples RUN/checkpoint-800/samples/ns25_gs5.0/version_0 --class_name dog --placeholder_token sks
+
+IS and DINO-IS use the images of the base prompt "a photo of {0}"; TS uses every other prompt, with {0}
+replaced by the class name alone (the placeholder token means nothing to CLIP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tlora.common.commands import run_command
+from tlora.common.errors import UsageError
+from tlora.common.files import atomic_write
+from tlora.common.images import open_rgb
+from tlora.common.prompts import BASE_PROMPT
+from tlora.common.usage import Parser, check_model_source
+from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
+from tlora.generate.generation import existing_images, read_record
+
+TS_TEXT = "prompt with {0} replaced by the class name alone"
+
+
+def prompt_folders(samples: Path, placeholder_token: str) -> dict[str, Path]:
+    """Prompt template -> folder, from prompts.yaml when present, else from the folder names."""
+    record = read_record(samples)
+    folders = {}
+    for folder in sorted(p for p in samples.iterdir() if p.is_dir() and existing_images(p)):
+        entry = record.get(folder.name) or {}
+        template = entry.get("prompt") or " ".join("{0}" if w == placeholder_token else w for w in folder.name.split())
+        folders[template] = folder
+    return folders
+
+
+def evaluate_samples(
+    embedders: Embedders,
+    references: list,
+    samples: str | Path,
+    class_name: str,
+    placeholder_token: str,
+    groups: dict[str, list[str]] | None = None,
+) -> dict:
+    """Metrics of one samples folder; `groups` (name -> templates) adds a TS per group (e.g. contextual)."""
+    folders = prompt_folders(Path(samples), placeholder_token)
+    if not folders:
+        raise ValueError(f"no prompt folders with images in {samples}")
+    base = folders.get(BASE_PROMPT)
+    is_images = [open_rgb(p) for p in existing_images(base)] if base else []
+    result: dict = {"samples": str(samples), "class_name": class_name, "ts_text": TS_TEXT, "base_prompt": BASE_PROMPT}
+    if is_images:
+        result["IS"] = mean_cosine(embedders.clip_images(references), embedders.clip_images(is_images))
+        result["DINO_IS"] = mean_cosine(embedders.dino_images(references), embedders.dino_images(is_images))
+        result["num_base_images"] = len(is_images)
+    per_prompt = {}
+    for template, folder in tqdm(folders.items(), desc="TS", unit="prompt", leave=False):
+        if template == BASE_PROMPT:
+            continue
+        text = embedders.clip_texts([template.format(class_name)])
+        per_prompt[template] = mean_cosine(text, embedders.clip_images([open_rgb(p) for p in existing_images(folder)]))
+    result["TS_per_prompt"] = per_prompt
+    if per_prompt:
+        result["TS"] = sum(per_prompt.values()) / len(per_prompt)
+    for name, templates in (groups or {}).items():
+        scores = [per_prompt[t] for t in templates if t in per_prompt]
+        if scores:
+            result[f"TS_{name}"] = sum(scores) / len(scores)
+    return result
+
+
+def table(result: dict) -> str:
+    keys = [k for k in ("IS", "DINO_IS", "TS", "TS_contextual", "TS_complex") if k in result]
+    return "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(
+        f"{result[k]:.4f}" for k in keys) + " |"
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--reference", required=True, help="Reference image or folder of images.")
+    p.add_argument("--samples", required=True, help="A version folder written by inference.py.")
+    p.add_argument("--class_name", required=True)
+    p.add_argument("--placeholder_token", required=True)
+    p.add_argument("--mask_dir", default=None, help="Subject masks named like the reference images.")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP model: hub id or local folder.")
+    p.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT model: hub id or local folder.")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default=None, help="JSON file (default: metrics.json in --samples, rewritten on each "
+                                                  "run); an existing --output only with --overwrite.")
+    p.add_argument("--overwrite", action="store_true", default=False, help="Replace an existing --output.")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every input (images, folders, model names) before any model loads."""
+    args = build_parser().parse_args(argv)
+    if Path(args.samples).is_file():
+        raise UsageError(f"--samples: {args.samples} is a file; pass the version folder that holds it")
+    if not Path(args.samples).is_dir():
+        raise UsageError(f"--samples: {args.samples} is not a folder; pass a version folder written by inference.py")
+    if not prompt_folders(Path(args.samples), args.placeholder_token):
+        raise UsageError(f"--samples: no prompt folders with images in {args.samples}; run inference.py first")
+    if not Path(args.reference).exists():
+        raise UsageError(f"--reference: {args.reference} does not exist; pass an image or a folder of images")
+    if args.mask_dir and not Path(args.mask_dir).is_dir():
+        raise UsageError(f"--mask_dir: {args.mask_dir} is not a folder")
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise UsageError(f"--output: {args.output} exists; pass a new path, or --overwrite to replace it")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    try:
+        args.references = reference_images(args.reference, args.mask_dir)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--reference: {err}") from None
+    check_model_source("--clip_model", args.clip_model, "config.json")
+    check_model_source("--dino_model", args.dino_model, "config.json")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    embedders = Embedders.load(args.clip_model, args.dino_model, args.device, args.batch_size)
+    result = evaluate_samples(embedders, args.references, args.samples, args.class_name, args.placeholder_token)
+    result |= {"clip_model": args.clip_model, "dino_model": args.dino_model, "reference": args.reference}
+    output = Path(args.output or Path(args.samples) / "metrics.json")
+    atomic_write(output, json.dumps(result, indent=2).encode())
+    print(table(result))
+    print(f"written: {output}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(parse_args, run, None, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""`python -m tlora.export CHECKPOINT --format FORMAT --out PATH`: a T-LoRA as a file other tools load.
+
+A standard LoRA has no timestep mask, so its mask is fixed (`--mask full`: every rank component, as at
+t = 0; or `--mask timestep:T`: the components active at T). With a fixed mask M the update is exactly a LoRA:
+
+    lora:        B M A                         = B[:, kept] @ A[kept]                      (rank <= r)
+    ortho_lora:  P L M Q - P0 L0 M Q0          = [P, -P0] @ [L M Q ; L0 M Q0]              (rank <= 2r)
+
+Components that are exactly zero are dropped; nothing is approximated unless `--rank K` asks for the best
+rank-K approximation of each layer (its relative error is printed).
+
+Formats: `diffusers` (diffusers' save_lora_weights layout and metadata), `kohya` (kohya's SDXL keys,
+which ComfyUI, A1111/Forge and diffusers load), `diffusers-scheduled` (a folder of standard LoRA chunks and
+a schedule that `tlora.scheduled` switches per denoising step: the exact T-LoRA), `authors` (exactly the
+authors' files: SDXL pytorch_lora_weights.safetensors, FLUX lora.pt with every key their loader expects).
+
+Settings are read as tlora.load reads them (the file's metadata, the run's hparams.yml, --config_path, the
+flags below); a timestep mask or schedule is never built on a guessed min_rank, alpha or trainer_class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from tlora import families
+from tlora.common.commands import run_command
+from tlora.common.errors import CheckpointError, UsageError
+from tlora.common.files import atomic_write
+from tlora.common.usage import Parser
+from tlora.method.adapters import active_rank, branches, factors
+from tlora.method.settings import TLoRASettings
+from tlora.runs.reading import LYCORIS_REFUSAL, Checkpoint, read
+from tlora.runs.weights import save_pickle
+
+FORMATS = ("diffusers", "kohya", "diffusers-scheduled", "authors")
+PROJECTION = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+BAKED = ("min_rank",)  # a timestep mask or schedule is never built on a guess of these (others: a note)
+FIX = "pass --{key} or --config_path RUN/logs/hparams.yml"
+SCHEDULE_NAME = "schedule.json"  # a diffusers-scheduled export's schedule, read by tlora.scheduled
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (down (k x in), up (out x k))
+
+
+def module_path(prefix: str) -> str:
+    """`<attention>.processor.to_q_lora` (the authors' key prefix) -> `<attention>.to_q` (the UNet module)."""
+    attention, _, adapter = prefix.rpartition(".processor.")
+    return f"{attention}.{PROJECTION[adapter]}"
+
+
+def adapter_prefixes(weights: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+                   for k in weights if ".processor." in k})
+
+
+def components(weights: dict[str, torch.Tensor], prefix: str, trainer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of one adapter with every component, in mask order, in float64: row/column i is rank
+    component i (ortho_lora: 2r, component i of the trained branch then of the frozen one)."""
+    params = {k[len(prefix) + 1:]: v.double() for k, v in weights.items() if k.startswith(prefix + ".")}
+    return factors(branches(params, trainer_type))
+
+
+def select(weights: dict[str, torch.Tensor], trainer_type: str, first: int, end: int, drop_zero: bool) -> Factors:
+    """Every layer's LoRA factors for rank components first..end-1 (ortho_lora: of both paths), float32;
+    `drop_zero` drops components that are exactly zero (and layers left with none)."""
+    out: Factors = {}
+    for prefix in adapter_prefixes(weights):
+        down, up = components(weights, prefix, trainer_type)
+        rank = down.shape[0] if trainer_type == "lora" else down.shape[0] // 2
+        index = torch.arange(first, min(end, rank))
+        index = index if trainer_type == "lora" else torch.cat([index, index + rank])
+        down, up = down[index], up[:, index]
+        if drop_zero:
+            nonzero = (down != 0).any(dim=1) & (up != 0).any(dim=0)
+            down, up = down[nonzero], up[:, nonzero]
+        if len(down):
+            out[module_path(prefix)] = (down.float().contiguous(), up.float().contiguous())
+    return out
+
+
+def fixed_mask_factors(weights: dict[str, torch.Tensor], settings: TLoRASettings, active: int | None) -> Factors:
+    """Every layer's update under a fixed mask (the first `active` components; None = all) as exact LoRA
+    factors, components that are exactly zero dropped."""
+    return select(weights, settings.trainer_type, 0, settings.lora_rank if active is None else active, drop_zero=True)
+
+
+def best_rank(down: torch.Tensor, up: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-k approximation of up @ down (Eckart-Young) and its relative Frobenius error, through
+    QR of the thin factors (no SVD of the full out x in matrix)."""
+    if down.shape[0] <= k:
+        return down, up, 0.0
+    qu, ru = torch.linalg.qr(up.double())
+    qd, rd = torch.linalg.qr(down.double().T)
+    u, s, vh = torch.linalg.svd(ru @ rd.T)
+    root = s[:k].sqrt()
+    error = float((s[k:].square().sum() / s.square().sum()).sqrt()) if s.square().sum() > 0 else 0.0
+    return (root[:, None] * (vh[:k] @ qd.T)).float(), ((qu @ u[:, :k]) * root).float(), error
+
+
+def truncate(factors: Factors, k: int) -> tuple[Factors, list[float]]:
+    out, errors = {}, []
+    for name, (down, up) in factors.items():
+        d, u, err = best_rank(down, up, k)
+        out[name] = (d.contiguous(), u.contiguous())
+        errors.append(err)
+    return out, errors
+
+
+def diffusers_lora(factors: Factors) -> tuple[dict[str, torch.Tensor], dict]:
+    """peft-layout tensors (`<module>.lora_A.weight` / `lora_B.weight`) and the adapter metadata diffusers
+    writes, with rank and alpha per module from diffusers' own get_peft_kwargs (alpha = rank: scale 1)."""
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig
+
+    tensors = {}
+    for name, (down, up) in factors.items():
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = down, up
+    ranks = {f"{name}.lora_B.weight": down.shape[0] for name, (down, _) in factors.items()}
+    config = LoraConfig(**get_peft_kwargs(ranks, None, tensors)).to_dict()
+    return tensors, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_diffusers(factors: Factors, out: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    tensors, metadata = diffusers_lora(factors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")  # diffusers writes in place: rename when complete
+    StableDiffusionXLPipeline.save_lora_weights(out.parent, unet_lora_layers=tensors, weight_name=tmp.name,
+                                                unet_lora_adapter_metadata=metadata)
+    os.replace(tmp, out)
+
+
+BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
+
+
+def sgm_path(module: str, layers_per_block: int) -> str:
+    """A diffusers SDXL UNet module path in the original (SGM) layout that kohya's keys use."""
+    if module.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + module[len("mid_block.attentions.0."):]
+    m = BLOCK.match(module)
+    if m is None:
+        raise CheckpointError(f"cannot map {module} to the SDXL original layout")
+    kind, block, attention, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if kind == "down_blocks":
+        return f"input_blocks.{1 + block * (layers_per_block + 1) + attention}.1.{rest}"
+    return f"output_blocks.{block * (layers_per_block + 1) + attention}.1.{rest}"
+
+
+def layers_per_block(modules: list[str]) -> int:
+    """Read off the down blocks' attention indices (SDXL: 2)."""
+    found = [int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"]
+    return max(found, default=1) + 1
+
+
+def kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
+    """kohya's SDXL keys: lora_unet_<SGM path>.lora_down.weight / .lora_up.weight / .alpha (alpha = rank)."""
+    per_block = layers_per_block(list(factors))
+    tensors = {}
+    for name, (down, up) in factors.items():
+        key = "lora_unet_" + sgm_path(name, per_block).replace(".", "_")
+        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+        tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
+    return tensors
+
+
+def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
+    """(first, last + 1, t_on) per chunk of rank components: the first min_rank are always on (t_on = T);
+    the others grouped by the timestep below which the T-LoRA schedule turns them on."""
+    T, rank = s.num_train_timesteps, s.lora_rank
+    if not s.timestep_dependent:
+        return [(0, rank, T)]
+    ranks = active_rank(torch.arange(T), T, rank, s.min_rank, s.alpha_rank_scale, s.rule).tolist()
+    chunks, start = [], 0
+    for end in sorted(set(ranks)):  # each distinct active count ends a chunk
+        if end > start:  # r(t) falls as t grows: the chunk is on for t below the last t with r(t) >= end
+            chunks.append((start, end, max(t for t in range(T) if ranks[t] >= end) + 1))
+            start = end
+    return chunks
+
+
+def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, out: Path) -> None:
+    """One standard diffusers LoRA per chunk of rank components, plus schedule.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
+        name = f"chunk_{i:03d}.safetensors"
+        save_diffusers(select(weights, settings.trainer_type, first, end, drop_zero=False), out / name)
+        entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
+    schedule = {"num_train_timesteps": settings.num_train_timesteps, "chunks": entries,
+                "rule": "a chunk is active at timestep t when t < on_below"}
+    atomic_write(out / SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
+
+
+def parse_mask(value: str) -> int | None:
+    """'full' -> None (every component); 'timestep:T' -> T."""
+    if value == "full":
+        return None
+    if value.startswith("timestep:") and value[len("timestep:"):].isdigit():
+        return int(value[len("timestep:"):])
+    raise UsageError(f"--mask must be 'full' or 'timestep:T' with T in 0..999, got {value!r}")
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.splitlines()[0].strip("`"), formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("checkpoint", help="A run folder (its newest checkpoint), a checkpoint-N folder, or its weights file "
+                                      "(pytorch_lora_weights.safetensors, or the authors' FLUX lora.pt).")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="diffusers: one LoRA file for diffusers' load_lora_weights; kohya: one LoRA file with kohya's "
+                        "SDXL keys (ComfyUI LoraLoader, A1111/Forge, diffusers); diffusers-scheduled: a folder of LoRA "
+                        "chunks and schedule.json for tlora.scheduled (the exact T-LoRA in stock diffusers); authors: "
+                        "exactly the authors' file (SDXL: pytorch_lora_weights.safetensors; FLUX: lora.pt, which "
+                        "their run_inference.py loads).")
+    p.add_argument("--out", required=True, help="The file to write (a folder for diffusers-scheduled); an existing one "
+                                                "only with --overwrite, and never the checkpoint itself.")
+    p.add_argument("--overwrite", action="store_true", default=False, help="Replace an existing --out.")
+    p.add_argument("--mask", default="full", help="diffusers/kohya: 'full' (every component, as at t = 0, default) "
+                                                  "or 'timestep:T' (the components active at timestep T).")
+    p.add_argument("--rank", type=int, default=None,
+                   help="diffusers/kohya: the best rank-K approximation of each layer (prints the relative error).")
+    p.add_argument("--config_path", default=None,
+                   help="The run's hparams.yml (default: logs/hparams.yml of the run holding the checkpoint, if any).")
+    p.add_argument("--trainer_class", default=None, help="Override: whether the timestep mask applies "
+                                                         "(sdxl_tlora / flux_tlora) or not (sdxl_lora / flux_lora).")
+    p.add_argument("--min_rank", type=int, default=None, help="Override: the run's min_rank.")
+    p.add_argument("--alpha_rank_scale", type=float, default=None, help="Override: the run's alpha_rank_scale.")
+    return p
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    """What the export is built on is known: a timestep mask or schedule never rests on a guessed setting."""
+    ckpt: Checkpoint = args.ckpt
+    if ckpt.lycoris:
+        raise UsageError(f"{ckpt.path} {LYCORIS_REFUSAL}; exports take tlora's or the authors' checkpoints")
+    family = ckpt.settings.family
+    if family != "sdxl" and args.format != "authors":
+        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: --format {args.format} writes SDXL layouts; use "
+                         f"--format authors, or load it with tlora.load(pipe, ...)")
+    scheduled = args.format == "diffusers-scheduled" or args.active_at is not None  # built on the mask settings
+    guessed = [k for k in BAKED if k in ckpt.assumed] if scheduled and ckpt.settings.timestep_dependent else []
+    if guessed:
+        what = f"--mask {args.mask}" if args.active_at is not None else f"--format {args.format}"
+        raise UsageError(f"{what} is built on {guessed[0]}, which {ckpt.path} does not record; "
+                         f"{FIX.format(key=guessed[0])}")
+    if args.format == "authors" and family == "flux":
+        if ckpt.settings.trainer_type != "lora":
+            raise UsageError(f"{ckpt.path} is an ortho_lora T-LoRA: the authors' FLUX code has only Vanilla T-LoRA "
+                             "(lora); --format authors cannot express it")
+        if not args.out.endswith(".pt"):
+            raise UsageError(f"--out {args.out}: the authors' FLUX checkpoints are lora.pt files; pass --out .../lora.pt")
+    if scheduled:  # a full mask, or the authors' file, depends on no setting beyond the tensors
+        ckpt.announce(FIX)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.active_at = parse_mask(args.mask)
+    if args.active_at is not None and args.active_at > 999:
+        raise UsageError(f"--mask timestep:{args.active_at}: T must be in 0..999")
+    if args.rank is not None and args.rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {args.rank}")
+    if args.format in ("authors", "diffusers-scheduled") and (args.rank is not None or args.mask != "full"):
+        raise UsageError(f"--format {args.format} keeps the T-LoRA whole: drop --mask and --rank")
+    args.ckpt = read(args.checkpoint, args.config_path, quiet=True, trainer_class=args.trainer_class,
+                     min_rank=args.min_rank, alpha_rank_scale=args.alpha_rank_scale)
+    _check_out(args)
+    _check_settings(args)
+    return args
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Never write over the checkpoint being exported; over another existing path only with --overwrite."""
+    out, source = Path(args.out).absolute(), args.ckpt.path.absolute()
+    if out.resolve() == source.resolve() or (out.is_dir() and source.resolve().is_relative_to(out.resolve())):
+        raise UsageError(f"--out {args.out} is (or holds) the checkpoint being exported; pass another path")
+    if out.exists() and (out.is_dir() != (args.format == "diffusers-scheduled")):
+        raise UsageError(f"--out: {out} exists and is a {'folder' if out.is_dir() else 'file'}; pass a new path")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out: {args.out} exists; pass a new path, or --overwrite to replace it")
+
+
+def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:
+    """The authors' file: their keys (FLUX: also the layers their loader expects but never uses), no metadata
+    but `format: pt` (SDXL safetensors) or a plain torch.save of tensors (FLUX lora.pt)."""
+    family = families.get(ckpt.settings.family)
+    tensors = family.authors_file(weights)
+    if out.suffix == ".pt":
+        save_pickle(tensors, out)
+        if ckpt.settings.timestep_dependent and ckpt.settings.alpha_rank_scale != 1:
+            print(f"note: the authors' FLUX code has no alpha: their run_inference.py masks with alpha 1, not "
+                  f"{ckpt.settings.alpha_rank_scale}", file=sys.stderr)
+    else:
+        atomic_write(out, save(tensors, metadata={"format": "pt"}))
+
+
+def export(args: argparse.Namespace) -> Path:
+    ckpt: Checkpoint = args.ckpt
+    weights, s = ckpt.tensors(), ckpt.settings
+    out = Path(args.out)
+    if args.format == "authors":
+        save_authors(ckpt, weights, out)
+        return out
+    if args.format == "diffusers-scheduled":
+        save_scheduled(weights, s, out)
+        return out
+    active = None
+    if args.active_at is not None and s.timestep_dependent:
+        active = int(active_rank(args.active_at, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale,
+                                 s.rule))
+    factors = fixed_mask_factors(weights, s, active)
+    if not factors:
+        raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?); nothing to export")
+    if args.rank is not None:
+        factors, errors = truncate(factors, args.rank)
+        print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
+    if args.format == "diffusers":
+        save_diffusers(factors, out)
+    else:
+        meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
+        atomic_write(out, save(kohya_lora(factors), metadata=meta))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(parse_args, export, "written", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
