@@ -1,0 +1,2 @@
+"""Small pieces every stage uses: errors, command-line parsing and checks, atomic files, prompt rules, images,
+and how a command ends."""
