@@ -34,7 +34,7 @@ class FLUX(Family):
     train_defaults = {  # the authors' FLUX defaults
         "trainer_type": "lora", "trainer_class": "flux_lora", "lora_rank": 16, "min_rank": 16,
         "checkpointing_steps": 100, "optimizer": "prodigy", "max_grad_norm": 1.0, "mixed_precision": "bf16",
-        "num_val_imgs_per_prompt": 4, "placeholder_token": "sks",
+        "num_val_imgs_per_prompt": 4, "placeholder_token": "sks", "guidance_scale": 1.0, "max_sequence_length": 512,
     }
     resize_first = True
     resolution_multiple = 16  # VAE factor 8 times the 2x2 latent packing

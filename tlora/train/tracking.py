@@ -52,3 +52,14 @@ def hand_over_secrets(args: argparse.Namespace) -> None:
     if key:
         os.environ["WANDB_API_KEY"] = key
     sys.argv[:] = redact_argv(sys.argv)
+
+
+def wandb_key(args: argparse.Namespace) -> str | None:
+    """The W&B key from --wandb_api_key or WANDB_API_KEY (never stored)."""
+    return args.wandb_api_key or os.environ.get("WANDB_API_KEY") or None
+
+
+def tracker(args: argparse.Namespace) -> str | None:
+    """Which tracker to use: --report_to, else wandb when a key exists."""
+    choice = args.report_to or ("wandb" if wandb_key(args) else "none")
+    return None if choice == "none" else choice

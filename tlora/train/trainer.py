@@ -46,10 +46,9 @@ from tlora.runs.run_folder import (
 from tlora.runs.weights import save_weights
 from tlora.train.conditioning import Conditioning
 from tlora.train.data import BatchOrder, PairedIndices
-from tlora.train.options import tracker, wandb_key
 from tlora.train.stopping import StopSignals, terminate_as_interrupt
 from tlora.train.timing import NULL_TIMER
-from tlora.train.tracking import init_trackers, log_images
+from tlora.train.tracking import init_trackers, log_images, tracker, wandb_key
 
 LOSS_FLUSH_STEPS = 10  # losses are read back from the device in groups, not every step
 

@@ -1,0 +1,168 @@
+"""Checking train.py's options before any model loads: `validate` looks at the values only (a pure function of
+the options); `check_inputs` opens what they name (images, masks, folders, packages, model sources). Both fail
+with one line naming the flag and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from tlora import families
+from tlora.common.errors import UsageError
+from tlora.common.images import check_image, find_mask, list_images, training_images
+from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
+from tlora.common.usage import check_finite, check_model_source
+from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
+from tlora.train.options import TrainOptions
+from tlora.train.tracking import tracker
+
+REQUIRED = ("trainer_type", "trainer_class", "train_data_dir", "output_dir", "class_name", "placeholder_token")
+AT_LEAST_ONE = ("num_train_epochs", "checkpointing_steps", "train_batch_size", "num_val_imgs_per_prompt",
+                "resume_state_total_limit")
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # W&B refuses these in a project name, and names over 128 characters
+
+
+# -- the values ------------------------------------------------------------------------------------------
+def validate(opts: TrainOptions) -> None:
+    """Every check of the values themselves (no file is read)."""
+    for name in REQUIRED:
+        if getattr(opts, name) in (None, ""):
+            raise UsageError(f"--{name} is required (on the command line or in --config)")
+    _check_family(opts)
+    _check_numbers(opts)
+    TLoRASettings.from_hparams(vars(opts), "train.py", flags=True)  # ranks, alpha, trainer type
+    check_text("--placeholder_token", opts.placeholder_token, MAX_WORD_LENGTH)
+    check_text("--class_name", opts.class_name, MAX_WORD_LENGTH)
+    if opts.validation_prompts:
+        check_templates("--validation_prompts", split_prompts(opts.validation_prompts))
+    if opts.mask_dir and opts.alpha_mask:
+        raise UsageError("--alpha_mask and --mask_dir both give loss masks; drop one of them")
+    if opts.optimizer == "prodigy" and opts.use_8bit_adam:
+        raise UsageError("--use_8bit_adam is an AdamW option; drop it or pass --optimizer adamw")
+    if tracker(opts) == "wandb":
+        bad = set(opts.project_name) & set(WANDB_PROJECT_FORBIDDEN)
+        if not opts.project_name.strip() or bad or len(opts.project_name) > 128:
+            raise UsageError(f"--project_name {opts.project_name!r}: W&B takes 1 to 128 characters without "
+                             f"{' '.join(WANDB_PROJECT_FORBIDDEN)}; pass another name")
+
+
+def _check_family(opts: TrainOptions) -> None:
+    if opts.trainer_class in TRAINER_CLASSES and not opts.trainer_class.startswith(opts.family + "_"):
+        kind = opts.trainer_class.split("_", 1)[1]
+        raise UsageError(f"--trainer_class {opts.trainer_class} is for another model family; this is a {opts.family} "
+                         f"model: pass --trainer_class {opts.family}_{kind}")
+    multiple = families.get(opts.family).resolution_multiple
+    if opts.resolution < multiple or opts.resolution % multiple:
+        raise UsageError(f"--resolution must be a positive multiple of {multiple} for {opts.family}, got {opts.resolution}")
+
+
+def _check_numbers(opts: TrainOptions) -> None:
+    check_finite("--learning_rate", opts.learning_rate, 0, low_open=True)
+    check_finite("--alpha_rank_scale", opts.alpha_rank_scale, 0, low_open=True)
+    check_finite("--prior_loss_weight", opts.prior_loss_weight, 0)
+    check_finite("--adam_beta1", opts.adam_beta1, 0, 1, high_open=True)
+    check_finite("--adam_beta2", opts.adam_beta2, 0, 1, high_open=True)
+    check_finite("--adam_weight_decay", opts.adam_weight_decay, 0)
+    check_finite("--adam_epsilon", opts.adam_epsilon, 0, low_open=True)
+    if opts.max_grad_norm is not None:
+        check_finite("--max_grad_norm", opts.max_grad_norm, 0)
+    if opts.guidance_scale is not None:
+        check_finite("--guidance_scale", opts.guidance_scale, 0)
+    if opts.max_sequence_length is not None and not 1 <= opts.max_sequence_length <= 512:
+        raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {opts.max_sequence_length}")
+    for name in AT_LEAST_ONE:
+        if getattr(opts, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(opts, name)}")
+    if opts.checkpoints_total_limit is not None and opts.checkpoints_total_limit < 1:
+        raise UsageError(f"--checkpoints_total_limit must be at least 1, got {opts.checkpoints_total_limit}")
+    if opts.dataloader_num_workers < 0:
+        raise UsageError("--dataloader_num_workers must be 0 or more")
+
+
+# -- what the values name ------------------------------------------------------------------------------
+def check_inputs(opts: TrainOptions) -> None:
+    """Open and check everything the options name; records the training data's digest (resume compares it)."""
+    opts.data_sha256 = _check_data(opts)
+    if opts.optimizer == "prodigy":
+        _require("--optimizer prodigy", "prodigyopt", "pip install prodigyopt", "or --optimizer adamw")
+    if opts.base_model_precision != "auto":
+        package = "bitsandbytes" if opts.base_model_precision.endswith("bnb") else "torchao"
+        _require(f"--base_model_precision {opts.base_model_precision}", package, f"pip install {package}",
+                 "or --base_model_precision auto" if package == "torchao" else "pass auto or a torchao precision",
+                 cuda=package == "bitsandbytes")
+    if opts.use_8bit_adam:
+        _require("--use_8bit_adam", "bitsandbytes", "pip install -e '.[bnb]'",
+                 "drop the flag to train with torch's AdamW", cuda=True)
+    if opts.report_to == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise UsageError("--report_to tensorboard needs tensorboard: pip install -e '.[tensorboard]' (or --report_to none)")
+    _check_output_dir(opts.output_dir)
+    vae = opts.pretrained_vae_model_name_or_path
+    if vae and vae.lower() != "none":
+        check_model_source("--pretrained_vae_model_name_or_path", vae, "config.json")
+
+
+def _check_data(opts: TrainOptions) -> str:
+    """Every training, mask and class image opens and is large enough; returns their SHA-256."""
+    _check_image_folder("--train_data_dir", opts.train_data_dir)
+    if opts.one_image:
+        name = opts.one_image
+        if Path(name).name != name or name in (".", ".."):
+            raise UsageError(f"--one_image: {name} must be a file name inside --train_data_dir, not a path")
+        if not (Path(opts.train_data_dir) / name).is_file():
+            raise UsageError(f"--one_image: {name} is not a file in {opts.train_data_dir}; pass a file name there")
+    images = [("--train_data_dir", p) for p in training_images(opts.train_data_dir, opts.one_image)]
+    if opts.mask_dir:
+        images += _check_masks(opts)
+    if opts.with_prior_preservation:
+        _check_image_folder("--class_data_dir", opts.class_data_dir)
+        images += [("--class_data_dir", p) for p in list_images(opts.class_data_dir)]
+    digest = hashlib.sha256()
+    for flag, path in images:
+        check_image(path, flag)
+        digest.update(f"{flag} {path.name} ".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _check_image_folder(flag: str, folder: str | None) -> None:
+    if folder and Path(folder).is_file():
+        raise UsageError(f"{flag}: {folder} is a file, not a folder; pass the folder that holds the images")
+    if not folder or not Path(folder).is_dir():
+        raise UsageError(f"{flag}: folder {folder} does not exist; pass a folder that holds the images")
+    if not list_images(folder):
+        raise UsageError(f"{flag}: no images (.jpg, .jpeg, .png, .webp, .bmp) in {folder}; add at least one")
+
+
+def _check_masks(opts: TrainOptions) -> list[tuple[str, Path]]:
+    """Every training image has its mask in --mask_dir; returns (flag, mask) pairs for the image checks."""
+    if Path(opts.mask_dir).is_file():
+        raise UsageError(f"--mask_dir: {opts.mask_dir} is a file, not a folder; pass the folder of masks")
+    if not Path(opts.mask_dir).is_dir():
+        raise UsageError(f"--mask_dir: folder {opts.mask_dir} does not exist; pass the folder of masks (or drop the flag)")
+    pairs = []
+    for image in training_images(opts.train_data_dir, opts.one_image):
+        mask = find_mask(opts.mask_dir, image)
+        if mask is None:
+            raise UsageError(f"--mask_dir: no mask for {image.name} in {opts.mask_dir}; add one with the same name")
+        pairs.append(("--mask_dir", mask))
+    return pairs
+
+
+def _check_output_dir(folder: str) -> None:
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output_dir: {folder} is a file; pass a folder")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir: cannot write in {existing}; pass a folder you can write to")
+
+
+def _require(flag: str, package: str, install: str, instead: str, cuda: bool = False) -> None:
+    """`flag` needs `package` installed (and a CUDA GPU when `cuda`): one line naming the fix otherwise."""
+    import torch
+
+    if importlib.util.find_spec(package) is None:
+        raise UsageError(f"{flag} needs {package}: {install} ({instead})")
+    if cuda and not torch.cuda.is_available():
+        raise UsageError(f"{flag} needs a CUDA GPU; {instead}")
