@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 import tlora
 from tlora.families.pipelines import load_pipeline
-from tlora.interop.export import best_rank, main, sgm_path
+from tlora.families.sdxl import sgm_path
+from tlora.interop.export import best_rank, main
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
 from conftest import read_weights

@@ -1,8 +1,8 @@
 """The package as installed: its requirements, its layers, and what `import tlora` loads."""
 
 import ast
-import tomllib
 
+import tomllib
 from packaging.requirements import Requirement
 
 from conftest import REPO

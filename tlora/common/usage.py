@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -153,3 +154,26 @@ def model_load_error(flag: str, name: str, err: Exception) -> UsageError:
     """One line for a model that could not be loaded (not found, no network, no access)."""
     return UsageError(f"{flag}: could not load {name} ({first_line(err)}); pass a local folder or check the name and "
                       "network")
+
+
+def typed_value(where: str, key: str, value: Any, kind: type) -> Any:
+    """`value` as `kind` (strings from metadata are parsed); a one-line UsageError otherwise."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+    elif kind is float:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(value, str):
+        return value
+    raise UsageError(f"{where}: {key} must be {kind.__name__}, got {value!r}")

@@ -225,7 +225,7 @@ def generate_job(
     try:
         for name, templates in {"base": [BASE_PROMPT], **groups}.items():
             cfg = generation.Sampling(m.placeholder_token, concept["class_name"], folder, m.images[name], 1, steps,
-                                      guidance, m.seed, call_kwargs=generation.call_kwargs(family.name, hp))
+                                      guidance, m.seed, call_kwargs=family.call_kwargs(hp))
             generation.run(pipe, templates, cfg, str(checkpoint))
     finally:
         api.unload(pipe)

@@ -30,7 +30,6 @@ class Family:
     resize_first: bool = False  # image preprocessing: resize then crop (else crop then resize); see data._square
     inference_steps: int = 25
     inference_guidance: float = 5.0
-    call_kwargs: dict[str, Any] = {}  # extra pipeline-call arguments for generation
     gpu_dtype: str = "fp16"  # inference.py's dtype on CUDA
     # -- reading T-LoRAs of this family ---------------------------------------------------------
     key_prefixes: tuple[str, ...] = ()  # first word of its checkpoint keys (also LyCORIS's, "." -> "_")
@@ -38,6 +37,12 @@ class Family:
     masked_by_default: bool = True  # the authors' default when nothing records the trainer_class
     masked_by_default_why: str = ""
     layer_kinds: dict[str, str] = {}  # kind of adapted layer -> label (analyze's plots)
+    projections: dict[str, str] = {}  # the authors' adapter key -> the projection it adapts (to_q_lora -> to_q)
+    export_formats: tuple[str, ...] = ("authors",)  # what `python -m tlora.export` writes for this family
+    kohya_base_model: str = ""  # ss_base_model_version of its kohya-style files
+    authors_weights_name: str = "pytorch_lora_weights.safetensors"  # the file the authors' code writes
+    authors_trainer_types: tuple[str, ...] = ("lora", "ortho_lora")  # what their code trains
+    authors_alpha: bool = True  # whether their r(t) has alpha
 
     # -- the denoiser and its adapted layers ------------------------------------------------------
     @classmethod
@@ -67,6 +72,34 @@ class Family:
         """Whether an attention module computes q, k, v through a fused layer (diffusers'
         fuse_qkv_projections), bypassing the separate projections that the adapters are hooked on."""
         return bool(getattr(attention, "fused_projections", False))
+
+    # -- settings and files of this family's other tools -------------------------------------------------
+    @classmethod
+    def authors_hparams(cls, values: dict[str, Any], where: str) -> dict[str, Any] | None:
+        """The settings in a hparams.yml that this family's authors' code wrote, when its key set is not ours
+        (None: not theirs). The authors' SDXL code writes our keys, so SDXL has none."""
+        return None
+
+    @classmethod
+    def authors_run_keys(cls, settings) -> dict[str, Any]:
+        """Keys our hparams.yml carries for this family's authors' tools (beside ours)."""
+        return {}
+
+    @classmethod
+    def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Pipeline-call arguments that sampling adds for a run of this family (beyond steps and guidance)."""
+        return {}
+
+    @classmethod
+    def module_path(cls, prefix: str) -> str:
+        """The adapted Linear's path in the denoiser for a checkpoint key prefix (`<attention>.processor.<key>`)."""
+        attention, _, key = prefix.rpartition(".processor.")
+        return f"{attention}.{cls.projections[key]}"
+
+    @classmethod
+    def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
+        """Module path -> kohya-style LoRA key (`lora_unet_..`), for the families that have a kohya layout."""
+        raise NotImplementedError
 
     @classmethod
     def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

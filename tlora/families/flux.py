@@ -8,11 +8,13 @@ Adapters go on every double-stream block's image and text projections (`to_q/k/v
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
+from tlora.common.usage import typed_value
 from tlora.families.base import Family
 
 DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
@@ -45,6 +47,8 @@ class FLUX(Family):
     masked_by_default, masked_by_default_why = False, "no mask: the authors' FLUX default, without --tlora"
     layer_kinds = {"double-image": "double blocks, image stream", "double-text": "double blocks, text stream",
                    "single": "single blocks"}
+    projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
+    authors_weights_name, authors_trainer_types, authors_alpha = "lora.pt", ("lora",), False
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -80,6 +84,30 @@ class FLUX(Family):
                     key = f"{processor}.{layer}.{param}"
                     out[key] = tensors[key] if key in tensors or not cls.ignored_key(key) else torch.zeros(shape)
         return out
+
+    @classmethod
+    def authors_hparams(cls, values: dict[str, Any], where: str) -> dict[str, Any] | None:
+        """Their FLUX run.py's keys: `tlora` (the mask or not) and `rank`; only Vanilla T-LoRA, r(t) without alpha."""
+        if "tlora" not in values or "rank" not in values:
+            return None
+        known = {"family": "flux", "trainer_type": "lora", "alpha_rank_scale": 1.0,
+                 "timestep_dependent": typed_value(where, "tlora", values["tlora"], bool),
+                 "lora_rank": typed_value(where, "rank", values["rank"], int)}
+        if values.get("min_rank") is not None:
+            known["min_rank"] = typed_value(where, "min_rank", values["min_rank"], int)
+        return known
+
+    @classmethod
+    def authors_run_keys(cls, settings) -> dict[str, Any]:
+        """What their run_inference.py reads beside min_rank: `tlora` and `rank`."""
+        return {"tlora": settings.timestep_dependent, "rank": settings.lora_rank}
+
+    @classmethod
+    def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The T5 prompt length and the image size as trained (FluxPipeline's own default is 1024 px whatever
+        the model)."""
+        size = hparams.get("resolution") or 1024
+        return {"max_sequence_length": hparams.get("max_sequence_length") or 512, "height": size, "width": size}
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:

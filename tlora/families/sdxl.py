@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
@@ -28,6 +30,9 @@ class SDXL(Family):
     rank_rule = "sdxl"
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask; the authors' SDXL runs record it"
     layer_kinds = {"self": "self-attention", "cross": "cross-attention"}
+    projections = {key: proj for proj, key in PROJECTIONS.items()}
+    export_formats = ("diffusers", "kohya", "diffusers-scheduled", "authors")
+    kohya_base_model = "sdxl_base_v1-0"
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -47,6 +52,13 @@ class SDXL(Family):
         """The UNet's unfuse_qkv_projections only puts the unfused processors back (the flag stays set), so
         what counts is whether a fused processor runs."""
         return super().fused(attention) and "Fused" in type(getattr(attention, "processor", None)).__name__
+
+    @classmethod
+    def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
+        """kohya's SDXL keys: the original (SGM) UNet layout, `lora_unet_input_blocks_4_1_..._attn1_to_q`."""
+        per_block = max((int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"),
+                        default=0) + 1
+        return {name: "lora_unet_" + sgm_path(name, per_block).replace(".", "_") for name in modules}
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:
@@ -98,3 +110,19 @@ class SDXL(Family):
 def time_ids(crop_size: int, resolution: int) -> torch.Tensor:
     """SDXL micro-conditioning: original size (crop, crop), crop top-left (0, 0), target (res, res)."""
     return torch.tensor([crop_size, crop_size, 0, 0, resolution, resolution], dtype=torch.float32)
+
+
+BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
+
+
+def sgm_path(module: str, layers_per_block: int) -> str:
+    """A diffusers SDXL UNet module path in the original (SGM) layout that kohya's keys use."""
+    if module.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + module[len("mid_block.attentions.0."):]
+    m = BLOCK.match(module)
+    if m is None:
+        raise ValueError(f"cannot map {module} to the SDXL original layout")
+    kind, block, attention, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if kind == "down_blocks":
+        return f"input_blocks.{1 + block * (layers_per_block + 1) + attention}.1.{rest}"
+    return f"output_blocks.{block * (layers_per_block + 1) + attention}.1.{rest}"

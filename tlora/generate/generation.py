@@ -51,15 +51,6 @@ class Sampling:
         return self.folder / safe_component(template.format(self.placeholder_token), reserved=RESERVED)
 
 
-def call_kwargs(family: str, hparams: dict) -> dict:
-    """Pipeline arguments beyond the shared ones. FLUX: the T5 prompt length and the image size as trained
-    (FluxPipeline's own default is 1024 px whatever the model; SDXL's default follows the UNet's config)."""
-    if family != "flux":
-        return {}
-    size = hparams.get("resolution") or 1024
-    return {"max_sequence_length": hparams.get("max_sequence_length") or 512, "height": size, "width": size}
-
-
 def read_record(folder: Path) -> dict[str, dict]:
     """A version folder's prompts.yaml (prompt folder -> its record); {} when absent or empty."""
     path = Path(folder) / "prompts.yaml"

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> Path:
         hp["placeholder_token"], hp["class_name"],
         family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version),
         args.num_images_per_prompt, args.batch_size, args.num_inference_steps, args.guidance_scale, args.seed,
-        args.replace_inference_output, generation.call_kwargs(family.name, hp),
+        args.replace_inference_output, family.call_kwargs(hp),
     )
     with tqdm(total=len(args.templates) * args.num_images_per_prompt, desc="images") as bar:
         generation.run(pipe, args.templates, cfg, str(args.checkpoint), progress=bar)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from safetensors.torch import save
 
 from tlora import families
 from tlora.common.commands import run_command
-from tlora.common.errors import CheckpointError, UsageError
+from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.usage import Parser
 from tlora.method.adapters import active_rank, branches, factors
@@ -41,18 +40,11 @@ from tlora.runs.reading import LYCORIS_REFUSAL, Checkpoint, read
 from tlora.runs.weights import save_pickle
 
 FORMATS = ("diffusers", "kohya", "diffusers-scheduled", "authors")
-PROJECTION = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 BAKED = ("min_rank",)  # a timestep mask or schedule is never built on a guess of these (others: a note)
 FIX = "pass --{key} or --config_path RUN/logs/hparams.yml"
 SCHEDULE_NAME = "schedule.json"  # a diffusers-scheduled export's schedule, read by tlora.scheduled
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (down (k x in), up (out x k))
-
-
-def module_path(prefix: str) -> str:
-    """`<attention>.processor.to_q_lora` (the authors' key prefix) -> `<attention>.to_q` (the UNet module)."""
-    attention, _, adapter = prefix.rpartition(".processor.")
-    return f"{attention}.{PROJECTION[adapter]}"
 
 
 def adapter_prefixes(weights: dict[str, torch.Tensor]) -> list[str]:
@@ -67,9 +59,10 @@ def components(weights: dict[str, torch.Tensor], prefix: str, trainer_type: str)
     return factors(branches(params, trainer_type))
 
 
-def select(weights: dict[str, torch.Tensor], trainer_type: str, first: int, end: int, drop_zero: bool) -> Factors:
-    """Every layer's LoRA factors for rank components first..end-1 (ortho_lora: of both paths), float32;
-    `drop_zero` drops components that are exactly zero (and layers left with none)."""
+def select(weights: dict[str, torch.Tensor], settings: TLoRASettings, first: int, end: int, drop_zero: bool) -> Factors:
+    """Every layer's LoRA factors (by module path) for rank components first..end-1 (ortho_lora: of both paths),
+    float32; `drop_zero` drops components that are exactly zero (and layers left with none)."""
+    family, trainer_type = families.get(settings.family), settings.trainer_type
     out: Factors = {}
     for prefix in adapter_prefixes(weights):
         down, up = components(weights, prefix, trainer_type)
@@ -81,14 +74,14 @@ def select(weights: dict[str, torch.Tensor], trainer_type: str, first: int, end:
             nonzero = (down != 0).any(dim=1) & (up != 0).any(dim=0)
             down, up = down[nonzero], up[:, nonzero]
         if len(down):
-            out[module_path(prefix)] = (down.float().contiguous(), up.float().contiguous())
+            out[family.module_path(prefix)] = (down.float().contiguous(), up.float().contiguous())
     return out
 
 
 def fixed_mask_factors(weights: dict[str, torch.Tensor], settings: TLoRASettings, active: int | None) -> Factors:
     """Every layer's update under a fixed mask (the first `active` components; None = all) as exact LoRA
     factors, components that are exactly zero dropped."""
-    return select(weights, settings.trainer_type, 0, settings.lora_rank if active is None else active, drop_zero=True)
+    return select(weights, settings, 0, settings.lora_rank if active is None else active, drop_zero=True)
 
 
 def best_rank(down: torch.Tensor, up: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -127,45 +120,25 @@ def diffusers_lora(factors: Factors) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_diffusers(factors: Factors, out: Path) -> None:
-    from diffusers import StableDiffusionXLPipeline
-
+def save_diffusers(factors: Factors, family: str, out: Path) -> None:
+    """A LoRA file as the family pipeline's own save_lora_weights writes it (`unet.` / `transformer.` keys and
+    the adapter metadata)."""
+    fam = families.get(family)
     tensors, metadata = diffusers_lora(factors)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # diffusers writes in place: rename when complete
-    StableDiffusionXLPipeline.save_lora_weights(out.parent, unet_lora_layers=tensors, weight_name=tmp.name,
-                                                unet_lora_adapter_metadata=metadata)
+    fam.pipeline_class.save_lora_weights(out.parent, weight_name=tmp.name, **{
+        f"{fam.model_attr}_lora_layers": tensors, f"{fam.model_attr}_lora_adapter_metadata": metadata})
     os.replace(tmp, out)
 
 
-BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
-
-
-def sgm_path(module: str, layers_per_block: int) -> str:
-    """A diffusers SDXL UNet module path in the original (SGM) layout that kohya's keys use."""
-    if module.startswith("mid_block.attentions.0."):
-        return "middle_block.1." + module[len("mid_block.attentions.0."):]
-    m = BLOCK.match(module)
-    if m is None:
-        raise CheckpointError(f"cannot map {module} to the SDXL original layout")
-    kind, block, attention, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-    if kind == "down_blocks":
-        return f"input_blocks.{1 + block * (layers_per_block + 1) + attention}.1.{rest}"
-    return f"output_blocks.{block * (layers_per_block + 1) + attention}.1.{rest}"
-
-
-def layers_per_block(modules: list[str]) -> int:
-    """Read off the down blocks' attention indices (SDXL: 2)."""
-    found = [int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"]
-    return max(found, default=1) + 1
-
-
-def kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
-    """kohya's SDXL keys: lora_unet_<SGM path>.lora_down.weight / .lora_up.weight / .alpha (alpha = rank)."""
-    per_block = layers_per_block(list(factors))
+def kohya_lora(factors: Factors, family: str) -> dict[str, torch.Tensor]:
+    """kohya-style keys (`lora_unet_<original layout path>.lora_down.weight` / `.lora_up.weight` / `.alpha`), alpha
+    = rank so that strength 1 is the T-LoRA as exported."""
+    keys = families.get(family).kohya_keys(list(factors))
     tensors = {}
     for name, (down, up) in factors.items():
-        key = "lora_unet_" + sgm_path(name, per_block).replace(".", "_")
+        key = keys[name]
         tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
         tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
     return tensors
@@ -192,7 +165,7 @@ def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, ou
     entries = []
     for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
         name = f"chunk_{i:03d}.safetensors"
-        save_diffusers(select(weights, settings.trainer_type, first, end, drop_zero=False), out / name)
+        save_diffusers(select(weights, settings, first, end, drop_zero=False), settings.family, out / name)
         entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
     schedule = {"num_train_timesteps": settings.num_train_timesteps, "chunks": entries,
                 "rule": "a chunk is active at timestep t when t < on_below"}
@@ -241,21 +214,24 @@ def _check_settings(args: argparse.Namespace) -> None:
     if ckpt.lycoris:
         raise UsageError(f"{ckpt.path} {LYCORIS_REFUSAL}; exports take tlora's or the authors' checkpoints")
     family = ckpt.settings.family
-    if family != "sdxl" and args.format != "authors":
-        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: --format {args.format} writes SDXL layouts; use "
-                         f"--format authors, or load it with tlora.load(pipe, ...)")
+    formats = families.get(family).export_formats
+    if args.format not in formats:
+        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: --format {args.format} is not written for {family} yet; "
+                         f"use --format {' or '.join(formats)}, or load it with tlora.load(pipe, ...)")
     scheduled = args.format == "diffusers-scheduled" or args.active_at is not None  # built on the mask settings
     guessed = [k for k in BAKED if k in ckpt.assumed] if scheduled and ckpt.settings.timestep_dependent else []
     if guessed:
         what = f"--mask {args.mask}" if args.active_at is not None else f"--format {args.format}"
         raise UsageError(f"{what} is built on {guessed[0]}, which {ckpt.path} does not record; "
                          f"{FIX.format(key=guessed[0])}")
-    if args.format == "authors" and family == "flux":
-        if ckpt.settings.trainer_type != "lora":
-            raise UsageError(f"{ckpt.path} is an ortho_lora T-LoRA: the authors' FLUX code has only Vanilla T-LoRA "
-                             "(lora); --format authors cannot express it")
-        if not args.out.endswith(".pt"):
-            raise UsageError(f"--out {args.out}: the authors' FLUX checkpoints are lora.pt files; pass --out .../lora.pt")
+    fam = families.get(family)
+    if args.format == "authors":
+        if ckpt.settings.trainer_type not in fam.authors_trainer_types:
+            raise UsageError(f"{ckpt.path} is an {ckpt.settings.trainer_type} T-LoRA: the authors' {family} code has "
+                             f"only {' and '.join(fam.authors_trainer_types)}; use another --format")
+        if Path(args.out).suffix != Path(fam.authors_weights_name).suffix:
+            raise UsageError(f"--out {args.out}: the authors' {family} checkpoints are {fam.authors_weights_name} files; "
+                             f"pass --out .../{fam.authors_weights_name}")
     if scheduled:  # a full mask, or the authors' file, depends on no setting beyond the tensors
         ckpt.announce(FIX)
 
@@ -288,17 +264,17 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:
-    """The authors' file: their keys (FLUX: also the layers their loader expects but never uses), no metadata
-    but `format: pt` (SDXL safetensors) or a plain torch.save of tensors (FLUX lora.pt)."""
+    """The authors' file: every key their loader expects (Family.authors_file), as safetensors with `format: pt`
+    as the only metadata, or (a .pt file) a plain torch.save of tensors."""
     family = families.get(ckpt.settings.family)
     tensors = family.authors_file(weights)
     if out.suffix == ".pt":
         save_pickle(tensors, out)
-        if ckpt.settings.timestep_dependent and ckpt.settings.alpha_rank_scale != 1:
-            print(f"note: the authors' FLUX code has no alpha: their run_inference.py masks with alpha 1, not "
-                  f"{ckpt.settings.alpha_rank_scale}", file=sys.stderr)
     else:
         atomic_write(out, save(tensors, metadata={"format": "pt"}))
+    if not family.authors_alpha and ckpt.settings.timestep_dependent and ckpt.settings.alpha_rank_scale != 1:
+        print(f"note: the authors' {family.name} code has no alpha: their inference masks with alpha 1, not "
+              f"{ckpt.settings.alpha_rank_scale}", file=sys.stderr)
 
 
 def export(args: argparse.Namespace) -> Path:
@@ -322,10 +298,10 @@ def export(args: argparse.Namespace) -> Path:
         factors, errors = truncate(factors, args.rank)
         print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
     if args.format == "diffusers":
-        save_diffusers(factors, out)
+        save_diffusers(factors, s.family, out)
     else:
-        meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
-        atomic_write(out, save(kohya_lora(factors), metadata=meta))
+        meta = {"ss_network_module": "networks.lora", "ss_base_model_version": families.get(s.family).kohya_base_model}
+        atomic_write(out, save(kohya_lora(factors, s.family), metadata=meta))
     return out
 
 

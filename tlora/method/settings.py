@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from tlora.common.errors import UsageError
+from tlora.common.usage import typed_value
 from tlora.families import FAMILIES
 from tlora.method.adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
 
@@ -63,7 +64,7 @@ class TLoRASettings:
     @property
     def rule(self) -> str:
         """The rounding rule of r(t): rank_rule, else the family's (its authors' code)."""
-        return self.rank_rule or FAMILIES[self.family or "sdxl"].rank_rule
+        return self.rank_rule or (FAMILIES[self.family].rank_rule if self.family else "sdxl")
 
     def validate(self, flags: bool = False) -> TLoRASettings:
         """Fail with one line naming the first setting that makes no sense (as `--flag` when `flags`)."""
@@ -101,8 +102,8 @@ class TLoRASettings:
         values = {"trainer_type": self.trainer_type, "trainer_class": self.trainer_class, "lora_rank": self.lora_rank,
                   "min_rank": self.min_rank, "alpha_rank_scale": self.alpha_rank_scale, "sig_type": self.sig_type,
                   "family": self.family}
-        if authors_keys and self.family == "flux":
-            values |= {"tlora": self.timestep_dependent, "rank": self.lora_rank}
+        if authors_keys and self.family:
+            values |= FAMILIES[self.family].authors_run_keys(self)
         return values
 
     def to_lycoris(self) -> dict[str, Any]:
@@ -130,29 +131,6 @@ class TLoRASettings:
 
 
 # -- partial sources: each gives the fields it knows ------------------------------------------------
-def _typed(where: str, key: str, value: Any, kind: type) -> Any:
-    """`value` as `kind` (strings from metadata are parsed); a one-line UsageError otherwise."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "false"):
-            return str(value).lower() == "true"
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-    elif kind is float:
-        try:
-            if not isinstance(value, bool):
-                return float(value)
-        except (TypeError, ValueError):
-            pass
-    elif isinstance(value, str):
-        return value
-    raise UsageError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
-
-
 def split_trainer_class(where: str, value: Any) -> dict[str, Any]:
     """'flux_tlora' -> family flux, timestep_dependent True."""
     if value not in TRAINER_CLASSES:
@@ -167,7 +145,7 @@ OUR_KEYS = {"trainer_type": str, "lora_rank": int, "min_rank": int, "alpha_rank_
 
 def known_from_ours(values: dict[str, Any], where: str) -> dict[str, Any]:
     """The fields our (and the authors' SDXL) keys give: trainer_class is split into family and mask."""
-    known = {k: _typed(where, k, values[k], kind) for k, kind in OUR_KEYS.items() if values.get(k) is not None}
+    known = {k: typed_value(where, k, values[k], kind) for k, kind in OUR_KEYS.items() if values.get(k) is not None}
     if values.get("trainer_class") is not None:
         split = split_trainer_class(where, values["trainer_class"])
         if known.get("family", split["family"]) != split["family"]:
@@ -182,28 +160,24 @@ def known_from_metadata(metadata: dict[str, str], where: str) -> dict[str, Any]:
 
 
 def hparams_kind(values: dict[str, Any]) -> str:
-    """Which tool wrote a hparams.yml: 'tlora' (ours, with family), 'authors-sdxl' (trainer_class, no
-    family), 'authors-flux' (their FLUX keys tlora and rank), or 'partial' (a dict of some settings)."""
+    """Which tool wrote a hparams.yml: 'tlora' (ours, with family), 'authors-<family>' (the key set of that
+    family's authors' code; their SDXL keys are ours without `family`), or 'partial' (a dict of some settings)."""
     if "family" in values and "trainer_class" in values:
         return "tlora"
-    if "trainer_class" in values:
-        return "authors-sdxl"
-    if "tlora" in values and "rank" in values:
-        return "authors-flux"
-    return "partial"
+    for family in FAMILIES.values():
+        if family.authors_hparams(values, "") is not None:
+            return f"authors-{family.name}"
+    return "authors-sdxl" if "trainer_class" in values else "partial"
 
 
 def known_from_hparams(values: dict[str, Any], where: str) -> dict[str, Any]:
     """The fields a hparams.yml gives, in the key set of the tool that wrote it."""
-    if hparams_kind(values) != "authors-flux":
-        return known_from_ours(values, where)
-    # The authors' FLUX code: Vanilla T-LoRA only, the mask only with --tlora, r(t) without alpha.
-    known = {"family": "flux", "trainer_type": "lora", "alpha_rank_scale": 1.0,
-             "timestep_dependent": _typed(where, "tlora", values["tlora"], bool),
-             "lora_rank": _typed(where, "rank", values["rank"], int)}
-    if values.get("min_rank") is not None:
-        known["min_rank"] = _typed(where, "min_rank", values["min_rank"], int)
-    return known
+    if "trainer_class" not in values:
+        for family in FAMILIES.values():
+            known = family.authors_hparams(values, where)
+            if known is not None:
+                return known
+    return known_from_ours(values, where)
 
 
 def known_from_overrides(overrides: dict[str, Any], where: str = "tlora.load") -> dict[str, Any]:
@@ -215,7 +189,7 @@ def known_from_overrides(overrides: dict[str, Any], where: str = "tlora.load") -
     given = {k: v for k, v in overrides.items() if v is not None}
     known = known_from_ours(given, where)
     if "timestep_dependent" in given:
-        known["timestep_dependent"] = _typed(where, "timestep_dependent", given["timestep_dependent"], bool)
+        known["timestep_dependent"] = typed_value(where, "timestep_dependent", given["timestep_dependent"], bool)
     return known
 
 
@@ -224,6 +198,6 @@ def known_from_lycoris(config: dict[str, Any], rank: int, where: str) -> dict[st
     if config.get("algo", "tlora") != "tlora":
         raise UsageError(f"{where} holds LyCORIS algo {config.get('algo')!r}, not a T-LoRA (algo tlora)")
     return {"trainer_type": "ortho_lora", "timestep_dependent": True, "rank_rule": "lycoris",
-            "lora_rank": _typed(where, "linear_dim", config.get("linear_dim") or rank, int),
-            "min_rank": _typed(where, "tlora_min_rank", config.get("tlora_min_rank", 1), int),
-            "alpha_rank_scale": _typed(where, "tlora_alpha", config.get("tlora_alpha", 1.0), float)}
+            "lora_rank": typed_value(where, "linear_dim", config.get("linear_dim") or rank, int),
+            "min_rank": typed_value(where, "tlora_min_rank", config.get("tlora_min_rank", 1), int),
+            "alpha_rank_scale": typed_value(where, "tlora_alpha", config.get("tlora_alpha", 1.0), float)}

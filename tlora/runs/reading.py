@@ -260,7 +260,9 @@ def _hparams(given: dict | str | Path | None, weights: Path) -> tuple[dict, str 
     if path is None:
         return {}, None, None
     values = read_hparams(path)
-    label = str(path) + (" (the authors' FLUX keys)" if hparams_kind(values) == "authors-flux" else "")
+    kind = hparams_kind(values)
+    label = str(path) + (f" (the authors' {kind[8:].upper()} keys)" if kind.startswith("authors-") and kind != "authors-sdxl"
+                         else "")
     return values, label, path
 
 

@@ -354,7 +354,7 @@ class Trainer:
         cfg = generation.Sampling(
             args.placeholder_token, args.class_name, family.samples_folder(checkpoint, steps, guidance, 0),
             num_images_per_prompt=args.num_val_imgs_per_prompt, num_inference_steps=steps, guidance_scale=guidance,
-            replace=True, call_kwargs=generation.call_kwargs(family.name, vars(args)),
+            replace=True, call_kwargs=family.call_kwargs(vars(args)),
         )
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
