@@ -123,16 +123,16 @@ def test_one_run_is_trained_by_one_process_at_a_time(state_run, tiny_model, imag
 
 
 def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path, capsys, monkeypatch):
-    from tlora.train import trainer as training
+    from tlora.train import checkpointing
 
-    original = training.save_weights
+    original = checkpointing.save_weights
 
     def full(state, folder, meta):
         if meta["global_step"] == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(state, folder, meta)
 
-    monkeypatch.setattr(training, "save_weights", full)
+    monkeypatch.setattr(checkpointing, "save_weights", full)
     argv = train_args(tiny_model, image_dir, tmp_path, "--num_train_epochs", "6")
     one_line_error(capsys, train.main(argv), "could not write checkpoint-4 in", exit_code=1)
     (run,) = runs(tmp_path)

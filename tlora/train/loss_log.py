@@ -1,0 +1,66 @@
+"""The loss, as training reports it: kept on the device, read back every LOSS_FLUSH_STEPS steps (and at
+checkpoints and stops) for the trackers, `logs/loss.csv` and the progress bar, and checked to be finite there,
+so that checking never adds a host sync to a step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from tlora.common.errors import Diverged
+from tlora.common.files import atomic_write
+
+LOSS_FLUSH_STEPS = 10
+
+
+class LossLog:
+    """Losses of the steps since the last read-back, and every value read back so far (`values`)."""
+
+    def __init__(self, accelerator, loss_csv: Path, last_good) -> None:
+        self.accelerator, self.loss_csv, self.last_good = accelerator, loss_csv, last_good
+        self.bar = None  # the progress bar that shows the newest loss, when there is one
+        self.pending: list[torch.Tensor] = []
+        self.values: list[float] = []
+
+    def add(self, loss: torch.Tensor, step: int, now: bool = False) -> None:
+        """Keep a step's loss (detached, on the device); read the pending ones back every LOSS_FLUSH_STEPS
+        steps or when `now`."""
+        self.pending.append(loss)
+        if now or step % LOSS_FLUSH_STEPS == 0:
+            self.flush(step)
+
+    def flush(self, last_step: int) -> None:
+        """Read back the pending losses (the mean over processes), report them, and stop the run (Diverged) when
+        one is not a finite number, after it is recorded."""
+        if not self.pending:
+            return
+        acc = self.accelerator
+        stacked = torch.stack(self.pending).float()
+        self.pending = []
+        if acc.num_processes > 1:
+            stacked = acc.gather(stacked).reshape(acc.num_processes, -1).mean(0)
+        values = stacked.cpu().tolist()
+        first = last_step - len(values) + 1
+        for i, value in enumerate(values):
+            acc.log({"loss": value}, step=first + i)
+        if acc.is_main_process:
+            header = "" if self.loss_csv.exists() else "step,loss\n"
+            with open(self.loss_csv, "a") as f:
+                f.write(header + "".join(f"{first + i},{v}\n" for i, v in enumerate(values)))
+        self.values.extend(values)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values[-1]:.4f}")
+        bad = next(((first + i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise Diverged(f"training diverged: the loss is {bad[1]} at step {bad[0]}; {self.last_good()}; "
+                           "lower --learning_rate (or set --max_grad_norm) and start a new run")
+
+    def keep_until(self, last_step: int) -> None:
+        """Drop rows after `last_step` from loss.csv (written after the checkpoint a run resumes from)."""
+        if not self.loss_csv.is_file():
+            return
+        lines = self.loss_csv.read_text().splitlines()
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= last_step]
+        atomic_write(self.loss_csv, ("\n".join(kept) + "\n").encode())
