@@ -13,7 +13,7 @@ from tlora.runs.reading import infer_rank, infer_trainer_type
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
 from conftest import read_weights
-from test_injection import perturb, unet_inputs
+from test_injection import perturb
 
 PARAMS = {
     "lora": lambda i, o, r: {"down.weight": (r, i), "up.weight": (o, r)},
@@ -47,24 +47,6 @@ def test_checkpoint_keys_and_shapes(unet, tmp_path, trainer_type):
     assert len(tensors) == len(tlora.layers) * (2 if trainer_type == "lora" else 6)
     assert infer_trainer_type(tensors) == trainer_type and infer_rank(tensors) == 4
     assert path.name == WEIGHTS_NAME and [p.name for p in tmp_path.iterdir()] == [WEIGHTS_NAME]
-
-
-@pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
-def test_save_then_load_gives_identical_outputs(unet, tiny_model, tmp_path, trainer_type):
-    tlora = attach(unet, TLoRASettings(trainer_type, 4, 1))
-    perturb(tlora)
-    save_weights(tlora.state_dict(), tmp_path)
-    fresh = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    loaded = attach(fresh, TLoRASettings(trainer_type, 4, 1), init=False)
-    loaded.load_state_dict(read_weights(tmp_path)[0])
-    inputs = unet_inputs(unet)
-    with torch.no_grad():
-        outs = []
-        for t in (0, 250, 999, torch.tensor([5, 995])):
-            a, b = unet(timestep=t, **inputs).sample, fresh(timestep=t, **inputs).sample
-            assert torch.equal(a, b)
-            outs.append(a)
-    assert not torch.equal(outs[0], outs[2])  # the mask differs between t=0 and t=999
 
 
 def test_authors_file_without_metadata_loads(unet, tiny_model, tmp_path):

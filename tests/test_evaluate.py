@@ -102,6 +102,7 @@ def test_effective_rank_by_hand():
     assert torch.allclose(torch.tensor(layer["singular_values"][:4], dtype=torch.float64), s.double(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_analyze_writes_its_pictures(tiny_model, image_dir, tmp_path):
     from tlora.train.options import parse_args
     from tlora.train.trainer import train
@@ -121,6 +122,7 @@ def test_analyze_writes_its_pictures(tiny_model, image_dir, tmp_path):
     assert (run / "logs" / "loss.csv").read_text().count("\n") == 13  # header + 12 steps
 
 
+@pytest.mark.slow
 def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_path, monkeypatch):
     for i in range(2):
         make_image(tmp_path / f"concept{i}.png", seed=i)
@@ -165,6 +167,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
     assert work() == before  # nothing trained, generated or evaluated again
 
 
+@pytest.mark.slow
 def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tmp_path, monkeypatch):
     make_image(tmp_path / "concept.png", seed=3)
     (tmp_path / "flux.yaml").write_text(yaml.safe_dump({  # the authors' FLUX flag names

@@ -125,6 +125,7 @@ def images(pipe, callback=None, steps=6):
                 **kwargs).images
 
 
+@pytest.mark.slow
 def test_scheduled_export_is_the_exact_tlora_in_stock_diffusers(pipe, checkpoint, tmp_path):
     folder = tmp_path / "scheduled"
     assert main([str(checkpoint), "--format", "diffusers-scheduled", "--out", str(folder)]) == 0

@@ -97,6 +97,7 @@ def test_damaged_resume_state_is_one_line_before_anything_loads(state_run, tiny_
                    "has no checkpoint with whole resume state")
 
 
+@pytest.mark.slow
 def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_model, image_dir, tmp_path, capsys):
     from tlora.evaluation.analyze import analyze
     from tlora.train.trainer import train as train_run

@@ -4,18 +4,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-import tlora
-from tlora.method.adapters import active_rank
 from tlora.runs.weights import WEIGHTS_NAME
 from tlora.train.options import parse_args
 
 import inference
 from conftest import read_weights, train_args
-from test_injection import perturb
 
 PROMPTS = "a {0} riding a bike#a {0} swimming"
 
@@ -39,6 +35,7 @@ def pixels(path):
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 def test_inference_tree_skip_replace_and_seeds(trained_run):
     samples = infer(trained_run)
     version = samples / "version_0"
@@ -85,47 +82,7 @@ def generate(pipe, seed=0, steps=3):
                            output_type="np").images)
 
 
-def test_mask_follows_each_denoising_step(pipe, trained_run):
-    layer = tlora.load(pipe, trained_run / "checkpoint-2", trained_run / "logs" / "hparams.yml")
-    seen = []
-    next(iter(layer.adapters.values())).register_forward_pre_hook(lambda m, a: seen.append(a[1].sum(1).tolist()))
-    generate(pipe, steps=6)
-    timesteps = pipe.scheduler.timesteps
-    assert len(seen) == len(timesteps) == 6
-    assert [s[0] for s in seen] == active_rank(timesteps, 1000, 4, 2).tolist()
-    assert seen[0][0] < seen[-1][0]  # fewer ranks at the noisy start
-
-
-def test_load_unload_and_scale_zero(pipe, trained_run):
-    unet_sd = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    base = generate(pipe)
-    tlora.load(pipe, trained_run / "checkpoint-2", trained_run / "logs" / "hparams.yml")
-    perturb(tlora.attached(pipe.unet), seed=1)  # make the effect large enough to see in pixels
-    assert not np.array_equal(generate(pipe), base)
-    tlora.set_scale(pipe, 0.0)
-    assert np.array_equal(generate(pipe), base)
-    tlora.set_scale(pipe, 1.0)
-    tlora.unload(pipe)
-    assert np.array_equal(generate(pipe), base)
-    assert pipe.unet.state_dict().keys() == unet_sd.keys()
-    assert all(torch.equal(v, unet_sd[k]) for k, v in pipe.unet.state_dict().items())
-    with pytest.raises(ValueError, match="no T-LoRA"):
-        tlora.unload(pipe)
-
-
-def test_img2img_with_tlora(pipe, trained_run):
-    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
-    loaded = tlora.load(img2img, trained_run / "checkpoint-2", trained_run / "logs" / "hparams.yml")
-    seen = []
-    next(iter(loaded.adapters.values())).register_forward_pre_hook(lambda m, a: seen.append(int(a[1].sum())))
-    init = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
-    out = img2img("a sks dog", image=init, strength=0.5, num_inference_steps=6, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
-    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
-    used = img2img.scheduler.timesteps[-3:]  # strength 0.5: the last half of the 6 steps
-    assert len(seen) == 3 and seen == active_rank(used, 1000, 4, 2).tolist()
-
-
+@pytest.mark.slow
 def test_authors_checkpoint_and_hparams(pipe, trained_run, tmp_path):
     """A run folder as the authors' tool writes it: no metadata, their hparams keys, no min_rank/alpha."""
     weights, _ = read_weights(trained_run / "checkpoint-2")

@@ -45,6 +45,7 @@ def output(pipe, inputs):
         return pipe.unet(timestep=torch.tensor([100, 800]), **inputs).sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tlora_first", [True, False], ids=["tlora-then-lora", "lora-then-tlora"])
 @pytest.mark.parametrize("unload_tlora_first", [True, False], ids=["unload-tlora-first", "unload-lora-first"])
 def test_tlora_and_diffusers_lora_together(tiny_model, other_lora, tlora_checkpoint, tlora_first, unload_tlora_first):
@@ -136,6 +137,7 @@ def test_fused_projections_on_flux(flux_pipe, tmp_path):
         adapters.unload()
 
 
+@pytest.mark.slow
 def test_a_compiled_unet_keeps_the_tlora_exactly(loaded):
     inputs = unet_inputs(loaded.unet)
     tlora.set_scale(loaded, 0.0)

@@ -28,6 +28,7 @@ def same_checkpoint(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_type, prior", [("ortho_lora", False), ("lora", False), ("ortho_lora", True),
                                                  ("lora", True)])
 def test_ten_plus_ten_steps_equal_twenty(tiny_model, image_dir, class_dir, tmp_path, trainer_type, prior):
@@ -67,6 +68,7 @@ def interrupt_at(monkeypatch, at_step: int, signals: list[int]) -> None:
     monkeypatch.setattr(training.Trainer, "step", step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_after_the_step_with_a_resumable_checkpoint(
     tiny_model, image_dir, tmp_path, monkeypatch, capsys, signum, code
@@ -101,6 +103,7 @@ def test_second_signal_stops_at_once(tiny_model, image_dir, tmp_path, monkeypatc
     assert sorted(p.name for p in run_folder.glob("checkpoint-*")) == ["checkpoint-1"]  # step 2 never saved
 
 
+@pytest.mark.slow
 def test_checkpoint_and_resume_state_limits(tiny_model, image_dir, tmp_path):
     folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "6", "--checkpointing_steps", "1",
                  "--checkpoints_total_limit", "3", "--resume_state_total_limit", "2")
@@ -109,6 +112,7 @@ def test_checkpoint_and_resume_state_limits(tiny_model, image_dir, tmp_path):
     assert not list(folder.rglob(".*"))  # no temporary or half-removed folder left
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monkeypatch):
     """A crash while writing checkpoint-4 leaves no checkpoint-4 (only its hidden staging folder, as kill -9
     would leave it); resume goes on from checkpoint-2 and sweeps the leftover."""
@@ -154,6 +158,7 @@ def test_resume_with_other_settings_is_refused(tiny_model, image_dir, tmp_path, 
     assert err.count("\n") == 1 and message in err
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_wandb_run(tiny_model, image_dir, tmp_path):
     folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "1", "--report_to", "wandb")
     (first,) = (folder / "logs" / "wandb").glob("offline-run-*")

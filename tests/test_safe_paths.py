@@ -30,6 +30,7 @@ def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tmp_path):
     from tlora.train.options import parse_args
     from tlora.train.trainer import train

@@ -37,13 +37,15 @@ def only_run(out: Path) -> Path:
     [("ortho_lora", "sdxl_tlora", "tortho_lora4"), ("lora", "sdxl_tlora", "tlora4"),
      ("ortho_lora", "sdxl_lora", "ortho_lora4"), ("lora", "sdxl_lora", "lora4")],
 )
+@pytest.mark.slow
 def test_training_writes_the_documented_tree(tiny_model, image_dir, tmp_path, trainer_type, trainer_class, suffix):
-    """`accelerate launch train.py` for T-LoRA (the documented command); the three other kinds in this process
-    (the same code after the launcher)."""
+    """`accelerate launch train.py` for T-LoRA (the documented command, with validation images); the three other
+    kinds in this process (the same code after the launcher)."""
+    launched = suffix == "tortho_lora4"
+    validation = ["--validation_prompts", "a {0} on the beach#a red {0}", "--num_val_imgs_per_prompt", "2"]
     argv = train_args(tiny_model, image_dir, tmp_path / "out", "--trainer_type", trainer_type,
-                      "--trainer_class", trainer_class, "--validation_prompts", "a {0} on the beach#a red {0}",
-                      "--num_val_imgs_per_prompt", "2")
-    if suffix == "tortho_lora4":
+                      "--trainer_class", trainer_class, *(validation if launched else []))
+    if launched:
         done = launch(argv)
         assert "torchvision" not in done.stderr  # transformers' notice on every import is silenced
     else:
@@ -53,13 +55,13 @@ def test_training_writes_the_documented_tree(tiny_model, image_dir, tmp_path, tr
     run = only_run(tmp_path / "out")
     m = RUN_NAME.match(run.name)
     assert m and m.group(1) == "00001" and m.group(3) == f"{image_dir.name}_{suffix}"
-    if suffix == "tortho_lora4":
+    if launched:
         assert f"run folder: {run}" in done.stdout
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-3", "logs"]
     hp = yaml.safe_load((run / "logs" / "hparams.yml").read_text())
     assert hp["output_dir"] == str(run) and hp["exp_name"] == run.name and hp["logging_dir"] == str(run / "logs")
     assert hp["trainer_type"] == trainer_type and hp["lora_rank"] == 4
-    assert hp["argv"][1].endswith("train.py") or suffix != "tortho_lora4"
+    assert hp["argv"][1].endswith("train.py") or not launched
     authors_keys = {"trainer_type", "trainer_class", "project_name", "wandb_api_key", "seed",
                     "pretrained_model_name_or_path", "mixed_precision", "revision", "num_train_epochs",
                     "checkpointing_steps", "train_data_dir", "train_batch_size", "dataloader_num_workers",
@@ -74,8 +76,11 @@ def test_training_writes_the_documented_tree(tiny_model, image_dir, tmp_path, tr
         assert meta["global_step"] == str(step) and meta["trainer_class"] == trainer_class
         assert (meta["max_rank"], meta["min_rank"], meta["alpha"]) == ("4", "2", "1.0")  # the ComfyUI-T-LoRA fields
         samples = ckpt / "samples" / "ns25_gs5.0" / "version_0"
-        assert sorted(p.name for p in samples.iterdir()) == ["a red sks", "a sks on the beach", "prompts.yaml"]
-        assert sorted(p.name for p in (samples / "a red sks").iterdir()) == ["0.png", "1.png", "grid.png"]
+        assert sorted(p.name for p in ckpt.iterdir()) == ["pytorch_lora_weights.safetensors"] + \
+            (["resume"] if step == 3 else []) + (["samples"] if launched else [])
+        if launched:
+            assert sorted(p.name for p in samples.iterdir()) == ["a red sks", "a sks on the beach", "prompts.yaml"]
+            assert sorted(p.name for p in (samples / "a red sks").iterdir()) == ["0.png", "1.png", "grid.png"]
     first, last = read_weights(run / "checkpoint-2")[0], read_weights(run / "checkpoint-3")[0]
     trained = "q_layer.weight" if trainer_type == "ortho_lora" else "up.weight"
     key = next(k for k in first if k.endswith(trained))
@@ -94,6 +99,7 @@ def test_run_index_increments_and_never_overwrites(tiny_model, image_dir, tmp_pa
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "logs"]
 
 
+@pytest.mark.slow
 def test_prior_preservation_and_one_image(tiny_model, image_dir, class_dir, tmp_path):
     from tlora.train.trainer import Trainer
 
@@ -111,6 +117,7 @@ def test_prior_preservation_and_one_image(tiny_model, image_dir, class_dir, tmp_
     assert (run / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_logs_loss_and_no_secret(tiny_model, image_dir, tmp_path):
     secret = "SECRETwandbKEY0123456789abcdef"
     argv = train_args(tiny_model, image_dir, tmp_path / "out", "--wandb_api_key", secret, "--num_train_epochs", "4",
@@ -128,6 +135,7 @@ def test_wandb_offline_run_logs_loss_and_no_secret(tiny_model, image_dir, tmp_pa
     assert yaml.safe_load((run / "logs" / "hparams.yml").read_text())["wandb_api_key"] is None
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_training_agree(tiny_model, image_dir, tmp_path):
     from tlora.train.trainer import Trainer
 
@@ -143,6 +151,7 @@ def test_cached_and_uncached_training_agree(tiny_model, image_dir, tmp_path):
     assert torch.allclose(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model, image_dir, tmp_path):
     from tlora.train.trainer import Trainer
 
@@ -169,6 +178,7 @@ def test_trains_on_the_authors_dog_photos(tiny_model, tmp_path):
     assert (run / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
     """The newcomer's chain from README: demo, then inference.py and analyze on its run."""
     from tlora import demo
@@ -190,6 +200,7 @@ def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
     assert demo.main(["--steps", "0"]) == 2 and "--steps must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_progress_bar_moves_every_step(tiny_model, image_dir, tmp_path, monkeypatch):
     from tlora.train import trainer as training
 

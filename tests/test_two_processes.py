@@ -21,6 +21,7 @@ def torchrun(argv):
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_two_processes_one_run_and_exact_resume(tiny_model, image_dir, tmp_path):
     args = lambda out, steps, *extra: train_args(tiny_model, image_dir, tmp_path / out,  # noqa: E731

@@ -1,0 +1,119 @@
+"""What every model family shares, written once and run on each (as diffusers' PipelineTesterMixin does): adapters
+on every adapted projection with the processors kept, zero at the start, exact unload and scale, the mask of
+each sample from its own timestep through the stock pipelines, save -> load, and analyze's kinds of layer.
+A new family gets these by adding its tiny model to `families_case.CASES`."""
+
+import pytest
+import torch
+from families_case import case_of
+
+import tlora
+from tlora.evaluation.analyze import analyse_updates
+from tlora.families import FAMILIES
+from tlora.method.adapters import active_rank, rank_mask
+from tlora.method.injection import ADAPTER, attached
+from tlora.runs.weights import save_weights
+
+from test_injection import perturb
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def case(request):
+    """The family's tiny pipeline (shared by the session: each test leaves it as it found it)."""
+    case = case_of(request.param, request)
+    yield case
+    if attached(case.model) is not None:
+        tlora.unload(case.pipe)
+
+
+def test_adapters_on_every_projection_processors_kept(case):
+    processors = {k: type(v) for k, v in case.model.attn_processors.items()}
+    adapters = tlora.attach(case.model, tlora.TLoRASettings("ortho_lora", 4, 2))
+    paths = [path for _, path in case.family.layers(case.model) if path is not None]
+    assert {k: type(v) for k, v in case.model.attn_processors.items()} == processors
+    assert len(adapters.layers) == len(paths) > 0
+    assert all(type(case.model.get_submodule(p)) is torch.nn.Linear and hasattr(case.model.get_submodule(p), ADAPTER)
+               for p in paths)
+    with pytest.raises(ValueError, match="already"):
+        tlora.attach(case.model, tlora.TLoRASettings("lora", 4, 1))
+
+
+@pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
+def test_zero_at_the_start_and_unload_exact(case, trainer_type):
+    t = torch.tensor([10.0, 900.0])
+    base = case.output(t)
+    adapters = tlora.attach(case.model, tlora.TLoRASettings(trainer_type, 4, 1))
+    assert torch.equal(case.output(t), base)  # P0 L0 Q0 cancel P L Q, B = 0: exactly nothing
+    perturb(adapters)
+    assert not torch.allclose(case.output(t), base)
+    adapters.unload()
+    assert torch.equal(case.output(t), base)
+    assert not any(hasattr(m, ADAPTER) or m._forward_hooks for m in case.model.modules())
+    assert not case.model._forward_pre_hooks
+
+
+def test_each_sample_is_masked_by_its_own_timestep(case):
+    adapters = tlora.attach(case.model, tlora.TLoRASettings("lora", 8, 2))
+    perturb(adapters)
+    rule = adapters.settings.rule
+    together = case.output(torch.tensor([100.0, 900.0]))
+    assert adapters.state.mask.sum(1).tolist() == active_rank(torch.tensor([100, 900]), 1000, 8, 2, rule=rule).tolist()
+    for i, t in enumerate((100.0, 900.0)):
+        alone = case.output(torch.tensor([t, t]))
+        assert torch.allclose(together[i], alone[i], atol=1e-5)
+    adapters.set_scale(1.0)
+    adapters.state.settings = tlora.TLoRASettings("lora", 8, 2, timestep_dependent=False, family=case.name)
+    case.output(torch.tensor([100.0, 900.0]))
+    assert adapters.state.mask is None  # <family>_lora: every component at every t
+
+
+def test_save_load_scale_and_unload_through_the_api(case, tmp_path):
+    t = torch.tensor([250.0, 750.0])
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    base = case.output(t)
+    adapters = tlora.attach(case.model, tlora.TLoRASettings("ortho_lora", 4, 2))
+    perturb(adapters, seed=3)
+    trained = case.output(t)
+    save_weights(adapters.state_dict(), tmp_path / "checkpoint-5", adapters.settings.to_metadata())
+    adapters.unload()
+    loaded = tlora.load(case.pipe, tmp_path / "checkpoint-5")  # nothing beside the file: its metadata says it all
+    assert loaded.settings == adapters.settings.for_family(case.name)
+    assert torch.equal(case.output(t), trained)
+    tlora.set_scale(case.pipe, 0.0)
+    assert torch.equal(case.output(t), base)
+    tlora.set_scale(case.pipe, 1.0)
+    tlora.unload(case.pipe)
+    assert torch.equal(case.output(t), base)
+    after = case.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_mask_follows_every_denoising_step_of_the_stock_pipelines(case):
+    """Text-to-image, img2img and inpainting (which start part-way, by strength): at each call of the denoiser,
+    each sample's mask is r(t) of the scheduler's t."""
+    adapters = tlora.attach(case.model, tlora.TLoRASettings("lora", 8, 2))
+    seen = []
+    hook = case.model.register_forward_pre_hook(lambda m, a, k: seen.append(adapters.state.mask.clone()),
+                                                with_kwargs=True)
+    try:
+        for pipe, extra in ((case.pipe, {}), (case.variant("img2img"), case.image_kwargs()),
+                            (case.variant("inpaint"), case.image_kwargs(mask=True))):
+            seen.clear()
+            pipe("a photo of sks dog", num_inference_steps=4, num_images_per_prompt=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0), **case.call_kwargs, **extra)
+            steps = pipe.scheduler.timesteps[-len(seen):]
+            assert len(seen) >= 2
+            for mask, step in zip(seen, steps):  # one row per sample, or one for the batch (a scalar timestep)
+                expected = rank_mask(torch.tensor([step.item()]), 1000, 8, 2, rule=adapters.settings.rule)
+                assert torch.equal(mask, expected.expand(len(mask), -1))
+            assert seen[0].sum(1)[0] < seen[-1].sum(1)[0]  # fewer components at the noisy start
+    finally:
+        hook.remove()
+
+
+def test_analyze_names_each_kind_of_layer(case):
+    adapters = tlora.attach(case.model, tlora.TLoRASettings("ortho_lora", 4, 2))
+    perturb(adapters)
+    layers = analyse_updates(adapters.state_dict(), adapters.settings)
+    assert {v["kind"] for v in layers.values()} == set(case.family.layer_kinds)
+    assert all(1 <= v["effective_rank"] <= 8 for v in layers.values())
