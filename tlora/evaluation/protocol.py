@@ -315,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> Manifest:
     from tlora.train.options import parse_args as train_args
 
     p = Parser(description=__doc__.splitlines()[0], epilog="Manifest format: see the module docstring "
-               "(python -c 'import tlora.benchmark as b; print(b.__doc__)') or README.md.")
+               "(python -c 'import tlora.evaluation.protocol as p; print(p.__doc__)') or README.md.")
     p.add_argument("manifest", help="YAML file: output_dir, concepts, methods, and generation settings.")
     m = Manifest.read(p.parse_args(argv).manifest)
     for concept, method in m.jobs():

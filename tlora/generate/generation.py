@@ -3,7 +3,7 @@
 Layout: `<checkpoint>/samples/ns<steps>_gs<guidance>/version_<v>/<template with {0} = token>/<k>.png`
 (FLUX: `ns<steps>gs<guidance>`, as the authors' FLUX code names it; see families/),
 plus `grid.png` in each prompt folder and `prompts.yaml` beside the prompt folders (with the full prompt
-text; folder names are made safe and short, see safe_names).
+text; folder names are made safe and short, see common/safe_names).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Sampling:
         return template.format(f"{self.placeholder_token} {self.class_name}")
 
     def prompt_folder(self, template: str) -> Path:
-        """The template with {0} = token, as one safe folder name inside `folder` (see safe_names)."""
+        """The template with {0} = token, as one safe folder name inside `folder` (see common/safe_names)."""
         return self.folder / safe_component(template.format(self.placeholder_token), reserved=RESERVED)
 
 

@@ -12,7 +12,7 @@ place settings are kept:
 - SimpleTuner / LyCORIS lycoris_config: algo tlora, linear_dim, tlora_min_rank (default 1), tlora_alpha (default 1).
 
 Partial sources (a file's metadata, a hparams.yml) give a `dict` of the fields they know (`known_from_*`);
-`tlora.reading` merges them in order and records where each setting came from.
+`tlora.runs.reading` merges them in order and records where each setting came from.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class TLoRASettings:
 
     @classmethod
     def from_known(cls, known: dict[str, Any], flags: bool = False) -> TLoRASettings:
-        """Settings from a complete dict of fields (as merged by tlora.reading), checked."""
+        """Settings from a complete dict of fields (as merged by tlora.runs.reading), checked."""
         return cls(**{f.name: known[f.name] for f in fields(cls) if f.name in known}).validate(flags)
 
     def as_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ LyCORIS function on the same base layers and run the result through tlora's adap
 the one LyCORIS gives (to float rounding), under the mask SimpleTuner applies: max_rank = `linear_dim`,
 min_rank = `tlora_min_rank` (default 1), alpha = `tlora_alpha` (default 1), scale = linear_alpha / rank,
 and r(t) rounded as LyCORIS's compute_timestep_mask rounds it (rank rule "lycoris"). The settings are read by
-tlora.reading like every other file's.
+tlora.runs.reading like every other file's.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _without_full_collections():
 
 
 def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings) -> TLoRA:
-    """Attach a LyCORIS T-LoRA (its tensors, and the settings tlora.reading read from its lycoris_config) to
+    """Attach a LyCORIS T-LoRA (its tensors, and the settings tlora.runs.reading read from its lycoris_config) to
     `unet`: any of its Linear layers that the file names."""
     paths = {PREFIX + name.replace(".", "_"): name for name, m in unet.named_modules() if isinstance(m, nn.Linear)}
     modules = dict(unet.named_modules())

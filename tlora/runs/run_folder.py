@@ -62,9 +62,11 @@ def next_run_index(output_dir: Path) -> int:
 
 
 def run_name(args: argparse.Namespace, index: int) -> str:
+    """`<index>-<4 hex>-<data folder>_<t if masked><trainer type><rank>`, as the authors' SDXL tool names runs."""
     data = safe_component(os.path.basename(os.path.normpath(os.path.abspath(args.train_data_dir))), 60)
-    t = "t" if args.trainer_class.endswith("_tlora") else ""
-    return f"{index:05d}-{secrets.token_hex(2)}-{data}_{t}{args.trainer_type}{args.lora_rank}"
+    settings = TLoRASettings.from_hparams(vars(args), "train.py")
+    t = "t" if settings.timestep_dependent else ""
+    return f"{index:05d}-{secrets.token_hex(2)}-{data}_{t}{settings.trainer_type}{settings.lora_rank}"
 
 
 def create_run_folder(args: argparse.Namespace) -> Path:

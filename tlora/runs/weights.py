@@ -2,7 +2,7 @@
 
 Keys: `<attention module path>.processor.to_{q,k,v,out}_lora.<param>` (FLUX's text stream:
 `to_{q,k,v}_proj_lora`), float32. Our files also carry their settings as metadata (TLoRASettings.to_metadata),
-so that they explain themselves. Reading any T-LoRA file (ours, the authors', LyCORIS's) is `tlora.reading`.
+so that they explain themselves. Reading any T-LoRA file (ours, the authors', LyCORIS's) is `tlora.runs.reading`.
 """
 
 from __future__ import annotations

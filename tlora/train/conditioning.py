@@ -4,7 +4,7 @@ With `cache=True` (the default) each training image's latent distribution (mean,
 embeddings are computed once; every step then samples latents from the cached distribution, as a fresh
 VAE encode would. With `cache=False` every step reloads, re-crops and re-encodes the image and the prompt,
 as the authors' loop does (kept for benchmarks and for checking that both give the same numbers).
-What is encoded, and how, is the model family's (see families/).
+What is encoded, and how, is the model family's (see tlora/families/).
 """
 
 from __future__ import annotations
