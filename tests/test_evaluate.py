@@ -12,7 +12,9 @@ from PIL import Image
 from tlora.evaluation import protocol as benchmark
 from tlora.evaluation.analyze import analyse_updates, analyze, effective_rank
 from tlora.evaluation.evaluate import evaluate_samples
+from tlora.evaluation.manifest import Concept, Manifest
 from tlora.evaluation.metrics import mask_background, reference_images
+from tlora.evaluation.report import collect
 from tlora.method.settings import TLoRASettings
 
 from conftest import make_image
@@ -162,7 +164,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
 
     monkeypatch.setattr(benchmark, "run_job", no_training)
     assert benchmark.main([str(tmp_path / "m.yaml")]) == 0
-    again = benchmark.collect(benchmark.parse_args([str(tmp_path / "m.yaml")]))
+    again = collect(benchmark.parse_args([str(tmp_path / "m.yaml")]))
     assert again == rows
     assert work() == before  # nothing trained, generated or evaluated again
 
@@ -194,13 +196,17 @@ def test_manifest_counts_merge_with_their_defaults_and_paths_are_the_manifests(t
                 "evaluation": {"mask_dir": "masks"}, "methods": [{"name": "T-LoRA", "config": "tl.yaml"}],
                 "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}]}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
-    m = benchmark.Manifest.read(tmp_path / "m.yaml")
+    m = Manifest.read(tmp_path / "m.yaml")
+    assert m.concepts == [Concept("pet", str(tmp_path / "concept.png"), "dog", "live")]  # typed, kind defaulted
     assert m.images == {"contextual": 5, "complex": 5, "base": 3} and m.num_prompts == {"contextual": 25, "complex": 2}
     assert m.evaluation["mask_dir"] == str(tmp_path / "masks")
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest | {"images": {"bsae": 3}}))
     with pytest.raises(ValueError, match="images must be a mapping with keys among contextual, complex, base"):
-        benchmark.Manifest.read(tmp_path / "m.yaml")
-    benchmark.collect(m, write=False)  # the processes other than the main one
+        Manifest.read(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest | {"concepts": [{"name": "pet", "imgae": "concept.png"}]}))
+    with pytest.raises(ValueError, match="every entry of concepts needs name, image, class_name"):
+        Manifest.read(tmp_path / "m.yaml")
+    collect(m, write=False)  # the processes other than the main one
     assert not (tmp_path / "bench" / "results.csv").exists()
 
 

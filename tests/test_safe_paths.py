@@ -57,10 +57,13 @@ def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tm
 
 
 def test_benchmark_job_folders_stay_in_output_dir(tmp_path):
-    from tlora.evaluation.protocol import Manifest, job_dir, result_path
+    from tlora.evaluation.manifest import Concept, Manifest, Method
+    from tlora.evaluation.protocol import job_dir
+    from tlora.evaluation.report import result_path
 
     m = Manifest(output_dir=tmp_path / "bench", concepts=[], methods=[])
-    for concept, method in (({"name": "../../../z"}, {"name": "/abs"}), ({"name": ".."}, {"name": "x" * 300})):
+    for a, b in (("../../../z", "/abs"), ("..", "x" * 300)):
+        concept, method = Concept(a, "dog.png", "dog"), Method(b, "c.yaml")
         for path in (job_dir(m, concept, method), result_path(m, concept, method)):
             assert path.resolve().is_relative_to((tmp_path / "bench").resolve())
             assert len(path.relative_to(tmp_path / "bench").parts) in (2, 3)
