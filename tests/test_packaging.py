@@ -2,6 +2,7 @@
 
 import ast
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 
@@ -60,3 +61,19 @@ def test_import_tlora_loads_no_entry_point():
     assert {"tlora.runs.reading", "tlora.method.settings"} <= loaded
     assert not loaded & {f"tlora.{name}" for name in ENTRY_POINTS}
     assert "tlora.interop.export" in imports("tlora.export")  # the shim names its command's module
+
+
+def test_console_script_names_each_command_and_its_module(capsys, monkeypatch):
+    import importlib
+
+    from tlora import cli
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"tlora": "tlora.cli:main"}
+    assert all(callable(c) or callable(importlib.import_module(c).main) for c in cli.COMMANDS.values())
+    assert cli.main(["--help"]) == 0 and "export" in capsys.readouterr().out
+    assert cli.main(["retrain"]) == 2 and "usage: tlora {train," in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["/venv/bin/tlora", "export", "--help"])
+    with pytest.raises(SystemExit, match="0"):
+        cli.main()
+    assert capsys.readouterr().out.startswith("usage: tlora export ")  # argparse names the subcommand

@@ -42,6 +42,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """`tlora <command> [flags]`."""
+    from_shell = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = f"usage: tlora {{{','.join(COMMANDS)}}} [flags]  (tlora <command> --help for its flags)"
     if argv[:1] in (["-h"], ["--help"]):
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage, file=sys.stderr)
         return 2
     command = COMMANDS[argv[0]]
+    if from_shell:  # argparse names the program after argv[0]: `usage: tlora generate ...`
+        sys.argv = [f"tlora {argv[0]}", *argv[1:]]
     if isinstance(command, str):
         command = importlib.import_module(command).main
     return command(argv[1:])
