@@ -166,6 +166,20 @@ def flux_pipe(tiny_flux):
     return load_pipeline(str(tiny_flux), "none")
 
 
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory) -> Path:
+    from tlora.families.tiny import build_tiny_klein
+
+    return build_tiny_klein(tmp_path_factory.mktemp("tiny-klein"))
+
+
+@pytest.fixture(scope="session")
+def klein_pipe(tiny_klein):
+    from tlora.families.pipelines import load_pipeline
+
+    return load_pipeline(str(tiny_klein), "none")
+
+
 def flux_train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """The authors' FLUX command line (run.py -> train.py) for the tiny FLUX at 64 px."""
     return [

@@ -31,14 +31,24 @@ def flux_inputs(transformer, batch: int, seed: int) -> dict:
             "txt_ids": torch.zeros(5, 3), "guidance": torch.ones(batch)}
 
 
+def klein_inputs(transformer, batch: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(5))
+    return {"hidden_states": torch.randn(batch, 16, 16, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 5, transformer.config.joint_attention_dim, generator=g),
+            "img_ids": ids.expand(batch, -1, -1), "txt_ids": text_ids.expand(batch, -1, -1)}
+
+
 @dataclass
 class Spec:
     fixture: str  # the session fixture with the family's tiny pipeline (conftest)
     inputs: Callable  # denoiser, batch, seed -> keyword arguments but the timestep
     timestep: Callable  # diffusion t -> what the pipelines pass the denoiser
-    img2img: str  # the family's diffusers img2img and inpainting pipeline classes
+    img2img: str | None  # the family's diffusers img2img and inpainting pipeline classes (None: it has none)
     inpaint: str
     call_kwargs: dict = field(default_factory=dict)
+    calls_per_step: int = 1  # denoiser calls per denoising step (2: guidance as a second call, not a bigger batch)
 
 
 CASES = {
@@ -46,6 +56,8 @@ CASES = {
                  "StableDiffusionXLInpaintPipeline"),
     "flux": Spec("flux_pipe", flux_inputs, lambda t: t / 1000, "FluxImg2ImgPipeline", "FluxInpaintPipeline",
                  {"height": 64, "width": 64, "max_sequence_length": 16}),
+    "klein": Spec("klein_pipe", klein_inputs, lambda t: t / 1000, None, "Flux2KleinInpaintPipeline",
+                  {"height": 64, "width": 64, "max_sequence_length": 16}, calls_per_step=2),
 }
 
 

@@ -29,7 +29,7 @@ def case(request):
 def test_adapters_on_every_projection_processors_kept(case):
     processors = {k: type(v) for k, v in case.model.attn_processors.items()}
     adapters = tlora.attach(case.model, tlora.TLoRASettings("ortho_lora", 4, 2))
-    paths = [path for _, path in case.family.layers(case.model) if path is not None]
+    paths = [layer.path for layer in case.family.layers(case.model) if layer.path is not None]
     assert {k: type(v) for k, v in case.model.attn_processors.items()} == processors
     assert len(adapters.layers) == len(paths) > 0
     assert all(type(case.model.get_submodule(p)) is torch.nn.Linear and hasattr(case.model.get_submodule(p), ADAPTER)
@@ -96,13 +96,16 @@ def test_the_mask_follows_every_denoising_step_of_the_stock_pipelines(case):
     hook = case.model.register_forward_pre_hook(lambda m, a, k: seen.append(adapters.state.mask.clone()),
                                                 with_kwargs=True)
     try:
-        for pipe, extra in ((case.pipe, {}), (case.variant("img2img"), case.image_kwargs()),
-                            (case.variant("inpaint"), case.image_kwargs(mask=True))):
+        variants = [(case.pipe, {}), (case.variant("inpaint"), case.image_kwargs(mask=True))]
+        if case.spec.img2img is not None:
+            variants.insert(1, (case.variant("img2img"), case.image_kwargs()))
+        for pipe, extra in variants:
             seen.clear()
-            pipe("a photo of sks dog", num_inference_steps=4, num_images_per_prompt=2, output_type="np",
+            pipe(prompt="a photo of sks dog", num_inference_steps=4, num_images_per_prompt=2, output_type="np",
                  generator=torch.Generator().manual_seed(0), **case.call_kwargs, **extra)
-            steps = pipe.scheduler.timesteps[-len(seen):]
-            assert len(seen) >= 2
+            per = case.spec.calls_per_step
+            steps = pipe.scheduler.timesteps[-(len(seen) // per):].repeat_interleave(per)
+            assert len(seen) >= 2 and len(seen) == len(steps)
             for mask, step in zip(seen, steps):  # one row per sample, or one for the batch (a scalar timestep)
                 expected = rank_mask(torch.tensor([step.item()]), 1000, 8, 2, rule=adapters.settings.rule)
                 assert torch.equal(mask, expected.expand(len(mask), -1))
@@ -117,3 +120,35 @@ def test_analyze_names_each_kind_of_layer(case):
     layers = analyse_updates(adapters.state_dict(), adapters.settings)
     assert {v["kind"] for v in layers.values()} == set(case.family.layer_kinds)
     assert all(1 <= v["effective_rank"] <= 8 for v in layers.values())
+
+
+@pytest.mark.slow
+def test_the_scheduled_export_is_the_exact_tlora_in_the_stock_pipeline(case, tmp_path):
+    """`--format diffusers-scheduled` + tlora.scheduled: stock load_lora_weights and set_adapters give the images
+    tlora.load gives, on every family's pipeline (flow-matching ones start at t = T, sigma 1)."""
+    from tlora.interop import export
+
+    adapters = tlora.attach(case.model, tlora.TLoRASettings("ortho_lora", 4, 1))
+    perturb(adapters, seed=5)
+    save_weights(adapters.state_dict(), tmp_path / "checkpoint-1",
+                 adapters.settings.to_metadata() | case.family.model_metadata(case.model))
+    tlora.unload(case.pipe)
+    assert export.main([str(tmp_path / "checkpoint-1"), "--format", "diffusers-scheduled", "--out",
+                        str(tmp_path / "scheduled")]) == 0
+
+    def images(callback=None):
+        extra = {"callback_on_step_end": callback} if callback else {}
+        return case.pipe(prompt="a photo of sks dog", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                         output_type="latent", **case.call_kwargs, **extra).images
+
+    base = images()
+    tlora.load(case.pipe, tmp_path / "checkpoint-1")
+    expected = images()
+    tlora.unload(case.pipe)
+    step = tlora.scheduled(case.pipe, tmp_path / "scheduled", num_inference_steps=4)
+    try:
+        got = images(step)
+    finally:
+        case.pipe.unload_lora_weights()  # the session's pipeline as it was
+    assert (got - expected).abs().max() <= 1e-4
+    assert (got - base).abs().max() > 1e-3

@@ -235,6 +235,43 @@ def test_export_authors_format_on_flux(authors_run, flux_pipe, tmp_path):
     assert export.main([str(run), "--format", "authors", "--out", str(tmp_path / "x.safetensors")]) == 2
 
 
+@pytest.mark.parametrize("t", [999, 500, 0])
+def test_the_authors_flux_run_exports_to_diffusers_and_kohya(authors_run, flux_pipe, tmp_path, t):
+    """Their run at a fixed mask: a diffusers file that a stock FluxPipeline loads and that equals their T-LoRA, and
+    a kohya file holding exactly the same updates under BFL's names, q, k, v fused (linear1's MLP rows zero)."""
+    from tlora.interop import export
+
+    run, state = authors_run
+    transformer, diffusers_file, kohya_file = flux_pipe.transformer, tmp_path / "d.safetensors", tmp_path / "k.safetensors"
+    assert export.main([str(run), "--format", "diffusers", "--out", str(diffusers_file), "--mask", f"timestep:{t}"]) == 0
+    assert export.main([str(run), "--format", "kohya", "--out", str(kohya_file), "--mask", f"timestep:{t}"]) == 0
+    expected = authors.their_flux_forward(transformer, state, torch.tensor([float(t)]), 8, 3, **_batch(1, 3))
+    flux_pipe.load_lora_weights(str(diffusers_file), adapter_name="export")
+    try:
+        with torch.no_grad():
+            got = transformer(timestep=torch.tensor([t / 1000]), **_batch(1, 3))[0]
+    finally:
+        flux_pipe.unload_lora_weights()  # the session pipeline as it was: no peft layers left
+    assert (got - expected).abs().max() <= 1e-5
+    ours, _ = read_weights(diffusers_file)
+    update = {k[len("transformer."):-len(".lora_A.weight")]: ours[k.replace("lora_A", "lora_B")] @ v
+              for k, v in ours.items() if ".lora_A." in k}
+    theirs, meta = read_weights(kohya_file)
+    assert meta["ss_base_model_version"] == "flux1" and len(theirs) == 3 * (2 * 3 + 2)
+    fused = {k[:-len(".lora_down.weight")]: theirs[k.replace("down", "up")] @ v * (
+        theirs[k.replace("lora_down.weight", "alpha")] / v.shape[0]) for k, v in theirs.items() if "lora_down" in k}
+    zero = torch.zeros(HIDDEN, HIDDEN)
+    for i in range(2):
+        a = f"transformer_blocks.{i}.attn"
+        for name, parts in (("img_attn_qkv", ("to_q", "to_k", "to_v")), ("txt_attn_qkv", ("add_q_proj", "add_k_proj",
+                            "add_v_proj")), ("img_attn_proj", ("to_out.0",))):
+            want = torch.cat([update[f"{a}.{p}"] for p in parts])
+            assert torch.allclose(fused[f"lora_unet_double_blocks_{i}_{name}"], want, atol=1e-6)
+        s = f"single_transformer_blocks.{i}.attn"
+        want = torch.cat([update[f"{s}.{p}"] for p in ("to_q", "to_k", "to_v")] + [zero.repeat(4, 1)])
+        assert torch.allclose(fused[f"lora_unet_single_blocks_{i}_linear1"], want, atol=1e-6)
+
+
 def run(script: str, *argv: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=REPO,
                           timeout=600)

@@ -81,7 +81,7 @@ def test_lycoris_config():
     (TLoRASettings("lora", 0), "lora_rank must be a whole number of at least 1, got 0"),
     (TLoRASettings("dora", 4), "trainer_type must be one of lora, ortho_lora, got 'dora'"),
     (TLoRASettings("lora", 4, alpha_rank_scale=float("inf")), "alpha_rank_scale must be a finite number > 0"),
-    (TLoRASettings("lora", 4, family="sd3"), "family must be one of sdxl, flux, None, got 'sd3'"),
+    (TLoRASettings("lora", 4, family="sd3"), "family must be one of sdxl, flux, klein, None, got 'sd3'"),
 ])
 def test_validate_names_the_setting(settings, message):
     with pytest.raises(UsageError) as err:

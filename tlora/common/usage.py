@@ -70,11 +70,21 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help text wrapped at spaces only, so that names like diffusers-scheduled or timestep:T stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with no abbreviations, whose errors are one-line `UsageError`s with secrets redacted."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._argv: list[str] = []
 

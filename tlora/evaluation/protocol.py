@@ -84,7 +84,8 @@ def job_dir(m: Manifest, concept: Concept, method: Method) -> Path:
 def train_flags(m: Manifest, concept: Concept, method: Method) -> list[str]:
     image = Path(concept.image)
     flags = {"config": method.config, "train_data_dir": str(image.parent), "one_image": image.name,
-             "output_dir": str(job_dir(m, concept, method)), "class_name": concept.class_name, "placeholder_token": m.placeholder_token,
+             "output_dir": str(job_dir(m, concept, method)), "class_name": concept.class_name,
+             "placeholder_token": m.placeholder_token,
              "pretrained_model_name_or_path": m.pretrained_model_name_or_path,
              "pretrained_vae_model_name_or_path": m.pretrained_vae_model_name_or_path, "report_to": m.report_to,
              "resume_from_checkpoint": "latest",  # a job killed half-way goes on where it stopped

@@ -1,4 +1,5 @@
-"""Model families: what differs between SDXL and FLUX (see base.Family); everything else is shared."""
+"""Model families: what differs between SDXL, FLUX.1 and FLUX.2 [klein] (see base.Family); everything else is
+shared."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from torch import nn
 from tlora.common.errors import UsageError, first_line
 from tlora.families.base import Family
 from tlora.families.flux import FLUX
+from tlora.families.klein import Klein
 from tlora.families.sdxl import SDXL
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "flux": FLUX}
-PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}  # model_index.json _class_name
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "flux": FLUX, "klein": Klein}
+# model_index.json _class_name -> family
+PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux", "Flux2KleinPipeline": "klein"}
 
 
 def get(name: str) -> type[Family]:
@@ -31,13 +34,21 @@ def of_model(pipe_or_model: Any) -> type[Family]:
                      f"({', '.join(FAMILIES)})")
 
 
-def of_keys(keys) -> str | None:
-    """The family whose denoiser a checkpoint's keys name (None when no family owns them all)."""
+def of_keys(keys) -> list[str]:
+    """The families whose denoiser a checkpoint's keys may name: first those with a layer only they have (FLUX.1
+    and FLUX.2 share their double blocks' names); empty when no family owns them all."""
     keys = list(keys)
-    for name, family in FAMILIES.items():
-        if keys and all(family.owns_key(k) for k in keys):
-            return name
-    return None
+    owners = [name for name, family in FAMILIES.items() if keys and all(family.owns_key(k) for k in keys)]
+    distinct = [name for name in owners if any(FAMILIES[name].distinct_key(k) for k in keys)]
+    return distinct + [name for name in owners if name not in distinct]
+
+
+def known_from_keys(keys) -> str | None:
+    """The family the keys name for sure: the only one owning them, or the only one with a layer of its own."""
+    keys = list(keys)
+    owners = of_keys(keys)
+    distinct = [name for name in owners if any(FAMILIES[name].distinct_key(k) for k in keys)]
+    return owners[0] if len(owners) == 1 else distinct[0] if len(distinct) == 1 else None
 
 
 def denoiser(pipe_or_model: Any) -> nn.Module:

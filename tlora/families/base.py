@@ -9,12 +9,32 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from tlora.common.usage import model_load_error
+
+
+class Layer(NamedTuple):
+    """One adapter of a family: its checkpoint key prefix, the Linear it adapts, and which of that Linear's
+    output rows (None: all; (start, stop): one projection inside a fused layer, e.g. FLUX.2's q, k, v in
+    `to_qkv_mlp_proj`). path None marks an adapter the authors create (drawing random numbers) but never use."""
+
+    prefix: str
+    path: str | None
+    rows: tuple[int, int] | None = None
+
+
+class Target(NamedTuple):
+    """One layer of an exported LoRA file: its name there (a module path, or a kohya key), its output rows, and
+    where the T-LoRA's projections sit in it (module path -> first row). Several projections make one target
+    where the file's model fuses them (BFL's qkv and linear1, FLUX.2's to_qkv_mlp_proj)."""
+
+    name: str
+    rows: int
+    parts: dict[str, int]
 
 
 class Family:
@@ -24,6 +44,7 @@ class Family:
     pipeline_class: type = object
     model_attr: str = ""  # the denoiser's attribute on the pipeline: "unet" or "transformer"
     timestep_arg: tuple[str, int] = ("timestep", 1)  # the denoiser's timestep argument: keyword, position
+    timestep_divisor: int = 1  # the pipelines call the denoiser with the scheduler's timestep / this (FLUX: 1000)
     default_vae: str | None = None  # the VAE a run uses unless told otherwise (None: the model's own)
     train_defaults: dict[str, Any] = {}  # train.py defaults that differ between families
     resolution_multiple: int = 8  # training images' side must be a multiple of this
@@ -57,9 +78,8 @@ class Family:
         raise NotImplementedError
 
     @classmethod
-    def layers(cls, model: nn.Module) -> list[tuple[str, str | None]]:
-        """(checkpoint key prefix, dotted path of the Linear) for every adapter, in the authors' creation
-        order; path None marks an adapter the authors create (drawing random numbers) but never use."""
+    def layers(cls, model: nn.Module) -> list[Layer]:
+        """Every adapter (Layer), in the authors' creation order."""
         raise NotImplementedError
 
     @classmethod
@@ -98,8 +118,22 @@ class Family:
 
     @classmethod
     def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
-        """Module path -> kohya-style LoRA key (`lora_unet_..`), for the families that have a kohya layout."""
+        """Module path -> kohya-style LoRA key (`lora_unet_..`), for the families whose kohya keys are one per
+        projection (SDXL)."""
         raise NotImplementedError
+
+    @classmethod
+    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """The layers of a `diffusers` or `kohya` file for the projections in `widths` (module path -> output
+        rows); `meta` is the checkpoint's metadata. By default each projection is one layer, named by its
+        module path (diffusers) or kohya_keys (kohya)."""
+        names = cls.kohya_keys(list(widths)) if fmt == "kohya" else {m: m for m in widths}
+        return [Target(names[m], rows, {m: 0}) for m, rows in widths.items()]
+
+    @classmethod
+    def model_metadata(cls, model: nn.Module) -> dict[str, str]:
+        """What a checkpoint records about the model beyond its adapters (for exports)."""
+        return {}
 
     @classmethod
     def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,8 +142,13 @@ class Family:
 
     @classmethod
     def owns_key(cls, key: str) -> bool:
-        """Whether a checkpoint key (ours, the authors' or LyCORIS's) names a layer of this family's denoiser."""
+        """Whether a checkpoint key (ours, the authors' or LyCORIS's) may name a layer of this family's denoiser."""
         return key.removeprefix("lycoris_").startswith(cls.key_prefixes)
+
+    @classmethod
+    def distinct_key(cls, key: str) -> bool:
+        """Whether a key names a layer that only this family's denoiser has (FLUX.1 and FLUX.2 share the rest)."""
+        return False
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:
@@ -120,6 +159,12 @@ class Family:
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
         """T-LoRA's t (0..num_train_timesteps) from the timestep the denoiser is called with."""
         return timestep
+
+    @classmethod
+    def scheduler_t(cls, timestep: float | torch.Tensor) -> torch.Tensor:
+        """T-LoRA's t at a scheduler timestep, as the family's pipelines pass it to the denoiser (float32)."""
+        t = torch.as_tensor(timestep, dtype=torch.float32)
+        return cls.diffusion_t(t / cls.timestep_divisor if cls.timestep_divisor != 1 else t)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod

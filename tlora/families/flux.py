@@ -15,7 +15,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from torch import nn
 
 from tlora.common.usage import typed_value
-from tlora.families.base import Family
+from tlora.families.base import Family, Layer, Target
 
 DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
 SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")
@@ -24,6 +24,10 @@ TEXT = {"add_q_proj": "to_q_proj_lora", "add_k_proj": "to_k_proj_lora", "add_v_p
 # The authors' single-block processors also make these (in this order) and never use them.
 UNUSED_IN_SINGLE = ("to_out_lora", "to_q_proj_lora", "to_k_proj_lora", "to_v_proj_lora")
 AUTHORS_ORDER = (*IMAGE.values(), *TEXT.values())  # the layers of each of their processors, in creation order
+# Keys that name a layer FLUX.2 does not have: a single block's own q, k, v (ours, the authors', LyCORIS's).
+ONLY_FLUX1 = re.compile(r"single_transformer_blocks[._]\d+[._]attn([._]processor)?[._](to_[qkv]_lora|to_[qkv]\b)"
+                        r"|proj_mlp")
+MLP_RATIO = 4.0  # FluxSingleTransformerBlock's (fixed in diffusers): linear1 = q, k, v, then 4 x width MLP rows
 IGNORED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")\.")
 
 
@@ -32,6 +36,7 @@ class FLUX(Family):
     pipeline_class = FluxPipeline
     model_attr = "transformer"
     timestep_arg = ("timestep", 3)
+    timestep_divisor = 1000
     default_vae = None
     train_defaults = {  # the authors' FLUX defaults
         "trainer_type": "lora", "trainer_class": "flux_lora", "lora_rank": 16, "min_rank": 16,
@@ -49,26 +54,48 @@ class FLUX(Family):
                    "single": "single blocks"}
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
     authors_weights_name, authors_trainer_types, authors_alpha = "lora.pt", ("lora",), False
+    export_formats = ("diffusers", "kohya", "diffusers-scheduled", "authors")
+    kohya_base_model = "flux1"
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
         return isinstance(model, FluxTransformer2DModel)
 
     @classmethod
-    def layers(cls, model: nn.Module) -> list[tuple[str, str | None]]:
-        out: list[tuple[str, str | None]] = []
+    def layers(cls, model: nn.Module) -> list[Layer]:
+        out: list[Layer] = []
         for name, _ in model.named_modules():
             prefix = f"{name}.processor"
             if DOUBLE.match(name):
-                out += [(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
+                out += [Layer(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
             elif SINGLE.match(name):
-                out += [(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in IMAGE.items() if proj != "to_out.0"]
-                out += [(f"{prefix}.{key}", None) for key in UNUSED_IN_SINGLE]
+                out += [Layer(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in IMAGE.items() if proj != "to_out.0"]
+                out += [Layer(f"{prefix}.{key}", None) for key in UNUSED_IN_SINGLE]
         return out
 
     @classmethod
     def ignored_key(cls, key: str) -> bool:
         return IGNORED.match(key) is not None
+
+    @classmethod
+    def distinct_key(cls, key: str) -> bool:
+        return ONLY_FLUX1.search(key) is not None
+
+    @classmethod
+    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """diffusers: every projection as it is; kohya: BFL's names with q, k, v fused as the original model
+        fuses them (`double_blocks_{i}_img_attn_qkv`, `..._txt_attn_qkv`, `..._img_attn_proj`,
+        `single_blocks_{j}_linear1` whose MLP rows stay zero), the layout ComfyUI, Forge and diffusers read."""
+        if fmt != "kohya":
+            return super().export_targets(fmt, widths, meta)
+        targets = bfl_double_targets(widths)
+        for block in sorted({int(m.split(".")[1]) for m in widths if m.startswith("single_")}):
+            attn = f"single_transformer_blocks.{block}.attn"
+            inner = next(widths[f"{attn}.{p}"] for p in QKV if f"{attn}.{p}" in widths)
+            parts = {f"{attn}.{p}": i * inner for i, p in enumerate(QKV) if f"{attn}.{p}" in widths}
+            rows = 3 * inner + int(inner * MLP_RATIO)
+            targets.append(Target(f"lora_unet_single_blocks_{block}_linear1", rows, parts))
+        return targets
 
     @classmethod
     def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,3 +185,22 @@ class FLUX(Family):
     @classmethod
     def samples_name(cls, steps: int, guidance: float) -> str:
         return f"ns{steps}gs{guidance}"
+
+
+QKV = ("to_q", "to_k", "to_v")
+BFL_DOUBLE = {"img_attn_qkv": QKV, "txt_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+              "img_attn_proj": ("to_out.0",)}
+
+
+def bfl_double_targets(widths: dict[str, int]) -> list[Target]:
+    """The double blocks' projections under BFL's names (kohya keys), q, k, v fused in that order."""
+    targets = []
+    for block in sorted({int(m.split(".")[1]) for m in widths if m.startswith("transformer_blocks.")}):
+        attn = f"transformer_blocks.{block}.attn"
+        for name, projections in BFL_DOUBLE.items():
+            present = [p for p in projections if f"{attn}.{p}" in widths]
+            if present:
+                inner = widths[f"{attn}.{present[0]}"]
+                parts = {f"{attn}.{p}": i * inner for i, p in enumerate(projections) if p in present}
+                targets.append(Target(f"lora_unet_double_blocks_{block}_{name}", inner * len(projections), parts))
+    return targets

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from tlora.families.base import Family
+from tlora.families.base import Family, Layer
 
 PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
 
@@ -39,10 +39,10 @@ class SDXL(Family):
         return isinstance(model, UNet2DConditionModel)
 
     @classmethod
-    def layers(cls, model: nn.Module) -> list[tuple[str, str | None]]:
+    def layers(cls, model: nn.Module) -> list[Layer]:
         """Every Attention's q, k, v, out, in module order (the order of `unet.attn_processors`)."""
         return [
-            (f"{name}.processor.{key}", f"{name}.{proj}")
+            Layer(f"{name}.processor.{key}", f"{name}.{proj}")
             for name, module in model.named_modules() if isinstance(module, Attention)
             for proj, key in PROJECTIONS.items()
         ]

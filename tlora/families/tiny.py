@@ -1,10 +1,13 @@
-"""A tiny random SDXL or FLUX in diffusers' folder layout, built in seconds with no download.
+"""A tiny random SDXL, FLUX.1 or FLUX.2 [klein] in diffusers' folder layout, built in seconds with no download.
 
 SDXL: the classes and wiring of stabilityai/stable-diffusion-xl-base-1.0 (two CLIP text encoders, the
 second with a projection, a `text_time` UNet, an SDXL scheduler config) at toy sizes. FLUX: those of
 black-forest-labs/FLUX.1-dev (CLIP + T5 text encoders, a guidance-distilled FluxTransformer2DModel with
-double- and single-stream blocks, a 16-channel VAE, the flow-matching scheduler config). For tests and
-the CPU demo. `python -m tlora.tiny FOLDER [sdxl|flux]` writes one.
+double- and single-stream blocks, a 16-channel VAE, the flow-matching scheduler config). klein: those of
+black-forest-labs/FLUX.2-klein-base-4B (a Qwen3 text encoder with a byte-level BPE tokenizer and a chat
+template, a Flux2Transformer2DModel without guidance embedding, AutoencoderKLFlux2 with its batch-norm
+statistics, the flow-matching scheduler config). For tests and the CPU demo.
+`python -m tlora.tiny FOLDER [sdxl|flux|klein]` writes one.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     StableDiffusionXLPipeline,
@@ -28,6 +34,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -137,19 +146,78 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
         vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_text_config(len(tokenizer), True)),
+        scheduler=flow_scheduler(), vae=vae, text_encoder=CLIPTextModel(_text_config(len(tokenizer), True)),
         tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer,
     )
     pipe.save_pretrained(folder)
     return folder
 
 
-BUILDERS = {"sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The FLUX models' flow-matching scheduler configuration."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+QWEN_SPECIAL = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN_CHAT = (  # Qwen3's chat template, reduced to what Flux2KleinPipeline uses
+    "{%- for message in messages %}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """A small byte-level BPE Qwen tokenizer: every byte, whole-word merges for a few words (also after a space,
+    'Ġword'), Qwen's special tokens and a chat template."""
+    space, vocab, merges = "\u0120", _byte_alphabet(), []
+    for word in WORDS:
+        pieces = list(word)
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            vocab.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    for word in WORDS:
+        merges.append((space, word))
+        vocab.append(space + word)
+    tokens = {token: i for i, token in enumerate(dict.fromkeys(vocab + ["<|endoftext|>"]))}
+    tokenizer = Qwen2Tokenizer(vocab=tokens, merges=list(dict.fromkeys(merges)))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL)})
+    tokenizer.chat_template = QWEN_CHAT
+    return tokenizer
+
+
+def build_tiny_klein(folder: str | Path, seed: int = 0, width: int = 16) -> Path:
+    """Write a tiny random FLUX.2 [klein]-like model to `folder` (loadable by Flux2KleinPipeline.from_pretrained).
+    `width` is the text encoder's hidden size (the prompt embeddings are three of its layers side by side)."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(  # 27 layers: the pipeline stacks hidden states 9, 18 and 27
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=27,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * width, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    pipe = Flux2KleinPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+BUILDERS = {"sdxl": build_tiny_sdxl, "flux": build_tiny_flux, "klein": build_tiny_klein}
 
 
 def main(argv: list[str] | None = None) -> int:

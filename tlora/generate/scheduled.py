@@ -5,9 +5,12 @@
     image = pipe("a photo of sks dog", num_inference_steps=25, callback_on_step_end=step).images[0]
 
 Each chunk holds the rank components that the T-LoRA schedule turns on below one timestep (the first
-min_rank are always on). diffusers calls `callback_on_step_end` after each step, so the chunks for the
-first step are set here, from the step count (and img2img strength), and again after the last step, ready
-for the next call with the same settings; a call with other settings is refused after its first step.
+min_rank are always on). diffusers calls `callback_on_step_end` after each step: the callback turns on the
+chunks that r(t) keeps at the scheduler's next timestep (its step index says which), and after the last
+step the chunks for the first step again, ready for the next call. The first step's chunks are set here,
+from the step count (and img2img strength); a call whose first step needs other chunks is refused after it.
+Works with every family's pipelines (SDXL, FLUX.1, FLUX.2 [klein]) and any scheduler that counts its steps
+(Euler, DPM-Solver, flow matching).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from tlora import families
 from tlora.common.errors import UsageError
 from tlora.interop.export import SCHEDULE_NAME
+from tlora.method.adapters import active_rank
 
 
 class _NoTextEncoderKeys(logging.Filter):
@@ -29,7 +34,7 @@ class _NoTextEncoderKeys(logging.Filter):
 
 @contextmanager
 def _quiet_text_encoder_notice():
-    """The chunks adapt the UNet only; diffusers says so twice per chunk (text encoders without keys)."""
+    """The chunks adapt the denoiser only; diffusers says so for every text encoder of every chunk."""
     logger, quiet = logging.getLogger("diffusers.loaders.lora_base"), _NoTextEncoderKeys()
     logger.addFilter(quiet)
     try:
@@ -38,35 +43,58 @@ def _quiet_text_encoder_notice():
         logger.removeFilter(quiet)
 
 
-def first_timesteps(pipe, num_inference_steps: int, strength: float = 1.0):
-    """The timesteps a pipeline will use: its scheduler's, cut as img2img/inpaint cut them for `strength`."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+def first_timestep(pipe, num_inference_steps: int, strength: float = 1.0) -> float:
+    """The first timestep a pipeline will use: its scheduler's, cut as img2img/inpaint cut it for `strength`.
+    Flow-matching schedulers that shift by image size start text-to-image at sigma 1 (t = T) whatever the shift."""
+    config = pipe.scheduler.config
+    if config.get("use_dynamic_shifting", False):
+        if strength != 1.0:
+            raise UsageError("tlora.scheduled: with this flow-matching scheduler the first timestep of img2img depends "
+                             "on the image size; use strength=1.0, or tlora.load for img2img")
+        return float(config.num_train_timesteps)
+    scheduler = type(pipe.scheduler).from_config(config)
     scheduler.set_timesteps(num_inference_steps)
     start = max(num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps), 0)
-    return scheduler.timesteps[start * scheduler.order:].tolist()
+    return float(scheduler.timesteps[start * scheduler.order])
+
+
+def next_timestep(scheduler) -> float | None:
+    """The timestep of the scheduler's next step (after a step), None after the last."""
+    index = scheduler.step_index
+    return float(scheduler.timesteps[index]) if index is not None and index < len(scheduler.timesteps) else None
 
 
 class ScheduledTLoRA:
     """`callback_on_step_end` that turns on exactly the chunks the T-LoRA mask has on at the next timestep."""
 
-    def __init__(self, pipe, schedule: dict, timesteps: list[float], others: dict[str, float]) -> None:
-        self.pipe, self.chunks, self.timesteps, self.others = pipe, schedule["chunks"], timesteps, others
-        self.apply(timesteps[0])
+    def __init__(self, pipe, schedule: dict, first: float, others: dict[str, float]) -> None:
+        self.pipe, self.chunks, self.first, self.others = pipe, schedule["chunks"], first, others
+        self.mask, self.T = schedule.get("mask"), schedule["num_train_timesteps"]
+        self.family = families.of_model(pipe)
+        self.on = self.active(first)
+        self.apply(self.on)
 
-    def active(self, t: float) -> list[str]:
-        return [c["adapter"] for c in self.chunks if t < c["on_below"]]
+    def active(self, timestep: float) -> list[str]:
+        """The chunks r(t) keeps at a scheduler timestep (t as the T-LoRA sees it: the family's scaling)."""
+        if self.mask is None:  # an export without its mask settings: whole timesteps only
+            return [c["adapter"] for c in self.chunks if timestep < c["on_below"]]
+        m = self.mask
+        rank = (int(active_rank(self.family.scheduler_t(timestep), self.T, m["lora_rank"], m["min_rank"],
+                                m["alpha_rank_scale"], m["rank_rule"])) if m["timestep_dependent"] else m["lora_rank"])
+        return [c["adapter"] for c in self.chunks if c["components"][1] <= rank]
 
-    def apply(self, t: float) -> None:
-        names = self.active(t) + list(self.others)
-        self.pipe.set_adapters(names, [1.0] * (len(names) - len(self.others)) + list(self.others.values()))
+    def apply(self, names: list[str]) -> None:
+        self.pipe.set_adapters(names + list(self.others), [1.0] * len(names) + list(self.others.values()))
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        if step >= len(self.timesteps) or float(timestep) != float(self.timesteps[step]):
-            raise UsageError(f"tlora.scheduled was set up for timesteps {self.timesteps[:3]}...; this call is at "
-                             f"{float(timestep)} at step {step}: pass the same num_inference_steps (and strength)")
-        following = self.timesteps[step + 1] if step + 1 < len(self.timesteps) else self.timesteps[0]
-        if self.active(following) != self.active(float(timestep)) or step + 1 == len(self.timesteps):
-            self.apply(following)
+        if step == 0 and self.active(float(timestep)) != self.on:
+            raise UsageError(f"tlora.scheduled was set up for a first timestep of {self.first}; this call started at "
+                             f"{float(timestep)}: pass the same num_inference_steps (and strength)")
+        following = next_timestep(pipe.scheduler)
+        wanted = self.active(self.first if following is None else following)
+        if wanted != self.on:
+            self.on = wanted
+            self.apply(wanted)
         return callback_kwargs
 
 
@@ -81,10 +109,17 @@ def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength:
         schedule = json.loads((folder / SCHEDULE_NAME).read_text())
     except (OSError, ValueError) as err:
         raise UsageError(f"{folder} is not a diffusers-scheduled export ({err})") from None
-    loaded = set(pipe.get_list_adapters().get("unet", []))
+    family = families.of_model(pipe)
+    if schedule.get("family", family.name) != family.name:
+        raise UsageError(f"{folder} is a {schedule['family']} T-LoRA; this is a {family.name} pipeline")
+    if not hasattr(pipe.scheduler, "step_index"):
+        raise UsageError(f"tlora.scheduled needs a scheduler that counts its steps (Euler, DPM-Solver, flow matching); "
+                         f"{type(pipe.scheduler).__name__} does not")
+    loaded = set(pipe.get_list_adapters().get(family.model_attr, []))
     with warnings.catch_warnings(), _quiet_text_encoder_notice():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # many adapters: the point
         for chunk in schedule["chunks"]:
             if chunk["adapter"] not in loaded:
                 pipe.load_lora_weights(str(folder), weight_name=chunk["file"], adapter_name=chunk["adapter"])
-    return ScheduledTLoRA(pipe, schedule, first_timesteps(pipe, num_inference_steps, strength), other_adapters or {})
+    first = first_timestep(pipe, num_inference_steps, strength)
+    return ScheduledTLoRA(pipe, schedule, first, other_adapters or {})

@@ -9,10 +9,13 @@ t = 0; or `--mask timestep:T`: the components active at T). With a fixed mask M 
 Components that are exactly zero are dropped; nothing is approximated unless `--rank K` asks for the best
 rank-K approximation of each layer (its relative error is printed).
 
-Formats: `diffusers` (diffusers' save_lora_weights layout and metadata), `kohya` (kohya's SDXL keys,
-which ComfyUI, A1111/Forge and diffusers load), `diffusers-scheduled` (a folder of standard LoRA chunks and
-a schedule that `tlora.scheduled` switches per denoising step: the exact T-LoRA), `authors` (exactly the
-authors' files: SDXL pytorch_lora_weights.safetensors, FLUX lora.pt with every key their loader expects).
+Formats: `diffusers` (the family pipeline's save_lora_weights layout and metadata), `kohya` (kohya-style keys,
+which ComfyUI, A1111/Forge and diffusers load: SDXL's original UNet names; FLUX's BFL names with q, k, v
+fused as the original models fuse them), `diffusers-scheduled` (a folder of standard LoRA chunks and a
+schedule that `tlora.scheduled` switches per denoising step: the exact T-LoRA), `authors` (exactly the
+authors' files: SDXL pytorch_lora_weights.safetensors, FLUX.1 lora.pt with every key their loader expects).
+Where the file's model fuses projections that the T-LoRA adapts one by one (FLUX kohya files, FLUX.2's
+single blocks), their factors are fused exactly: downs stacked, ups side by side at their rows.
 
 Settings are read as tlora.load reads them (the file's metadata, the run's hparams.yml, --config_path, the
 flags below); a timestep mask or schedule is never built on a guessed min_rank, alpha or trainer_class.
@@ -34,6 +37,7 @@ from tlora.common.commands import run_command
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.usage import Parser
+from tlora.families.base import Target
 from tlora.method.adapters import active_rank, branches, factors
 from tlora.method.settings import TLoRASettings
 from tlora.runs.reading import LYCORIS_REFUSAL, Checkpoint, read
@@ -44,7 +48,7 @@ BAKED = ("min_rank",)  # a timestep mask or schedule is never built on a guess o
 FIX = "pass --{key} or --config_path RUN/logs/hparams.yml"
 SCHEDULE_NAME = "schedule.json"  # a diffusers-scheduled export's schedule, read by tlora.scheduled
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (down (k x in), up (out x k))
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (down (k x in), up (out x k))
 
 
 def adapter_prefixes(weights: dict[str, torch.Tensor]) -> list[str]:
@@ -76,6 +80,28 @@ def select(weights: dict[str, torch.Tensor], settings: TLoRASettings, first: int
         if len(down):
             out[family.module_path(prefix)] = (down.float().contiguous(), up.float().contiguous())
     return out
+
+
+def fuse(factors: Factors, targets: list[Target]) -> Factors:
+    """Each target layer's LoRA from its projections' factors, exactly: the downs stacked, each up placed at its
+    projection's rows and its own columns (block-diagonal); rows no projection adapts stay zero."""
+    out: Factors = {}
+    for target in targets:
+        members = [(row, *factors[module]) for module, row in target.parts.items()]
+        down = torch.cat([d for _, d, _ in members])
+        up = torch.zeros(target.rows, down.shape[0], dtype=down.dtype)
+        column = 0
+        for row, d, u in members:
+            up[row:row + u.shape[0], column:column + d.shape[0]] = u
+            column += d.shape[0]
+        out[target.name] = (down.contiguous(), up)
+    return out
+
+
+def layout(factors: Factors, family: str, fmt: str, meta: dict[str, str]) -> Factors:
+    """The projections' factors as the layers of a `diffusers` or `kohya` file of the family (Family.export_targets)."""
+    widths = {module: up.shape[0] for module, (_, up) in factors.items()}
+    return fuse(factors, families.get(family).export_targets(fmt, widths, meta))
 
 
 def fixed_mask_factors(weights: dict[str, torch.Tensor], settings: TLoRASettings, active: int | None) -> Factors:
@@ -132,43 +158,47 @@ def save_diffusers(factors: Factors, family: str, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def kohya_lora(factors: Factors, family: str) -> dict[str, torch.Tensor]:
-    """kohya-style keys (`lora_unet_<original layout path>.lora_down.weight` / `.lora_up.weight` / `.alpha`), alpha
-    = rank so that strength 1 is the T-LoRA as exported."""
-    keys = families.get(family).kohya_keys(list(factors))
+def kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
+    """kohya-style tensors for factors named by kohya keys (layout(..., "kohya")): `<key>.lora_down.weight` /
+    `.lora_up.weight` / `.alpha`, alpha = rank so that strength 1 is the T-LoRA as exported."""
     tensors = {}
-    for name, (down, up) in factors.items():
-        key = keys[name]
+    for key, (down, up) in factors.items():
         tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
         tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
     return tensors
 
 
 def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
-    """(first, last + 1, t_on) per chunk of rank components: the first min_rank are always on (t_on = T);
-    the others grouped by the timestep below which the T-LoRA schedule turns them on."""
+    """(first, last + 1, t_on) per chunk of rank components: the first min_rank are always on (t_on = T + 1: at
+    every t up to T, which flow-matching pipelines start at); the others grouped by the whole timestep below
+    which the T-LoRA schedule turns them on."""
     T, rank = s.num_train_timesteps, s.lora_rank
     if not s.timestep_dependent:
-        return [(0, rank, T)]
+        return [(0, rank, T + 1)]
     ranks = active_rank(torch.arange(T), T, rank, s.min_rank, s.alpha_rank_scale, s.rule).tolist()
     chunks, start = [], 0
     for end in sorted(set(ranks)):  # each distinct active count ends a chunk
         if end > start:  # r(t) falls as t grows: the chunk is on for t below the last t with r(t) >= end
-            chunks.append((start, end, max(t for t in range(T) if ranks[t] >= end) + 1))
+            on_below = T + 1 if end <= s.min_rank else max(t for t in range(T) if ranks[t] >= end) + 1
+            chunks.append((start, end, on_below))
             start = end
     return chunks
 
 
-def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, out: Path) -> None:
+def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, meta: dict[str, str], out: Path) -> None:
     """One standard diffusers LoRA per chunk of rank components, plus schedule.json."""
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
         name = f"chunk_{i:03d}.safetensors"
-        save_diffusers(select(weights, settings, first, end, drop_zero=False), settings.family, out / name)
+        chunk = layout(select(weights, settings, first, end, drop_zero=False), settings.family, "diffusers", meta)
+        save_diffusers(chunk, settings.family, out / name)
         entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
-    schedule = {"num_train_timesteps": settings.num_train_timesteps, "chunks": entries,
-                "rule": "a chunk is active at timestep t when t < on_below"}
+    mask = {k: getattr(settings, k) for k in ("lora_rank", "min_rank", "alpha_rank_scale", "timestep_dependent")}
+    schedule = {"num_train_timesteps": settings.num_train_timesteps, "chunks": entries, "family": settings.family,
+                "mask": mask | {"rank_rule": settings.rule},
+                "rule": "a chunk is active at a whole timestep t when t < on_below; at any t, when its last component "
+                        "is below r(t) of `mask` (tlora.scheduled)"}
     atomic_write(out / SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
 
 
@@ -182,15 +212,16 @@ def parse_mask(value: str) -> int | None:
 
 
 def build_parser() -> Parser:
-    p = Parser(description=__doc__.splitlines()[0].strip("`"), formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(description=__doc__.splitlines()[0].strip("`"),
                epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("checkpoint", help="A run folder (its newest checkpoint), a checkpoint-N folder, or its weights file "
                                       "(pytorch_lora_weights.safetensors, or the authors' FLUX lora.pt).")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="diffusers: one LoRA file for diffusers' load_lora_weights; kohya: one LoRA file with kohya's "
-                        "SDXL keys (ComfyUI LoraLoader, A1111/Forge, diffusers); diffusers-scheduled: a folder of LoRA "
+                   help="diffusers: one LoRA file for the family pipeline's load_lora_weights; kohya: one LoRA file "
+                        "with kohya-style keys (SDXL: the original UNet's; FLUX.1 and FLUX.2: BFL's, q, k, v fused) "
+                        "for ComfyUI's LoraLoader, A1111/Forge and diffusers; diffusers-scheduled: a folder of LoRA "
                         "chunks and schedule.json for tlora.scheduled (the exact T-LoRA in stock diffusers); authors: "
-                        "exactly the authors' file (SDXL: pytorch_lora_weights.safetensors; FLUX: lora.pt, which "
+                        "exactly the authors' file (SDXL: pytorch_lora_weights.safetensors; FLUX.1: lora.pt, which "
                         "their run_inference.py loads).")
     p.add_argument("--out", required=True, help="The file to write (a folder for diffusers-scheduled); an existing one "
                                                 "only with --overwrite, and never the checkpoint itself.")
@@ -202,7 +233,7 @@ def build_parser() -> Parser:
     p.add_argument("--config_path", default=None,
                    help="The run's hparams.yml (default: logs/hparams.yml of the run holding the checkpoint, if any).")
     p.add_argument("--trainer_class", default=None, help="Override: whether the timestep mask applies "
-                                                         "(sdxl_tlora / flux_tlora) or not (sdxl_lora / flux_lora).")
+                                                         "(<family>_tlora, e.g. sdxl_tlora) or not (<family>_lora).")
     p.add_argument("--min_rank", type=int, default=None, help="Override: the run's min_rank.")
     p.add_argument("--alpha_rank_scale", type=float, default=None, help="Override: the run's alpha_rank_scale.")
     return p
@@ -285,7 +316,7 @@ def export(args: argparse.Namespace) -> Path:
         save_authors(ckpt, weights, out)
         return out
     if args.format == "diffusers-scheduled":
-        save_scheduled(weights, s, out)
+        save_scheduled(weights, s, ckpt.metadata, out)
         return out
     active = None
     if args.active_at is not None and s.timestep_dependent:
@@ -294,6 +325,7 @@ def export(args: argparse.Namespace) -> Path:
     factors = fixed_mask_factors(weights, s, active)
     if not factors:
         raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?); nothing to export")
+    factors = layout(factors, s.family, args.format, ckpt.metadata)
     if args.rank is not None:
         factors, errors = truncate(factors, args.rank)
         print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
@@ -301,7 +333,7 @@ def export(args: argparse.Namespace) -> Path:
         save_diffusers(factors, s.family, out)
     else:
         meta = {"ss_network_module": "networks.lora", "ss_base_model_version": families.get(s.family).kohya_base_model}
-        atomic_write(out, save(kohya_lora(factors, s.family), metadata=meta))
+        atomic_write(out, save(kohya_lora(factors), metadata=meta))
     return out
 
 

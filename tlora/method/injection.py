@@ -68,6 +68,36 @@ def attention_of(model: nn.Module, path: str) -> nn.Module | None:
     return None
 
 
+class RowAdapters(nn.Module):
+    """Several adapters on one fused Linear, each adapting its own rows of the output (FLUX.2's q, k, v inside
+    `to_qkv_mlp_proj`): their outputs side by side, zeros for the rows none adapts."""
+
+    def __init__(self, out_features: int, parts: dict[str, tuple[tuple[int, int], nn.Module]]) -> None:
+        super().__init__()
+        ordered = sorted(parts.items(), key=lambda item: item[1][0])
+        self.out_features = out_features
+        self.prefixes = [prefix for prefix, _ in ordered]
+        self.rows = [rows for _, (rows, _) in ordered]
+        self.parts = nn.ModuleList(adapter for _, (_, adapter) in ordered)
+        ends = [0] + [stop for _, stop in self.rows]
+        if any(start < end for (start, _), end in zip(self.rows, ends)) or ends[-1] > out_features:
+            raise ValueError(f"adapter rows {self.rows} overlap or exceed the layer's {out_features} outputs")
+
+    def part(self, prefix: str) -> nn.Module:
+        return self.parts[self.prefixes.index(prefix)]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        pieces, end = [], 0
+        for (start, stop), adapter in zip(self.rows, self.parts):
+            if start > end:
+                pieces.append(x.new_zeros(*x.shape[:-1], start - end))
+            pieces.append(adapter(x, mask))
+            end = stop
+        if end < self.out_features:
+            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - end))
+        return torch.cat(pieces, dim=-1)
+
+
 class _AddAdapter:
     """Forward hook of a projection Linear: output + scale * adapter(input, mask)."""
 
@@ -92,12 +122,17 @@ class TLoRA:
         self.check_usable()
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         add = _AddAdapter(state)
-        self._layer_hooks = [linear.register_forward_hook(add) for _, linear in layers.values()]
+        self._layer_hooks = [linear.register_forward_hook(add) for linear in self.linears]
         unet._tlora = self
 
     @property
     def settings(self) -> TLoRASettings:
         return self.state.settings
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        """The adapted Linears, each once (the adapters of a fused layer share one)."""
+        return list({id(linear): linear for _, linear in self.layers.values()}.values())
 
     def check_usable(self) -> None:
         """Refuse, in one line, a model state in which part of the T-LoRA would silently not apply."""
@@ -117,7 +152,11 @@ class TLoRA:
     @property
     def adapters(self) -> dict[str, nn.Module]:
         """Checkpoint key prefix (e.g. `mid_block....attn1.processor.to_q_lora`) -> adapter."""
-        return {prefix: getattr(linear, ADAPTER) for prefix, (_, linear) in self.layers.items()}
+        out = {}
+        for prefix, (_, linear) in self.layers.items():
+            adapter = getattr(linear, ADAPTER)
+            out[prefix] = adapter.part(prefix) if isinstance(adapter, RowAdapters) else adapter
+        return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
@@ -144,7 +183,7 @@ class TLoRA:
         """Remove exactly what attach added (adapters and hooks); other LoRAs stay as they are."""
         for hook in self._layer_hooks:
             hook.remove()
-        for _, linear in self.layers.values():
+        for linear in self.linears:
             delattr(linear, ADAPTER)
         self._hook.remove()
         del self.unet._tlora
@@ -173,36 +212,51 @@ def attach(
     settings = settings.for_family(of_model(model).name).validate()
     adapters: dict[str, tuple[str, nn.Module]] = {}
     width = None
-    for prefix, path in of_model(model).layers(model):
-        if path is None:
+    rows: dict[str, tuple[int, int]] = {}
+    for layer in of_model(model).layers(model):
+        if layer.path is None:
             if init and settings.trainer_type == "lora" and width is not None:
                 make_adapter("lora", width, width, min(settings.lora_rank, width), settings.sig_type, True)
             continue
-        linear = base_linear(get_module(model, path))
-        width = linear.out_features
-        rank = min(settings.lora_rank, linear.in_features, linear.out_features)
-        adapter = make_adapter(settings.trainer_type, linear.in_features, linear.out_features, rank, settings.sig_type,
-                               init, svd_device)
-        adapters[prefix] = (path, adapter)
+        linear = base_linear(get_module(model, layer.path))
+        width = linear.out_features if layer.rows is None else layer.rows[1] - layer.rows[0]
+        rank = min(settings.lora_rank, linear.in_features, width)
+        adapter = make_adapter(settings.trainer_type, linear.in_features, width, rank, settings.sig_type, init,
+                               svd_device)
+        adapters[layer.prefix] = (layer.path, adapter)
+        if layer.rows is not None:
+            rows[layer.prefix] = layer.rows
     if not adapters:
         raise ValueError("no attention projections found in this model")
-    return attach_adapters(model, settings, adapters)
+    return attach_adapters(model, settings, adapters, rows)
 
 
-def attach_adapters(unet: nn.Module, settings: TLoRASettings, adapters: dict[str, tuple[str, nn.Module]]) -> TLoRA:
-    """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `unet`, adapter)."""
+def attach_adapters(unet: nn.Module, settings: TLoRASettings, adapters: dict[str, tuple[str, nn.Module]],
+                    rows: dict[str, tuple[int, int]] | None = None) -> TLoRA:
+    """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `unet`, adapter); `rows` names
+    the output rows of the adapters that adapt part of a fused Linear (RowAdapters)."""
     if attached(unet) is not None:
         raise ValueError("this model already has T-LoRA adapters; call unload() first")
-    device = next(unet.parameters()).device
+    device, rows = next(unet.parameters()).device, rows or {}
     layers: dict[str, tuple[str, nn.Linear]] = {}
-    for prefix, (path, adapter) in adapters.items():
+    on_linear: dict[int, list[str]] = {}
+    for prefix, (path, _) in adapters.items():
         linear = base_linear(get_module(unet, path))
-        linear.add_module(ADAPTER, adapter.to(device))
         layers[prefix] = (path, linear)
+        on_linear.setdefault(id(linear), []).append(prefix)
+    for prefixes in on_linear.values():
+        linear = layers[prefixes[0]][1]
+        if len(prefixes) == 1 and prefixes[0] not in rows:
+            adapter = adapters[prefixes[0]][1]
+        elif any(p not in rows for p in prefixes):
+            raise ValueError(f"adapters {prefixes} share one Linear: each needs its output rows")
+        else:
+            adapter = RowAdapters(linear.out_features, {p: (rows[p], adapters[p][1]) for p in prefixes})
+        linear.add_module(ADAPTER, adapter.to(device))
     try:
         return TLoRA(unet, MaskState(settings), layers)
     except UsageError:
-        for _, linear in layers.values():
+        for linear in {id(linear): linear for _, linear in layers.values()}.values():
             delattr(linear, ADAPTER)
         raise
 

@@ -204,12 +204,13 @@ def check_made_with(shapes: dict, trainer_type: str, lora_rank: int, where: str 
         )
 
 
-def file_family(shapes: dict, where: Path) -> str:
-    name = families.of_keys(shapes)
-    if name is None:
+def file_families(shapes: dict, where: Path) -> list[str]:
+    """The families the keys fit, the likeliest first (see families.of_keys)."""
+    names = families.of_keys(shapes)
+    if not names:
         raise CheckpointError(f"{where}: its keys name no layer of a {' or '.join(families.FAMILIES)} model; "
                               "pass a T-LoRA checkpoint")
-    return name
+    return names
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -287,23 +288,32 @@ def read(
     shapes, metadata = read_header(weights)
     if is_lycoris(shapes):
         return _read_lycoris(weights, shapes, metadata, family, num_train_timesteps, given)
-    fam = file_family(shapes, weights)
-    if family is not None and family != fam:
-        raise CheckpointError(f"{weights} was trained on {fam}; this is a {family} model")
+    candidates = file_families(shapes, weights)
+    if family is not None and family not in candidates:
+        raise CheckpointError(f"{weights} was trained on {candidates[0]}; this is a {family} model")
+    fam = family or candidates[0]
     shapes = {k: v for k, v in shapes.items() if not families.get(fam).ignored_key(k)}
     values, label, hparams_path = _hparams(hparams, weights)
     layers = [(GIVEN, given), (METADATA, known_from_metadata(metadata, str(weights)))]
     if label is not None:
         layers.append((label, known_from_hparams(values, label)))
-    layers.append((TENSORS, {"family": fam, "trainer_type": infer_trainer_type(shapes), "lora_rank": infer_rank(shapes)}))
+    sure = families.known_from_keys(shapes)  # None: FLUX.1's and FLUX.2's double blocks are named alike
+    from_keys = {"family": sure} if sure else {}
+    layers.append((TENSORS, from_keys | {"trainer_type": infer_trainer_type(shapes), "lora_rank": infer_rank(shapes)}))
     if weights.suffix == ".pt":  # only the authors' FLUX code writes lora.pt files, and it has no alpha
         layers.append(("the authors' FLUX code (no alpha)", {"alpha_rank_scale": 1.0}))
     if num_train_timesteps is not None:
         layers.append(("the model's scheduler", {"num_train_timesteps": num_train_timesteps}))
     merged, sources = _merge(layers)
-    if merged["family"] != fam:
-        raise CheckpointError(f"{weights}: {sources['family']} says family {merged['family']}, but its keys are {fam}'s")
-    assumed = _defaults(merged, sources, weights)
+    if merged.get("family", fam) not in candidates:
+        raise CheckpointError(f"{weights}: {sources['family']} says family {merged['family']}, but its keys are "
+                              f"{candidates[0]}'s")
+    assumed = {}
+    if "family" not in merged:
+        merged["family"], sources["family"] = fam, DEFAULT
+        assumed["family"] = (f"{weights}: its keys fit {' and '.join(candidates)} models and nothing records which; "
+                             f"assuming {fam}")
+    assumed |= _defaults(merged, sources, weights)
     settings = TLoRASettings.from_known(merged)
     check_made_with(shapes, settings.trainer_type, settings.lora_rank, where=str(weights))
     ckpt = Checkpoint(weights, settings, sources, metadata, shapes, values, hparams_path, assumed=assumed)
@@ -321,7 +331,7 @@ def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family:
         raise CheckpointError(f"{weights}: its lycoris_config metadata is not JSON") from None
     rank = max((s[0] for k, s in shapes.items() if k.endswith(".q_layer.weight")), default=1)
     known = known_from_lycoris(config, rank, str(weights))
-    known["family"] = family or families.of_keys(shapes)
+    known["family"] = family or (families.of_keys(shapes) or [None])[0]
     known["num_train_timesteps"] = num_train_timesteps or 1000
     sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
     sources |= dict.fromkeys(given, GIVEN)

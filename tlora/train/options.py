@@ -103,7 +103,8 @@ class TrainOptions:
     max_grad_norm: float | None = flag(None, "Clip the adapters' gradient norm (0 = no clipping).", by_family=True)
     guidance_scale: float | None = flag(None, "The guidance embedding's value during training (guidance-distilled "
                                         "models).", by_family=True)
-    max_sequence_length: int | None = flag(None, "T5 prompt length in tokens.", by_family=True)
+    max_sequence_length: int | None = flag(None, "Prompt length in text-encoder tokens (FLUX.1: T5, "
+                                               "FLUX.2: Qwen3).", by_family=True)
     one_image: str | None = flag(None, "Train on this one file of --train_data_dir only.")
     gradient_checkpointing: bool = flag(False, "Recompute activations in the backward pass: far less GPU memory, "
                                         "about 30% slower.")

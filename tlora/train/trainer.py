@@ -174,7 +174,8 @@ class Trainer:
         # The adapters are saved as pytorch_lora_weights.safetensors; accelerate keeps the rest, not the model.
         acc.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
         acc.register_load_state_pre_hook(lambda models, folder: models.clear())
-        metadata = self.settings.to_metadata() | {"pretrained_model_name_or_path": opts.pretrained_model_name_or_path}
+        metadata = (self.settings.to_metadata() | self.family.model_metadata(self.family.model(self.pipe))
+                    | {"pretrained_model_name_or_path": opts.pretrained_model_name_or_path})
         self.checkpoints = Checkpointer(acc, self.folder, self.tlora, self.progress, metadata, opts)
         self.loss_log = LossLog(acc, self.folder / "logs" / "loss.csv", self.checkpoints.last_good)
 

@@ -1,0 +1,136 @@
+"""FLUX.2 [klein] (4B, 9B): MM-DiT attention like FLUX.1, a Qwen3 text encoder, flow matching, timesteps
+scaled to 0..1, no guidance embedding (the base models are not guidance-distilled).
+
+Adapters go where they go on FLUX.1 (the authors' choice there): every double-stream block's image and text
+projections (`to_q/k/v`, `to_out.0`, `add_q/k/v_proj`; not `to_add_out`, which FLUX.1's T-LoRA leaves alone
+too) and every single-stream block's q, k and v. FLUX.2's single blocks compute q, k, v and the MLP input
+in one fused Linear, `to_qkv_mlp_proj` (as BFL's original `linear1`); each of q, k, v gets its own adapter on
+its rows of that layer (RowAdapters), so a FLUX.2 T-LoRA has the same adapters, ranks and masks as a FLUX.1
+one. The MLP rows and the fused output projection (`to_out`, attention and MLP together) stay untouched.
+Exports fuse the three into one LoRA on `to_qkv_mlp_proj` (kohya: `linear1`) with zero MLP rows, exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from torch import nn
+
+from tlora.families.base import Layer
+from tlora.families.flux import FLUX, IMAGE, TEXT, Target, bfl_double_targets
+
+DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
+SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")
+FUSED = "to_qkv_mlp_proj"
+IN_FUSED = {"to_q": "to_qkv_mlp_q_lora", "to_k": "to_qkv_mlp_k_lora", "to_v": "to_qkv_mlp_v_lora"}
+# Keys that name a layer FLUX.1 does not have (ours, and LyCORIS's for SimpleTuner's FLUX.2 files).
+ONLY_KLEIN = re.compile(r"to_qkv_mlp|single_transformer_blocks[._]\d+[._]attn[._]to_out"
+                        r"|ff(_context)?[._]linear_(in|out)")
+MLP_RATIO = 3.0  # Flux2Transformer2DModel's default and klein's
+
+
+class Klein(FLUX):
+    name = "klein"
+    pipeline_class = Flux2KleinPipeline
+    timestep_arg = ("timestep", 2)
+    # FLUX.1's (the authors' FLUX defaults), without --guidance_scale: klein has no guidance embedding
+    train_defaults = {k: v for k, v in FLUX.train_defaults.items() if k != "guidance_scale"}
+    inference_steps, inference_guidance = 50, 4.0  # Flux2KleinPipeline's defaults (the base models)
+    rank_rule = "flux"  # one code path with FLUX.1
+    masked_by_default_why = "no mask: without --tlora, as on FLUX.1"
+    projections = {key: proj for names in (IMAGE, TEXT, IN_FUSED) for proj, key in names.items()}
+    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
+    kohya_base_model = "flux2_klein"
+    authors_trainer_types = ()  # the authors released no FLUX.2 code
+
+    @classmethod
+    def owns(cls, model: nn.Module) -> bool:
+        return isinstance(model, Flux2Transformer2DModel)
+
+    @classmethod
+    def distinct_key(cls, key: str) -> bool:
+        return ONLY_KLEIN.search(key) is not None
+
+    @classmethod
+    def layers(cls, model: nn.Module) -> list[Layer]:
+        out: list[Layer] = []
+        for name, module in model.named_modules():
+            prefix = f"{name}.processor"
+            if DOUBLE.match(name):
+                out += [Layer(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
+            elif SINGLE.match(name):
+                inner = module.inner_dim
+                out += [Layer(f"{prefix}.{key}", f"{name}.{FUSED}", (i * inner, (i + 1) * inner))
+                        for i, key in enumerate(IN_FUSED.values())]
+        return out
+
+    @classmethod
+    def ignored_key(cls, key: str) -> bool:
+        return False
+
+    @classmethod
+    def authors_hparams(cls, values: dict[str, Any], where: str) -> dict[str, Any] | None:
+        return None
+
+    @classmethod
+    def authors_run_keys(cls, settings) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def model_metadata(cls, model: nn.Module) -> dict[str, str]:
+        """What exports need beyond the adapters: the width of the fused layer's MLP rows."""
+        return {"mlp_ratio": str(float(model.config.mlp_ratio))}
+
+    @classmethod
+    def encoders(cls, pipe) -> list[nn.Module | None]:
+        return [pipe.text_encoder, pipe.vae.encoder, getattr(pipe.vae, "quant_conv", None)]
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int
+                      ) -> dict[str, torch.Tensor]:
+        """Qwen3 hidden states of three layers side by side (1, max_sequence_length, 3 x hidden), via diffusers."""
+        embeds, _ = pipe.encode_prompt(prompt, device=device, max_sequence_length=max_sequence_length)
+        return {"prompt_embeds": embeds}
+
+    @classmethod
+    def predict(cls, model, pipe, scheduler, batch, dtype, guidance):
+        """Flow matching as on FLUX.1, in FLUX.2's latent space: the VAE latent in 2x2 patches, normalised by the
+        VAE's batch-norm statistics (as Flux2KleinPipeline encodes and decodes)."""
+        mean, vae = batch["mean"], pipe.vae
+        latents = Flux2KleinPipeline._patchify_latents(mean + batch["std"] * torch.randn_like(mean))
+        bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+        bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+        latents = (latents - bn_mean) / bn_std
+        noise = torch.randn_like(latents)
+        b, c, h, w = latents.shape
+        index = torch.randint(0, len(scheduler.timesteps), (b,), device=latents.device)
+        sigma = scheduler.timesteps.to(latents.device)[index].float() / 1000
+        noisy = (1 - sigma[:, None, None, None]) * latents + sigma[:, None, None, None] * noise
+        embeds = batch["prompt_embeds"]
+        flag = torch.full((b,), guidance or 1.0, device=latents.device) if model.config.guidance_embeds else None
+        pred = model(
+            hidden_states=Flux2KleinPipeline._pack_latents(noisy).to(dtype), timestep=sigma, guidance=flag,
+            encoder_hidden_states=embeds.to(dtype),
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(embeds).to(latents.device),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(noisy).to(latents.device), return_dict=False,
+        )[0]
+        return pred.transpose(1, 2).reshape(b, c, h, w), noise - latents
+
+    @classmethod
+    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """diffusers: the double blocks' projections as they are, each single block's q, k, v fused into
+        `to_qkv_mlp_proj`; kohya: BFL's names (`double_blocks_{i}_img_attn_qkv`, `..._txt_attn_qkv`,
+        `..._img_attn_proj`, `single_blocks_{j}_linear1`), the layout ComfyUI and diffusers read for FLUX.2."""
+        ratio = float(meta.get("mlp_ratio") or MLP_RATIO)
+        targets = bfl_double_targets(widths) if fmt == "kohya" else [
+            Target(m, w, {m: 0}) for m, w in widths.items() if m.startswith("transformer_blocks.")]
+        for block in sorted({int(m.split(".")[1]) for m in widths if m.startswith("single_")}):
+            attn = f"single_transformer_blocks.{block}.attn"
+            inner = next(widths[f"{attn}.{p}"] for p in IN_FUSED if f"{attn}.{p}" in widths)
+            parts = {f"{attn}.{p}": i * inner for i, p in enumerate(IN_FUSED) if f"{attn}.{p}" in widths}
+            name = f"lora_unet_single_blocks_{block}_linear1" if fmt == "kohya" else f"{attn}.{FUSED}"
+            targets.append(Target(name, 3 * inner + 2 * int(inner * ratio), parts))
+        return targets
