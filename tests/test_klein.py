@@ -98,14 +98,19 @@ def read_weights_of(pipe) -> dict:
         tlora.unload(pipe)
 
 
-@pytest.fixture(scope="module", params=["lora", "ortho_lora"])
-def other_checkpoint(request, klein_pipe, tmp_path_factory):
-    """A perturbed (as if trained) T-LoRA of the other klein, with the metadata our runs write."""
-    pipe = other_klein(klein_pipe)
+@pytest.fixture(scope="module", params=[("tiny", "lora"), ("other", "ortho_lora"), ("other", "lora")],
+                ids=lambda p: "-".join(p))
+def klein_checkpoint(request, tiny_klein, klein_pipe, tmp_path_factory):
+    """A perturbed (as if trained) T-LoRA of the tiny klein (a pipeline of its own) or of the other one, with the
+    metadata our runs write."""
+    from tlora.families.pipelines import load_pipeline
+
+    model, trainer_type = request.param
+    pipe = load_pipeline(str(tiny_klein), "none") if model == "tiny" else other_klein(klein_pipe)
     torch.manual_seed(0)
-    adapters = tlora.attach(pipe.transformer, tlora.TLoRASettings(request.param, 4, 2))
+    adapters = tlora.attach(pipe.transformer, tlora.TLoRASettings(trainer_type, 4, 2))
     perturb(adapters, seed=7)
-    folder = tmp_path_factory.mktemp(f"klein_{request.param}") / "checkpoint-10"
+    folder = tmp_path_factory.mktemp(f"klein_{model}_{trainer_type}") / "checkpoint-10"
     meta = adapters.settings.to_metadata() | FAMILIES["klein"].model_metadata(pipe.transformer)
     save_weights(adapters.state_dict(), folder, meta)
     tlora.unload(pipe)
@@ -113,12 +118,13 @@ def other_checkpoint(request, klein_pipe, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_exports_of_another_klein_load_in_diffusers_and_equal_the_tlora(other_checkpoint, tmp_path, fmt):
-    """Its fused layer is 3 x 24 + 2 x 60 rows (MLP ratio 2.5, from the checkpoint's metadata): the export fuses q,
-    k, v into it exactly, and Flux2KleinPipeline.load_lora_weights reads both layouts."""
+def test_exports_load_in_flux2_klein_and_equal_the_tlora(klein_checkpoint, tmp_path, fmt):
+    """On the tiny klein and on the other one, whose fused layer is 3 x 24 + 2 x 60 rows (MLP ratio 2.5, from the
+    checkpoint's metadata): the export fuses q, k, v into to_qkv_mlp_proj (kohya: linear1) exactly, and
+    Flux2KleinPipeline.load_lora_weights reads both layouts."""
     from tlora.interop.export import main
 
-    pipe, checkpoint = other_checkpoint
+    pipe, checkpoint = klein_checkpoint
     transformer, inputs = pipe.transformer, klein_inputs(pipe.transformer, 1, 0)
     for t in (999, 500, 0):
         out = tmp_path / f"{fmt}_{t}.safetensors"
@@ -141,8 +147,10 @@ def test_exports_of_another_klein_load_in_diffusers_and_equal_the_tlora(other_ch
         assert (got - expected).abs().max() <= 1e-5, t
         assert (base - expected).abs().max() > 1e-3
     weights, meta = read_weights(out)
+    inner = pipe.transformer.inner_dim
     fused = [k for k in weights if "single" in k and ("lora_B" in k or "lora_up" in k)]
-    assert fused and all(weights[k].shape[0] == 3 * 24 + 2 * 60 for k in fused)
+    rows = 3 * inner + 2 * int(inner * pipe.transformer.config.mlp_ratio)  # 3 x 24 + 2 x 60 on the other klein
+    assert fused and all(weights[k].shape[0] == rows for k in fused)
     if fmt == "kohya":
         assert all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in weights)
         assert meta["ss_base_model_version"] == "flux2_klein"
@@ -209,3 +217,12 @@ def test_the_flux_command_line_trains_klein_and_inference_samples_it(tiny_klein,
     assert inference.main(["--config_path", str(folder / "logs/hparams.yml"), "--checkpoint_idx", "2", "--prompts",
                            "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2"]) == 0
     assert (folder / "checkpoint-2/samples/ns2gs4.0/version_0/a sks riding a bike/0.png").is_file()
+
+
+def test_no_authors_format_for_klein(klein_checkpoint, tmp_path, capsys):
+    from tlora.interop.export import main
+
+    _, checkpoint = klein_checkpoint
+    out = tmp_path / "pytorch_lora_weights.safetensors"
+    assert main([str(checkpoint), "--format", "authors", "--out", str(out)]) == 2 and not out.exists()
+    assert "the authors released no code for it; use --format diffusers or kohya" in capsys.readouterr().err

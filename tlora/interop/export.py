@@ -247,7 +247,8 @@ def _check_settings(args: argparse.Namespace) -> None:
     family = ckpt.settings.family
     formats = families.get(family).export_formats
     if args.format not in formats:
-        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: --format {args.format} is not written for {family} yet; "
+        why = "the authors released no code for it" if args.format == "authors" else "it has no such file"
+        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: no --format {args.format}, {why}; "
                          f"use --format {' or '.join(formats)}, or load it with tlora.load(pipe, ...)")
     scheduled = args.format == "diffusers-scheduled" or args.active_at is not None  # built on the mask settings
     guessed = [k for k in BAKED if k in ckpt.assumed] if scheduled and ckpt.settings.timestep_dependent else []
