@@ -81,6 +81,9 @@ def test_keys_tell_klein_from_flux(klein_pipe, flux_pipe, tmp_path):
     assert ckpt.settings.family == "klein" and ckpt.sources["family"] == "the tensors"
     with pytest.raises(ValueError, match="was trained on klein; this is a flux model"):
         tlora.load(flux_pipe, tmp_path / "alone")
+    save_weights(read_weights_of(flux_pipe), tmp_path / "flux", {"trainer_type": "lora", "lora_rank": 4})
+    with pytest.raises(ValueError, match="was trained on flux; this is a klein model"):
+        tlora.load(klein_pipe, tmp_path / "flux")  # the prefixes fit both; a single block's own to_q is FLUX.1's
     double = {k: v for k, v in read_weights_of(klein_pipe).items() if k in double_only}
     save_weights(double, tmp_path / "double", {"trainer_type": "lora", "lora_rank": 4, "trainer_class": "klein_lora"})
     assert tlora.read(tmp_path / "double").settings.family == "klein"  # the record says which

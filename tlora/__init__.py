@@ -1,4 +1,4 @@
-"""tlora: T-LoRA (timestep-dependent LoRA) for Stable Diffusion XL and FLUX on diffusers."""
+"""tlora: T-LoRA (timestep-dependent LoRA) for Stable Diffusion XL, FLUX.1 and FLUX.2 [klein] on diffusers."""
 
 import logging
 

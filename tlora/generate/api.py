@@ -1,4 +1,4 @@
-"""The public API: attach a trained T-LoRA to any diffusers SDXL or FLUX pipeline (or its UNet /
+"""The public API: attach a trained T-LoRA to any diffusers SDXL, FLUX.1 or FLUX.2 [klein] pipeline (or its UNet /
 transformer), scale it, unload it.
 
     pipe = StableDiffusionXLPipeline.from_pretrained(..., dtype=torch.float16).to("cuda")   # or FluxPipeline
@@ -36,7 +36,7 @@ def load(
     **overrides: Any,
 ) -> TLoRA:
     """Attach the T-LoRA in `checkpoint` (a run folder, a checkpoint folder, its .safetensors file, the authors'
-    FLUX lora.pt, a SimpleTuner / LyCORIS file, or a `tlora.read` result) to an SDXL or FLUX pipeline, UNet
+    FLUX lora.pt, a SimpleTuner / LyCORIS file, or a `tlora.read` result) to an SDXL, FLUX.1 or klein pipeline, UNet
     or transformer.
 
     Settings are read as `tlora.read` reads them: keyword overrides (trainer_class, min_rank,

@@ -1,4 +1,4 @@
-"""Attaching T-LoRA adapters to a diffusers denoiser (SDXL UNet, FLUX transformer) without touching its
+"""Attaching T-LoRA adapters to a diffusers denoiser (SDXL UNet, FLUX.1 or FLUX.2 transformer) without touching its
 modules or attention processors.
 
 Each adapted projection Linear (which ones: the model's family, see families/) gets the adapter as a

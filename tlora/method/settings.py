@@ -39,7 +39,7 @@ class TLoRASettings:
     min_rank:            r_min, the rank active at t = T.
     alpha_rank_scale:    alpha in r(t) = int(((T - t) / T) ** alpha * (r - r_min)) + r_min.
     timestep_dependent:  whether the rank mask applies (trainer_class <family>_tlora) or not (<family>_lora).
-    family:              the model family ("sdxl", "flux"); None until known (attach fills it in).
+    family:              the model family ("sdxl", "flux", "klein"); None until known (attach fills it in).
     sig_type:            which SVD components start an ortho_lora ("last", "principal", "middle"); training only.
     num_train_timesteps: T (the model's training timesteps).
     rank_rule:           how r(t) is rounded (adapters.RANK_RULES); None: the family's authors' rule.

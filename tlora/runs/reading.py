@@ -289,15 +289,15 @@ def read(
     if is_lycoris(shapes):
         return _read_lycoris(weights, shapes, metadata, family, num_train_timesteps, given)
     candidates = file_families(shapes, weights)
-    if family is not None and family not in candidates:
-        raise CheckpointError(f"{weights} was trained on {candidates[0]}; this is a {family} model")
+    sure = families.known_from_keys(shapes)  # None: FLUX.1's and FLUX.2's double blocks are named alike
+    if family is not None and (family not in candidates or sure not in (None, family)):
+        raise CheckpointError(f"{weights} was trained on {sure or candidates[0]}; this is a {family} model")
     fam = family or candidates[0]
     shapes = {k: v for k, v in shapes.items() if not families.get(fam).ignored_key(k)}
     values, label, hparams_path = _hparams(hparams, weights)
     layers = [(GIVEN, given), (METADATA, known_from_metadata(metadata, str(weights)))]
     if label is not None:
         layers.append((label, known_from_hparams(values, label)))
-    sure = families.known_from_keys(shapes)  # None: FLUX.1's and FLUX.2's double blocks are named alike
     from_keys = {"family": sure} if sure else {}
     layers.append((TENSORS, from_keys | {"trainer_type": infer_trainer_type(shapes), "lora_rank": infer_rank(shapes)}))
     if weights.suffix == ".pt":  # only the authors' FLUX code writes lora.pt files, and it has no alpha
