@@ -27,26 +27,26 @@ def prompt_set(kind: str) -> tuple[list[str], list[str]]:
 
 
 @dataclass
-class Concept:
+class Named:
     name: str
-    image: str  # the reference image (the one training image)
-    class_name: str
-    kind: str = "live"  # live or object: which of the paper's prompt sets
 
     @property
     def folder_name(self) -> str:
+        """The name as one safe folder name (never a path)."""
         return safe_component(str(self.name))
 
 
 @dataclass
-class Method:
-    name: str
+class Concept(Named):
+    image: str  # the reference image (the one training image)
+    class_name: str
+    kind: str = "live"  # live or object: which of the paper's prompt sets
+
+
+@dataclass
+class Method(Named):
     config: str  # a train.py --config file
     overrides: dict[str, Any] = field(default_factory=dict)  # more train.py flags
-
-    @property
-    def folder_name(self) -> str:
-        return safe_component(str(self.name))
 
 
 @dataclass

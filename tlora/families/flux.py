@@ -8,7 +8,7 @@ Adapters go on every double-stream block's image and text projections (`to_q/k/v
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -20,6 +20,7 @@ from tlora.families.base import Family, Layer, Target
 DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
 SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")
 IMAGE = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+QKV = ("to_q", "to_k", "to_v")
 TEXT = {"add_q_proj": "to_q_proj_lora", "add_k_proj": "to_k_proj_lora", "add_v_proj": "to_v_proj_lora"}
 # The authors' single-block processors also make these (in this order) and never use them.
 UNUSED_IN_SINGLE = ("to_out_lora", "to_q_proj_lora", "to_k_proj_lora", "to_v_proj_lora")
@@ -64,14 +65,19 @@ class FLUX(Family):
     @classmethod
     def layers(cls, model: nn.Module) -> list[Layer]:
         out: list[Layer] = []
-        for name, _ in model.named_modules():
-            prefix = f"{name}.processor"
+        for name, module in model.named_modules():
             if DOUBLE.match(name):
-                out += [Layer(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
+                out += [Layer(f"{name}.processor.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
             elif SINGLE.match(name):
-                out += [Layer(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in IMAGE.items() if proj != "to_out.0"]
-                out += [Layer(f"{prefix}.{key}", None) for key in UNUSED_IN_SINGLE]
+                out += cls.single_block_layers(name, module)
         return out
+
+    @classmethod
+    def single_block_layers(cls, name: str, attention: nn.Module) -> list[Layer]:
+        """A single block's q, k, v (and the four layers the authors make there but never use)."""
+        prefix = f"{name}.processor"
+        return ([Layer(f"{prefix}.{IMAGE[proj]}", f"{name}.{proj}") for proj in QKV]
+                + [Layer(f"{prefix}.{key}", None) for key in UNUSED_IN_SINGLE])
 
     @classmethod
     def ignored_key(cls, key: str) -> bool:
@@ -88,14 +94,8 @@ class FLUX(Family):
         `single_blocks_{j}_linear1` whose MLP rows stay zero), the layout ComfyUI, Forge and diffusers read."""
         if fmt != "kohya":
             return super().export_targets(fmt, widths, meta)
-        targets = bfl_double_targets(widths)
-        for block in sorted({int(m.split(".")[1]) for m in widths if m.startswith("single_")}):
-            attn = f"single_transformer_blocks.{block}.attn"
-            inner = next(widths[f"{attn}.{p}"] for p in QKV if f"{attn}.{p}" in widths)
-            parts = {f"{attn}.{p}": i * inner for i, p in enumerate(QKV) if f"{attn}.{p}" in widths}
-            rows = 3 * inner + int(inner * MLP_RATIO)
-            targets.append(Target(f"lora_unet_single_blocks_{block}_linear1", rows, parts))
-        return targets
+        return bfl_double_targets(widths) + fused_single_targets(
+            widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", lambda inner: int(inner * MLP_RATIO))
 
     @classmethod
     def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -187,7 +187,6 @@ class FLUX(Family):
         return f"ns{steps}gs{guidance}"
 
 
-QKV = ("to_q", "to_k", "to_v")
 BFL_DOUBLE = {"img_attn_qkv": QKV, "txt_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
               "img_attn_proj": ("to_out.0",)}
 
@@ -203,4 +202,18 @@ def bfl_double_targets(widths: dict[str, int]) -> list[Target]:
                 inner = widths[f"{attn}.{present[0]}"]
                 parts = {f"{attn}.{p}": i * inner for i, p in enumerate(projections) if p in present}
                 targets.append(Target(f"lora_unet_double_blocks_{block}_{name}", inner * len(projections), parts))
+    return targets
+
+
+def fused_single_targets(widths: dict[str, int], name: Callable[[int], str], mlp_rows: Callable[[int], int]
+                         ) -> list[Target]:
+    """Each single block's q, k, v as one fused layer `name(block)`: q, k, v rows, then `mlp_rows(width)` MLP rows
+    that the T-LoRA leaves at zero (BFL's linear1; FLUX.2's to_qkv_mlp_proj)."""
+    targets = []
+    for block in sorted({int(m.split(".")[1]) for m in widths if m.startswith("single_transformer_blocks.")}):
+        attn = f"single_transformer_blocks.{block}.attn"
+        present = [p for p in QKV if f"{attn}.{p}" in widths]
+        inner = widths[f"{attn}.{present[0]}"]
+        parts = {f"{attn}.{p}": i * inner for i, p in enumerate(QKV) if p in present}
+        targets.append(Target(name(block), 3 * inner + mlp_rows(inner), parts))
     return targets

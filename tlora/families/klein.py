@@ -20,12 +20,10 @@ from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from torch import nn
 
 from tlora.families.base import Layer
-from tlora.families.flux import FLUX, IMAGE, TEXT, Target, bfl_double_targets
+from tlora.families.flux import FLUX, QKV, Target, bfl_double_targets, fused_single_targets
 
-DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
-SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")
 FUSED = "to_qkv_mlp_proj"
-IN_FUSED = {"to_q": "to_qkv_mlp_q_lora", "to_k": "to_qkv_mlp_k_lora", "to_v": "to_qkv_mlp_v_lora"}
+IN_FUSED = {proj: f"to_qkv_mlp_{proj[-1]}_lora" for proj in QKV}  # to_q -> to_qkv_mlp_q_lora
 # Keys that name a layer FLUX.1 does not have (ours, and LyCORIS's for SimpleTuner's FLUX.2 files).
 ONLY_KLEIN = re.compile(r"to_qkv_mlp|single_transformer_blocks[._]\d+[._]attn[._]to_out"
                         r"|ff(_context)?[._]linear_(in|out)")
@@ -41,7 +39,7 @@ class Klein(FLUX):
     inference_steps, inference_guidance = 50, 4.0  # Flux2KleinPipeline's defaults (the base models)
     rank_rule = "flux"  # one code path with FLUX.1
     masked_by_default_why = "no mask: without --tlora, as on FLUX.1"
-    projections = {key: proj for names in (IMAGE, TEXT, IN_FUSED) for proj, key in names.items()}
+    projections = {**FLUX.projections, **{key: proj for proj, key in IN_FUSED.items()}}
     export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "flux2_klein"
     authors_trainer_types = ()  # the authors released no FLUX.2 code
@@ -55,17 +53,11 @@ class Klein(FLUX):
         return ONLY_KLEIN.search(key) is not None
 
     @classmethod
-    def layers(cls, model: nn.Module) -> list[Layer]:
-        out: list[Layer] = []
-        for name, module in model.named_modules():
-            prefix = f"{name}.processor"
-            if DOUBLE.match(name):
-                out += [Layer(f"{prefix}.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
-            elif SINGLE.match(name):
-                inner = module.inner_dim
-                out += [Layer(f"{prefix}.{key}", f"{name}.{FUSED}", (i * inner, (i + 1) * inner))
-                        for i, key in enumerate(IN_FUSED.values())]
-        return out
+    def single_block_layers(cls, name: str, attention: nn.Module) -> list[Layer]:
+        """q, k, v: the first three blocks of rows of the fused to_qkv_mlp_proj, one adapter each."""
+        inner = attention.inner_dim
+        return [Layer(f"{name}.processor.{key}", f"{name}.{FUSED}", (i * inner, (i + 1) * inner))
+                for i, key in enumerate(IN_FUSED.values())]
 
     @classmethod
     def ignored_key(cls, key: str) -> bool:
@@ -125,12 +117,10 @@ class Klein(FLUX):
         `to_qkv_mlp_proj`; kohya: BFL's names (`double_blocks_{i}_img_attn_qkv`, `..._txt_attn_qkv`,
         `..._img_attn_proj`, `single_blocks_{j}_linear1`), the layout ComfyUI and diffusers read for FLUX.2."""
         ratio = float(meta.get("mlp_ratio") or MLP_RATIO)
-        targets = bfl_double_targets(widths) if fmt == "kohya" else [
-            Target(m, w, {m: 0}) for m, w in widths.items() if m.startswith("transformer_blocks.")]
-        for block in sorted({int(m.split(".")[1]) for m in widths if m.startswith("single_")}):
-            attn = f"single_transformer_blocks.{block}.attn"
-            inner = next(widths[f"{attn}.{p}"] for p in IN_FUSED if f"{attn}.{p}" in widths)
-            parts = {f"{attn}.{p}": i * inner for i, p in enumerate(IN_FUSED) if f"{attn}.{p}" in widths}
-            name = f"lora_unet_single_blocks_{block}_linear1" if fmt == "kohya" else f"{attn}.{FUSED}"
-            targets.append(Target(name, 3 * inner + 2 * int(inner * ratio), parts))
-        return targets
+        mlp_rows = lambda inner: 2 * int(inner * ratio)  # noqa: E731  (SwiGLU: gate and value)
+        double = {m: w for m, w in widths.items() if m.startswith("transformer_blocks.")}
+        if fmt == "kohya":
+            return bfl_double_targets(double) + fused_single_targets(
+                widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", mlp_rows)
+        return [Target(m, w, {m: 0}) for m, w in double.items()] + fused_single_targets(
+            widths, lambda block: f"single_transformer_blocks.{block}.attn.{FUSED}", mlp_rows)
