@@ -165,11 +165,8 @@ class FLUX(Family):
         noisy = (1 - sigma) x0 + sigma noise, target = noise - x0."""
         mean, cfg = batch["mean"], pipe.vae.config
         latents = ((mean + batch["std"] * torch.randn_like(mean)) - cfg.shift_factor) * cfg.scaling_factor
-        noise = torch.randn_like(latents)
+        noisy, noise, sigma = flow_matching_noisy(latents, scheduler)
         b, c, h, w = latents.shape
-        index = torch.randint(0, len(scheduler.timesteps), (b,), device=latents.device)
-        sigma = scheduler.timesteps.to(latents.device)[index].float() / 1000
-        noisy = (1 - sigma[:, None, None, None]) * latents + sigma[:, None, None, None] * noise
         embeds = batch["prompt_embeds"]
         flag = torch.full((b,), guidance, device=latents.device) if model.config.guidance_embeds else None
         pred = model(
@@ -189,6 +186,16 @@ class FLUX(Family):
 
 BFL_DOUBLE = {"img_attn_qkv": QKV, "txt_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
               "img_attn_proj": ("to_out.0",)}
+
+
+def flow_matching_noisy(latents: torch.Tensor, scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy, noise, sigma): t uniform over the scheduler's training timesteps (no shift), sigma = t / 1000,
+    noisy = (1 - sigma) x0 + sigma noise; random numbers in the authors' order (noise, then timesteps)."""
+    noise = torch.randn_like(latents)
+    index = torch.randint(0, len(scheduler.timesteps), (latents.shape[0],), device=latents.device)
+    sigma = scheduler.timesteps.to(latents.device)[index].float() / 1000
+    s = sigma[:, None, None, None]
+    return (1 - s) * latents + s * noise, noise, sigma
 
 
 def bfl_double_targets(widths: dict[str, int]) -> list[Target]:

@@ -20,7 +20,7 @@ from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from torch import nn
 
 from tlora.families.base import Layer
-from tlora.families.flux import FLUX, QKV, Target, bfl_double_targets, fused_single_targets
+from tlora.families.flux import FLUX, QKV, Target, bfl_double_targets, flow_matching_noisy, fused_single_targets
 
 FUSED = "to_qkv_mlp_proj"
 IN_FUSED = {proj: f"to_qkv_mlp_{proj[-1]}_lora" for proj in QKV}  # to_q -> to_qkv_mlp_q_lora
@@ -96,11 +96,8 @@ class Klein(FLUX):
         bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
         bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
         latents = (latents - bn_mean) / bn_std
-        noise = torch.randn_like(latents)
+        noisy, noise, sigma = flow_matching_noisy(latents, scheduler)
         b, c, h, w = latents.shape
-        index = torch.randint(0, len(scheduler.timesteps), (b,), device=latents.device)
-        sigma = scheduler.timesteps.to(latents.device)[index].float() / 1000
-        noisy = (1 - sigma[:, None, None, None]) * latents + sigma[:, None, None, None] * noise
         embeds = batch["prompt_embeds"]
         flag = torch.full((b,), guidance or 1.0, device=latents.device) if model.config.guidance_embeds else None
         pred = model(
