@@ -162,3 +162,37 @@ def test_ortho_forward_equals_the_authors_formula():
     q0, p0, lam0 = a.base_q.weight, a.base_p.weight, a.base_lambda
     expected = ((x @ q.T) * lam * mask) @ p.T - ((x @ q0.T) * lam0 * mask) @ p0.T
     assert torch.allclose(a(x, mask[:, 0]), expected, atol=1e-6)
+
+
+def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(tiny_model):
+    """T-LoRA's starts are decomposed batched by shape: bitwise the per-matrix SVD slices, and attach draws the
+    random matrices in the authors' order (each adapter's own Linear draws, then its R), as one-by-one
+    construction does."""
+    from tlora.method.adapters import draw_base, orthogonal_starts
+
+    torch.manual_seed(0)
+    bases = [draw_base(*shape, 4) for shape in ((24, 16), (16, 24), (24, 16), (16, 16))]
+    for (q, p, lam), base in zip(orthogonal_starts(bases, [4] * 4, "middle"), bases):
+        assert all(t.is_contiguous() for t in (q, p, lam))
+        u, s, vh = torch.linalg.svd(base, full_matrices=True)
+        start = [math.ceil((n - 4) / 2) for n in (*base.shape, len(s))]
+        assert torch.equal(q, u[start[0]:start[0] + 4]) and torch.equal(p, vh[:, start[1]:start[1] + 4])
+        assert torch.equal(lam, s[None, start[2]:start[2] + 4])
+
+    from diffusers import UNet2DConditionModel
+
+    from tlora.families import SDXL
+    from tlora.families.base import get_module
+    from tlora.method.injection import attach
+    from tlora.method.settings import TLoRASettings
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    torch.manual_seed(3)
+    state = attach(unet, TLoRASettings("ortho_lora", 4, 2, family="sdxl")).state_dict()
+    torch.manual_seed(3)
+    for layer in SDXL.layers(unet):
+        linear = get_module(unet, layer.path)
+        rank = min(4, linear.in_features, linear.out_features)
+        one = OrthoLoRAAdapter(linear.in_features, linear.out_features, rank, "last")
+        for name, value in one.state_dict().items():
+            assert torch.equal(state[f"{layer.prefix}.{name}"], value), (layer.prefix, name)

@@ -152,3 +152,4 @@ def test_the_scheduled_export_is_the_exact_tlora_in_the_stock_pipeline(case, tmp
         case.pipe.unload_lora_weights()  # the session's pipeline as it was
     assert (got - expected).abs().max() <= 1e-4
     assert (got - base).abs().max() > 1e-3
+

@@ -217,6 +217,13 @@ class Family:
         return {"mean": dist.mean, "std": dist.std}
 
     @classmethod
+    def conditioning_shapes(cls, model: nn.Module, resolution: int, max_sequence_length: int
+                            ) -> dict[str, tuple[int, ...]]:
+        """The shapes of one cached image's and prompt's tensors (encode_pixels | encode_prompt), from the
+        denoiser's config alone (the estimator traces the step without the encoders)."""
+        raise NotImplementedError
+
+    @classmethod
     def predict(cls, model: nn.Module, pipe, scheduler, batch: dict[str, torch.Tensor], dtype: torch.dtype,
                 guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction, target) in latent layout for fresh noise and timesteps. Random numbers are drawn in
@@ -232,6 +239,23 @@ class Family:
     @classmethod
     def samples_folder(cls, checkpoint: Path, steps: int, guidance: float, version: int) -> Path:
         return Path(checkpoint) / "samples" / cls.samples_name(steps, guidance) / f"version_{version}"
+
+
+@torch.no_grad()
+def cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a model's floating parameters and saved buffers to `dtype` in place, one tensor at a time, except those
+    its library keeps in float32 when loading in `dtype` (`_keep_in_fp32_modules`: diffusers always, transformers
+    for float16; `_keep_in_fp32_modules_strict`); buffers not saved in checkpoints keep their dtype, as when
+    loading. The result equals `from_pretrained(..., dtype=dtype)` bit for bit."""
+    from diffusers import ModelMixin
+
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16 or isinstance(model, ModelMixin):
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    saved = set(model.state_dict())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and name in saved and not any(k in name.split(".") for k in keep):
+            tensor.data = tensor.data.to(dtype)
 
 
 def load_vae(name: str | None, dtype: torch.dtype):

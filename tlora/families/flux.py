@@ -160,6 +160,16 @@ class FLUX(Family):
         return {"prompt_embeds": embeds, "pooled": pooled}
 
     @classmethod
+    def conditioning_shapes(cls, model, resolution, max_sequence_length):
+        """Latents of in_channels / 4 channels (the transformer reads them in 2x2 patches), T5 and CLIP pooled."""
+        c, side = model.config, resolution // 8
+        shapes = {"mean": (1, c.in_channels // 4, side, side), "std": (1, c.in_channels // 4, side, side),
+                  "prompt_embeds": (1, max_sequence_length, c.joint_attention_dim)}
+        if getattr(c, "pooled_projection_dim", None):
+            shapes["pooled"] = (1, c.pooled_projection_dim)
+        return shapes
+
+    @classmethod
     def predict(cls, model, pipe, scheduler, batch, dtype, guidance):
         """Flow matching: sigma = t / 1000 for t drawn from the scheduler's timesteps,
         noisy = (1 - sigma) x0 + sigma noise, target = noise - x0."""

@@ -35,7 +35,8 @@ class Klein(FLUX):
     pipeline_class = Flux2KleinPipeline
     timestep_arg = ("timestep", 2)
     # FLUX.1's (the authors' FLUX defaults), without --guidance_scale: klein has no guidance embedding
-    train_defaults = {k: v for k, v in FLUX.train_defaults.items() if k != "guidance_scale"}
+    train_defaults = {k: v for k, v in FLUX.train_defaults.items() if k != "guidance_scale"} | {
+        "trainer_class": "klein_lora"}
     inference_steps, inference_guidance = 50, 4.0  # Flux2KleinPipeline's defaults (the base models)
     rank_rule = "flux"  # one code path with FLUX.1
     masked_by_default_why = "no mask: without --tlora, as on FLUX.1"

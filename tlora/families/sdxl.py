@@ -88,6 +88,13 @@ class SDXL(Family):
             "time_ids": time_ids(crop, resolution)[None].to(device)}
 
     @classmethod
+    def conditioning_shapes(cls, model, resolution, max_sequence_length):
+        c, side = model.config, resolution // 8
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        return {"mean": (1, c.in_channels, side, side), "std": (1, c.in_channels, side, side), "time_ids": (1, 6),
+                "prompt_embeds": (1, 77, c.cross_attention_dim), "pooled": (1, pooled)}
+
+    @classmethod
     def predict(cls, model, pipe, scheduler, batch, dtype, guidance):
         mean = batch["mean"]
         latents = (mean + batch["std"] * torch.randn_like(mean)) * pipe.vae.config.scaling_factor

@@ -93,21 +93,26 @@ def branches(params: Mapping[str, torch.Tensor], trainer_type: str) -> list[Bran
 
 
 def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The update applied to x: one down-projection for every branch (x is read once), one multiply by
-    scale * mask (bitwise equal to multiplying by each in turn, the mask being 0/1), then one
-    up-projection per branch, subtracted for the frozen start so that the sum is exactly zero while
-    the trained branch equals it."""
+    """The update applied to x: per branch a down-projection, one multiply by scale * mask (bitwise equal to
+    multiplying by each in turn, the mask being 0/1) and an up-projection; the frozen start's branch is
+    subtracted, so that the sum is exactly zero while the trained branch equals it (both are computed by the
+    same ops on equal tensors). Each branch has its own down-projection so that backward computes weight
+    gradients only for the trained one. Under autocast x is not converted first: autocast casts it (and the
+    float32 adapter weights) for each product as it would after a round trip through float32."""
     rank = parts[0].down.shape[0]
-    down = parts[0].down if len(parts) == 1 else torch.cat([b.down for b in parts])
-    h = F.linear(x.to(down.dtype), down)
-    scale = None if parts[0].scale is None else torch.cat([b.scale for b in parts], dim=1)
-    if mask is not None:
-        m = mask[:, :rank].repeat(1, len(parts))
-        scale = m if scale is None else scale * m.to(scale.device)
-    pieces = _scale_rank(h, scale).split(rank, dim=-1)
-    out = F.linear(pieces[0], parts[0].up)
-    for piece, branch in zip(pieces[1:], parts[1:]):
-        out = out + F.linear(piece, branch.up) if branch.sign > 0 else out - F.linear(piece, branch.up)
+    dtype = parts[0].down.dtype
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    h_in = x if x.dtype == dtype or autocast else x.to(dtype)
+    m = None if mask is None else mask[:, :rank]
+    k = rank if m is None else m.shape[1]  # a mask may end at the last active component: compute only those
+    out = None
+    for branch in parts:
+        down, up, scale = (branch.down, branch.up, branch.scale) if k == rank else (
+            branch.down[:k], branch.up[:, :k], None if branch.scale is None else branch.scale[:, :k])
+        scale = scale if m is None else m if scale is None else scale * m.to(scale.device)
+        y = F.linear(_scale_rank(F.linear(h_in, down), scale), up)
+        out = y if out is None else out + y if branch.sign > 0 else out - y
     return out.to(x.dtype)
 
 
@@ -151,21 +156,41 @@ def _svd_slice(size: int, rank: int, sig_type: str) -> slice:
     raise ValueError(f"--sig_type must be one of {SIG_TYPES}, got {sig_type!r}")
 
 
+def draw_base(in_features: int, out_features: int, rank: int) -> torch.Tensor:
+    """R ~ N(0, std 1/rank) of shape (in, out), drawn on the CPU from the global generator (the authors' draw, so
+    that a seed gives the same start everywhere)."""
+    return torch.normal(mean=0.0, std=1 / rank, size=(in_features, out_features))
+
+
+def orthogonal_starts(bases: list[torch.Tensor], ranks: list[int], sig_type: str,
+                      svd_device: torch.device | str | None = None, batch_bytes: int = 2**30
+                      ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(Q, P, lambda) from the full SVD of each R, as in the authors' code: Q = rows of U (rank x in), P = columns
+    of Vh (out x rank), lambda = S (1 x rank). The SVDs run batched by shape on `svd_device` (the accelerator
+    when there is one), each result bitwise what one SVD of that matrix on that device gives."""
+    device = torch.device(svd_device or "cpu")
+    groups: dict[tuple, list[int]] = {}
+    for i, base in enumerate(bases):
+        groups.setdefault(tuple(base.shape), []).append(i)
+    out: list = [None] * len(bases)
+    for shape, members in groups.items():
+        per = max(1, batch_bytes // (4 * (shape[0] ** 2 + shape[1] ** 2 + shape[0] * shape[1])))
+        for start in range(0, len(members), per):
+            chunk = members[start:start + per]
+            u, s, vh = torch.linalg.svd(torch.stack([bases[i] for i in chunk]).to(device), full_matrices=True)
+            u, s, vh = u.cpu(), s.cpu(), vh.cpu()
+            for j, i in enumerate(chunk):
+                rows, cols = _svd_slice(shape[0], ranks[i], sig_type), _svd_slice(shape[1], ranks[i], sig_type)
+                lam = _svd_slice(s.shape[1], ranks[i], sig_type)
+                out[i] = (u[j, rows].contiguous(), vh[j][:, cols].contiguous(), s[j, None, lam].contiguous())
+    return out
+
+
 def orthogonal_init(
     in_features: int, out_features: int, rank: int, sig_type: str, svd_device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q, P, lambda) from the SVD of R ~ N(0, std 1/rank), R of shape (in, out).
-
-    As in the authors' code: Q = rows of U (rank x in), P = columns of Vh (out x rank), lambda = S (1 x rank).
-    R is drawn on the CPU from the global generator (so a seed gives the same draw everywhere); the SVD runs
-    on `svd_device` (the accelerator when there is one).
-    """
-    base = torch.normal(mean=0.0, std=1 / rank, size=(in_features, out_features))
-    u, s, vh = torch.linalg.svd(base.to(svd_device or "cpu"), full_matrices=True)
-    q = u[_svd_slice(u.shape[0], rank, sig_type)]
-    p = vh[:, _svd_slice(vh.shape[1], rank, sig_type)]
-    lam = s[None, _svd_slice(s.shape[0], rank, sig_type)]
-    return q.cpu().contiguous(), p.cpu().contiguous(), lam.cpu().contiguous()
+    """(Q, P, lambda) of one adapter: draw_base, then orthogonal_starts."""
+    return orthogonal_starts([draw_base(in_features, out_features, rank)], [rank], sig_type, svd_device)[0]
 
 
 class OrthoLoRAAdapter(nn.Module):
@@ -189,16 +214,21 @@ class OrthoLoRAAdapter(nn.Module):
         self.q_layer = nn.Linear(in_features, rank, bias=False)
         self.p_layer = nn.Linear(rank, out_features, bias=False)
         self.lambda_layer = nn.Parameter(torch.ones(1, rank))
-        if init:
-            q, p, lam = orthogonal_init(in_features, out_features, rank, sig_type, svd_device)
-            with torch.no_grad():
-                self.q_layer.weight.copy_(q)
-                self.p_layer.weight.copy_(p)
-                self.lambda_layer.copy_(lam)
         # Copies, not new layers: a new nn.Linear would draw from the RNG and shift every later adapter's start.
         self.base_q = copy.deepcopy(self.q_layer).requires_grad_(False)
         self.base_p = copy.deepcopy(self.p_layer).requires_grad_(False)
         self.base_lambda = nn.Parameter(self.lambda_layer.detach().clone(), requires_grad=False)
+        if init:
+            self.start(*orthogonal_init(in_features, out_features, rank, sig_type, svd_device))
+
+    @torch.no_grad()
+    def start(self, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:
+        """Set the trained and the frozen factors to the same start (Q, P, lambda)."""
+        for trained, frozen, value in ((self.q_layer.weight, self.base_q.weight, q),
+                                       (self.p_layer.weight, self.base_p.weight, p),
+                                       (self.lambda_layer, self.base_lambda, lam)):
+            trained.copy_(value)
+            frozen.copy_(value)
 
     def branches(self) -> list[Branch]:
         return branches(dict(self.named_parameters()), "ortho_lora")

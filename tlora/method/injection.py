@@ -20,7 +20,7 @@ from torch import nn
 from tlora.common.errors import UsageError
 from tlora.families import Family, of_model
 from tlora.families.base import get_module
-from tlora.method.adapters import make_adapter, rank_mask
+from tlora.method.adapters import draw_base, make_adapter, orthogonal_starts, rank_mask
 from tlora.method.settings import TLoRASettings
 
 
@@ -31,15 +31,20 @@ class MaskState:
     settings: TLoRASettings
     scale: float = 1.0
     mask: torch.Tensor | None = field(default=None, repr=False)
+    active: torch.Tensor | None = field(default=None, repr=False)  # what the adapters get: mask, maybe cut short
 
     def set_timestep(self, timestep: torch.Tensor | float, device: torch.device) -> None:
-        """Set the mask for a denoiser call at `timestep` (scalar or one per sample); no host sync."""
+        """Set the mask for a denoiser call at `timestep` (scalar or one per sample); no host sync. On the CPU the
+        adapters get it as far as the largest active rank (`active`), so that they compute only active components."""
         s = self.settings
         if not s.timestep_dependent:
-            self.mask = None
+            self.mask = self.active = None
             return
         t = torch.as_tensor(timestep, device=device)
         self.mask = rank_mask(t, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale, s.rule)
+        self.active = self.mask
+        if self.mask.device.type == "cpu":  # reading the ranks costs no device sync here
+            self.active = self.mask[:, :int(self.mask.sum(dim=1).max())]
 
 
 ADAPTER = "timestep_adapter"  # the adapter's name on its Linear; no "lora" in it, so peft never takes it for its own
@@ -108,7 +113,7 @@ class _AddAdapter:
         scale = self.state.scale
         if scale == 0:
             return output
-        delta = getattr(linear, ADAPTER)(inputs[0], self.state.mask)
+        delta = getattr(linear, ADAPTER)(inputs[0], self.state.active)
         return output + delta if scale == 1 else output + scale * delta
 
 
@@ -199,7 +204,8 @@ def attach(
     model: nn.Module, settings: TLoRASettings, init: bool = True, svd_device: torch.device | str | None = None
 ) -> TLoRA:
     """Give every adapted projection of `model` (its family's layers) a fresh adapter (float32, on the
-    model's device); `init=False` leaves the start to a checkpoint.
+    model's device); `init=False` leaves the start to a checkpoint. T-LoRA's random starts are drawn in order
+    and decomposed together, batched by shape on `svd_device`.
 
     Adapters are made in the authors' order (their attention processors' order, and within one the order
     their processor makes them), so one seed gives the same initial adapters in both tools. Where the
@@ -213,6 +219,7 @@ def attach(
     adapters: dict[str, tuple[str, nn.Module]] = {}
     width = None
     rows: dict[str, tuple[int, int]] = {}
+    starts: list[tuple[nn.Module, torch.Tensor, int]] = []  # ortho_lora: (adapter, its random R, rank)
     for layer in of_model(model).layers(model):
         if layer.path is None:
             if init and settings.trainer_type == "lora" and width is not None:
@@ -221,13 +228,20 @@ def attach(
         linear = base_linear(get_module(model, layer.path))
         width = linear.out_features if layer.rows is None else layer.rows[1] - layer.rows[0]
         rank = min(settings.lora_rank, linear.in_features, width)
-        adapter = make_adapter(settings.trainer_type, linear.in_features, width, rank, settings.sig_type, init,
-                               svd_device)
+        ortho = settings.trainer_type == "ortho_lora"
+        adapter = make_adapter(settings.trainer_type, linear.in_features, width, rank, settings.sig_type,
+                               init and not ortho)
+        if init and ortho:  # drawn in order now, decomposed all together below
+            starts.append((adapter, draw_base(linear.in_features, width, rank), rank))
         adapters[layer.prefix] = (layer.path, adapter)
         if layer.rows is not None:
             rows[layer.prefix] = layer.rows
     if not adapters:
         raise ValueError("no attention projections found in this model")
+    if starts:
+        values = orthogonal_starts([b for _, b, _ in starts], [r for _, _, r in starts], settings.sig_type, svd_device)
+        for (adapter, _, _), value in zip(starts, values):
+            adapter.start(*value)
     return attach_adapters(model, settings, adapters, rows)
 
 

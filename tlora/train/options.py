@@ -188,16 +188,24 @@ def _config_value(f, value, path: str):
     return value
 
 
+def read_flags(parser: argparse.ArgumentParser, argv: list[str] | None, extra: dict | None = None) -> TrainOptions:
+    """The flags over the --config file's values; flags the parser has beyond TrainOptions' go into `extra`."""
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**read_config(first.config))
+    values = vars(parser.parse_args(argv))
+    names = {f.name for f in fields(TrainOptions)}
+    if extra is not None:
+        extra.update({k: v for k, v in values.items() if k not in names})
+    return TrainOptions(**{k: v for k, v in values.items() if k in names})
+
+
 # -- the sequence -------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> TrainOptions:
     """Parse flags (over --config values), resolve, validate and check them. Raises UsageError on bad input."""
     from tlora.train import checks, resume
 
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**read_config(first.config))
-    opts = TrainOptions(**vars(parser.parse_args(argv)))
+    opts = read_flags(build_parser(), argv)
     opts.argv = redact_argv([sys.executable] + list(sys.argv if argv is None else [sys.argv[0], *argv]))
     resume.resolve_output_dir(opts)
     resolve_family(opts)
@@ -207,10 +215,13 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
     return opts
 
 
-def resolve_family(opts: TrainOptions) -> None:
-    """The model family (from model_index.json: a local file, or the hub's or its cache) and the defaults it sets."""
-    check_model_source("--pretrained_model_name_or_path", opts.pretrained_model_name_or_path, revision=opts.revision)
-    family = families.get(families.detect(opts.pretrained_model_name_or_path, opts.revision))
+def resolve_family(opts: TrainOptions, known: str | None = None) -> None:
+    """The model family (`known`, else from model_index.json: a local file, or the hub's or its cache) and the
+    defaults it sets."""
+    if known is None:
+        check_model_source("--pretrained_model_name_or_path", opts.pretrained_model_name_or_path,
+                           revision=opts.revision)
+    family = families.get(known or families.detect(opts.pretrained_model_name_or_path, opts.revision))
     opts.family = family.name
     if opts.tlora:
         if opts.trainer_class not in (None, f"{family.name}_tlora"):

@@ -1,0 +1,411 @@
+"""What a training run will cost on a GPU, before renting one: `python -m tlora.estimate <train.py flags> [--json]`.
+
+It builds the run's model empty (the `meta` device: shapes only) from its configs, a local model folder's or a
+shipped architecture's (`sdxl`, `flux-dev`, `klein-4b`), attaches the adapters, and runs train.py's own step on
+it (`diffusion_loss`, backward, gradient clipping, the optimizer step) under `tracing.LiveBytes`,
+`tracing.GPUKernels` and `FlopCounterMode`. Set-up (the image and prompts encoded once, every part on the
+device) is traced the same way for the VAE. What is not traced is computed from its formula and says so:
+a quantized base's weights (bitsandbytes / torchao storage), 8-bit Adam's and Prodigy's state, and the step
+time (FLOPs at a stated share of the GPU's peak).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+from tlora import families
+from tlora.common.errors import UsageError
+from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
+from tlora.families.pipelines import DTYPES
+from tlora.method.injection import attach
+from tlora.method.settings import TLoRASettings
+from tlora.train.objective import diffusion_loss, make_optimizer
+from tlora.train.options import TrainOptions
+from tlora.train.tracing import GPUKernels, LiveBytes
+
+GB = 2**30
+# Dense peak TFLOP/s (no sparsity): SXM parts' data sheets. fp32 is CUDA-core fp32; tf32 tensor cores.
+GPUS = {"A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
+        "H100": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}}
+# Bytes per weight of a quantized Linear, with its scales: nf4 (4 bits, one fp32 absmax per 64), int8 (LLM.int8:
+# one fp32 scale per row, counted per weight at in_features >= 1024 as 1 + 4 / 1024), torchao weight-only
+# int8 / fp8 (one scale per output row, same bound).
+QUANTIZED_BYTES = {"nf4-bnb": 0.5 + 4 / 64, "int8-bnb": 1 + 4 / 1024, "int8-torchao": 1 + 2 / 1024,
+                   "fp8-torchao": 1 + 4 / 1024}
+
+
+@dataclass
+class Estimate:
+    """One configuration's figures (GB are 2**30 bytes)."""
+
+    model: str
+    family: str
+    options: dict
+    peak_gb: float
+    step: dict
+    setup: dict
+    tflops_per_step: float
+    step_seconds: dict
+    utilization: float
+    traced_in_s: float
+    modelled: list[str] = field(default_factory=list)
+    by_formula: list[str] = field(default_factory=list)
+
+
+def _gb(n: float) -> float:
+    return round(n / GB, 4)
+
+
+def _bytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def conditioning(family, model: nn.Module, opts: TrainOptions, dtype: torch.dtype, device: torch.device
+                 ) -> dict[str, torch.Tensor]:
+    """A cached batch's tensors (random): train_batch_size instance rows (and as many class rows with prior
+    preservation), shaped as the family's encoders make them."""
+    rows = opts.train_batch_size * (2 if opts.with_prior_preservation else 1)
+    shapes = family.conditioning_shapes(model, opts.resolution, opts.max_sequence_length or 512)
+    out = {k: torch.rand((rows, *shape[1:]), device=device, dtype=torch.float32 if k == "time_ids" else dtype)
+           for k, shape in shapes.items()}
+    if "time_ids" in out:
+        out["time_ids"] = out["time_ids"] * 0 + opts.resolution
+    return out
+
+
+def _optimizer_state(opts: TrainOptions, numels: list[int]) -> tuple[int, str] | None:
+    """Optimizer state bytes by formula where its kernels cannot run on meta (None: AdamW, traced)."""
+    if opts.optimizer == "prodigy":  # exp_avg, exp_avg_sq, s, p0: four float32 copies of each parameter
+        return 16 * sum(numels), "Prodigy state: 4 float32 copies of the adapters"
+    if opts.use_8bit_adam:  # bitsandbytes blockwise 8-bit: two uint8 states, one fp32 absmax per 256; < 4096: fp32
+        total = sum(n * (2 * (1 + 4 / 256) if n >= 4096 else 8) for n in numels)
+        return int(total), "8-bit AdamW state: 2 bytes per value and an absmax per 256 (bitsandbytes' layout)"
+    return None
+
+
+def _linear_weights(model: nn.Module, adapters: set[int]) -> dict:
+    """The denoiser's own Linear weights (what a quantized base stores differently): count, numel, largest bytes."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in adapters]
+    return {"count": len(weights), "numel": sum(w.numel() for w in weights),
+            "bytes": sum(w.numel() * w.element_size() for w in weights),
+            "largest": max(w.numel() * w.element_size() for w in weights)}
+
+
+def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
+    """Build the run's model on meta and trace set-up and one steady-state training step with AdamW and the base
+    unquantized (`estimate` applies those options by formula). With `pipe` (loaded, on the CPU) the same step runs
+    for real instead, with torch's own CPU kernels and autocast, and is tracked the same way (no set-up)."""
+    dtype = DTYPES[opts.mixed_precision]
+    real = pipe is not None
+    pipe = pipe if real else empty_pipeline(name, dtype)
+    family = families.of_model(pipe)
+    if family.name != opts.family:
+        raise UsageError(f"--pretrained_model_name_or_path {name} is {family.name}, but the options are {opts.family}")
+    model = family.model(pipe)
+    if not real and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # as SDXL.prepare
+    scheduler = family.noise_scheduler(pipe)
+    parts = {k: v for k, v in (pipe.components if real else vars(pipe)).items() if isinstance(v, nn.Module)}
+    out: dict = {} if real else {"setup": _trace_setup(family, pipe, parts, opts)}
+    autocast = dtype if opts.mixed_precision != "no" else None
+    tlora, optimizer = _train_state(opts, model, scheduler, autocast, real)
+    params = tlora.trainable_parameters()
+    batch = conditioning(family, model, opts, dtype, torch.device("cpu" if real else "meta"))
+    live = _tracked(parts, family.encoders(pipe), tlora, optimizer, batch)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: live.recategorize(p.grad, "gradients")) for p in params]
+    live.reset_peak()
+    counter = FlopCounterMode(display=False)
+    kernels = torch.autocast("cpu", dtype, enabled=autocast is not None) if real else GPUKernels(autocast)
+    start = time.perf_counter()
+    try:
+        with live, kernels, counter:
+            loss = diffusion_loss(model, pipe, scheduler, batch, dtype, opts.prior_loss_weight
+                                  if opts.with_prior_preservation else None, opts.guidance_scale or 1.0)
+            loss.backward()
+            if opts.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        linears = _linear_weights(model, {id(m) for a in tlora.adapters.values() for m in a.modules()})
+        adapters = len(tlora.adapters)
+        if real:  # leave the pipeline as it was
+            tlora.unload()
+            model.disable_gradient_checkpointing()
+    counts = counter.get_flop_counts().get("Global", {})
+    out.update(split=dict(live.at_peak), flops=counter.get_total_flops(), traced_in_s=time.perf_counter() - start,
+               conv_flops=sum(n for op, n in counts.items() if "convolution" in str(op)),
+               adapters=adapters, numels=[p.numel() for p in params], linears=linears)
+    return out
+
+
+def _train_state(opts: TrainOptions, model: nn.Module, scheduler, autocast: torch.dtype | None, real: bool):
+    """The adapters (no random start: the values do not matter here), gradient checkpointing as train.py sets it,
+    and AdamW after one step (its moments exist in the steady state)."""
+    settings = replace(TLoRASettings.from_hparams(vars(opts), "train.py"),
+                       num_train_timesteps=scheduler.config.num_train_timesteps)
+    with nullcontext() if real else init_empty_weights(include_buffers=False):
+        tlora = attach(model, settings, init=False)
+    params = tlora.trainable_parameters()
+    if opts.gradient_checkpointing:  # diffusers' own; on meta with the kernels' mode in the recomputation too
+        model.enable_gradient_checkpointing(None if real else partial(_checkpoint, autocast=autocast))
+    model.train()
+    optimizer = make_optimizer(replace(opts, optimizer="adamw", use_8bit_adam=False), params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return tlora, optimizer
+
+
+def _tracked(parts: dict[str, nn.Module], encoders: list, tlora, optimizer, batch: dict) -> LiveBytes:
+    """A LiveBytes counting what is on the device when a step starts: every part but the encoders (offloaded once
+    the conditioning is cached), the adapters, the optimizer state and the batch."""
+    live = LiveBytes()
+    offloaded = {id(t) for e in encoders if e is not None for t in (*e.parameters(), *e.buffers())}
+    adapter_tensors = {id(t) for a in tlora.adapters.values() for t in (*a.parameters(), *a.buffers())}
+    for part in parts.values():
+        for t in (*part.parameters(), *part.buffers()):
+            if id(t) not in offloaded:
+                live.track(t, "adapters" if id(t) in adapter_tensors else "weights")
+    for state in optimizer.state.values():
+        for t in state.values():
+            if torch.is_tensor(t) and t.numel() > 1:
+                live.track(t, "optimizer")
+    for t in batch.values():
+        live.track(t, "activations")
+    return live
+
+
+def _checkpoint(module: nn.Module, *args, autocast: torch.dtype | None):
+    """diffusers' gradient checkpointing (non-reentrant torch.utils.checkpoint); the recomputation in backward
+    runs outside the forward's function modes, so GPUKernels is entered there again."""
+    return checkpoint(module.__call__, *args, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), GPUKernels(autocast)))
+
+
+def _trace_setup(family, pipe, parts: dict[str, nn.Module], opts: TrainOptions) -> dict:
+    """Set-up as train.py does it: every part on the device, then the image encoded once at the resolution."""
+    weights = sum(_bytes(p) for p in parts.values())
+    pixels = torch.empty(1, 3, opts.resolution, opts.resolution, device="meta", dtype=pipe.vae.dtype)
+    live = LiveBytes()
+    with torch.no_grad(), live, GPUKernels(None):
+        family.encode_pixels(pipe, pixels, opts.resolution, opts.resolution, torch.device("meta"))
+    return {"weights": weights, "encode": live.peak}
+
+
+def _seconds(flops: float, conv_flops: float, opts: TrainOptions, utilization: float) -> dict[str, float]:
+    """Step time at `utilization` of each GPU's dense peak: half precision on tensor cores; fp32 matrix products on
+    CUDA cores unless --allow_tf32, convolutions in TF32 (cuDNN's default)."""
+    out = {}
+    for gpu, rate in GPUS.items():
+        if opts.mixed_precision in ("bf16", "fp16"):
+            seconds = flops / (rate[opts.mixed_precision] * 1e12)
+        else:
+            matmul = rate["tf32"] if opts.allow_tf32 else rate["fp32"]
+            seconds = (flops - conv_flops) / (matmul * 1e12) + conv_flops / (rate["tf32"] * 1e12)
+        out[gpu] = round(seconds / utilization, 3)
+    return out
+
+
+def estimate(opts: TrainOptions, name: str, utilization: float = 0.4, traced: dict | None = None) -> Estimate:
+    """The figures of one configuration (`traced`: a trace_step result to reuse for options it does not change)."""
+    t = traced or trace_step(opts, name)
+    split = dict(t["split"])
+    modelled = ["attention: CUDA's flash (half precision) / memory-efficient (fp32) kernels, not the math path",
+                "autocast: CUDA autocast's op lists, applied on meta" if opts.mixed_precision != "no" else
+                "fp32: no autocast",
+                "the text encoders' activations while encoding prompts (under 0.1 GB at 77 / 512 tokens) are not "
+                "counted",
+                "peak = bytes of live tensors (torch.cuda.max_memory_allocated); the CUDA context and the caching "
+                "allocator's reserve (about 0.5-1 GB) come on top"]
+    by_formula = []
+    if (state := _optimizer_state(opts, t["numels"])) is not None:
+        split["optimizer"], note = state
+        by_formula.append(note)
+    weights_setup = t["setup"]["weights"]
+    if opts.base_model_precision not in (None, "auto"):
+        lin = t["linears"]
+        saved = lin["bytes"] - int(lin["numel"] * QUANTIZED_BYTES[opts.base_model_precision])
+        split["weights"] -= saved
+        split["activations"] += lin["largest"]  # one Linear's weight unpacked to the compute dtype at a time
+        weights_setup -= saved
+        by_formula.append(f"--base_model_precision {opts.base_model_precision}: the denoiser's {lin['count']} Linear "
+                          f"weights at {QUANTIZED_BYTES[opts.base_model_precision]:.3f} bytes each, plus the largest "
+                          f"unpacked ({_gb(lin['largest'])} GB); activations and FLOPs as the unquantized model's")
+    step_peak = sum(split.values())
+    setup_peak = weights_setup + t["setup"]["encode"]
+    step = {k: _gb(v) for k, v in split.items()} | {"peak_gb": _gb(step_peak)}
+    step["adapters_grads_optimizer_gb"] = _gb(split["adapters"] + split["gradients"] + split["optimizer"])
+    by_formula.append(f"step time: FLOPs / ({utilization:.0%} of the dense peak TFLOP/s)")
+    return Estimate(
+        model=name, family=opts.family, peak_gb=_gb(max(step_peak, setup_peak)), step=step,
+        setup={"peak_gb": _gb(setup_peak), "weights_gb": _gb(weights_setup), "encode_gb": _gb(t["setup"]["encode"])},
+        tflops_per_step=round(t["flops"] / 1e12, 6), step_seconds=_seconds(t["flops"], t["conv_flops"], opts,
+                                                                           utilization),
+        utilization=utilization, traced_in_s=round(t["traced_in_s"], 1), modelled=modelled, by_formula=by_formula,
+        options={k: getattr(opts, k) for k in ("resolution", "train_batch_size", "trainer_type", "lora_rank",
+                                               "min_rank", "mixed_precision", "gradient_checkpointing",
+                                               "use_8bit_adam", "optimizer", "base_model_precision",
+                                               "with_prior_preservation")} | {"adapters": t["adapters"]},
+    )
+
+
+# -- the command ------------------------------------------------------------------------------------------
+CONTEXT_GB = 0.75  # the CUDA context and allocator reserve that --fit adds to the traced peak
+NOT_READ = "(not read by the estimate)"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
+    """train.py's flags (files it would read are not needed) and the estimate's own: --json, --fit, --utilization."""
+    from tlora.train import checks
+    from tlora.train.options import build_parser, resolve_family
+
+    parser = build_parser()
+    parser.description = "Estimate a training run's peak GPU memory, FLOPs and step time: train.py's flags, plus:"
+    parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
+    parser.add_argument("--fit", type=float, default=None,
+                        help="GB of GPU memory: also name the fastest options that fit in it.")
+    parser.add_argument("--utilization", "--utilisation", type=float, default=0.4,
+                        help="Share of the GPU's dense peak TFLOP/s a step reaches, for the step time. Default: 0.4.")
+    extra: dict = {}
+    from tlora.train.options import read_flags
+
+    opts = read_flags(parser, argv, extra)
+    if not 0 < extra["utilization"] <= 1:
+        raise UsageError(f"--utilization must be in (0, 1], got {extra['utilization']}")
+    if extra["fit"] is not None and extra["fit"] <= 0:
+        raise UsageError(f"--fit must be a positive number of GB, got {extra['fit']}")
+    name = opts.pretrained_model_name_or_path
+    if not name:
+        raise UsageError("--pretrained_model_name_or_path is required: a model folder, or one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    opts.train_data_dir = opts.train_data_dir or NOT_READ
+    opts.output_dir = opts.output_dir or NOT_READ
+    opts.class_name = opts.class_name or "dog"
+    resolve_family(opts, family_of(name))
+    opts.placeholder_token = opts.placeholder_token or "sks"
+    opts.trainer_type = opts.trainer_type or "ortho_lora"
+    opts.trainer_class = opts.trainer_class or f"{opts.family}_tlora"  # the mask costs nothing either way
+    checks.validate(opts)
+    return opts, extra
+
+
+def model_source(name: str, revision: str | None) -> str:
+    """A shipped architecture's name or a local folder as it is; a hub model's configs (JSON files only)."""
+    from pathlib import Path
+
+    if name in ARCHITECTURES or Path(name).is_dir():
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, revision=revision, allow_patterns=["*.json"])
+    except Exception as err:
+        raise UsageError(f"--pretrained_model_name_or_path {name}: its configs could not be read ({err}); pass a "
+                         f"model folder or one of {', '.join(ARCHITECTURES)}") from None
+
+
+def fit(opts: TrainOptions, name: str, budget_gb: float, utilization: float, traced: dict) -> dict:
+    """The options to add, cheapest in time first (bf16, gradient checkpointing, 8-bit Adam, a 4-bit base), until
+    the run fits `budget_gb` with the CUDA context: the flags to add and the figures then (fits false: even all
+    of them are not enough)."""
+    steps = []
+    if opts.mixed_precision == "no":
+        steps.append(("--mixed_precision bf16", {"mixed_precision": "bf16"}))
+    steps.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
+    if opts.optimizer == "adamw":
+        steps.append(("--use_8bit_adam", {"use_8bit_adam": True}))
+    if opts.family != "sdxl" and opts.base_model_precision in (None, "auto"):
+        steps.append(("--base_model_precision nf4-bnb", {"base_model_precision": "nf4-bnb"}))
+    changes, current = [], opts
+    result = estimate(opts, name, utilization, traced)
+    traces = {(opts.mixed_precision, opts.gradient_checkpointing): traced}
+    for flag, change in steps:
+        if result.peak_gb + CONTEXT_GB <= budget_gb:
+            break
+        current = replace(current, **change)
+        key = (current.mixed_precision, current.gradient_checkpointing)
+        if key not in traces:  # 8-bit Adam and a quantized base change the figures by formula only
+            traces[key] = trace_step(current, name)
+        result = estimate(current, name, utilization, traces[key])
+        changes.append(flag)
+    fits = result.peak_gb + CONTEXT_GB <= budget_gb
+    return {"fits": fits, "budget_gb": budget_gb, "add": changes, "peak_gb": result.peak_gb,
+                     "step_seconds": result.step_seconds}
+
+
+def table(e: Estimate) -> str:
+    s, o = e.step, e.options
+    lines = [
+        f"{e.model} ({e.family}), {o['resolution']} px, batch {o['train_batch_size']}, {o['trainer_type']} rank "
+        f"{o['lora_rank']}/{o['min_rank']} ({o['adapters']} adapters), {o['mixed_precision']}, gradient "
+        f"checkpointing {'on' if o['gradient_checkpointing'] else 'off'}, {o['optimizer']}"
+        f"{' 8-bit' if o['use_8bit_adam'] else ''}, base {o['base_model_precision'] or 'auto'}",
+        "",
+        "| GPU memory (GB) | |",
+        "|---|---|",
+        f"| **peak** | **{e.peak_gb:.2f}** |",
+        f"| training step: weights | {s['weights']:.2f} |",
+        f"| training step: adapters + gradients + optimizer state | {s['adapters_grads_optimizer_gb']:.2f} "
+        f"({s['adapters']:.2f} + {s['gradients']:.2f} + {s['optimizer']:.2f}) |",
+        f"| training step: activations | {s['activations']:.2f} |",
+        f"| training step: peak | {s['peak_gb']:.2f} |",
+        f"| set-up: every part on the device + encoding the image | {e.setup['peak_gb']:.2f} "
+        f"({e.setup['weights_gb']:.2f} + {e.setup['encode_gb']:.2f}) |",
+        "",
+        f"{e.tflops_per_step:.2f} TFLOPs per step; at {e.utilization:.0%} of the dense peak: "
+        + ", ".join(f"{gpu} {sec:.2f} s/step" for gpu, sec in e.step_seconds.items()),
+        f"(traced on the meta device in {e.traced_in_s:.1f} s)",
+        "",
+        "modelled: " + "; ".join(e.modelled),
+        "by formula: " + "; ".join(e.by_formula),
+    ]
+    return "\n".join(lines)
+
+
+def run(parsed: tuple[TrainOptions, dict]) -> None:
+    opts, extra = parsed
+    name = model_source(opts.pretrained_model_name_or_path, opts.revision)
+    traced = trace_step(opts, name)
+    result = estimate(opts, name, extra["utilization"], traced)
+    out = asdict(result)
+    out["model"] = opts.pretrained_model_name_or_path
+    if extra["fit"] is not None:
+        out["fit"] = fit(opts, name, extra["fit"], extra["utilization"], traced)
+    if extra["json"]:
+        print(json.dumps(out))
+        return
+    result.model = opts.pretrained_model_name_or_path
+    print(table(result))
+    if "fit" in out:
+        f = out["fit"]
+        verdict = "fits" if f["fits"] else "does not fit even"
+        print(f"\n--fit {f['budget_gb']:g}: {verdict} with {' '.join(f['add']) or 'the options as given'} "
+              f"(peak {f['peak_gb']:.2f} GB + {CONTEXT_GB} GB CUDA context)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tlora.common.commands import run_command
+
+    return run_command(parse_args, run, None, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
