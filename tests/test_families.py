@@ -153,3 +153,46 @@ def test_the_scheduled_export_is_the_exact_tlora_in_the_stock_pipeline(case, tmp
     assert (got - expected).abs().max() <= 1e-4
     assert (got - base).abs().max() > 1e-3
 
+
+
+@pytest.mark.parametrize("family,folder", [("sdxl", "tiny_model"), ("flux", "tiny_flux"), ("klein", "tiny_klein")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_what_diffusers_loads(family, folder, dtype, request):
+    """Loading in half precision goes through float32 and casts tensor by tensor, giving the checkpoint's mapped
+    pages back: every tensor equals diffusers' own half-precision load bit for bit, in the same dtype (T5's `wo`
+    stays float32 under fp16, as transformers keeps it)."""
+    from tlora.families.pipelines import load_pipeline
+
+    path = request.getfixturevalue(folder)
+    ours = load_pipeline(str(path), "none", dtype=dtype, family=family)
+    theirs = FAMILIES[family].pipeline_class.from_pretrained(str(path), dtype=dtype)
+    FAMILIES[family].prepare(theirs, dtype)
+    kept = 0
+    for name, part in ours.components.items():
+        if not isinstance(part, torch.nn.Module):
+            continue
+        other = theirs.components[name]
+        mine, stock = dict(part.named_buffers()) | part.state_dict(), dict(other.named_buffers()) | other.state_dict()
+        assert mine.keys() == stock.keys()
+        for key, tensor in mine.items():
+            assert tensor.dtype == stock[key].dtype and torch.equal(tensor, stock[key]), (name, key)
+            kept += tensor.dtype == torch.float32 and tensor.is_floating_point()
+    if (family, dtype) == ("flux", torch.float16):
+        assert kept > 0  # T5's wo layers
+
+
+def test_only_pages_of_read_only_file_maps_are_dropped(tiny_model):
+    """FilePages.drop never touches memory that is not a clean copy of a file (it would read back as zeros)."""
+    from safetensors.torch import load_file
+
+    from tlora.common.mapped import FilePages
+
+    anonymous = torch.ones(1 << 20)
+    pages = FilePages()
+    assert not pages.drop(anonymous) and torch.equal(anonymous, torch.ones(1 << 20))
+    mapped = load_file(str(next((tiny_model / "unet").glob("*.safetensors"))))
+    before = {k: v.clone() for k, v in mapped.items()}
+    pages = FilePages()
+    dropped = [pages.drop(v) for v in mapped.values()]
+    assert all(torch.equal(v, before[k]) for k, v in mapped.items())  # re-read from the file
+    assert any(dropped) or not pages.ranges

@@ -3,7 +3,7 @@
 
     tlora train ...        (= train.py)           tlora evaluate ...   (= python -m tlora.evaluate)
     tlora generate ...     (= inference.py)       tlora analyze ...    (= python -m tlora.analyze)
-    tlora export ...       (= python -m tlora.export)     tlora benchmark, tlora demo, tlora tiny likewise
+    tlora export ...       (= python -m tlora.export)     tlora estimate, benchmark, demo, tiny likewise
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ COMMANDS = {
     "train": train_main, "generate": inference_main, "inference": inference_main,
     "export": "tlora.interop.export", "evaluate": "tlora.evaluation.evaluate", "analyze": "tlora.evaluation.analyze",
     "benchmark": "tlora.evaluation.protocol", "demo": "tlora.demo", "tiny": "tlora.families.tiny",
+    "estimate": "tlora.train.estimate",
 }
 
 

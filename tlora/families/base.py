@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from tlora.common.mapped import FilePages
 from tlora.common.usage import model_load_error
 
 
@@ -171,8 +172,13 @@ class Family:
     def load_pipeline(cls, model: str, vae: str | None, revision: str | None, dtype: torch.dtype,
                       quantization: Any = None):
         """The pipeline in `dtype`, frozen, with the family's inference scheduler; load errors are one line."""
-        kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype}
-        custom_vae = load_vae(vae, dtype)
+        # Half precision: loaded as stored (a float32 model's tensors are the checkpoint's memory-mapped pages),
+        # then cast tensor by tensor, giving each one's pages back; loading straight in half precision holds the
+        # whole mapped file beside the cast copies (SDXL: more host memory than a float32 load).
+        cast_after = dtype in (torch.float16, torch.bfloat16) and quantization is None
+        load_dtype = torch.float32 if cast_after else dtype
+        kwargs: dict[str, Any] = {"revision": revision, "dtype": load_dtype}
+        custom_vae = load_vae(vae, load_dtype)
         if custom_vae is not None:
             kwargs["vae"] = custom_vae
         if quantization is not None:
@@ -181,6 +187,11 @@ class Family:
             pipe = cls.pipeline_class.from_pretrained(model, **kwargs)
         except OSError as err:
             raise model_load_error("--pretrained_model_name_or_path", model, err) from None
+        if cast_after:
+            pages = FilePages()
+            for part in pipe.components.values():
+                if isinstance(part, nn.Module):
+                    cast_as_loaded(part, dtype, pages)
         cls.prepare(pipe, dtype)
         for part in pipe.components.values():
             if isinstance(part, nn.Module):
@@ -242,11 +253,12 @@ class Family:
 
 
 @torch.no_grad()
-def cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_as_loaded(model: nn.Module, dtype: torch.dtype, pages: FilePages | None = None) -> None:
     """Cast a model's floating parameters and saved buffers to `dtype` in place, one tensor at a time, except those
     its library keeps in float32 when loading in `dtype` (`_keep_in_fp32_modules`: diffusers always, transformers
     for float16; `_keep_in_fp32_modules_strict`); buffers not saved in checkpoints keep their dtype, as when
-    loading. The result equals `from_pretrained(..., dtype=dtype)` bit for bit."""
+    loading. The result equals `from_pretrained(..., dtype=dtype)` bit for bit. With `pages`, each tensor's old
+    pages of a memory-mapped checkpoint go back to the kernel once it is cast."""
     from diffusers import ModelMixin
 
     keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
@@ -255,7 +267,10 @@ def cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> None:
     saved = set(model.state_dict())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and name in saved and not any(k in name.split(".") for k in keep):
-            tensor.data = tensor.data.to(dtype)
+            old = tensor.data
+            tensor.data = old.to(dtype)
+            if pages is not None and old.dtype != dtype:
+                pages.drop(old)
 
 
 def load_vae(name: str | None, dtype: torch.dtype):

@@ -3,7 +3,7 @@
 It builds the run's model empty (the `meta` device: shapes only) from its configs, a local model folder's or a
 shipped architecture's (`sdxl`, `flux-dev`, `klein-4b`), attaches the adapters, and runs train.py's own step on
 it (`diffusion_loss`, backward, gradient clipping, the optimizer step) under `tracing.LiveBytes`,
-`tracing.GPUKernels` and `FlopCounterMode`. Set-up (the image and prompts encoded once, every part on the
+`tracing.GPUKernels` and `tracing.Flops`. Set-up (the image and prompts encoded once, every part on the
 device) is traced the same way for the VAE. What is not traced is computed from its formula and says so:
 a quantized base's weights (bitsandbytes / torchao storage), 8-bit Adam's and Prodigy's state, and the step
 time (FLOPs at a stated share of the GPU's peak).
@@ -23,7 +23,6 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode
 
 from tlora import families
 from tlora.common.errors import UsageError
@@ -33,7 +32,7 @@ from tlora.method.injection import attach
 from tlora.method.settings import TLoRASettings
 from tlora.train.objective import diffusion_loss, make_optimizer
 from tlora.train.options import TrainOptions
-from tlora.train.tracing import GPUKernels, LiveBytes
+from tlora.train.tracing import Flops, GPUKernels, LiveBytes
 
 GB = 2**30
 # Dense peak TFLOP/s (no sparsity): SXM parts' data sheets. fp32 is CUDA-core fp32; tf32 tensor cores.
@@ -128,7 +127,7 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     live = _tracked(parts, family.encoders(pipe), tlora, optimizer, batch)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: live.recategorize(p.grad, "gradients")) for p in params]
     live.reset_peak()
-    counter = FlopCounterMode(display=False)
+    counter = Flops()
     kernels = torch.autocast("cpu", dtype, enabled=autocast is not None) if real else GPUKernels(autocast)
     start = time.perf_counter()
     try:
@@ -148,9 +147,8 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
         if real:  # leave the pipeline as it was
             tlora.unload()
             model.disable_gradient_checkpointing()
-    counts = counter.get_flop_counts().get("Global", {})
-    out.update(split=dict(live.at_peak), flops=counter.get_total_flops(), traced_in_s=time.perf_counter() - start,
-               conv_flops=sum(n for op, n in counts.items() if "convolution" in str(op)),
+    out.update(split=dict(live.at_peak), flops=counter.total, traced_in_s=time.perf_counter() - start,
+               conv_flops=counter.convolution,
                adapters=adapters, numels=[p.numel() for p in params], linears=linears)
     return out
 

@@ -1,6 +1,7 @@
 """Running a model on the `meta` device (shapes, no memory, no compute) as an accelerator would run it, and
 counting what it would hold and compute.
 
+- `Flops` counts FLOPs with torch's formulas.
 - `LiveBytes` counts the bytes of every tensor storage alive, from the op that makes it until it is freed,
   by category (weights, adapters, gradients, optimizer state, activations); its peak is what
   `torch.cuda.max_memory_allocated()` reports, less the allocator's rounding.
@@ -8,7 +9,7 @@ counting what it would hold and compute.
   * attention: `scaled_dot_product_attention` runs the flash kernel (fp16/bf16, no mask, head dim <= 256) or
     the memory-efficient one (otherwise), through their own aten ops, whose meta kernels give the tensors the
     GPU kernels allocate (the output and its log-sum-exp, no attention matrix) and whose FLOPs
-    FlopCounterMode knows;
+    torch's formulas know;
   * autocast: `meta` has no autocast, so CUDA autocast's documented op lists are applied at the function level
     (matrix products and convolutions in the autocast dtype; norms, softmax, losses, exp, pow in float32),
     above autograd as autocast is, so that the copies it makes are saved for backward as they would be.
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_leaves, tree_map
 
 CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations")
@@ -80,6 +82,29 @@ class LiveBytes(TorchDispatchMode):
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and _key(tensor) not in self.live:
                 self.track(tensor)
+        return out
+
+
+@dataclass
+class Flops(TorchDispatchMode):
+    """FLOPs of every op, by torch's own formulas (`torch.utils.flop_counter`'s registry: matrix products,
+    convolutions, attention kernels, forward and backward). Unlike FlopCounterMode it tracks no modules: its
+    backward hooks keep gradient checkpointing's recomputed activations alive until the end of backward."""
+
+    total: int = 0
+    convolution: int = 0
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            n = formula(*args, **(kwargs or {}), out_val=out)
+            self.total += n
+            if "convolution" in func._overloadpacket.__name__:
+                self.convolution += n
         return out
 
 
