@@ -32,7 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from accelerate.state import AcceleratorState  # noqa: E402
 
-from tlora.train.estimate import estimate, parse_args as estimate_args  # noqa: E402
+from tlora.train.estimate import estimate  # noqa: E402
+from tlora.train.estimate import parse_args as estimate_args
 from tlora.train.options import parse_args  # noqa: E402
 from tlora.train.trainer import Trainer  # noqa: E402
 

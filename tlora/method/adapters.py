@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlora.method.fused import trained_minus_start
+
 TRAINER_TYPES = ("lora", "ortho_lora")
 SIG_TYPES = ("principal", "last", "middle")
 # How each tool rounds r(t); all equal the paper's formula, but float rounding makes int() differ at some t
@@ -98,7 +100,8 @@ def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> to
     subtracted, so that the sum is exactly zero while the trained branch equals it (both are computed by the
     same ops on equal tensors). Each branch has its own down-projection so that backward computes weight
     gradients only for the trained one. Under autocast x is not converted first: autocast casts it (and the
-    float32 adapter weights) for each product as it would after a round trip through float32."""
+    float32 adapter weights) for each product as it would after a round trip through float32. Training a T-LoRA
+    (two branches, gradients on) runs the same update with a hand-written backward (`fused`)."""
     rank = parts[0].down.shape[0]
     dtype = parts[0].down.dtype
     device = x.device.type
@@ -106,13 +109,16 @@ def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> to
     h_in = x if x.dtype == dtype or autocast else x.to(dtype)
     m = None if mask is None else mask[:, :rank]
     k = rank if m is None else m.shape[1]  # a mask may end at the last active component: compute only those
+    sliced = [branch if k == rank else Branch(branch.down[:k], None if branch.scale is None else branch.scale[:, :k],
+                                                branch.up[:, :k], branch.sign) for branch in parts]
+    if len(parts) == 2 and torch.is_grad_enabled() and parts[0].down.requires_grad:  # training T-LoRA
+        (q, lam, p, _), (q0, lam0, p0, _) = sliced
+        return trained_minus_start(h_in, q, lam, p, q0, lam0, p0, m).to(x.dtype)
     out = None
-    for branch in parts:
-        down, up, scale = (branch.down, branch.up, branch.scale) if k == rank else (
-            branch.down[:k], branch.up[:, :k], None if branch.scale is None else branch.scale[:, :k])
+    for down, scale, up, sign in sliced:
         scale = scale if m is None else m if scale is None else scale * m.to(scale.device)
         y = F.linear(_scale_rank(F.linear(h_in, down), scale), up)
-        out = y if out is None else out + y if branch.sign > 0 else out - y
+        out = y if out is None else out + y if sign > 0 else out - y
     return out.to(x.dtype)
 
 

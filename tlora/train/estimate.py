@@ -12,7 +12,6 @@ time (FLOPs at a stated share of the GPU's peak).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
