@@ -196,3 +196,4 @@ def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(
         one = OrthoLoRAAdapter(linear.in_features, linear.out_features, rank, "last")
         for name, value in one.state_dict().items():
             assert torch.equal(state[f"{layer.prefix}.{name}"], value), (layer.prefix, name)
+

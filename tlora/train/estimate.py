@@ -114,8 +114,8 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     if family.name != opts.family:
         raise UsageError(f"--pretrained_model_name_or_path {name} is {family.name}, but the options are {opts.family}")
     model = family.model(pipe)
-    if not real and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)  # as SDXL.prepare
+    if not real:
+        family.prepare(pipe, dtype)  # as loading does (SDXL: a VAE that needs fp32 stays fp32 under fp16)
     scheduler = family.noise_scheduler(pipe)
     parts = {k: v for k, v in (pipe.components if real else vars(pipe)).items() if isinstance(v, nn.Module)}
     out: dict = {} if real else {"setup": _trace_setup(family, pipe, parts, opts)}
