@@ -1,6 +1,7 @@
 """The three CPU costs of issue 18, on SDXL's real architecture (random weights), printed as one JSON line each:
 
     python bench/adapter_cost.py step --resolution 128 --rank 64 --min_rank 32   # adapters' share of fwd+bwd
+    python bench/adapter_cost.py compare --resolution 128 --steps 5             # the same, before and after in turn
     python bench/adapter_cost.py init --rank 64                                   # T-LoRA's initialisation (SVDs)
     python bench/adapter_cost.py load --precision bf16                            # host memory loading a saved SDXL
 
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,6 +88,66 @@ def step(opts) -> dict:
     return out
 
 
+def before_apply(parts, x, mask):
+    """adapters.apply as it was before issue 18 (467e35b): one stacked down-projection, x converted to float32
+    first, the full mask."""
+    from tlora.method.adapters import _scale_rank
+
+    rank = parts[0].down.shape[0]
+    down = parts[0].down if len(parts) == 1 else torch.cat([b.down for b in parts])
+    h = F.linear(x.to(down.dtype), down)
+    scale = None if parts[0].scale is None else torch.cat([b.scale for b in parts], dim=1)
+    if mask is not None:
+        m = mask[:, :rank].repeat(1, len(parts))
+        scale = m if scale is None else scale * m.to(scale.device)
+    pieces = _scale_rank(h, scale).split(rank, dim=-1)
+    out = F.linear(pieces[0], parts[0].up)
+    for piece, branch in zip(pieces[1:], parts[1:]):
+        out = out + F.linear(piece, branch.up) if branch.sign > 0 else out - F.linear(piece, branch.up)
+    return out.to(x.dtype)
+
+
+def compare(opts) -> dict:
+    """Before and after in one process, step by step in turn on the same timesteps: the frozen UNet, the
+    adapters as before issue 18 (`before_apply`, full mask), as now (`adapters.apply`, the mask cut at the last
+    active component on the CPU), and as now with the whole mask (what a GPU computes)."""
+    import tlora.method.adapters as adapters
+    from tlora.method.injection import MaskState, attach
+
+    current, set_timestep = adapters.apply, MaskState.set_timestep
+    variants = {"before": (before_apply, False), "after": (current, True), "after_whole_mask": (current, False)}
+    out = {}
+    for name in opts.precisions.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        model = unet(dtype)
+        tlora = attach(model, settings(opts), init=False)
+        times: dict[str, list[float]] = {"frozen": [], **{v: [] for v in variants}}
+        for i in range(opts.steps + 1):
+            for variant in times:
+                apply, cut = variants.get(variant, (current, True))
+                adapters.apply = apply
+                MaskState.set_timestep = set_timestep if cut else _uncut(set_timestep)
+                torch.manual_seed(1000 + i)  # the same timestep for every variant of a step
+                seconds = fwd_bwd(model, dtype, opts.resolution, variant != "frozen", tlora)
+                if i:
+                    times[variant].append(seconds)
+        adapters.apply, MaskState.set_timestep = current, set_timestep
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[name] = {"frozen_unet_s": round(med["frozen"], 3)} | {
+            f"{v}_adapters_s": round(med[v] - med["frozen"], 3) for v in variants} | {
+            f"{v}_share": round((med[v] - med["frozen"]) / med[v], 3) for v in variants}
+        tlora.unload()
+        del model
+    return out
+
+
+def _uncut(set_timestep):
+    def full_mask(state, timestep, device):
+        set_timestep(state, timestep, device)
+        state.active = state.mask
+    return full_mask
+
+
 def init(opts) -> dict:
     from tlora.method.injection import attach
 
@@ -136,7 +198,7 @@ def load(opts) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["step", "init", "save", "load"])
+    p.add_argument("what", choices=["step", "compare", "init", "save", "load"])
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--min_rank", type=int, default=32)

@@ -29,6 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (the resume case); before CUDA starts
 
 from accelerate.state import AcceleratorState  # noqa: E402
 
@@ -48,20 +49,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def models(scratch: Path, smoke: bool) -> dict[str, tuple[str, str]]:
-    """family -> (model folder for train.py, the estimator's name for it). Full size: the architectures saved with
-    random weights (FLUX in bf16, so that the 4-bit case can quantize it as it loads)."""
+def models(scratch: Path, smoke: bool) -> dict[str, tuple[str, str, object]]:
+    """family -> (model folder for train.py, the estimator's name for it, a pipeline in memory or None). SDXL is
+    built once in memory and shared by its cases (its folder holds model_index.json only, for the option checks);
+    FLUX is saved with random weights in bf16, so that train.py loads it, and quantizes it for the 4-bit case."""
+    from tlora.families.pipelines import load_pipeline
+
     if smoke:
         from tlora.families.tiny import build_tiny_flux, build_tiny_sdxl
 
         sdxl, flux = str(build_tiny_sdxl(scratch / "sdxl")), str(build_tiny_flux(scratch / "flux"))
-        return {"sdxl": (sdxl, sdxl), "flux": (flux, flux)}
+        return {"sdxl": (sdxl, sdxl, load_pipeline(sdxl, "none")), "flux": (flux, flux, None)}
     from flux_architecture import build_flux_architecture
     from sdxl_architecture import build_sdxl_architecture
 
-    build_sdxl_architecture(torch.float16).save_pretrained(scratch / "sdxl")
     build_flux_architecture(t5_layers=1, dtype=torch.bfloat16).save_pretrained(scratch / "flux")
-    return {"sdxl": (str(scratch / "sdxl"), "sdxl"), "flux": (str(scratch / "flux"), "flux-dev")}
+    sdxl = build_sdxl_architecture()
+    sdxl.save_config(scratch / "sdxl")
+    return {"sdxl": (str(scratch / "sdxl"), "sdxl", sdxl), "flux": (str(scratch / "flux"), "flux-dev", None)}
 
 
 def argv(folder: str, data: Path, out: Path, resolution: int, extra: list[str]) -> list[str]:
@@ -71,14 +76,24 @@ def argv(folder: str, data: Path, out: Path, resolution: int, extra: list[str]) 
             "--optimizer", "adamw", "--learning_rate", "1e-4", *extra]
 
 
-def train_case(name: str, flags: list[str], estimate_name: str, steps: int) -> dict:
+def train_case(name: str, flags: list[str], estimate_name: str, steps: int, pipe=None) -> dict:
+    """`steps` timed steps of train.py's Trainer after one warm-up (`pipe`: a pipeline in memory, in the run's
+    precision); set-up time (loading, T-LoRA's SVDs on the GPU, caching) is reported apart."""
+    from tlora.families.pipelines import DTYPES
+
     AcceleratorState._reset_state(reset_partial_state=True)
     opts = parse_args(flags)
+    if pipe is not None:
+        pipe.to(dtype=DTYPES[opts.mixed_precision])
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(opts)
+    sync()
+    start = time.perf_counter()
+    trainer = Trainer(opts, pipe=pipe)
     trainer.setup()
+    sync()
+    setup_seconds = time.perf_counter() - start
     times = []
     for _ in range(steps + 1):
         sync()
@@ -89,11 +104,16 @@ def train_case(name: str, flags: list[str], estimate_name: str, steps: int) -> d
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
     trainer.accelerator.end_training()
     trainer.lock.release()
+    trainer.tlora.unload()
+    trainer.family.model(trainer.pipe).disable_gradient_checkpointing()
+    if pipe is not None:
+        pipe.to("cpu")
     est_flags = [f for f in flags]
     est_flags[est_flags.index("--pretrained_model_name_or_path") + 1] = estimate_name
     predicted = estimate(estimate_args(est_flags)[0], _source(estimate_name))
     del trainer
-    return {"case": name, "s_per_step": round(statistics.median(times[1:]), 3), "peak_gb": round(peak, 2),
+    return {"case": name, "s_per_step": round(statistics.median(times[1:]), 3), "setup_s": round(setup_seconds, 1),
+            "peak_gb": round(peak, 2),
             "estimated_peak_gb": predicted.peak_gb, "estimated_step_gb": predicted.step["peak_gb"],
             "estimated_h100_s": predicted.step_seconds["H100"], "tflops_per_step": predicted.tflops_per_step}
 
@@ -104,15 +124,13 @@ def _source(name: str) -> str:
     return model_source(name, None)
 
 
-def inference_case(folder: str, resolution: int, steps: int) -> dict:
-    """A T-LoRA attached to the SDXL pipeline, one image at `resolution`, `steps` denoising steps."""
-    import tlora
-    from tlora.families.pipelines import load_pipeline
+def inference_case(pipe, resolution: int, steps: int) -> dict:
+    """A T-LoRA attached to the SDXL pipeline (fp16 on a GPU), one image at `resolution`, `steps` denoising steps."""
+    from tlora.method.injection import attach
     from tlora.method.settings import TLoRASettings
 
-    dtype = torch.float16 if CUDA else torch.float32
-    pipe = load_pipeline(folder, "none", dtype=dtype).to("cuda" if CUDA else "cpu")
-    tlora.attach(pipe, TLoRASettings("ortho_lora", 64, 32))
+    pipe.to("cuda" if CUDA else "cpu", torch.float16 if CUDA else torch.float32)
+    tlora = attach(pipe.unet, TLoRASettings("ortho_lora", 64, 32), init=False)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -121,6 +139,7 @@ def inference_case(folder: str, resolution: int, steps: int) -> dict:
     sync()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+    tlora.unload()
     return {"case": f"SDXL inference {resolution} px, {steps} steps", "s_per_image": round(seconds, 2),
             "peak_gb": round(peak, 2)}
 
@@ -131,8 +150,7 @@ def resume_case(flags: list[str], out: Path) -> dict:
 
     from tlora.train.trainer import train
 
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # kernels without a deterministic version warn
     runs = []
     try:
         for folder, extra in (("a", ["--num_train_epochs", "4"]), ("b", ["--num_train_epochs", "2"]),
@@ -165,9 +183,9 @@ def main(argv_: list[str] | None = None) -> int:
     folders = models(scratch, opts.smoke)
     res, flux_res = (64, 64) if opts.smoke else (1024, 1024)
     sdxl = lambda name, extra: (name, argv(folders["sdxl"][0], data, scratch / "runs", res, SDXL + extra),  # noqa: E731
-                                folders["sdxl"][1])
+                                folders["sdxl"][1], folders["sdxl"][2])
     flux = lambda name, extra: (name, argv(folders["flux"][0], data, scratch / "runs", flux_res, FLUX + extra),  # noqa: E731
-                                folders["flux"][1])
+                                folders["flux"][1], None)
     cases = [sdxl("SDXL fp32 (the authors' setting)", ["--mixed_precision", "no"]),
              sdxl("SDXL bf16 + gradient checkpointing", ["--mixed_precision", "bf16", "--gradient_checkpointing"])]
     if CUDA:  # bitsandbytes and fp16 autocast need CUDA
@@ -179,24 +197,25 @@ def main(argv_: list[str] | None = None) -> int:
         cases.append(flux("FLUX.1-dev nf4 base + checkpointing + 8-bit Adam",
                           ["--mixed_precision", "bf16", "--base_model_precision", "nf4-bnb",
                            "--gradient_checkpointing", "--use_8bit_adam"]))
-    rows = [train_case(name, flags, est, opts.steps) for name, flags, est in cases]
-    rows.append(inference_case(folders["sdxl"][0], res, 2 if opts.smoke else 25))
+    rows = [train_case(name, flags, est, opts.steps, pipe) for name, flags, est, pipe in cases]
+    rows.append(inference_case(folders["sdxl"][2], res, 2 if opts.smoke else 25))
     tiny = folders["sdxl"][0] if opts.smoke else str(__import__("tlora.families.tiny", fromlist=["x"])
                                                      .build_tiny_sdxl(scratch / "tiny"))
     rows.append(resume_case(argv(tiny, data, scratch / "resume", 64, SDXL[:4] + ["--lora_rank", "4", "--min_rank",
                                                                                    "2"]), scratch / "resume"))
     device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores), smoke"
     print(f"device: {device}, torch {torch.__version__}\n")
-    print("| case | s/step (or s/image) | peak GB | estimated peak GB (step) | estimated H100 s/step | TFLOPs/step |")
-    print("|---|---|---|---|---|---|")
+    print("| case | s/step (or s/image) | set-up s | peak GB | estimated peak GB (step) | estimated H100 s/step | "
+          "TFLOPs/step |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "s_per_step" in r:
-            print(f"| {r['case']} | {r['s_per_step']} | {r['peak_gb']} | {r['estimated_peak_gb']} "
+            print(f"| {r['case']} | {r['s_per_step']} | {r['setup_s']} | {r['peak_gb']} | {r['estimated_peak_gb']} "
                   f"({r['estimated_step_gb']}) | {r['estimated_h100_s']} | {r['tflops_per_step']} |")
         elif "s_per_image" in r:
-            print(f"| {r['case']} | {r['s_per_image']} | {r['peak_gb']} | | | |")
+            print(f"| {r['case']} | {r['s_per_image']} | | {r['peak_gb']} | | | |")
         else:
-            print(f"| {r['case']} | equal: {r['equal']} | | | | |")
+            print(f"| {r['case']} | equal: {r['equal']} | | | | | |")
     out = json.dumps({"device": device, "torch": torch.__version__, "rows": rows})
     print(out)
     if opts.output:

@@ -197,3 +197,26 @@ def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(
         for name, value in one.state_dict().items():
             assert torch.equal(state[f"{layer.prefix}.{name}"], value), (layer.prefix, name)
 
+
+
+@pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
+def test_a_mask_cut_at_the_last_active_component_gives_the_full_masks_update(trainer_type):
+    """On the CPU the adapters get the mask only as far as the largest active rank (MaskState.active) and compute
+    only those components: the same output and gradients as with the whole mask."""
+    from tlora.method.adapters import make_adapter
+
+    torch.manual_seed(0)
+    adapter = make_adapter(trainer_type, 24, 16, 8)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    full = torch.tensor([[1.0] * 5 + [0.0] * 3, [1.0] * 3 + [0.0] * 5])
+    results = []
+    for mask in (full, full[:, :5]):
+        adapter.zero_grad()
+        x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = adapter(x, mask)
+        (y * torch.linspace(-1, 1, 16)).sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in adapter.parameters() if p.requires_grad])
+    for cut, whole in zip(*results):
+        assert torch.allclose(cut, whole, atol=1e-6, rtol=1e-5)

@@ -95,21 +95,23 @@ def branches(params: Mapping[str, torch.Tensor], trainer_type: str) -> list[Bran
 def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The update applied to x: per branch a down-projection, one multiply by scale * mask (bitwise equal to
     multiplying by each in turn, the mask being 0/1) and an up-projection; the frozen start's branch is
-    subtracted, so that the sum is exactly zero while the trained branch equals it (both are computed by the
-    same ops on equal tensors). Each branch has its own down-projection so that backward computes weight
-    gradients only for the trained one. Under autocast x is not converted first: autocast casts it (and the
-    float32 adapter weights) for each product as it would after a round trip through float32."""
+    subtracted, so that the sum is exactly zero while the trained branch equals it. Each branch has products of
+    its own: one stacked down-projection gives the two branches different bits in some GEMM shapes (so no exact
+    zero), and backward then computes no weight gradient for the frozen start's rows. A mask may end at the last
+    active component (`MaskState.active`): only those are computed. Under autocast x is not converted to float32
+    first: autocast would convert it back for the product (bitwise the same, one copy less)."""
     rank = parts[0].down.shape[0]
     dtype = parts[0].down.dtype
     device = x.device.type
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     h_in = x if x.dtype == dtype or autocast else x.to(dtype)
     m = None if mask is None else mask[:, :rank]
-    k = rank if m is None else m.shape[1]  # a mask may end at the last active component: compute only those
-    sliced = [branch if k == rank else Branch(branch.down[:k], None if branch.scale is None else branch.scale[:, :k],
-                                                branch.up[:, :k], branch.sign) for branch in parts]
+    k = rank if m is None else m.shape[1]
     out = None
-    for down, scale, up, sign in sliced:
+    for down, scale, up, sign in parts:
+        if k < rank:
+            down, up = down[:k], up[:, :k].contiguous()
+            scale = None if scale is None else scale[:, :k]
         scale = scale if m is None else m if scale is None else scale * m.to(scale.device)
         y = F.linear(_scale_rank(F.linear(h_in, down), scale), up)
         out = y if out is None else out + y if sign > 0 else out - y
