@@ -84,7 +84,9 @@ def family_of(name: str) -> str | None:
 
 def _components_of_folder(folder: Path) -> dict[str, tuple[str, str, dict]]:
     """(library, class, config) of each model and scheduler of a local model folder (model_index.json)."""
-    index = json.loads((folder / "model_index.json").read_text())
+    from tlora.families import model_index
+
+    index = model_index(str(folder))
     out = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:

@@ -66,9 +66,7 @@ def _gb(n: float) -> float:
     return round(n / GB, 4)
 
 
-def _bytes(module: nn.Module | None) -> int:
-    if module is None:
-        return 0
+def _bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
@@ -78,11 +76,8 @@ def conditioning(family, model: nn.Module, opts: TrainOptions, dtype: torch.dtyp
     preservation), shaped as the family's encoders make them."""
     rows = opts.train_batch_size * (2 if opts.with_prior_preservation else 1)
     shapes = family.conditioning_shapes(model, opts.resolution, opts.max_sequence_length or 512)
-    out = {k: torch.rand((rows, *shape[1:]), device=device, dtype=torch.float32 if k == "time_ids" else dtype)
-           for k, shape in shapes.items()}
-    if "time_ids" in out:
-        out["time_ids"] = out["time_ids"] * 0 + opts.resolution
-    return out
+    return {k: torch.full((rows, *shape[1:]), float(opts.resolution), device=device) if k == "time_ids" else
+            torch.rand((rows, *shape[1:]), device=device, dtype=dtype) for k, shape in shapes.items()}
 
 
 def _optimizer_state(opts: TrainOptions, numels: list[int]) -> tuple[int, str] | None:
@@ -272,7 +267,7 @@ NOT_READ = "(not read by the estimate)"
 def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     """train.py's flags (files it would read are not needed) and the estimate's own: --json, --fit, --utilization."""
     from tlora.train import checks
-    from tlora.train.options import build_parser, resolve_family
+    from tlora.train.options import build_parser, read_flags, resolve_family
 
     parser = build_parser()
     parser.description = "Estimate a training run's peak GPU memory, FLOPs and step time: train.py's flags, plus:"
@@ -282,8 +277,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     parser.add_argument("--utilization", "--utilisation", type=float, default=0.4,
                         help="Share of the GPU's dense peak TFLOP/s a step reaches, for the step time. Default: 0.4.")
     extra: dict = {}
-    from tlora.train.options import read_flags
-
     opts = read_flags(parser, argv, extra)
     if not 0 < extra["utilization"] <= 1:
         raise UsageError(f"--utilization must be in (0, 1], got {extra['utilization']}")
@@ -382,14 +375,13 @@ def run(parsed: tuple[TrainOptions, dict]) -> None:
     name = model_source(opts.pretrained_model_name_or_path, opts.revision)
     traced = trace_step(opts, name)
     result = estimate(opts, name, extra["utilization"], traced)
+    result.model = opts.pretrained_model_name_or_path  # as given (`name` may be a download folder)
     out = asdict(result)
-    out["model"] = opts.pretrained_model_name_or_path
     if extra["fit"] is not None:
         out["fit"] = fit(opts, name, extra["fit"], extra["utilization"], traced)
     if extra["json"]:
         print(json.dumps(out))
         return
-    result.model = opts.pretrained_model_name_or_path
     print(table(result))
     if "fit" in out:
         f = out["fit"]
