@@ -69,6 +69,13 @@ def models(scratch: Path, smoke: bool) -> dict[str, tuple[str, str, object]]:
     return {"sdxl": (str(scratch / "sdxl"), "sdxl", sdxl), "flux": (str(scratch / "flux"), "flux-dev", None)}
 
 
+def replaced(flags: list[str], extra: list[str]) -> list[str]:
+    """`flags` with the flag-value pairs of `extra` in place of its own (train.py refuses a flag given twice)."""
+    names = set(extra[::2])
+    kept = [item for i in range(0, len(flags), 2) if flags[i] not in names for item in flags[i:i + 2]]
+    return kept + extra
+
+
 def argv(folder: str, data: Path, out: Path, resolution: int, extra: list[str]) -> list[str]:
     return ["--pretrained_model_name_or_path", folder, "--pretrained_vae_model_name_or_path", "none",
             "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog", "--placeholder_token", "sks",
@@ -156,8 +163,8 @@ def resume_case(flags: list[str], out: Path) -> dict:
         for folder, extra in (("a", ["--num_train_epochs", "4"]), ("b", ["--num_train_epochs", "2"]),
                               ("b", ["--num_train_epochs", "4", "--resume_from_checkpoint", "latest"])):
             AcceleratorState._reset_state(reset_partial_state=True)
-            runs.append(train(parse_args([*flags, "--checkpointing_steps", "2", "--output_dir", str(out / folder),
-                                          *extra])))
+            runs.append(train(parse_args(replaced(flags, ["--checkpointing_steps", "2", "--output_dir", str(out / folder),
+                                                          *extra]))))
     finally:
         torch.use_deterministic_algorithms(False)
     whole, resumed = (load_file(str(run / "checkpoint-4" / "pytorch_lora_weights.safetensors")) for run in runs[::2])

@@ -32,9 +32,15 @@ FIX = re.compile(r"\b(pass|add|drop|remove|use|start|resume|install|fix|delete|f
                  r"choose|must|give|check|set|write|call|load|rename|save|run|include|shorten|copy)\b")
 
 
+# An internal exception's class name (KeyError, UnicodeDecodeError, SafetensorError, ...) or a traceback means a
+# failure nobody turned into words for the user.
+INTERNAL = re.compile(r"\b[A-Z]\w*(Error|Exception|Exit|Interrupt)\b|Traceback|traceback in")
+
+
 def assert_helpful(line: str) -> None:
-    """`line` is one line that names the flag or file and says the fix."""
+    """`line` is one line that names the flag or file and says the fix, in words (no exception class names)."""
     assert line.count("\n") <= 1 and NAMES.search(line) and FIX.search(line), f"not a helpful error: {line!r}"
+    assert not INTERNAL.search(line), f"an internal error reached the user: {line!r}"
 
 
 def one_line_error(capsys, code: int, message: str, exit_code: int = 2) -> str:
@@ -95,16 +101,30 @@ def unet(tiny_model):
     return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").requires_grad_(False)
 
 
+def with_flags(base: list[str], extra: tuple[str, ...]) -> list[str]:
+    """`base` (flag-value pairs) with `extra`'s values in place of its own for the flags both give, and `extra`'s
+    other arguments after it: the command lines refuse a flag given twice with two values."""
+    values = dict(zip(base[::2], base[1::2]))
+    rest, i = [], 0
+    while i < len(extra):
+        if extra[i] in values and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            values[extra[i]] = extra[i + 1]
+            i += 2
+        else:
+            rest.append(extra[i])
+            i += 1
+    return [item for pair in values.items() for item in pair] + rest
+
+
 def train_args(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """A train.py command line for the tiny model at 64 px."""
-    return [
+    return with_flags([
         "--trainer_type", "ortho_lora", "--trainer_class", "sdxl_tlora",
         "--pretrained_model_name_or_path", str(tiny_model), "--pretrained_vae_model_name_or_path", "none",
         "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog",
         "--placeholder_token", "sks", "--resolution", "64", "--num_train_epochs", "3",
         "--checkpointing_steps", "2", "--lora_rank", "4", "--min_rank", "2", "--dataloader_num_workers", "0",
-        *extra,
-    ]
+    ], extra)
 
 
 @pytest.fixture(scope="session")
@@ -182,9 +202,9 @@ def klein_pipe(tiny_klein):
 
 def flux_train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """The authors' FLUX command line (run.py -> train.py) for the tiny FLUX at 64 px."""
-    return [
+    return with_flags([
         "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--output_dir", str(out),
-        "--class_name", "dog", "--rank", "4", "--min_rank", "1", "--tlora", "--max_train_steps", "2",
+        "--class_name", "dog", "--rank", "4", "--min_rank", "1", "--max_train_steps", "2",
         "--checkpointing_steps", "2", "--resolution", "64", "--max_sequence_length", "16", "--seed", "0",
-        "--dataloader_num_workers", "0", *extra,
-    ]
+        "--dataloader_num_workers", "0",
+    ], extra) + ["--tlora"]

@@ -19,7 +19,7 @@ from tlora.runs.weights import WEIGHTS_NAME
 
 import inference
 import train
-from conftest import make_image, one_line_error, read_weights, train_args
+from conftest import make_image, one_line_error, read_weights, train_args, with_flags
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,8 @@ def run_folder(tiny_model, image_dir, tmp_path_factory):
 
 
 def infer_argv(run, *extra):
-    return ["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1", "--prompts", "a {0}", *extra]
+    return with_flags(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1", "--prompts", "a {0}"],
+                      extra)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -11,7 +11,7 @@ from tlora.runs.weights import WEIGHTS_NAME
 from tlora.train.options import parse_args
 
 import inference
-from conftest import read_weights, train_args
+from conftest import read_weights, train_args, with_flags
 
 PROMPTS = "a {0} riding a bike#a {0} swimming"
 
@@ -25,8 +25,8 @@ def trained_run(tiny_model, image_dir, tmp_path_factory):
 
 
 def infer(run, *extra, capsys=None):
-    argv = ["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "2", "--prompts", PROMPTS,
-            "--num_images_per_prompt", "3", "--batch_size", "2", "--num_inference_steps", "3", *extra]
+    argv = with_flags(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "2", "--prompts", PROMPTS,
+                       "--num_images_per_prompt", "3", "--batch_size", "2", "--num_inference_steps", "3"], extra)
     assert inference.main(argv) == 0
     return run / "checkpoint-2" / "samples" / "ns3_gs5.0"
 

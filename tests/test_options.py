@@ -9,7 +9,7 @@ from PIL import Image
 from tlora.train.options import parse_args
 
 import train
-from conftest import REPO, assert_helpful, flux_train_args, train_args
+from conftest import REPO, assert_helpful, flux_train_args, train_args, with_flags
 
 NO_MODEL = "/nonexistent/model"
 
@@ -169,7 +169,7 @@ def test_flux_config_file_uses_the_authors_names(tiny_flux, image_dir, tmp_path)
     (("--rank", "8"), "--min_rank (16) must not exceed --lora_rank (8)"),
 ])
 def test_flux_bad_input(tiny_flux, image_dir, tmp_path, capsys, extra, message):
-    code, err = run_main(flux_train_args_min(tiny_flux, image_dir, tmp_path) + list(extra), capsys)
+    code, err = run_main(with_flags(flux_train_args_min(tiny_flux, image_dir, tmp_path), extra), capsys)
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert_helpful(err)
 

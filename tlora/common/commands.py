@@ -1,7 +1,7 @@
 """How every command ends: bad input is one `error:` line with exit code 2, before any model loads; a clean
 stop on a signal is one line with exit code 130 (SIGINT) or 143 (SIGTERM); a run that cannot go on (it
 diverged, the disk filled, ...) and any other fault are one `error:` line with exit code 1 (the traceback,
-if any, in a file the line names). Assumed settings are `note:` lines."""
+if any, in a file the line names). Notes (an assumed setting, a value changed) are `note:` lines."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import traceback
 import warnings
 from typing import Any, Callable
 
-from tlora.common.errors import AssumedSetting, Interrupted, RunFailed, UsageError, first_line
+from tlora.common.errors import Interrupted, Note, RunFailed, UsageError, first_line
 
 
 def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], Any], label: str | None,
@@ -20,7 +20,7 @@ def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], A
     """Parse and check, then run; print `label: result` when a label is given. Returns the exit code."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("always", AssumedSetting)
+            warnings.simplefilter("always", Note)
             warnings.showwarning = _note(warnings.showwarning)
             args = parse(argv)
             result = run(args)
@@ -56,10 +56,10 @@ def save_traceback(err: BaseException, path: str | None = None) -> str:
 
 
 def _note(show: Callable) -> Callable:
-    """showwarning that prints an AssumedSetting as one `note:` line (others as before)."""
+    """showwarning that prints a Note as one `note:` line (others as before)."""
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, AssumedSetting):
+        if issubclass(category, Note):
             if main_process():
                 print(f"note: {message}", file=sys.stderr)
         else:

@@ -1,13 +1,14 @@
 """The errors and notices every part of tlora raises: each is shown to the user as one line.
 
-UsageError (and CheckpointError): bad input, exit code 2, before anything loads. AssumedSetting: a setting
-that changes the result was taken from a default (one `note:` line). RunFailed and its kinds: a run that
-cannot go on, exit code 1 (130/143 for a signal). Interrupted: a clean stop after a resumable checkpoint.
+UsageError (and CheckpointError): bad input, exit code 2, before anything loads. Note (and AssumedSetting): what
+the user should know before the work goes on, one `note:` line. RunFailed and its kinds: a run that cannot go on,
+exit code 1 (130/143 for a signal). Interrupted: a clean stop after a resumable checkpoint.
 """
 
 from __future__ import annotations
 
 import signal
+import warnings
 
 
 class UsageError(ValueError):
@@ -20,9 +21,18 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-class AssumedSetting(UserWarning):
-    """A setting that changes a T-LoRA's result is recorded nowhere, so a default was taken (commands show
-    it as one `note:` line)."""
+class Note(UserWarning):
+    """Something that changes what the user asked for, said before the work goes on (a value clamped, a flag
+    with no effect here, a prompt cut, an older checkpoint used and why): commands show it as one `note:` line."""
+
+
+class AssumedSetting(Note):
+    """A setting that changes a T-LoRA's result is recorded nowhere, so a default was taken."""
+
+
+def note(message: str, stacklevel: int = 2) -> None:
+    """Say `message` as a Note (a `note:` line under every command; a Python warning in the API)."""
+    warnings.warn(message, Note, stacklevel=stacklevel + 1)
 
 
 class CheckpointError(UsageError):

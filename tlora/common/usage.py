@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import re
+import reprlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,46 @@ import yaml
 from tlora.common.errors import UsageError, first_line
 
 SECRET_FLAGS = ("--wandb_api_key",)
+SECRET_KEYS = tuple(flag.lstrip("-") for flag in SECRET_FLAGS)  # the same, as config and hparams.yml keys
 SECRET_ENV = ("WANDB_API_KEY",)
 REDACTED = "<redacted>"
+MAX_TEXT_FILE = 16 * 2**20  # a --config, hparams.yml or manifest larger than this is not one
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut to a few dozen characters, at a cost bounded whatever the value (a YAML alias bomb is a
+    list nested a hundred times: its full repr would take minutes)."""
+    return _SHORT.repr(value)
+
+
+def read_text(path: str | Path, what: str, fix: str) -> str:
+    """A user's text file (a --config, a hparams.yml, a manifest) as UTF-8 text; one line naming `what` and
+    `fix` when it cannot be read, is not UTF-8 text or is larger than any such file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_FILE + 1)
+    except OSError as err:
+        raise UsageError(f"{what}: cannot read {path} ({err.strerror or err}); {fix}") from None
+    if len(data) > MAX_TEXT_FILE:
+        raise UsageError(f"{what}: {path} is over {MAX_TEXT_FILE >> 20} MiB, too large for a text file of settings; "
+                         f"{fix}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what}: {path} is not UTF-8 text; {fix}") from None
+
+
+def check_utf8(flag: str, text: str) -> None:
+    """Text from the command line that encodes as UTF-8 (Python keeps invalid bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag}: the text is not valid UTF-8; give it as UTF-8 text") from None
 
 
 def _is_secret_flag(name: str) -> bool:
@@ -79,17 +118,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's store, refusing a flag (or another name of it) given again with another value: plain argparse
+    keeps the last one in silence."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(parser, "given", None)
+        if given is not None and option_string is not None:
+            if self.dest in given and given[self.dest][1] != values:
+                first, before = given[self.dest]
+                parser.error(f"{option_string} {shown(values)} contradicts {first} {shown(before)} given before; "
+                             "give the flag once")
+            given.setdefault(self.dest, (option_string, values))
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with no abbreviations, whose errors are one-line `UsageError`s with secrets redacted."""
+    """argparse with no abbreviations, no flag given twice with two values and only UTF-8 text, whose errors are
+    one-line `UsageError`s with secrets redacted. `given` maps each flag given on the command line to
+    (the name used, its value)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
         self._argv: list[str] = []
+        self.given: dict[str, tuple[str, Any]] = {}
 
     def parse_known_args(self, args=None, namespace=None):
         self._argv = list(sys.argv[1:] if args is None else args)
+        self.given = {}
+        for i, arg in enumerate(self._argv):
+            flag = arg.partition("=")[0] if arg.startswith("--") else (self._argv[i - 1] if i else "argument")
+            check_utf8(flag if flag.startswith("--") else "argument", arg)
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
@@ -106,7 +169,7 @@ def check_finite(flag: str, value: float, low: float | None = None, high: float 
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        raise UsageError(f"{flag} must be a finite number in {span}, got {value!r}")
+        raise UsageError(f"{flag} must be a finite number in {span}, got {shown(value)}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -116,22 +179,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__.replace('dict', 'mapping')} "
+                                                        "cannot be a key", key_node.start_mark) from None
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                raise yaml.constructor.ConstructorError(None, None, f"the key {shown(key)} is given twice",
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(text: str, where: str) -> object:
-    """A user's YAML file (a --config, a benchmark manifest): safe types only, no key given twice; errors are
-    one line naming the file and the line."""
+def load_yaml(text: str, where: str, fix: str = "fix the file") -> object:
+    """A user's YAML file (a --config, a hparams.yml, a benchmark manifest): safe types only, no key given twice;
+    errors are one line naming the file, the line and `fix`."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"{where} is not valid YAML{line} ({getattr(err, 'problem', err)}); fix the file") from None
+        raise UsageError(f"{where} is not valid YAML{line} ({getattr(err, 'problem', None) or 'unreadable'}); "
+                         f"{fix}") from None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -186,4 +255,4 @@ def typed_value(where: str, key: str, value: Any, kind: type) -> Any:
             pass
     elif isinstance(value, str):
         return value
-    raise UsageError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+    raise UsageError(f"{where}: {key} must be {kind.__name__}, got {shown(value)}")

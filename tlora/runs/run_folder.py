@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from tlora.common.errors import UsageError, first_line
+from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.safe_names import safe_component
-from tlora.common.usage import redact_value, secret_values
+from tlora.common.usage import load_yaml, read_text, redact_value, secret_values
 from tlora.method.settings import TLoRASettings
 
 RUN_INDEX = re.compile(r"^(\d+)-")
@@ -41,17 +41,14 @@ def run_of(folder: Path) -> Path | None:
     return None
 
 
+HPARAMS_FIX = "pass a run's logs/hparams.yml"
+
+
 def read_hparams(path: str | Path) -> dict:
-    """A run's hparams.yml (ours or the authors'), as a dict."""
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML ({first_line(err)}); pass a run's logs/hparams.yml")
-    except OSError as err:
-        raise UsageError(f"cannot read {path} ({err.strerror}); pass a run's logs/hparams.yml") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"{path} is not a mapping of options; pass a run's logs/hparams.yml")
+    """A run's hparams.yml (ours or the authors'), as a dict of option names."""
+    values = load_yaml(read_text(path, str(path), HPARAMS_FIX), str(path), HPARAMS_FIX) or {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise UsageError(f"{path} is not a mapping of option names; {HPARAMS_FIX}")
     return values
 
 

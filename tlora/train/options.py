@@ -23,7 +23,17 @@ from typing import Any
 
 from tlora import families
 from tlora.common.errors import UsageError
-from tlora.common.usage import Parser, check_model_source, load_yaml, redact_argv
+from tlora.common.usage import (
+    REDACTED,
+    SECRET_KEYS,
+    Parser,
+    check_model_source,
+    check_utf8,
+    load_yaml,
+    read_text,
+    redact_argv,
+    shown,
+)
 from tlora.families.pipelines import BASE_PRECISIONS
 from tlora.method.adapters import SIG_TYPES, TRAINER_TYPES
 from tlora.method.settings import TRAINER_CLASSES
@@ -163,15 +173,20 @@ def read_config(path: str) -> dict:
     """The flag values of a --config YAML file (flag names or their aliases), each checked like its flag."""
     if not Path(path).is_file():
         raise UsageError(f"--config: file {path} does not exist; pass a YAML file of flag values")
-    values = load_yaml(Path(path).read_text(), f"--config: {path}") or {}
+    fix = "pass a YAML file of flag values"
+    values = load_yaml(read_text(path, "--config", fix), f"--config: {path}") or {}
     if not isinstance(values, dict):
-        raise UsageError(f"--config: {path} must hold a mapping of flag names to values")
+        raise UsageError(f"--config: {path} must hold a mapping of flag names to values; {fix}")
     by_name = {name.lstrip("-"): f for f in flag_fields() for name in (f.name, *f.metadata["flag"]["aliases"])}
-    out = {}
+    out, named = {}, {}
     for key, value in values.items():
-        if key not in by_name or key == "config":
-            raise UsageError(f"--config: unknown key {key!r} in {path}; use the flag names of train.py --help")
-        out[by_name[key].name] = _config_value(by_name[key], value, path)
+        if not isinstance(key, str) or key not in by_name or key == "config":
+            raise UsageError(f"--config: unknown key {shown(key)} in {path}; use the flag names of train.py --help")
+        name, value = by_name[key].name, _config_value(by_name[key], value, path)
+        if name in out and out[name] != value:
+            raise UsageError(f"--config: {path} gives {named[name]} and {key}, two names of --{name}, different "
+                             "values; keep one of them")
+        out[name], named[name] = value, key
     return out
 
 
@@ -179,12 +194,15 @@ def _config_value(f, value, path: str):
     if value is None:
         return None
     meta, kind, where = f.metadata["flag"], _kind(f), f"--config {path}: --{f.name}"
+    echo = REDACTED if f.name in SECRET_KEYS else shown(value)  # a key given as a list is still a key
     allowed = (int, float) if kind is float else kind  # YAML writes 1e-4 as a float and 1 as an int
     if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
-        raise UsageError(f"{where} must be {'true/false' if kind is bool else kind.__name__}, got {value!r}")
+        raise UsageError(f"{where} must be {'true/false' if kind is bool else kind.__name__}, got {echo}; fix the file")
     value = value.lower() if meta["lower"] else value
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise UsageError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        raise UsageError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {echo}; fix the file")
+    if isinstance(value, str):
+        check_utf8(where, value)
     return value
 
 
