@@ -172,6 +172,22 @@ def check_finite(flag: str, value: float, low: float | None = None, high: float 
         raise UsageError(f"{flag} must be a finite number in {span}, got {shown(value)}")
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too)
+MAX_GUIDANCE = 100.0  # far above any model's useful guidance; beyond it the guided prediction overflows half precision
+
+
+def check_seed(flag: str, value: int, processes: int = 1) -> None:
+    """A seed every generator takes: 0 to 2**32 - 1, leaving room for one more per process (each process seeds
+    with seed + its index)."""
+    high = MAX_SEED - (processes - 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise UsageError(f"{flag} must be a whole number from 0 to {high}, got {shown(value)}; pass one in that range")
+
+
+def check_guidance(flag: str, value: float) -> None:
+    check_finite(flag, value, 0, MAX_GUIDANCE)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
 
