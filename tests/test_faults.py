@@ -3,6 +3,7 @@ transparency, secrets. Each failure is one line naming what is wrong and the fix
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from tlora.common.errors import Note
 from tlora.interop import export
 from tlora.runs.checkpoint_state import RESUME_DIR
 from tlora.runs.run_folder import LOCK_NAME
@@ -86,15 +88,18 @@ def test_damaged_resume_state_is_one_line_before_anything_loads(state_run, tiny_
     run = copy(state_run, tmp_path)
     optimizer = run / "checkpoint-4" / RESUME_DIR / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:-100])
-    code = train.main(resume_args(tiny_model, image_dir, run / "checkpoint-4"))
-    err = one_line_error(capsys, code, f"--resume_from_checkpoint: {optimizer} is damaged")
-    assert err.rstrip().endswith(f"resume from {run / 'checkpoint-2'} instead")
-    args = parse_args(resume_args(tiny_model, image_dir, run))  # the run folder: its newest whole checkpoint
-    assert args.resume_checkpoint == run / "checkpoint-2" and "optimizer.bin is damaged" in args.resume_note
+    for target in (run / "checkpoint-4", run):  # the checkpoint, or the run folder (its newest checkpoint)
+        code = train.main(resume_args(tiny_model, image_dir, target))
+        err = one_line_error(capsys, code, f"--resume_from_checkpoint: {optimizer} is not the file checkpoint-4 saved")
+        assert err.rstrip().endswith(f"move checkpoint-4 out of {run} to resume from checkpoint-2, or start a new run")
+    one_line_error(capsys, train.main(resume_args(tiny_model, image_dir, run / "checkpoint-2")),
+                   "checkpoint-4 of {} is newer but cannot be resumed".format(run))
+    (run / "checkpoint-4").rename(tmp_path / "set-aside")  # as the message says: resuming goes on from checkpoint-2
+    assert parse_args(resume_args(tiny_model, image_dir, run)).resume_checkpoint == run / "checkpoint-2"
     weights = run / "checkpoint-2" / "pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     one_line_error(capsys, train.main(resume_args(tiny_model, image_dir, run)),
-                   "has no checkpoint with whole resume state")
+                   "is damaged (truncated or not a safetensors file")
 
 
 @pytest.mark.slow
@@ -104,8 +109,8 @@ def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_model, 
 
     before = sorted(state_run.rglob("*"))
     run = copy(state_run, tmp_path)
-    assert train_run(parse_args(resume_args(tiny_model, image_dir, run))) == run
-    assert f"was written in {state_run}; resuming it where it is" in capsys.readouterr().err
+    with pytest.warns(Note, match=f"was written in {state_run}; resuming it where it is"):
+        assert train_run(parse_args(resume_args(tiny_model, image_dir, run))) == run
     assert (run / "checkpoint-6").is_dir() and yaml.safe_load((run / "logs/hparams.yml").read_text())["output_dir"] == str(run)
     analyze(run)
     assert (run / "analysis" / "rank_schedule.png").is_file()
@@ -135,7 +140,7 @@ def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path,
 
     monkeypatch.setattr(checkpointing, "save_weights", full)
     argv = train_args(tiny_model, image_dir, tmp_path, "--num_train_epochs", "6")
-    one_line_error(capsys, train.main(argv), "could not write checkpoint-4 in", exit_code=1)
+    one_line_error(capsys, train.main(argv), "could not write checkpoint-4: the disk holding", exit_code=1)
     (run,) = runs(tmp_path)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "logs"]  # whole; no half-written leftovers
     assert (run / "checkpoint-2" / RESUME_DIR).is_dir()
@@ -185,10 +190,9 @@ def test_a_file_given_as_a_folder_is_named_as_a_file(tiny_model, image_dir, tmp_
 def test_latest_says_which_setting_differs(state_run, tiny_model, image_dir, capsys):
     argv = train_args(tiny_model, image_dir, state_run.parent, "--resume_from_checkpoint", "latest",
                       "--lora_rank", "8")
-    args = parse_args(argv)
-    assert args.resume_checkpoint is None
-    assert f"no run to resume in {state_run.parent} with these settings ({state_run.name} has lora_rank = 4, not 8)" \
-        in args.resume_note
+    with pytest.warns(Note, match=re.escape(f"no run to resume in {state_run.parent} with these settings "
+                                            f"({state_run.name} has lora_rank = 4, not 8)")):
+        assert parse_args(argv).resume_checkpoint is None
 
 
 def test_transparent_pixels_are_white_or_the_loss_mask(tmp_path):

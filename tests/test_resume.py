@@ -119,17 +119,17 @@ def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monke
     from tlora.runs import checkpoint_state
 
     folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--checkpointing_steps", "2")
-    original = checkpoint_state.Progress.state_dict
+    original = checkpoint_state.Progress.save
 
     class Killed(BaseException):  # as kill -9: nothing runs after it
         pass
 
-    def crash(self):
+    def crash(self, folder):
         if self.step == 4:
             raise Killed
-        return original(self)
+        return original(self, folder)
 
-    monkeypatch.setattr(checkpoint_state.Progress, "state_dict", crash)
+    monkeypatch.setattr(checkpoint_state.Progress, "save", crash)
     with pytest.raises(Killed):
         run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
             "--resume_from_checkpoint", "latest")

@@ -32,7 +32,7 @@ def test_two_processes_one_run_and_exact_resume(tiny_model, image_dir, tmp_path)
     straight = runs[0]
     assert sorted(p.name for p in straight.iterdir()) == ["checkpoint-2", "checkpoint-4", "logs"]
     assert sorted(p.name for p in (straight / "checkpoint-4" / "resume").iterdir()) == [
-        "custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"]
+        "manifest.json", "optimizer.bin", "progress.safetensors", "random_states_0.pkl", "random_states_1.pkl"]
     assert "Grad strides" not in done.stderr
 
     torchrun(args("b", "2"))

@@ -1,26 +1,39 @@
-"""A checkpoint on disk, whole or not at all: written through a hidden staging folder renamed into place,
-removed by renaming away first, pruned by the limits; its resume state (accelerate's save_state plus the
-`Progress`) checked without unpickling anything.
+"""A checkpoint on disk, whole or not at all, its files proven to belong together, and nothing in it able to run
+code: written through a hidden staging folder renamed into place, removed by renaming away first, pruned by the
+limits, and checked before any model loads.
 
 `checkpoint-N/` holds `pytorch_lora_weights.safetensors` and, in the newest checkpoint(s), `resume/`:
-accelerate's `save_state` (optimizer, grad scaler, the RNG states of every process) plus
-`custom_checkpoint_0.pkl` (the `Progress`: step and every process's data order).
+- accelerate's `save_state`: `optimizer.bin`, `random_states_<process>.pkl` (every process's RNG states) and, in
+  fp16, `scaler.pt`. These are torch pickles; they are only ever read with `weights_only=True` (tensors and plain
+  values, never code), first here before any model loads, then by accelerate itself;
+- `progress.safetensors`: the step and every process's data order (tensors and string metadata, no pickle);
+- `manifest.json`: the step, the SHA-256 of the weights file the state was saved with, and the SHA-256 of every
+  other file of `resume/`. A file of another checkpoint, or of another step, does not match it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
 from tlora.common.errors import UsageError
+from tlora.common.files import atomic_write
 from tlora.runs.reading import read, weights_file
 from tlora.runs.run_folder import CHECKPOINT, checkpoints
 
 RESUME_DIR = "resume"
-
-STATE_FILES = ("optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")  # accelerate's save_state
+MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = "progress.safetensors"
+MANIFEST_FORMAT = "tlora-resume-1"
+RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")  # what accelerate's RNG files hold
+PICKLES = (".bin", ".pkl", ".pt")  # accelerate's files
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -28,48 +41,18 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(CHECKPOINT.match(checkpoint.name).group(1))
 
 
-def is_resumable(checkpoint: Path) -> bool:
-    """Whether a checkpoint has weights and resume state (whole or not: see `damage`)."""
-    return weights_file(checkpoint) is not None and (checkpoint / RESUME_DIR).is_dir()
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def damage(checkpoint: Path) -> str | None:
-    """What is wrong with a checkpoint's weights or resume state, read without loading any model; None when whole.
-    Every file of resume/ is a zip archive (torch.save) whose checksums are tested; nothing is unpickled."""
-    try:
-        read(checkpoint, quiet=True)  # safetensors checks that its header's tensors fill the file
-    except UsageError as err:
-        return str(err)
-    state = checkpoint / RESUME_DIR
-    for name in STATE_FILES:
-        if not (state / name).is_file():
-            return f"{state / name} is missing"
-    for path in sorted(p for p in state.iterdir() if p.is_file()):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            return f"{path} is damaged ({err})"
-        if bad is not None:
-            return f"{path} is damaged ({bad} fails its checksum)"
-    return None
-
-
-def newest_whole(run: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint of a run with whole weights and resume state, and what is wrong with newer ones."""
-    skipped = []
-    for _, folder in reversed(checkpoints(run)):
-        if not is_resumable(folder):
-            continue
-        problem = damage(folder)
-        if problem is None:
-            return folder, skipped
-        skipped.append(problem)
-    return None, skipped
-
-
+# -- writing ------------------------------------------------------------------------------------------------
 class Progress:
-    """What accelerate's save_state does not hold: the step and every process's data order."""
+    """What accelerate's save_state does not hold: the step and every process's data order, saved as
+    `progress.safetensors` (each process's loader generator state as a tensor, the rest as metadata)."""
 
     def __init__(self, order, accelerator) -> None:
         self.order, self.accelerator = order, accelerator
@@ -77,21 +60,30 @@ class Progress:
         self._orders: list[dict] = []
 
     def gather(self) -> None:
-        """Collect every process's data order (call on every process before save_state)."""
+        """Collect every process's data order (call on every process before saving)."""
         from accelerate.utils import gather_object
 
         local = [self.order.state_dict()]
         self._orders = gather_object(local) if self.accelerator.num_processes > 1 else local
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "orders": self._orders}
+    def save(self, folder: Path) -> None:
+        """Write progress.safetensors into `folder` (main process)."""
+        tensors = {f"generator.{i}": order["generator"] for i, order in enumerate(self._orders)}
+        metadata = {"step": str(self.step), "taken": json.dumps([order["taken"] for order in self._orders])}
+        atomic_write(folder / PROGRESS_NAME, save(tensors, metadata=metadata))
 
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["orders"]) != self.accelerator.num_processes:
-            raise UsageError(f"--resume_from_checkpoint: the run was trained with {len(state['orders'])} processes, "
-                             f"not {self.accelerator.num_processes}; resume with as many")
-        self.step = state["step"]
-        self.order.load_state_dict(state["orders"][self.accelerator.process_index])
+    def load(self, folder: Path) -> None:
+        """This process's data order and the step from a checked progress.safetensors (see `damage`)."""
+        step, orders = read_progress(folder / PROGRESS_NAME)
+        self.step = step
+        self.order.load_state_dict(orders[self.accelerator.process_index])
+
+
+def _write_manifest(state: Path, step: int, weights: Path) -> None:
+    files = {p.name: sha256(p) for p in sorted(state.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "weights": {"file": weights.name, "sha256": sha256(weights)},
+                "files": files}
+    atomic_write(state / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -102,21 +94,25 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def write_checkpoint(accelerator, progress: Progress, folder: Path, write_weights) -> Path:
-    """checkpoint-N whole or not at all: `write_weights(staging)` (main process) and accelerate's save_state
-    (every process) go into a hidden staging folder, which is renamed to `folder` when complete."""
+    """checkpoint-N whole or not at all: `write_weights(staging)` (main process, returns the weights file),
+    accelerate's save_state (every process), the progress and the manifest go into a hidden staging folder, which
+    is renamed to `folder` when complete. An existing `folder` is never replaced (FileExistsError)."""
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists already; a finished checkpoint is never replaced")
     staging = folder.with_name(f".{folder.name}.tmp")
     progress.gather()
     try:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
             (staging / RESUME_DIR).mkdir(parents=True)
-            write_weights(staging)
+            weights = write_weights(staging)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(staging / RESUME_DIR))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            progress.save(staging / RESUME_DIR)
+            _write_manifest(staging / RESUME_DIR, progress.step, weights)
             _fsync_tree(staging / RESUME_DIR)
-            remove(folder)  # a checkpoint of this step left by an earlier, resumed attempt
             os.replace(staging, folder)
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back what the half checkpoint took
@@ -153,3 +149,106 @@ def prune(run: Path, keep_checkpoints: int | None, keep_states: int) -> None:
     with_state = [folder for _, folder in found if (folder / RESUME_DIR).is_dir()]
     for folder in with_state[:-keep_states]:
         remove(folder / RESUME_DIR)
+
+
+# -- checking, before any model loads --------------------------------------------------------------------
+def read_progress(path: Path) -> tuple[int, list[dict]]:
+    """(step, every process's data order) from progress.safetensors; UsageError when it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        step, taken = int(metadata["step"]), json.loads(metadata["taken"])
+        orders = [{"generator": tensors[f"generator.{i}"], "taken": int(n)} for i, n in enumerate(taken)]
+    except Exception:  # safetensors' own error type, a missing key, text that is not a number
+        raise UsageError(f"{path} is not a progress file of tlora's") from None
+    if not orders or any(o["generator"].dtype != torch.uint8 or o["taken"] < 0 for o in orders):
+        raise UsageError(f"{path} is not a progress file of tlora's")
+    return step, orders
+
+
+def read_manifest(state: Path) -> dict:
+    path = state / MANIFEST_NAME
+    if not path.is_file():
+        raise UsageError(f"{path} is missing (resume state written by an older tlora or another tool)")
+    try:
+        manifest = json.loads(path.read_bytes()[: 2**20].decode("utf-8"))
+        files = manifest["files"]
+        ok = (manifest["format"] == MANIFEST_FORMAT and isinstance(manifest["step"], int)
+              and isinstance(manifest["weights"]["sha256"], str) and isinstance(files, dict)
+              and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()))
+    except (ValueError, KeyError, TypeError, OSError):
+        ok = False
+    if not ok:
+        raise UsageError(f"{path} is not a manifest of tlora's resume state")
+    return manifest
+
+
+def _loads_safely(path: Path) -> object:
+    """A torch pickle read as accelerate reads it, with weights_only: tensors and plain values, never code."""
+    from accelerate.utils import load
+
+    try:
+        return load(path, map_location="cpu", mmap=True)
+    except Exception:  # the unpickler refuses anything but tensors and plain containers
+        raise UsageError(f"{path} is not a torch file of tensors and plain values (a pickle that could run code is "
+                         "never loaded)") from None
+
+
+def _check_state(checkpoint: Path, weights: Path) -> None:
+    """Every file of checkpoint/resume is listed in its manifest with its digest, of this step and these weights;
+    accelerate's pickles load without running code; the progress is of this step."""
+    state, step = checkpoint / RESUME_DIR, checkpoint_step(checkpoint)
+    manifest = read_manifest(state)
+    if manifest["step"] != step:
+        raise UsageError(f"{state / MANIFEST_NAME} is step {manifest['step']}'s, not {checkpoint.name}'s")
+    if manifest["weights"]["sha256"] != sha256(weights):
+        raise UsageError(f"{weights} is not the weights {state} was saved with (its digest differs)")
+    present = {p.name for p in state.iterdir()} - {MANIFEST_NAME}
+    for name in sorted(present - set(manifest["files"])):
+        raise UsageError(f"{state / name} is not one of the checkpoint's files (its manifest does not list it)")
+    for name, digest in sorted(manifest["files"].items()):
+        path = state / name
+        if Path(name).name != name or not path.is_file():
+            raise UsageError(f"{path} is missing")
+        if sha256(path) != digest:
+            raise UsageError(f"{path} is not the file {checkpoint.name} saved (damaged, or another checkpoint's: its "
+                             "digest differs from its manifest's)")
+    for name in sorted(manifest["files"]):
+        if name.endswith(PICKLES):
+            loaded = _loads_safely(state / name)
+            if name.startswith("random_states_") and not (isinstance(loaded, dict) and set(RNG_KEYS) <= set(loaded)):
+                raise UsageError(f"{state / name} holds no RNG states")
+    if PROGRESS_NAME not in manifest["files"]:
+        raise UsageError(f"{state / PROGRESS_NAME} is missing")
+    saved, orders = read_progress(state / PROGRESS_NAME)
+    if saved != step:
+        raise UsageError(f"{state / PROGRESS_NAME} is of step {saved}, not {step}")
+    for i in range(len(orders)):
+        if f"random_states_{i}.pkl" not in manifest["files"]:
+            raise UsageError(f"{state / f'random_states_{i}.pkl'} is missing")
+
+
+def processes(checkpoint: Path) -> int:
+    """How many processes trained the checkpoint (from its checked progress file)."""
+    return len(read_progress(checkpoint / RESUME_DIR / PROGRESS_NAME)[1])
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What keeps a checkpoint from being resumed exactly (its weights, or resume state that is missing, damaged,
+    of another checkpoint or able to run code), read without loading any model; None when it can be."""
+    weights = weights_file(checkpoint)
+    if weights is None:
+        return f"{checkpoint} has no weights file"
+    try:
+        ckpt = read(checkpoint, quiet=True)  # safetensors checks that its header's tensors fill the file
+        if ckpt.metadata.get("global_step", str(checkpoint_step(checkpoint))) != str(checkpoint_step(checkpoint)):
+            return f"{weights} is step {ckpt.metadata['global_step']}'s weights, not {checkpoint.name}'s"
+        if not (checkpoint / RESUME_DIR).is_dir():
+            return f"{checkpoint} has no resume state ({RESUME_DIR}/)"
+        _check_state(checkpoint, weights)
+    except UsageError as err:
+        return str(err)
+    except OSError as err:
+        return f"{checkpoint} cannot be read ({err.strerror or err})"
+    return None

@@ -22,7 +22,7 @@ from tlora.method.settings import TLoRASettings
 
 RUN_INDEX = re.compile(r"^(\d+)-")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-INTERNAL = ("resume_checkpoint", "resume_note")  # set while parsing, not options: never recorded
+INTERNAL = ("resume_checkpoint",)  # set while parsing, not an option: never recorded
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -174,6 +174,9 @@ class RunLock:
                 self.check(flag)
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
+            except OSError as err:  # a read-only folder or disk
+                raise UsageError(f"{flag}: cannot write in {self.path.parent} ({err.strerror or err}); make it "
+                                 "writable (or copy the run to a folder you can write to)") from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.held = True
@@ -183,9 +186,12 @@ class RunLock:
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
             self.held = False
             atexit.unregister(self.release)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:  # the folder became read-only: the lock is stale once this process is gone
+                pass
 
 
 def moved_from(run: Path, hparams: dict) -> str | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tlora.common.errors import Diverged, RunFailed
+from tlora.common.files import write_failure
 from tlora.runs.checkpoint_state import prune, write_checkpoint
 from tlora.runs.reading import weights_file
 from tlora.runs.run_folder import checkpoints
@@ -30,9 +31,14 @@ class Checkpointer:
         try:
             folder = write_checkpoint(self.accelerator, self.progress, self.folder / f"checkpoint-{step}",
                                       lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
-        except OSError as err:  # a full disk, a folder that went away
-            raise RunFailed(f"could not write checkpoint-{step} in {self.folder} ({err.strerror or err}); every "
-                            f"finished checkpoint is whole: free some space and resume with --resume_from_checkpoint "
+        except FileExistsError as err:
+            raise RunFailed(f"checkpoint-{step} appeared in {self.folder} while training and is kept as it is; move "
+                            f"it out of the run folder and resume with --resume_from_checkpoint {self.folder}") from err
+        except (OSError, RuntimeError) as err:  # a full disk (torch.save says "file write failed"), a folder gone
+            if not isinstance(err, OSError) and "writ" not in str(err):
+                raise
+            raise RunFailed(f"could not write checkpoint-{step}: {write_failure(err, self.folder)}; every finished "
+                            f"checkpoint is whole: free some space and resume with --resume_from_checkpoint "
                             f"{self.folder}") from err
         if self.accelerator.is_main_process:
             prune(self.folder, self.opts.checkpoints_total_limit, self.opts.resume_state_total_limit)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from tlora.common.errors import Diverged
+from tlora.common.errors import Diverged, UsageError
 from tlora.common.files import atomic_write
+from tlora.common.usage import read_text, shown
 
 LOSS_FLUSH_STEPS = 10
 
@@ -59,8 +60,28 @@ class LossLog:
 
     def keep_until(self, last_step: int) -> None:
         """Drop rows after `last_step` from loss.csv (written after the checkpoint a run resumes from)."""
-        if not self.loss_csv.is_file():
-            return
-        lines = self.loss_csv.read_text().splitlines()
-        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= last_step]
-        atomic_write(self.loss_csv, ("\n".join(kept) + "\n").encode())
+        rows = [(step, text) for step, text in read_loss_log(self.loss_csv) if step <= last_step]
+        if self.loss_csv.is_file():
+            atomic_write(self.loss_csv, ("step,loss\n" + "".join(f"{step},{text}\n" for step, text in rows)).encode())
+
+
+def read_loss_log(path: Path) -> list[tuple[int, str]]:
+    """(step, loss as written) of each row of a run's loss.csv ([] when there is none); UsageError when it is
+    not one."""
+    if not path.is_file():
+        return []
+    fix = "move it out of the run folder (training starts a new one)"
+    lines = read_text(path, str(path), fix).splitlines()
+    rows = []
+    for line in lines[1:] if lines[:1] == ["step,loss"] else lines:
+        step, _, text = line.partition(",")
+        try:
+            rows.append((int(step), str(float(text))))
+        except ValueError:
+            raise UsageError(f"{path} is not a loss log (a row reads {shown(line)}); {fix}") from None
+    return rows
+
+
+def check_loss_log(path: Path) -> None:
+    """A run's loss.csv reads as one (checked before a resume loads any model)."""
+    read_loss_log(path)

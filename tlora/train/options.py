@@ -126,12 +126,11 @@ class TrainOptions:
     checkpoints_total_limit: int | None = flag(None, "Keep only the newest N checkpoint folders.")
     resume_state_total_limit: int = flag(1, "Keep the resume state (optimizer, RNG, data order) in the newest N "
                                          "checkpoints only.")
-    # What resolving adds (recorded in hparams.yml, except resume_checkpoint and resume_note).
+    # What resolving adds (recorded in hparams.yml, except resume_checkpoint).
     family: str | None = internal()
     argv: list[str] = internal()
     data_sha256: str | None = internal()  # the training images' digest: resume refuses other data
     resume_checkpoint: Path | None = internal()
-    resume_note: str | None = internal()
 
 
 # -- the command line, from the description -------------------------------------------------------------

@@ -1,10 +1,6 @@
-"""Exact resume: which checkpoint to resume from, whether the settings allow it, and the resume state.
-
-`checkpoint-N/` holds the unchanged `pytorch_lora_weights.safetensors` and, in the newest checkpoint(s),
-`resume/`: accelerate's `save_state` (optimizer, grad scaler, the RNG states of every process) plus
-`custom_checkpoint_0.pkl` (the `Progress`: step and every process's data order). Both are written into a
-hidden staging folder that is renamed to `checkpoint-N` when complete, so a checkpoint folder is always
-whole; pruning renames a folder away before deleting it.
+"""Which checkpoint to resume from, and whether it may be: the newest checkpoint of its run (resuming an older one
+would write the newer ones again), whole, its files of one step and one set of weights (runs.checkpoint_state),
+trained with as many processes, and the run's settings unchanged where they matter. All before any model loads.
 """
 
 from __future__ import annotations
@@ -14,9 +10,11 @@ import os
 import re
 from pathlib import Path
 
-from tlora.common.errors import UsageError
-from tlora.runs.checkpoint_state import RESUME_DIR, checkpoint_step, damage, is_resumable, newest_whole
+from tlora.common.errors import UsageError, note
+from tlora.common.usage import shown
+from tlora.runs.checkpoint_state import checkpoint_step, damage, processes
 from tlora.runs.run_folder import CHECKPOINT, RunLock, checkpoints, read_hparams
+from tlora.train.loss_log import check_loss_log
 
 RUN = re.compile(r"^(\d+)-")
 # May differ from the run's hparams.yml when resuming; every other recorded setting must match.
@@ -69,49 +67,57 @@ def changed_setting(recorded: dict, args: argparse.Namespace) -> tuple[str, obje
     return None
 
 
+def resumable(checkpoint: Path) -> Path:
+    """`checkpoint` when it is the newest checkpoint of its run and can be resumed exactly; else one line. Resuming
+    an older checkpoint would write the newer ones again, so a finished checkpoint is never replaced."""
+    run = checkpoint.parent
+    newest = checkpoints(run)[-1][1]
+    if newest != checkpoint:
+        why = damage(newest)
+        if why is None:
+            raise UsageError(f"--resume_from_checkpoint: {newest.name} of {run} is newer; resume from it (or from the "
+                             "run folder), or start a new run")
+        raise UsageError(f"--resume_from_checkpoint: {newest.name} of {run} is newer but cannot be resumed ({why}); "
+                         f"resuming {checkpoint.name} would write {newest.name} again: move {newest.name} out of the "
+                         "run folder, then resume")
+    problem = damage(checkpoint)
+    if problem is not None:
+        older = next((p for _, p in reversed(checkpoints(run)[:-1]) if damage(p) is None), None)
+        fix = (f"move {checkpoint.name} out of {run} to resume from {older.name}, or start a new run" if older
+               else "no other checkpoint of this run can be resumed: start a new run")
+        raise UsageError(f"--resume_from_checkpoint: {problem}; {fix}")
+    return checkpoint
+
+
+def _newest(run: Path) -> Path:
+    """The newest checkpoint of a run folder, which must be resumable."""
+    found = checkpoints(run)
+    if not found:
+        raise UsageError(f"--resume_from_checkpoint: {run} has no checkpoint yet; start a new run")
+    return resumable(found[-1][1])
+
+
 def _latest(args: argparse.Namespace) -> Path | None:
-    """The newest whole checkpoint of the newest run in --output_dir with these settings; None (and a note in
-    args.resume_note) when there is none."""
+    """The newest checkpoint of the newest run in --output_dir with these settings that has one; None (with a
+    note) when there is none."""
     out = Path(args.output_dir)
     runs = [p for p in out.iterdir() if p.is_dir() and RUN.match(p.name)] if out.is_dir() else []
     other = None
     for run in sorted(runs, key=lambda p: int(RUN.match(p.name).group(1)), reverse=True):
         change = changed_setting(_hparams(run), args)
         if change is not None:
-            other = other or f"{run.name} has {change[0]} = {change[1]!r}, not {change[2]!r}"
+            other = other or f"{run.name} has {change[0]} = {shown(change[1])}, not {shown(change[2])}"
             continue
-        found, skipped = newest_whole(run)
-        if found is not None:
-            args.resume_note = f"resuming {found}, the newest whole checkpoint: {'; '.join(skipped)}" if skipped \
-                else None
-            return found
+        if checkpoints(run):
+            return _newest(run)
     why = f" with these settings ({other})" if other else ""
-    args.resume_note = f"--resume_from_checkpoint latest: no run to resume in {out}{why}; starting a new run"
+    note(f"--resume_from_checkpoint latest: no run to resume in {out}{why}; starting a new run")
     return None
-
-
-def _checkpoint(path: Path) -> Path:
-    """An explicit checkpoint-N: it must be the newest of its run with resume state, and whole."""
-    if not is_resumable(path):
-        raise UsageError(f"--resume_from_checkpoint: {path} has no resume state ({RESUME_DIR}/ and weights); pass "
-                         "its run folder to resume from the newest complete checkpoint")
-    newer = [p for step, p in checkpoints(path.parent) if is_resumable(p) and step > checkpoint_step(path)]
-    if newer:
-        raise UsageError(f"--resume_from_checkpoint: {newer[-1].name} of this run is newer; resume from it "
-                         "(or from the run folder), or start a new run")
-    problem = damage(path)
-    if problem is not None:
-        older = [p for _, p in reversed(checkpoints(path.parent)) if p != path and is_resumable(p) and not damage(p)]
-        instead = f"resume from {older[0]} instead" if older else "no other checkpoint of this run has whole " \
-                                                                  "resume state: start a new run"
-        raise UsageError(f"--resume_from_checkpoint: {problem}; {instead}")
-    return path
 
 
 def find(args: argparse.Namespace) -> Path | None:
     """The checkpoint to resume from (None: start a new run). UsageError when PATH cannot be resumed."""
     value = args.resume_from_checkpoint
-    args.resume_note = None
     if not value:
         return None
     if value == "latest":
@@ -122,18 +128,12 @@ def find(args: argparse.Namespace) -> Path | None:
                          "or latest")
     if not path.is_dir():
         raise UsageError(f"--resume_from_checkpoint: {path} is a file; pass its checkpoint-N folder or its run folder")
-    if CHECKPOINT.match(path.name):
-        return _checkpoint(path)
+    if CHECKPOINT.match(path.name) and (path.parent / "logs" / "hparams.yml").is_file():
+        return resumable(path)
     if (path / "logs" / "hparams.yml").is_file():
-        found, skipped = newest_whole(path)
-        if found is None:
-            why = f" ({'; '.join(skipped)})" if skipped else ""
-            raise UsageError(f"--resume_from_checkpoint: {path} has no checkpoint with whole resume state{why}; "
-                             "start a new run")
-        args.resume_note = f"resuming {found}, the newest whole checkpoint: {'; '.join(skipped)}" if skipped else None
-        return found
-    raise UsageError(f"--resume_from_checkpoint: {value} is neither a checkpoint-N folder, a run folder nor 'latest'; "
-                     "pass one of them")
+        return _newest(path)
+    raise UsageError(f"--resume_from_checkpoint: {value} is neither a checkpoint-N folder of a run, a run folder nor "
+                     "'latest'; pass one of them")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -143,10 +143,19 @@ def check(args: argparse.Namespace) -> None:
         return
     run = args.resume_checkpoint.parent
     RunLock(run).check()
+    if not os.access(run, os.W_OK | os.X_OK):
+        raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; make it writable (or copy the run to a "
+                         "folder you can write to) and resume there")
+    trained_with, world = processes(args.resume_checkpoint), int(os.environ.get("WORLD_SIZE", "1"))
+    if trained_with != world:
+        raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {trained_with} processes, not "
+                         f"{world}; resume with as many")
+    check_loss_log(run / "logs" / "loss.csv")
     change = changed_setting(_hparams(run), args)
     if change is not None:
         key, recorded, current = change
-        raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {key} = {recorded!r}, not {current!r}; "
+        raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {key} = {shown(recorded)}, not "
+                         f"{shown(current)}; "
                          "resume with the run's settings (only the step count, checkpointing, validation and "
                          "tracking may change) or start a new run")
     step = checkpoint_step(args.resume_checkpoint)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import warnings
 from contextlib import closing
 from dataclasses import replace
@@ -27,7 +26,8 @@ from tqdm.auto import tqdm
 
 from tlora import families
 from tlora.common.commands import save_traceback
-from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line
+from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line, note
+from tlora.common.files import write_failure
 from tlora.common.images import find_mask, list_images, training_images
 from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
@@ -170,8 +170,8 @@ class Trainer:
             raise RunFailed(f"--report_to {tracker(opts)}: the tracker did not start ({first_line(err)}); check "
                             "--project_name and the tracker's login, or pass --report_to none") from err
         self.progress = Progress(self.order, acc)
-        acc.register_for_checkpointing(self.progress)
-        # The adapters are saved as pytorch_lora_weights.safetensors; accelerate keeps the rest, not the model.
+        # The adapters are saved as pytorch_lora_weights.safetensors and the progress as progress.safetensors;
+        # accelerate keeps the rest (optimizer, RNG states), not the model.
         acc.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
         acc.register_load_state_pre_hook(lambda models, folder: models.clear())
         metadata = (self.settings.to_metadata() | self.family.model_metadata(self.family.model(self.pipe))
@@ -180,9 +180,11 @@ class Trainer:
         self.loss_log = LossLog(acc, self.folder / "logs" / "loss.csv", self.checkpoints.last_good)
 
     def restore(self) -> None:
-        """When resuming: accelerate's state (optimizer, RNGs, Progress) and loss.csv up to the checkpoint."""
+        """When resuming: accelerate's state (optimizer, RNGs), the progress and loss.csv up to the checkpoint
+        (every file checked before the model loaded: runs.checkpoint_state.damage)."""
         if self.resume_from is not None:
             self.accelerator.load_state(str(self.resume_from / RESUME_DIR))
+            self.progress.load(self.resume_from / RESUME_DIR)
             if self.accelerator.is_main_process:
                 self.loss_log.keep_until(self.step_done)
 
@@ -263,16 +265,16 @@ def open_run(opts: TrainOptions, accelerator: Accelerator, resume_from: Path | N
     its path."""
     folder, lock = [None], None
     if accelerator.is_main_process:
-        if opts.resume_note:
-            print(f"note: {opts.resume_note}", file=sys.stderr)
         folder = [create_run_folder(opts) if resume_from is None else resume_from.parent]
         lock = RunLock(folder[0]).acquire()
         try:
             if resume_from is not None and (old := moved_from(folder[0], read_hparams(folder[0] / "logs/hparams.yml"))):
-                print(f"note: {folder[0].name} was written in {old}; resuming it where it is, {folder[0]}",
-                      file=sys.stderr)
+                note(f"{folder[0].name} was written in {old}; resuming it where it is, {folder[0]}")
             resumed = None if resume_from is None else checkpoint_step(resume_from)
             record_run(opts, folder[0], resumed, wandb=tracker(opts) == "wandb")
+        except OSError as err:
+            lock.release()
+            raise UsageError(f"--output_dir: {write_failure(err, folder[0])}; pass a folder you can write to") from None
         except BaseException:
             lock.release()
             raise
