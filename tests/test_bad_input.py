@@ -5,6 +5,8 @@ late would fail with another error, not with the expected line.
 """
 
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +64,7 @@ def config(tmp_path, text):
     (lambda t, d: ("--validation_prompts", "x" * 1001), "has 1001 characters; the limit is 1000"),
     (lambda t, d: ("--placeholder_token", "s" * 65), "has 65 characters; the limit is 64"),
     (lambda t, d: ("--checkpoints_total_limit", "0"), "--checkpoints_total_limit must be at least 1"),
-    (lambda t, d: ("--resume_from_checkpoint", str(t)), "is neither a checkpoint-N folder, a run folder nor 'latest'"),
+    (lambda t, d: ("--resume_from_checkpoint", str(t)), "is neither a checkpoint-N folder of a run, a run folder nor 'latest'"),
     (lambda t, d: ("--lora_r", "8"), "unrecognized arguments: --lora_r 8"),  # no abbreviations
 ])
 def test_train_rejects(tiny_model, image_dir, tmp_path, capsys, change, message):
@@ -227,3 +229,153 @@ def test_checkpoint_files_respect_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o600
+
+
+# -- issue 22: every bad value refused up front, every change to what was asked said -----------------------------
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(path)
+
+
+BOMB = "lora_rank: [&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(  # 10**9 strings, were it printed in full
+    f"&{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")) + "]\n"
+
+
+@pytest.mark.parametrize("again, message", [
+    (("--lora_rank", "8"), "--lora_rank 8 contradicts --lora_rank 4 given before"),
+    (("--lora_rank=8",), "--lora_rank 8 contradicts --lora_rank 4 given before"),
+    (("--rank", "8"), "--rank 8 contradicts --lora_rank 4 given before; give the flag once"),
+    (("--instance_data_dir", "elsewhere"), "--instance_data_dir 'elsewhere' contradicts --train_data_dir"),
+])
+def test_a_flag_given_twice_with_two_values_is_refused(tiny_model, image_dir, tmp_path, capsys, again, message):
+    one_line_error(capsys, train.main(train_args(tiny_model, image_dir, tmp_path / "out") + list(again)), message)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (lambda t: ("--config", write(t, "c.yaml", "rank: 4\nlora_rank: 8\n")),
+     "gives rank and lora_rank, two names of --lora_rank, different values; drop one of them"),
+    (lambda t: ("--config", write(t, "c.yaml", b"lora_rank: 4\n\xff\xfe\n")), "--config: "),
+    (lambda t: ("--config", write(t, "c.yaml", "- lora_rank\n- 4\n")), "must hold a mapping of flag names"),
+    (lambda t: ("--config", write(t, "c.yaml", "[1, 2]: 4\n")), "(a list cannot be a key)"),
+    (lambda t: ("--config", write(t, "c.yaml", BOMB)), "--lora_rank must be int, got [['x', 'x', 'x', 'x', ...], [[...], "),
+    (lambda t: ("--seed", "-1"), "--seed must be a whole number from 0 to 4294967295, got -1"),
+    (lambda t: ("--seed", str(2**32)), "--seed must be a whole number from 0 to 4294967295, got 4294967296"),
+    (lambda t: ("--class_name", "dog\udcff"), "--class_name: the text is not valid UTF-8"),
+    (lambda t: ("--validation_prompts", "a {0}\udcff"), "--validation_prompts: the text is not valid UTF-8"),
+    (lambda t: ("--config", write(t, "c.yaml", 'class_name: "dog\\udcff"\n')), "the text is not valid UTF-8"),
+    (lambda t: ("--validation_prompts", "#"), "--validation_prompts '#' holds no prompt"),
+    (lambda t: ("--validation_prompts", " # "), "holds no prompt ('#' separates prompts)"),
+    (lambda t: ("--resolution", "8"), "--resolution must be a multiple of 8 for sdxl, at least 64, got 8"),
+])
+def test_train_refuses_up_front(tiny_model, image_dir, tmp_path, capsys, extra, message):
+    import time
+
+    start = time.perf_counter()
+    argv = train_args(tiny_model, image_dir, tmp_path / "out", *extra(tmp_path))
+    one_line_error(capsys, train.main(argv), message)
+    assert time.perf_counter() - start < 20 and not (tmp_path / "out").exists()
+
+
+def test_a_flag_repeated_with_its_value_is_fine(tiny_model, image_dir, tmp_path):
+    from tlora.train.options import parse_args
+
+    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--lora_rank", "4") + ["--rank", "4", "--lora_rank=4"]
+    assert parse_args(argv).lora_rank == 4
+
+
+def test_a_secret_in_a_config_is_never_echoed(tiny_model, image_dir, tmp_path, capsys):
+    secret = "SECRETwandbKEY0123456789"
+    for value in (f"[{secret}]", f"{{key: {secret}}}", "12345678901234567890"):
+        config = write(tmp_path, "c.yaml", f"wandb_api_key: {value}\n")
+        err = one_line_error(capsys, train.main(train_args(tiny_model, image_dir, tmp_path / "o", "--config", config)),
+                             "--wandb_api_key must be str, got <redacted>")
+        assert secret not in err and "1234567890" not in err
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make_image(folder / "00.png", size=(96, 80))
+    return folder
+
+
+def test_a_link_to_nothing_in_the_data_is_refused(tiny_model, data, tmp_path, capsys):
+    (data / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    one_line_error(capsys, train.main(train_args(tiny_model, data, tmp_path / "out")),
+                   f"--train_data_dir: gone.png in {data} is a link to nothing")
+
+
+@pytest.mark.parametrize("mask, message", [
+    (lambda d: Image.new("L", (96, 80), 0), "--mask_dir: 00.png is all black where the image is cropped to train"),
+    (lambda d: Image.new("L", (64, 64), 255), "--mask_dir: 00.png is 64x64 but its image 00.png is 96x80"),
+    (lambda d: Image.fromarray(np.pad(np.zeros((80, 80), np.uint8), ((0, 0), (8, 8)), constant_values=255)),
+     "is all black where the image is cropped to train"),  # white only outside the centre crop
+])
+def test_a_mask_that_leaves_nothing_to_learn_is_refused(tiny_model, data, tmp_path, capsys, mask, message):
+    (tmp_path / "masks").mkdir()
+    mask(data).save(tmp_path / "masks" / "00.png")
+    argv = train_args(tiny_model, data, tmp_path / "out", "--mask_dir", str(tmp_path / "masks"))
+    one_line_error(capsys, train.main(argv), message)
+
+
+def test_a_fully_transparent_image_with_alpha_mask_is_refused(tiny_model, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    Image.new("RGBA", (96, 80), (255, 0, 0, 0)).save(tmp_path / "data" / "00.png")
+    argv = train_args(tiny_model, tmp_path / "data", tmp_path / "out", "--alpha_mask")
+    one_line_error(capsys, train.main(argv), "--alpha_mask: 00.png is fully transparent where the image is cropped")
+
+
+def notes_of(argv) -> tuple[object, list[str]]:
+    from tlora.common.errors import Note
+    from tlora.train.options import parse_args
+
+    with pytest.warns(Note) as said:
+        opts = parse_args(argv)
+    return opts, [str(w.message) for w in said if issubclass(w.category, Note)]
+
+
+def test_what_changes_the_request_is_said_and_recorded(tiny_model, data, class_dir, tmp_path, monkeypatch):
+    from tlora.runs.run_folder import public_hparams
+
+    frames = [Image.new("RGB", (96, 80), c) for c in ("red", "blue")]
+    frames[0].save(data / "01.png", save_all=True, append_images=frames[1:])  # an animated PNG
+    monkeypatch.chdir(tiny_model.parent)
+    argv = train_args(Path(tiny_model.name), data, tmp_path / "out", "--train_batch_size", "100000",
+                      "--class_data_dir", str(class_dir), "--trainer_class", "sdxl_lora", "--sig_type", "principal",
+                      "--trainer_type", "lora")
+    opts, notes = notes_of(argv)
+    assert opts.train_batch_size == 2 and public_hparams(opts)["train_batch_size"] == 2
+    assert any("--train_batch_size 100000: there are 2 training items, so a batch holds 2" in n for n in notes)
+    assert any("01.png is animated (2 frames); its first frame is used" in n for n in notes)
+    assert any(n.startswith("--class_data_dir has no effect without --with_prior_preservation") for n in notes)
+    assert any(n.startswith("--min_rank has no effect with --trainer_class sdxl_lora") for n in notes)
+    assert any(n.startswith("--sig_type has no effect with --trainer_type lora") for n in notes)
+    assert opts.pretrained_model_name_or_path == str(tiny_model)  # a relative model folder, recorded absolute
+    assert public_hparams(opts)["train_data_dir"] == str(data)
+
+
+def test_flux_min_rank_without_the_mask_is_said(tiny_flux, image_dir, tmp_path):
+    from conftest import flux_train_args
+
+    argv = [a for a in flux_train_args(tiny_flux, image_dir, tmp_path / "out") if a != "--tlora"]
+    _, notes = notes_of(argv)
+    assert any(n.startswith("--min_rank has no effect with --trainer_class flux_lora (no timestep mask); drop it, or "
+                            "pass --trainer_class flux_tlora (or --tlora) to use it") for n in notes)
+
+
+def test_a_run_started_elsewhere_samples_from_anywhere(tiny_model, image_dir, tmp_path, monkeypatch):
+    """hparams.yml records local paths absolute: inference.py from another folder finds the model."""
+    from tlora.train.trainer import train as train_run
+
+    from tlora.train.options import parse_args
+
+    monkeypatch.chdir(tiny_model.parent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = train_run(parse_args(train_args(Path(tiny_model.name), image_dir, Path("rel_out"), "--num_train_epochs",
+                                              "1")))
+    monkeypatch.chdir(tmp_path)
+    assert inference.main(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1", "--prompts",
+                           "a {0}", "--num_images_per_prompt", "1", "--num_inference_steps", "1"]) == 0

@@ -112,9 +112,9 @@ def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_model, 
     with pytest.warns(Note, match=f"was written in {state_run}; resuming it where it is"):
         assert train_run(parse_args(resume_args(tiny_model, image_dir, run))) == run
     assert (run / "checkpoint-6").is_dir() and yaml.safe_load((run / "logs/hparams.yml").read_text())["output_dir"] == str(run)
-    analyze(run)
+    with pytest.warns(Note, match="no samples_grid.png"):  # and it says which pictures it could not draw
+        analyze(run)
     assert (run / "analysis" / "rank_schedule.png").is_file()
-    assert "no samples_grid.png" in capsys.readouterr().err  # and it says which pictures it could not draw
     assert sorted(state_run.rglob("*")) == before  # the original is untouched
 
 

@@ -46,7 +46,7 @@ def args_with(image_dir, tmp_path, *extra):
         (("--one_image", "missing.jpg"), "--one_image: missing.jpg is not a file in"),
         (("--lora_rank", "4", "--min_rank", "8"), "--min_rank (8) must not exceed --lora_rank (4)"),
         (("--lora_rank", "0"), "--lora_rank must be a whole number of at least 1, got 0"),
-        (("--resolution", "100"), "--resolution must be a positive multiple of 8"),
+        (("--resolution", "100"), "--resolution must be a multiple of 8 for sdxl, at least 64, got 100"),
         (("--with_prior_preservation",), "--class_data_dir: folder None does not exist"),
         (("--num_train_epochs", "0"), "--num_train_epochs must be at least 1"),
     ],
@@ -162,7 +162,7 @@ def test_flux_config_file_uses_the_authors_names(tiny_flux, image_dir, tmp_path)
     (("--trainer_class", "sdxl_tlora"), "--trainer_class sdxl_tlora is for another model family; this is a flux "
                                         "model: pass --trainer_class flux_tlora"),
     (("--tlora", "--trainer_class", "flux_lora"), "--tlora asks for the timestep mask, but --trainer_class is flux_lora"),
-    (("--resolution", "72"), "--resolution must be a positive multiple of 16 for flux, got 72"),
+    (("--resolution", "72"), "--resolution must be a multiple of 16 for flux, at least 64, got 72"),
     (("--max_sequence_length", "513"), "--max_sequence_length must be between 1 and 512"),
     (("--mask_dir", "/no/masks"), "--mask_dir: folder /no/masks does not exist"),
     (("--optimizer", "prodigy", "--use_8bit_adam"), "--use_8bit_adam is an AdamW option"),

@@ -61,17 +61,30 @@ def open_rgb(path: str | Path) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(raw))
 
 
-def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> None:
-    """Open and decode a training image; one-line UsageError naming the file when it cannot be used."""
-    from tlora.common.errors import UsageError
+def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """Open and decode a training image; one-line UsageError naming the file when it cannot be used, a note when
+    it is animated (its first frame is used). Returns its size (EXIF orientation applied)."""
+    from tlora.common.errors import UsageError, first_line, note
 
     try:
-        image = open_rgb(path)
+        with Image.open(path) as raw:
+            frames = getattr(raw, "n_frames", 1)
+            image = to_rgb(ImageOps.exif_transpose(raw))
     except Exception as err:  # PIL raises many types for bad files
-        raise UsageError(f"{flag}: {path.name} is not a readable image ({err}); remove or replace it") from None
+        raise UsageError(f"{flag}: {path.name} is not a readable image ({first_line(err)}); remove or replace "
+                         "it") from None
     if min(image.size) < min_side:
         raise UsageError(f"{flag}: {path.name} is {image.width}x{image.height}; images need at least {min_side} px on "
                          "each side, remove or replace it")
+    if frames > 1:
+        note(f"{flag}: {path.name} is animated ({frames} frames); its first frame is used (save that frame alone "
+             "to make it so)")
+    return image.size
+
+
+def broken_links(folder: str | Path) -> list[Path]:
+    """Entries of `folder` named as images that lead nowhere (a link whose target is gone)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.exists())
 
 
 def _square(image: Image.Image, resolution: int, resize_first: bool) -> tuple[Image.Image, int]:

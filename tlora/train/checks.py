@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 from tlora import families
-from tlora.common.errors import UsageError
-from tlora.common.images import check_image, find_mask, list_images, training_images
+from tlora.common.errors import UsageError, note
+from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, list_images, load_mask, training_images
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.usage import check_finite, check_model_source
+from tlora.common.usage import check_finite, check_guidance, check_model_source, check_seed, shown
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
 from tlora.train.options import TrainOptions
 from tlora.train.tracking import tracker
@@ -35,7 +35,10 @@ def validate(opts: TrainOptions) -> None:
     TLoRASettings.from_hparams(vars(opts), "train.py", flags=True)  # ranks, alpha, trainer type
     check_text("--placeholder_token", opts.placeholder_token, MAX_WORD_LENGTH)
     check_text("--class_name", opts.class_name, MAX_WORD_LENGTH)
-    if opts.validation_prompts:
+    if opts.validation_prompts is not None:
+        if not split_prompts(opts.validation_prompts):
+            raise UsageError(f"--validation_prompts {shown(opts.validation_prompts)} holds no prompt ('#' separates "
+                             "prompts); give at least one, or drop the flag for no validation images")
         check_templates("--validation_prompts", split_prompts(opts.validation_prompts))
     if opts.mask_dir and opts.alpha_mask:
         raise UsageError("--alpha_mask and --mask_dir both give loss masks; drop one of them")
@@ -54,11 +57,13 @@ def _check_family(opts: TrainOptions) -> None:
         raise UsageError(f"--trainer_class {opts.trainer_class} is for another model family; this is a {opts.family} "
                          f"model: pass --trainer_class {opts.family}_{kind}")
     multiple = families.get(opts.family).resolution_multiple
-    if opts.resolution < multiple or opts.resolution % multiple:
-        raise UsageError(f"--resolution must be a positive multiple of {multiple} for {opts.family}, got {opts.resolution}")
+    if opts.resolution % multiple or opts.resolution < max(MIN_SIDE, multiple):
+        raise UsageError(f"--resolution must be a multiple of {multiple} for {opts.family}, at least {max(MIN_SIDE, multiple)}, "
+                         f"got {opts.resolution}; pass one such as 1024")
 
 
 def _check_numbers(opts: TrainOptions) -> None:
+    check_seed("--seed", opts.seed, processes=int(os.environ.get("WORLD_SIZE", "1")))
     check_finite("--learning_rate", opts.learning_rate, 0, low_open=True)
     check_finite("--alpha_rank_scale", opts.alpha_rank_scale, 0, low_open=True)
     check_finite("--prior_loss_weight", opts.prior_loss_weight, 0)
@@ -69,7 +74,7 @@ def _check_numbers(opts: TrainOptions) -> None:
     if opts.max_grad_norm is not None:
         check_finite("--max_grad_norm", opts.max_grad_norm, 0)
     if opts.guidance_scale is not None:
-        check_finite("--guidance_scale", opts.guidance_scale, 0)
+        check_guidance("--guidance_scale", opts.guidance_scale)
     if opts.max_sequence_length is not None and not 1 <= opts.max_sequence_length <= 512:
         raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {opts.max_sequence_length}")
     for name in AT_LEAST_ONE:
@@ -85,6 +90,7 @@ def _check_numbers(opts: TrainOptions) -> None:
 def check_inputs(opts: TrainOptions) -> None:
     """Open and check everything the options name; records the training data's digest (resume compares it)."""
     opts.data_sha256 = _check_data(opts)
+    _fit_batch(opts)
     if opts.optimizer == "prodigy":
         _require("--optimizer prodigy", "prodigyopt", "pip install prodigyopt", "or --optimizer adamw")
     if opts.base_model_precision != "auto":
@@ -118,11 +124,41 @@ def _check_data(opts: TrainOptions) -> str:
     if opts.with_prior_preservation:
         _check_image_folder("--class_data_dir", opts.class_data_dir)
         images += [("--class_data_dir", p) for p in list_images(opts.class_data_dir)]
-    digest = hashlib.sha256()
+    digest, sizes = hashlib.sha256(), {}
     for flag, path in images:
-        check_image(path, flag)
+        sizes[path] = check_image(path, flag)
         digest.update(f"{flag} {path.name} ".encode() + hashlib.sha256(path.read_bytes()).digest())
+    _check_mask_content(opts, sizes)
     return digest.hexdigest()
+
+
+def _check_mask_content(opts: TrainOptions, sizes: dict[Path, tuple[int, int]]) -> None:
+    """Each loss mask is its image's size and leaves something of the image, as cropped, to learn."""
+    if not (opts.mask_dir or opts.alpha_mask):
+        return
+    resize_first = families.get(opts.family).resize_first
+    for image in training_images(opts.train_data_dir, opts.one_image):
+        mask = find_mask(opts.mask_dir, image) if opts.mask_dir else image
+        if sizes[mask] != sizes[image]:
+            raise UsageError(f"--mask_dir: {mask.name} is {sizes[mask][0]}x{sizes[mask][1]} but its image {image.name} "
+                             f"is {sizes[image][0]}x{sizes[image][1]}; give each mask its image's size")
+        if load_mask(mask, opts.resolution, resize_first, alpha=opts.alpha_mask).max() == 0:
+            what = (f"--alpha_mask: {image.name} is fully transparent" if opts.alpha_mask else
+                    f"--mask_dir: {mask.name} is all black")
+            raise UsageError(f"{what} where the image is cropped to train, so the loss would ignore all of it; fix the "
+                             "mask (white = learn) or remove the image")
+
+
+def _fit_batch(opts: TrainOptions) -> None:
+    """A batch holds at most one of each training item (DreamBooth's pairs): a larger --train_batch_size is
+    recorded as the size used, with a note."""
+    items = len(training_images(opts.train_data_dir, opts.one_image))
+    if opts.with_prior_preservation:
+        items = max(items, len(list_images(opts.class_data_dir)))
+    if opts.train_batch_size > items:
+        note(f"--train_batch_size {opts.train_batch_size}: there are {items} training items, so a batch holds {items}; "
+             f"training and hparams.yml use {items} (pass --train_batch_size {items} to say so)")
+        opts.train_batch_size = items
 
 
 def _check_image_folder(flag: str, folder: str | None) -> None:
@@ -130,6 +166,9 @@ def _check_image_folder(flag: str, folder: str | None) -> None:
         raise UsageError(f"{flag}: {folder} is a file, not a folder; pass the folder that holds the images")
     if not folder or not Path(folder).is_dir():
         raise UsageError(f"{flag}: folder {folder} does not exist; pass a folder that holds the images")
+    for link in broken_links(folder):
+        raise UsageError(f"{flag}: {link.name} in {folder} is a link to nothing ({os.readlink(link)} is gone); remove "
+                         "it or restore its target")
     if not list_images(folder):
         raise UsageError(f"{flag}: no images (.jpg, .jpeg, .png, .webp, .bmp) in {folder}; add at least one")
 
@@ -166,3 +205,23 @@ def _require(flag: str, package: str, install: str, instead: str, cuda: bool = F
         raise UsageError(f"{flag} needs {package}: {install} ({instead})")
     if cuda and not torch.cuda.is_available():
         raise UsageError(f"{flag} needs a CUDA GPU; {instead}")
+
+
+def announce_unused(opts: TrainOptions, given: set[str]) -> None:
+    """A note for each flag given (on the command line or in --config) that has no effect with the others."""
+    masked = TLoRASettings.from_hparams(vars(opts), "train.py").timestep_dependent
+    no_prior = (not opts.with_prior_preservation, "without --with_prior_preservation",
+                "add --with_prior_preservation to use it")
+    no_mask = (not masked, f"with --trainer_class {opts.trainer_class} (no timestep mask)",
+               f"pass --trainer_class {opts.family}_tlora (or --tlora) to use it")
+    unused = {
+        "class_data_dir": no_prior, "prior_loss_weight": no_prior, "min_rank": no_mask, "alpha_rank_scale": no_mask,
+        "sig_type": (opts.trainer_type != "ortho_lora", "with --trainer_type lora (it picks T-LoRA's start)",
+                     "pass --trainer_type ortho_lora to use it"),
+        "num_val_imgs_per_prompt": (not opts.validation_prompts, "without --validation_prompts",
+                                    "add --validation_prompts to use it"),
+    }
+    for name in sorted(given & set(unused)):
+        idle, why, fix = unused[name]
+        if idle:
+            note(f"--{name} has no effect {why}; drop it, or {fix}")

@@ -184,7 +184,7 @@ def read_config(path: str) -> dict:
         name, value = by_name[key].name, _config_value(by_name[key], value, path)
         if name in out and out[name] != value:
             raise UsageError(f"--config: {path} gives {named[name]} and {key}, two names of --{name}, different "
-                             "values; keep one of them")
+                             "values; drop one of them")
         out[name], named[name] = value, key
     return out
 
@@ -224,12 +224,28 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
 
     opts = read_flags(build_parser(), argv)
     opts.argv = redact_argv([sys.executable] + list(sys.argv if argv is None else [sys.argv[0], *argv]))
+    given = {f.name for f in flag_fields() if getattr(opts, f.name) != f.default}
     resume.resolve_output_dir(opts)
     resolve_family(opts)
     checks.validate(opts)
     checks.check_inputs(opts)
+    checks.announce_unused(opts, given)
+    make_paths_absolute(opts)
     resume.check(opts)
     return opts
+
+
+PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "train_data_dir", "class_data_dir",
+         "mask_dir", "output_dir", "config")
+
+
+def make_paths_absolute(opts: TrainOptions) -> None:
+    """Local paths as absolute ones, so that the run (hparams.yml, the weights' metadata) works from any folder;
+    hub ids and 'none' stay as they are."""
+    for name in PATHS:
+        value = getattr(opts, name)
+        if value and Path(value).expanduser().exists():
+            setattr(opts, name, str(Path(value).expanduser().absolute()))
 
 
 def resolve_family(opts: TrainOptions, known: str | None = None) -> None:

@@ -41,12 +41,13 @@ def resolve_output_dir(args: argparse.Namespace) -> None:
         args.output_dir = str(_run_of(value).absolute().parent)
 
 
-def _hparams(run: Path) -> dict:
-    """A run's hparams.yml, or {} for a folder whose record is missing or damaged."""
+def _hparams(run: Path) -> dict | None:
+    """A run's hparams.yml while looking for the latest run; None (with a note) for one that cannot be read."""
     try:
         return read_hparams(run / "logs" / "hparams.yml")
-    except UsageError:
-        return {}
+    except UsageError as err:
+        note(f"--resume_from_checkpoint latest: passing over {run.name}: {err}")
+        return None
 
 
 def _same(key: str, recorded, current) -> bool:
@@ -104,7 +105,10 @@ def _latest(args: argparse.Namespace) -> Path | None:
     runs = [p for p in out.iterdir() if p.is_dir() and RUN.match(p.name)] if out.is_dir() else []
     other = None
     for run in sorted(runs, key=lambda p: int(RUN.match(p.name).group(1)), reverse=True):
-        change = changed_setting(_hparams(run), args)
+        recorded = _hparams(run)
+        if recorded is None:
+            continue
+        change = changed_setting(recorded, args)
         if change is not None:
             other = other or f"{run.name} has {change[0]} = {shown(change[1])}, not {shown(change[2])}"
             continue
@@ -151,7 +155,7 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {trained_with} processes, not "
                          f"{world}; resume with as many")
     check_loss_log(run / "logs" / "loss.csv")
-    change = changed_setting(_hparams(run), args)
+    change = changed_setting(read_hparams(run / "logs" / "hparams.yml"), args)
     if change is not None:
         key, recorded, current = change
         raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {key} = {shown(recorded)}, not "
