@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
 
 
 PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "train_data_dir", "class_data_dir",
-         "mask_dir", "output_dir", "config")
+         "mask_dir", "output_dir", "config", "resume_from_checkpoint")
 
 
 def make_paths_absolute(opts: TrainOptions) -> None:
