@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from tlora import families
-from tlora.common.errors import UsageError
+from tlora.common.errors import CheckpointError, UsageError
+from tlora.common.usage import shown
 from tlora.method.injection import TLoRA, attach, attached
+from tlora.method.settings import known_from_overrides
 from tlora.runs.lycoris import load_lycoris
 from tlora.runs.reading import DEFAULT, Checkpoint, read
 
@@ -46,6 +49,7 @@ def load(
     Adapters are float32 on the model's device: load after moving the pipeline to its device and dtype.
     """
     check_scale(scale)
+    check_keywords(overrides)
     model, family = _unet(pipe_or_unet), families.of_model(pipe_or_unet).name
     scheduler = getattr(pipe_or_unet, "scheduler", None)
     timesteps = scheduler.config.num_train_timesteps if scheduler is not None else None
@@ -58,17 +62,36 @@ def load(
     else:
         ckpt = read(checkpoint, hparams, family=family, num_train_timesteps=timesteps, **overrides)
         settings = ckpt.settings
+    tensors = ckpt.tensors()  # read (and checked) before anything is attached
     if ckpt.lycoris:  # SimpleTuner / LyCORIS: LyCORIS rebuilds the frozen start from the model's weights
-        tlora = load_lycoris(model, ckpt.tensors(), settings)
+        tlora = load_lycoris(model, tensors, settings, str(ckpt.path))
     else:
         tlora = attach(model, settings, init=False)
         try:
-            tlora.load_state_dict(ckpt.tensors())
-        except (KeyError, ValueError):
+            tlora.load_state_dict(tensors)
+        except (KeyError, ValueError) as err:
             tlora.unload()
-            raise
+            raise CheckpointError(f"{ckpt.path} does not fit this {family} model ({err.args[0] if err.args else err}); "
+                                  "it was trained on another model: load the base model its run names "
+                                  "(pretrained_model_name_or_path in its hparams.yml)") from None
     tlora.set_scale(scale)
     return tlora
+
+
+READ_PARAMETERS = tuple(name for name, p in signature(read).parameters.items() if p.kind is not p.VAR_KEYWORD)
+
+
+def check_keywords(overrides: dict[str, Any]) -> None:
+    """tlora.load's keywords are settings only (known_from_overrides): the family is the model's, and tlora.read's
+    own parameters (quiet, fix, num_train_timesteps, ...) are set by tlora.load itself."""
+    if "family" in overrides:
+        raise UsageError(f"tlora.load: family={shown(overrides['family'])} is not a setting here: the family is the "
+                         "model's; drop it (and load the T-LoRA on a pipeline of the family it was trained on)")
+    internal = [key for key in overrides if key in READ_PARAMETERS]
+    if internal:
+        raise UsageError(f"tlora.load: {internal[0]}= is not a T-LoRA setting (tlora.load sets it itself); drop it, "
+                         "or use tlora.read(...) and pass what it returns")
+    known_from_overrides(overrides)
 
 
 def check_scale(scale: float) -> None:

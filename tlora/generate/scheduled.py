@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tlora import families
 from tlora.common.errors import UsageError
+from tlora.common.usage import check_finite, read_text, shown
 from tlora.interop.export import SCHEDULE_NAME
 from tlora.method.adapters import active_rank
 
@@ -98,20 +99,58 @@ class ScheduledTLoRA:
         return callback_kwargs
 
 
+def check_steps(num_inference_steps: int, strength: float) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise UsageError(f"tlora.scheduled: num_inference_steps must be a whole number of at least 1, got "
+                         f"{shown(num_inference_steps)}; pass the steps the pipeline call will use")
+    check_finite("tlora.scheduled: strength", strength, 0, 1, low_open=True)
+
+
+def read_schedule(folder: Path) -> dict:
+    """A diffusers-scheduled export's schedule.json, checked to be one (one line naming the file otherwise)."""
+    path = folder / SCHEDULE_NAME
+    fix = "pass a folder written by python -m tlora.export --format diffusers-scheduled"
+    try:
+        schedule = json.loads(read_text(path, "tlora.scheduled", fix))
+    except (ValueError, RecursionError):
+        raise UsageError(f"{path} is not JSON; {fix}") from None
+    if not _is_schedule(schedule):
+        raise UsageError(f"{path} is not a T-LoRA schedule (num_train_timesteps, chunks of plain file names, mask); "
+                         f"{fix}")
+    return schedule
+
+
+MASK_KEYS = {"lora_rank", "min_rank", "alpha_rank_scale", "timestep_dependent", "rank_rule"}
+
+
+def _is_schedule(schedule) -> bool:
+    """What ScheduledTLoRA reads is there, and each chunk's file is a plain name inside the folder."""
+    def chunk_ok(c) -> bool:
+        return (isinstance(c, dict) and isinstance(c.get("adapter"), str) and isinstance(c.get("file"), str)
+                and c["file"] not in ("", ".", "..") and Path(c["file"]).name == c["file"]
+                and isinstance(c.get("components"), list)
+                and len(c["components"]) == 2 and isinstance(c.get("on_below"), (int, float)))
+
+    return (isinstance(schedule, dict) and isinstance(schedule.get("num_train_timesteps"), int)
+            and isinstance(schedule.get("chunks"), list) and len(schedule["chunks"]) > 0
+            and all(map(chunk_ok, schedule["chunks"]))
+            and (schedule.get("mask") is None
+                 or isinstance(schedule["mask"], dict) and MASK_KEYS <= set(schedule["mask"])))
+
+
 def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength: float = 1.0,
               other_adapters: dict[str, float] | None = None) -> ScheduledTLoRA:
     """Load a `--format diffusers-scheduled` export with `pipe.load_lora_weights` and return the callback.
 
     `other_adapters` (name -> weight) are other LoRAs to keep active beside the T-LoRA's chunks.
     """
+    check_steps(num_inference_steps, strength)
     folder = Path(folder)
-    try:
-        schedule = json.loads((folder / SCHEDULE_NAME).read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{folder} is not a diffusers-scheduled export ({err})") from None
+    schedule = read_schedule(folder)
     family = families.of_model(pipe)
     if schedule.get("family", family.name) != family.name:
-        raise UsageError(f"{folder} is a {schedule['family']} T-LoRA; this is a {family.name} pipeline")
+        raise UsageError(f"{folder} is a {shown(schedule['family'])} T-LoRA; this is a {family.name} pipeline: load "
+                         "it on a pipeline of its family")
     if not hasattr(pipe.scheduler, "step_index"):
         raise UsageError(f"tlora.scheduled needs a scheduler that counts its steps (Euler, DPM-Solver, flow matching); "
                          f"{type(pipe.scheduler).__name__} does not")

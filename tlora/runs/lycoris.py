@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tlora.common.errors import UsageError
+from tlora.common.usage import shown
 from tlora.method.adapters import OrthoLoRAAdapter
 from tlora.method.injection import TLoRA, attach_adapters
 from tlora.method.settings import TLoRASettings
@@ -26,14 +27,31 @@ PREFIX = "lycoris_"
 PARAMS = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha")
 
 
-def _groups(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _groups(weights: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         prefix, _, param = key.partition(".")
         if param not in PARAMS:
-            raise UsageError(f"LyCORIS tensor {key!r} is not a T-LoRA parameter ({', '.join(PARAMS)})")
+            raise UsageError(f"{where}: LyCORIS tensor {shown(key)} is not a T-LoRA parameter ({', '.join(PARAMS)}); "
+                             "pass a SimpleTuner / LyCORIS T-LoRA file")
         groups.setdefault(prefix, {})[param] = value
     return groups
+
+
+def check_module(where: str, prefix: str, linear: nn.Linear, params: dict[str, torch.Tensor]) -> None:
+    """One LyCORIS module's tensors fit `linear`: Q (r x in), P (out x r), lambda (1 x r), alpha one number;
+    one line naming the file otherwise (a file made for another model)."""
+    rank = params["q_layer.weight"].shape[0] if params["q_layer.weight"].dim() == 2 else 0
+    expected = {"q_layer.weight": (rank, linear.in_features), "p_layer.weight": (linear.out_features, rank),
+                "lambda_layer": (1, rank)}
+    for param, shape in expected.items():
+        if tuple(params[param].shape) != shape or not 1 <= rank <= min(linear.in_features, linear.out_features):
+            raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has {param} of shape "
+                             f"{tuple(params[param].shape)}, where this model's layer takes {shape}; it was made for "
+                             "another model: load it on the base model it was trained on")
+    if params["alpha"].numel() != 1:
+        raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has {params['alpha'].numel()} alpha values, not "
+                         "one; save it again with SimpleTuner")
 
 
 def adapter_from_lycoris(name: str, linear: nn.Linear, params: dict[str, torch.Tensor]) -> OrthoLoRAAdapter:
@@ -71,15 +89,19 @@ def _without_full_collections():
         module.gc = original
 
 
-def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings) -> TLoRA:
+def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings,
+                 where: str = "this LyCORIS file") -> TLoRA:
     """Attach a LyCORIS T-LoRA (its tensors, and the settings tlora.runs.reading read from its lycoris_config) to
-    `unet`: any of its Linear layers that the file names."""
+    `unet`: any of its Linear layers that the file names. `where` names the file in errors."""
     paths = {PREFIX + name.replace(".", "_"): name for name, m in unet.named_modules() if isinstance(m, nn.Linear)}
     modules = dict(unet.named_modules())
-    adapters = {}
+    groups = _groups(weights, where)
+    for prefix, params in groups.items():
+        if prefix not in paths or set(params) != set(PARAMS):
+            raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has no Linear layer in this model (or misses "
+                             "tensors); load it on the base model it was trained on")
+        check_module(where, prefix, modules[paths[prefix]], params)
     with _without_full_collections():
-        for prefix, params in _groups(weights).items():
-            if prefix not in paths or set(params) != set(PARAMS):
-                raise UsageError(f"LyCORIS module {prefix!r} has no Linear layer in this model (or misses tensors)")
-            adapters[prefix] = (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
+        adapters = {prefix: (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
+                    for prefix, params in groups.items()}
     return attach_adapters(unet, settings, adapters)

@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tlora import families
-from tlora.common.errors import AssumedSetting, CheckpointError, first_line
+from tlora.common.errors import AssumedSetting, CheckpointError, first_line, note
+from tlora.common.usage import shown
 from tlora.method.settings import (
     RESULT_FIELDS,
     TLoRASettings,
@@ -42,7 +43,7 @@ from tlora.method.settings import (
     known_from_metadata,
     known_from_overrides,
 )
-from tlora.runs.run_folder import checkpoints, read_hparams, run_of
+from tlora.runs.run_folder import CHECKPOINT, checkpoints, read_hparams, run_of
 from tlora.runs.weights import AUTHORS_FLUX_NAME, WEIGHTS_NAME, WEIGHTS_NAMES
 
 DEFAULT = "default"
@@ -66,11 +67,16 @@ class Checkpoint:
     hparams_path: Path | None = None
     lycoris: bool = False
     assumed: dict[str, str] = field(default_factory=dict)  # setting -> the line that says what was assumed
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The adapters' tensors (without the keys the authors write but never use)."""
-        tensors = read_tensors(self.path)
-        return {k: v for k, v in tensors.items() if k in self.shapes}
+        """The adapters' tensors (without the keys the authors write but never use), checked to be finite; read
+        once, then kept (they are small)."""
+        if self._tensors is None:
+            tensors = {k: v for k, v in read_tensors(self.path).items() if k in self.shapes}
+            check_finite_tensors(tensors, self.path)
+            self._tensors = tensors
+        return dict(self._tensors)
 
     def announce(self, fix: str = FIX) -> None:
         """Say, one line each, which settings that change the result were assumed (AssumedSetting warnings,
@@ -95,22 +101,89 @@ def _outside_tlora() -> int:
 
 
 # -- finding files ----------------------------------------------------------------------------------
+DAMAGED = "copy it again or use another checkpoint"
+
+
 def weights_file(folder: str | Path) -> Path | None:
     """The weights file a checkpoint folder holds (ours or the authors' FLUX lora.pt), if any."""
     return next((Path(folder) / n for n in WEIGHTS_NAMES if (Path(folder) / n).is_file()), None)
 
 
+def _what_it_is(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    if path.is_dir():
+        return "a folder"
+    if path.is_symlink() and not path.exists():
+        return "a link to nothing"
+    return "not a regular file (a device, pipe or socket)"
+
+
+def folder_weights(folder: Path) -> Path:
+    """The weights file of one checkpoint folder (or of a run folder that holds its weights itself), which must
+    be a regular file: one line (CheckpointError) naming it otherwise. Never another folder's."""
+    for name in WEIGHTS_NAMES:
+        path = folder / name
+        if path.is_file():
+            return path
+        if path.exists() or path.is_symlink():
+            raise CheckpointError(f"{path} is {_what_it_is(path)}, not a weights file; {DAMAGED}")
+    raise CheckpointError(f"no T-LoRA weights in {folder}: pass a run folder, a checkpoint-N folder, or its "
+                          f"{WEIGHTS_NAME} (the authors' FLUX runs: {AUTHORS_FLUX_NAME})")
+
+
+def usable_weights(folder: Path) -> Path:
+    """folder_weights, with its header read and checked (a damaged file is one line)."""
+    weights = folder_weights(folder)
+    read_header(weights)
+    return weights
+
+
+def newest_checkpoint(run: Path) -> Path | None:
+    """The weights of a run's newest usable checkpoint-N (weights present, a regular file, a readable header);
+    a newer one passed over is said in a note naming why. None when the run has no checkpoint-N folder; one line
+    (CheckpointError) when it has some but none is usable."""
+    passed: list[tuple[Path, str]] = []
+    for _, folder in reversed(checkpoints(run)):
+        try:
+            weights = usable_weights(folder)
+        except CheckpointError as err:
+            passed.append((folder, str(err)))
+            continue
+        if passed:
+            newer, why = passed[0]
+            others = f" (and {len(passed) - 1} more)" if len(passed) > 1 else ""
+            note(f"{run}: using {folder.name}, the newest usable checkpoint; passed over {newer.name}{others}: {why}")
+        return weights
+    if passed:
+        raise CheckpointError(f"no usable checkpoint in {run}: the newest, {passed[0][0].name}: {passed[0][1]}")
+    return None
+
+
 def find_weights(path: str | Path) -> Path:
-    """The weights file of a file, a checkpoint folder, or a run folder (its newest checkpoint)."""
+    """The weights file of a file, a checkpoint folder, or a run folder (its newest usable checkpoint, see
+    newest_checkpoint). A file or checkpoint folder named is used or refused, never replaced by another."""
     path = Path(path)
+    try:
+        return _find_weights(path)
+    except OSError as err:  # a name too long for the system, a loop of links, a folder that cannot be listed
+        raise CheckpointError(f"cannot read {shown(str(path))} ({err.strerror}); pass a run folder, a checkpoint-N "
+                              "folder or a weights file") from None
+
+
+def _find_weights(path: Path) -> Path:
     if path.is_file():
         return path
+    if not path.is_dir() and (path.exists() or path.is_symlink()):
+        raise CheckpointError(f"{path} is {_what_it_is(path)}; pass a run folder, a checkpoint-N folder or a weights "
+                              "file")
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist; pass a run folder, a checkpoint-N folder or a weights file")
-    found = weights_file(path) or next((w for _, f in reversed(checkpoints(path)) if (w := weights_file(f))), None)
+    holds = any((path / n).exists() or (path / n).is_symlink() for n in WEIGHTS_NAMES)
+    if holds or CHECKPOINT.match(path.name):
+        return folder_weights(path)
+    found = newest_checkpoint(path)
     if found is None:
-        raise CheckpointError(f"no T-LoRA weights in {path}: pass a run folder, a checkpoint-N folder, or its "
-                              f"{WEIGHTS_NAME} (the authors' FLUX runs: {AUTHORS_FLUX_NAME})")
+        return folder_weights(path)  # says that there are no weights
     return found
 
 
@@ -125,23 +198,42 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """The authors' lora.pt: torch.load with weights_only (tensors and plain containers; never code)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # damaged, or a pickle that holds more than tensors
-        raise CheckpointError(f"{path} is not a readable tensor file ({first_line(err)})") from None
+    except Exception:  # damaged, or a pickle that holds more than tensors (torch's words would advise loading it)
+        raise CheckpointError(f"{path} is not a readable tensor file: damaged, or a pickle holding more than tensors "
+                              f"(never loaded: it could run code); {DAMAGED}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{path} does not hold a flat dict of named tensors; pass a T-LoRA checkpoint")
     return state
 
 
+FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}  # safetensors' names
+
+
+def check_floating(path: Path, dtypes: dict[str, str]) -> None:
+    """Every tensor floating point (dtypes by safetensors' names): one line naming the file and a tensor otherwise."""
+    for key, dtype in dtypes.items():
+        if dtype not in FLOATS.values():
+            raise CheckpointError(f"{path}: tensor {shown(key)} is {dtype}, not floating point, so this is not a "
+                                  f"T-LoRA checkpoint; {DAMAGED}")
+
+
 def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(key -> shape, metadata) from a file's header only (no tensor is read; a lora.pt is memory-mapped)."""
+    """(key -> shape, metadata) from a file's header only (no tensor is read; a lora.pt is memory-mapped); every
+    tensor must be floating point."""
     if path.suffix == ".pt":
-        return {k: tuple(v.shape) for k, v in _read_pickle(path).items()}, {}
+        state = _read_pickle(path)
+        check_floating(path, {k: FLOATS.get(v.dtype, str(v.dtype)) for k, v in state.items()})
+        return {k: tuple(v.shape) for k, v in state.items()}, {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes, metadata = {k: s.get_dtype() for k, s in slices.items()}, f.metadata() or {}
     except Exception as err:  # safetensors raises its own error type for damaged files
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err}); copy it again "
-                              "or use another checkpoint") from None
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {first_line(err)}); "
+                              f"{DAMAGED}") from None
+    check_floating(path, dtypes)
+    return shapes, metadata
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -150,8 +242,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {err}); copy it again "
-                              "or use another checkpoint") from None
+        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {first_line(err)}); "
+                              f"{DAMAGED}") from None
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every value a finite number: a checkpoint holding NaN or inf is one line naming the file."""
+    for key, value in tensors.items():
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: tensor {shown(key)} holds NaN or inf values (a diverged run?); use an "
+                                  "older checkpoint, or train again with a lower learning rate")
 
 
 # -- what the tensors show --------------------------------------------------------------------------
@@ -162,6 +262,14 @@ LYCORIS_REFUSAL = ("is a LyCORIS (SimpleTuner) T-LoRA file: load it with tlora.l
 
 def is_lycoris(keys) -> bool:
     return any(k.startswith("lycoris_") for k in keys)
+
+
+def check_shapes(shapes: dict, where: Path) -> None:
+    """Every adapter weight a matrix with no empty side (the readers below rely on it)."""
+    for key, shape in shapes.items():
+        if key.endswith(tuple(end for pair in DOWN_UP for end in pair)) and (len(shape) != 2 or 0 in shape):
+            raise CheckpointError(f"{where}: tensor {shown(key)} has shape {tuple(shape)}, not a matrix, so this is "
+                                  f"not a T-LoRA checkpoint; {DAMAGED}")
 
 
 def infer_trainer_type(shapes: dict) -> str:
@@ -294,6 +402,7 @@ def read(
         raise CheckpointError(f"{weights} was trained on {sure or candidates[0]}; this is a {family} model")
     fam = family or candidates[0]
     shapes = {k: v for k, v in shapes.items() if not families.get(fam).ignored_key(k)}
+    check_shapes(shapes, weights)
     values, label, hparams_path = _hparams(hparams, weights)
     layers = [(GIVEN, given), (METADATA, known_from_metadata(metadata, str(weights)))]
     if label is not None:
@@ -325,10 +434,15 @@ def read(
 def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family: str | None,
                   num_train_timesteps: int | None, given: dict[str, Any]) -> Checkpoint:
     """A SimpleTuner / LyCORIS T-LoRA: settings given, else from its lycoris_config with SimpleTuner's defaults."""
+    fix = "save it again with SimpleTuner (its lycoris_config is a JSON mapping of settings)"
     try:
         config = json.loads(metadata.get("lycoris_config") or "{}")
-    except ValueError:
-        raise CheckpointError(f"{weights}: its lycoris_config metadata is not JSON") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{weights}: its lycoris_config metadata is not JSON; {fix}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{weights}: its lycoris_config metadata is {shown(config)}, not a mapping of settings; "
+                              f"{fix}")
+    check_shapes(shapes, weights)
     rank = max((s[0] for k, s in shapes.items() if k.endswith(".q_layer.weight")), default=1)
     known = known_from_lycoris(config, rank, str(weights))
     known["family"] = family or (families.of_keys(shapes) or [None])[0]
