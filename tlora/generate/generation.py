@@ -3,12 +3,14 @@
 Layout: `<checkpoint>/samples/ns<steps>_gs<guidance>/version_<v>/<template with {0} = token>/<k>.png`
 (FLUX: `ns<steps>gs<guidance>`, as the authors' FLUX code names it; see families/),
 plus `grid.png` in each prompt folder and `prompts.yaml` beside the prompt folders (with the full prompt
-text; folder names are made safe and short, see common/safe_names).
+text; folder names are made safe, short and distinct, see Sampling.prompt_folders).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,10 @@ import torch
 import yaml
 from PIL import Image
 
-from tlora.common.errors import UsageError, first_line
+from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
-from tlora.common.safe_names import safe_component
+from tlora.common.safe_names import MAX_LENGTH, UNSAFE, is_safe
+from tlora.common.usage import load_yaml, read_text
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
 
@@ -46,9 +49,33 @@ class Sampling:
     def text(self, template: str) -> str:
         return template.format(f"{self.placeholder_token} {self.class_name}")
 
-    def prompt_folder(self, template: str) -> Path:
-        """The template with {0} = token, as one safe folder name inside `folder` (see common/safe_names)."""
-        return self.folder / safe_component(template.format(self.placeholder_token), reserved=RESERVED)
+    def prompt_folders(self, templates: list[str], record: dict[str, dict]) -> dict[str, Path]:
+        """Each distinct template's folder inside `folder`: the authors' name (the template with {0} = token) when it
+        is a safe folder name that no other template claims, earlier in `templates` or in the `record` of the
+        folder (prompts.yaml); else that name cleaned, with `-<8 hex of sha256 of the template>`. Two templates
+        never share a folder."""
+        claimed = {same(name): entry.get("prompt") for name, entry in record.items()}
+        folders: dict[str, Path] = {}
+        for template in dict.fromkeys(templates):
+            name = template.format(self.placeholder_token)
+            if not is_safe(name, reserved=RESERVED) or claimed.get(same(name), template) != template:
+                name = tagged(name, template)
+            claimed.setdefault(same(name), template)
+            folders[template] = self.folder / name
+        return folders
+
+
+def same(name: str) -> str:
+    """What a folder name is to a file system that ignores case or Unicode normalization (macOS, Windows)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def tagged(name: str, template: str) -> str:
+    """`name` made one safe folder name (see common/safe_names) ending in `-<8 hex of sha256(template)>`."""
+    digest = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    cleaned = UNSAFE.sub("_", name).strip().lstrip(".").strip()
+    cleaned = cleaned.encode()[:MAX_LENGTH - len(digest) - 1].decode("utf-8", "ignore").rstrip()
+    return f"{cleaned}-{digest}" if cleaned else digest
 
 
 def read_record(folder: Path) -> dict[str, dict]:
@@ -56,13 +83,17 @@ def read_record(folder: Path) -> dict[str, dict]:
     path = Path(folder) / "prompts.yaml"
     if not path.is_file():
         return {}
-    try:
-        record = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML ({first_line(err)}); delete or fix it") from None
+    fix = "delete or fix it"
+    record = load_yaml(read_text(path, "the samples' record", fix), str(path), fix) or {}
     if not isinstance(record, dict):
-        raise UsageError(f"{path} is not a mapping of prompt folders; delete or fix it")
-    return {k: v for k, v in record.items() if isinstance(v, dict)}
+        raise UsageError(f"{path} is not a mapping of prompt folders; {fix}")
+    return {k: v for k, v in record.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+def is_done(folder: Path, template: str, record: dict[str, dict], count: int) -> bool:
+    """A prompt folder holds `count` images and no record says they are of another prompt."""
+    entry = record.get(folder.name)
+    return (entry is None or entry.get("prompt") == template) and len(existing_images(folder)) >= count
 
 
 def existing_images(folder: Path) -> list[Path]:
@@ -120,9 +151,8 @@ def run(pipe, templates: list[str], cfg: Sampling, checkpoint: str = "", progres
     done: dict[str, list[Image.Image]] = {}
     record_path = cfg.folder / "prompts.yaml"
     record = read_record(cfg.folder)
-    for template in templates:
-        folder = cfg.prompt_folder(template)
-        if not cfg.replace and len(existing_images(folder)) >= cfg.num_images_per_prompt:
+    for template, folder in cfg.prompt_folders(templates, record).items():
+        if not cfg.replace and is_done(folder, template, record, cfg.num_images_per_prompt):
             if progress is not None:
                 progress.update(cfg.num_images_per_prompt)
             continue
