@@ -26,17 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import secrets
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save
 
 from tlora import families
 from tlora.common.commands import run_command
-from tlora.common.errors import UsageError
-from tlora.common.files import atomic_write
-from tlora.common.usage import Parser
+from tlora.common.errors import RunFailed, UsageError, note
+from tlora.common.files import FULL, atomic_write, write_failure
+from tlora.common.usage import Parser, shown
 from tlora.families.base import Target
 from tlora.method.adapters import active_rank, branches, factors
 from tlora.method.settings import TLoRASettings
@@ -152,10 +158,14 @@ def save_diffusers(factors: Factors, family: str, out: Path) -> None:
     fam = families.get(family)
     tensors, metadata = diffusers_lora(factors)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # diffusers writes in place: rename when complete
-    fam.pipeline_class.save_lora_weights(out.parent, weight_name=tmp.name, **{
-        f"{fam.model_attr}_lora_layers": tensors, f"{fam.model_attr}_lora_adapter_metadata": metadata})
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # diffusers writes in place: rename when complete
+    try:
+        fam.pipeline_class.save_lora_weights(out.parent, weight_name=tmp.name, **{
+            f"{fam.model_attr}_lora_layers": tensors, f"{fam.model_attr}_lora_adapter_metadata": metadata})
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
@@ -185,21 +195,43 @@ def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
     return chunks
 
 
-def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, meta: dict[str, str], out: Path) -> None:
-    """One standard diffusers LoRA per chunk of rank components, plus schedule.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
+def scheduled_files(weights: dict[str, torch.Tensor], settings: TLoRASettings, meta: dict[str, str]
+                    ) -> tuple[dict[str, Factors], dict]:
+    """One standard diffusers LoRA per chunk of rank components (file name -> factors), and the schedule."""
+    files, entries = {}, []
     for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
         name = f"chunk_{i:03d}.safetensors"
-        chunk = layout(select(weights, settings, first, end, drop_zero=False), settings.family, "diffusers", meta)
-        save_diffusers(chunk, settings.family, out / name)
+        files[name] = layout(select(weights, settings, first, end, drop_zero=False), settings.family, "diffusers", meta)
         entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
     mask = {k: getattr(settings, k) for k in ("lora_rank", "min_rank", "alpha_rank_scale", "timestep_dependent")}
     schedule = {"num_train_timesteps": settings.num_train_timesteps, "chunks": entries, "family": settings.family,
                 "mask": mask | {"rank_rule": settings.rule},
                 "rule": "a chunk is active at a whole timestep t when t < on_below; at any t, when its last component "
                         "is below r(t) of `mask` (tlora.scheduled)"}
-    atomic_write(out / SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
+    return files, schedule
+
+
+def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, meta: dict[str, str], out: Path) -> None:
+    """The chunks and schedule.json, written in a new folder beside `out` and renamed to it when complete (an
+    existing `out` is replaced only then)."""
+    files, schedule = scheduled_files(weights, settings, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.with_name(f".{out.name}.{secrets.token_hex(4)}.{what}") for what in ("tmp", "old"))
+    tmp.mkdir()
+    try:
+        for name, factors in files.items():
+            save_diffusers(factors, settings.family, tmp / name)
+        atomic_write(tmp / SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # the export it was to replace, back
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_mask(value: str) -> int | None:
@@ -281,11 +313,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      min_rank=args.min_rank, alpha_rank_scale=args.alpha_rank_scale)
     _check_out(args)
     _check_settings(args)
+    args.ckpt.tensors()  # read and checked (finite) now, kept for the export
     return args
 
 
 def _check_out(args: argparse.Namespace) -> None:
-    """Never write over the checkpoint being exported; over another existing path only with --overwrite."""
+    """Never write over the checkpoint being exported; over another existing path only with --overwrite; only where
+    a file can be written."""
+    try:
+        _check_out_path(args)
+    except OSError as err:  # a name too long for the system, a loop of links
+        raise UsageError(f"--out: cannot use {shown(args.out)} ({err.strerror}); pass another path") from None
+
+
+def _check_out_path(args: argparse.Namespace) -> None:
     out, source = Path(args.out).absolute(), args.ckpt.path.absolute()
     if out.resolve() == source.resolve() or (out.is_dir() and source.resolve().is_relative_to(out.resolve())):
         raise UsageError(f"--out {args.out} is (or holds) the checkpoint being exported; pass another path")
@@ -293,6 +334,39 @@ def _check_out(args: argparse.Namespace) -> None:
         raise UsageError(f"--out: {out} exists and is a {'folder' if out.is_dir() else 'file'}; pass a new path")
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out: {args.out} exists; pass a new path, or --overwrite to replace it")
+    check_writable(out.parent, f"--out {args.out}", "pass a path in a folder you can write to")
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Refuse, in one line, a folder that cannot be made or written in (read-only, under /proc, a file in the
+    way), found by making a temporary file in the nearest folder above it that exists."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise UsageError(f"{what}: {existing} is not a folder; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:  # the system's reason, unless the disk is full (/proc has no free space either)
+        why = write_failure(err, existing) if err.errno in FULL else f"cannot write in {existing} ({err.strerror})"
+        raise UsageError(f"{what}: {why}; {fix}") from None
+
+
+@contextmanager
+def written(out: Path):
+    """A failed write of --out (a full disk, a folder made read-only meanwhile) as one line; the writers remove
+    what they had written."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise RunFailed(f"--out {out}: {write_failure(os_error(err), out.parent)}; free some space or pass another "
+                        "--out, and export again (nothing was written)") from None
+
+
+def os_error(err: BaseException) -> BaseException:
+    """A writer's error as the OSError it reports (safetensors gives the system's error only in its text)."""
+    found = None if isinstance(err, OSError) else re.search(r"os error (\d+)", str(err))
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else err
 
 
 def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:
@@ -305,20 +379,28 @@ def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) 
     else:
         atomic_write(out, save(tensors, metadata={"format": "pt"}))
     if not family.authors_alpha and ckpt.settings.timestep_dependent and ckpt.settings.alpha_rank_scale != 1:
-        print(f"note: the authors' {family.name} code has no alpha: their inference masks with alpha 1, not "
-              f"{ckpt.settings.alpha_rank_scale}", file=sys.stderr)
+        note(f"the authors' {family.name} code has no alpha: their inference masks with alpha 1, not "
+             f"{ckpt.settings.alpha_rank_scale}")
 
 
 def export(args: argparse.Namespace) -> Path:
     ckpt: Checkpoint = args.ckpt
-    weights, s = ckpt.tensors(), ckpt.settings
     out = Path(args.out)
-    if args.format == "authors":
-        save_authors(ckpt, weights, out)
-        return out
-    if args.format == "diffusers-scheduled":
-        save_scheduled(weights, s, ckpt.metadata, out)
-        return out
+    write = fixed_mask_export(args) if args.format in ("diffusers", "kohya") else None
+    with written(out):
+        if args.format == "authors":
+            save_authors(ckpt, ckpt.tensors(), out)
+        elif args.format == "diffusers-scheduled":
+            save_scheduled(ckpt.tensors(), ckpt.settings, ckpt.metadata, out)
+        else:
+            write(out)
+    return out
+
+
+def fixed_mask_export(args: argparse.Namespace):
+    """Compute a diffusers or kohya export (nothing written yet); returns the function that writes it."""
+    ckpt: Checkpoint = args.ckpt
+    weights, s = ckpt.tensors(), ckpt.settings
     active = None
     if args.active_at is not None and s.timestep_dependent:
         active = int(active_rank(args.active_at, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale,
@@ -331,11 +413,10 @@ def export(args: argparse.Namespace) -> Path:
         factors, errors = truncate(factors, args.rank)
         print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
     if args.format == "diffusers":
-        save_diffusers(factors, s.family, out)
-    else:
-        meta = {"ss_network_module": "networks.lora", "ss_base_model_version": families.get(s.family).kohya_base_model}
-        atomic_write(out, save(kohya_lora(factors), metadata=meta))
-    return out
+        return lambda out: save_diffusers(factors, s.family, out)
+    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": families.get(s.family).kohya_base_model}
+    tensors = kohya_lora(factors)
+    return lambda out: atomic_write(out, save(tensors, metadata=meta))
 
 
 def main(argv: list[str] | None = None) -> int:
