@@ -63,10 +63,11 @@ def test_inference_tree_skip_replace_and_seeds(trained_run):
 
 def test_inference_bad_input(trained_run, capsys):
     assert inference.main(["--config_path", "/no/hparams.yml", "--prompts", "a {0}"]) == 2
-    assert "--config_path: /no/hparams.yml does not exist" in capsys.readouterr().err
+    assert "--config_path: '/no/hparams.yml' does not exist" in capsys.readouterr().err
     argv = ["--config_path", str(trained_run / "logs" / "hparams.yml"), "--checkpoint_idx", "99", "--prompts", "a {0}"]
     assert inference.main(argv) == 2
-    assert "--checkpoint_idx: no T-LoRA weights (pytorch_lora_weights.safetensors or the authors' lora.pt) in" in \
+    assert (f"--checkpoint_idx 99: no T-LoRA weights (pytorch_lora_weights.safetensors or lora.pt) are in "
+            f"{trained_run / 'checkpoint-99'}; pass the N of one of the run's checkpoint-N folders (2)") in \
         capsys.readouterr().err
 
 
@@ -106,9 +107,12 @@ def test_a_copied_run_is_read_where_it_is(trained_run, tmp_path):
     """Its hparams.yml still names the original output_dir; the copy's own checkpoint and folder are used."""
     import shutil
 
+    from test_untrusted_reading import opened, under
+
     copy = shutil.copytree(trained_run, tmp_path / trained_run.name, ignore=shutil.ignore_patterns("samples"))
     assert yaml.safe_load((copy / "logs" / "hparams.yml").read_text())["output_dir"] == str(trained_run)
     before = sorted(trained_run.rglob("*"))
-    infer(copy, "--version", "3", "--num_images_per_prompt", "1")
+    with opened() as paths:
+        infer(copy, "--version", "3", "--num_images_per_prompt", "1")
     assert (copy / "checkpoint-2/samples/ns3_gs5.0/version_3/a sks swimming/0.png").is_file()
-    assert sorted(trained_run.rglob("*")) == before  # nothing written into the original
+    assert sorted(trained_run.rglob("*")) == before and under(paths, trained_run) == []  # the original: not even read

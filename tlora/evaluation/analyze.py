@@ -22,13 +22,16 @@ from PIL import Image, ImageDraw
 
 from tlora import families
 from tlora.common.commands import run_command
-from tlora.common.errors import UsageError
+from tlora.common.errors import UsageError, first_line, note
+from tlora.common.files import atomic_write
+from tlora.common.images import open_rgb
 from tlora.common.usage import Parser
 from tlora.generate.generation import existing_images
+from tlora.interop.export import check_writable
 from tlora.method.adapters import active_rank, branches, factors
 from tlora.method.settings import TLoRASettings
-from tlora.runs.reading import read, weights_file
-from tlora.runs.run_folder import checkpoints, moved_from, read_hparams
+from tlora.runs.reading import newest_checkpoint, read
+from tlora.runs.run_folder import moved_from, read_hparams
 
 THRESHOLD = 0.95
 
@@ -57,12 +60,13 @@ def layer_updates(weights: dict[str, torch.Tensor], trainer_type: str) -> dict[s
 
 
 def resolve(target: Path) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint folder or None) for a run or checkpoint path."""
+    """(run folder, checkpoint folder or None) for a run or checkpoint path: a run's newest usable checkpoint
+    (a newer one passed over is said in a note), None when it has none yet; a checkpoint named is used as is."""
     if target.is_file():
         raise UsageError(f"{target} is a file; pass its run folder or one of the run's checkpoint-N folders")
     if (target / "logs" / "hparams.yml").is_file():
-        found = [folder for _, folder in checkpoints(target) if weights_file(folder)]
-        return target, (found[-1] if found else None)
+        weights = newest_checkpoint(target)
+        return target, (weights.parent if weights is not None else None)
     if (target.parent / "logs" / "hparams.yml").is_file():
         return target.parent, target
     raise UsageError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints; pass one")
@@ -131,9 +135,10 @@ def plot_effective_rank(layers: dict[str, dict], kinds: dict[str, str], path: Pa
 
 
 def samples_grid(version_folder: Path, path: Path, caption_height: int = 24) -> bool:
-    """Prompts as rows (captioned underneath), images as columns; False when there are no samples."""
-    rows = [(p.name, [Image.open(i).convert("RGB") for i in existing_images(p)])
-            for p in sorted(version_folder.iterdir()) if p.is_dir() and existing_images(p)]
+    """Prompts as rows (captioned underneath), images as columns; False when there are no samples (an image that
+    cannot be read is left out, with a note)."""
+    rows = [(p.name, images) for p in sorted(version_folder.iterdir())
+            if p.is_dir() and (images := _readable(existing_images(p)))]
     if not rows:
         return False
     w, h = rows[0][1][0].size
@@ -149,13 +154,36 @@ def samples_grid(version_folder: Path, path: Path, caption_height: int = 24) -> 
     return True
 
 
-def plot_loss(loss_csv: Path, path: Path) -> bool:
-    if not loss_csv.is_file():
-        return False
-    with open(loss_csv) as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-    if not rows:
-        return False
+def _readable(paths: list[Path]) -> list[Image.Image]:
+    images = []
+    for image in paths:
+        try:
+            images.append(open_rgb(image))
+        except Exception:  # PIL raises many types for bad files
+            note(f"samples_grid.png leaves out {image}: it is not a readable image")
+    return images
+
+
+def read_loss(loss_csv: Path) -> list[tuple[int, float]]:
+    """(step, loss) rows of logs/loss.csv; one line (UsageError) naming the file and the first bad line."""
+    fix = "training writes it; delete it to analyse without it"
+    rows = []
+    try:
+        with open(loss_csv, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                try:
+                    rows.append((int(row["step"]), float(row["loss"])))
+                except (KeyError, TypeError, ValueError):
+                    raise UsageError(f"{loss_csv}: line {reader.line_num} is not a step and a loss; {fix}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{loss_csv} is not UTF-8 text; {fix}") from None
+    except (OSError, csv.Error) as err:
+        raise UsageError(f"{loss_csv} cannot be read as a table ({first_line(err)}); {fix}") from None
+    return rows
+
+
+def plot_loss(rows: list[tuple[int, float]], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([s for s, _ in rows], [v for _, v in rows], lw=0.8)
@@ -163,40 +191,45 @@ def plot_loss(loss_csv: Path, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def analyze(target: str | Path) -> Path:
     """Write every picture that the run or checkpoint allows, saying which it could not draw and why; returns
-    the analysis folder (inside `target`, wherever the run was written)."""
+    the analysis folder (inside `target`, wherever the run was written). Everything is read and checked before
+    anything is written."""
     target = Path(target)
     run, checkpoint = resolve(target)
-    out = target / "analysis"
-    out.mkdir(exist_ok=True)
     hparams_path = run / "logs" / "hparams.yml"
     hparams = read_hparams(hparams_path)
-    if old := moved_from(run, hparams):
-        _note(f"{run.name} was written in {old}; reading it where it is, {run}")
-    if checkpoint is not None:
-        ckpt = read(checkpoint, hparams_path, fix=f"add {{key}} to {hparams_path}")
-        settings = ckpt.settings
-        layers = analyse_updates(ckpt.tensors(), settings)
-        (out / "effective_rank.json").write_text(json.dumps(layers, indent=1))
+    ckpt = read(checkpoint, hparams_path, fix=f"add {{key}} to {hparams_path}") if checkpoint is not None else None
+    settings = ckpt.settings if ckpt is not None else TLoRASettings.from_hparams(hparams, str(hparams_path))
+    weights = ckpt.tensors() if ckpt is not None else None
+    loss_csv = run / "logs" / "loss.csv"
+    try:
+        loss = read_loss(loss_csv) if loss_csv.is_file() else []
+    except UsageError as err:
+        note(f"no loss.png: {err}")
+        loss = None
+    out = target / "analysis"
+    check_writable(out, str(target), "copy the run to a folder you can write to")
+    if old := moved_from(run, hparams):  # said once the input is known to be good
+        note(f"{run.name} was written in {old}; reading it where it is, {run}")
+    out.mkdir(exist_ok=True)
+    if ckpt is not None:
+        layers = analyse_updates(weights, settings)
+        atomic_write(out / "effective_rank.json", json.dumps(layers, indent=1).encode())
         plot_effective_rank(layers, families.get(settings.family).layer_kinds, out / "effective_rank.png")
         versions = sorted(checkpoint.glob("samples/*/version_*"))
         if not (versions and samples_grid(versions[0], out / "samples_grid.png")):
-            _note(f"no samples_grid.png: {checkpoint} has no samples (inference.py writes them)")
+            note(f"no samples_grid.png: {checkpoint} has no samples (inference.py writes them)")
     else:
-        settings = TLoRASettings.from_hparams(hparams, str(hparams_path))
-        _note(f"no effective_rank.png or samples_grid.png: {run} has no checkpoint yet")
+        note(f"no effective_rank.png or samples_grid.png: {run} has no checkpoint yet")
     plot_rank_schedule(settings, out / "rank_schedule.png")
-    if not plot_loss(run / "logs" / "loss.csv", out / "loss.png"):
-        _note(f"no loss.png: {run / 'logs' / 'loss.csv'} is missing or empty")
+    if loss:
+        plot_loss(loss, out / "loss.png")
+    elif loss is not None:
+        note(f"no loss.png: {loss_csv} is missing or empty")
     return out
-
-
-def _note(text: str) -> None:
-    print(f"note: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

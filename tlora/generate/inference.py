@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from tlora import families
-from tlora.common.errors import UsageError
+from tlora.common.errors import RunFailed, UsageError, note
+from tlora.common.files import write_failure
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.usage import Parser, check_finite, check_model_source
+from tlora.common.usage import Parser, check_guidance, check_model_source, check_seed, shown
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
-from tlora.runs.reading import read, weights_file
-from tlora.runs.run_folder import moved_from, read_hparams
+from tlora.interop.export import check_writable
+from tlora.runs.reading import folder_weights, read
+from tlora.runs.run_folder import checkpoints, moved_from, read_hparams
+from tlora.runs.weights import WEIGHTS_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,36 +45,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def checkpoint_folder(config_path: Path, hparams: dict, checkpoint_idx: str | None) -> Path:
-    """checkpoint-N of the run (or the run folder itself): the run is the folder holding the given
-    logs/hparams.yml (so a moved or copied run is read where it is), else the output_dir it records."""
+def run_folder(config_path: Path, hparams: dict) -> tuple[Path, bool]:
+    """(the run, whether it was found by its recorded output_dir): for `<run>/logs/hparams.yml` the run is `<run>` and
+    nothing else is looked at (a moved or copied run is read, and written to, where it is); only a loose hparams.yml
+    (not in a logs/ folder) names its run by the output_dir it records, as the authors' tool reads it."""
+    config = Path(os.path.abspath(config_path))
+    if config.parent.name == "logs":
+        return config.parent.parent, False
+    recorded = hparams.get("output_dir")
+    if not recorded or not Path(recorded).is_dir():
+        what = f"the output_dir it records, {recorded}, is not a folder" if recorded else "it records no output_dir"
+        raise UsageError(f"--config_path: {config_path} is not in a run's logs/ folder and {what}; pass "
+                         "RUN/logs/hparams.yml")
+    note(f"{config_path} is not in a run's logs/ folder: reading the run its output_dir records, {recorded}, and "
+         "writing samples there")
+    return Path(recorded), True
+
+
+def checkpoint_folder(run: Path, checkpoint_idx: str | None) -> Path:
+    """checkpoint-N of the run (or the run folder itself), which must hold its weights as a regular file: one line
+    naming the path otherwise, never another folder's weights."""
     if checkpoint_idx is not None and not checkpoint_idx.isdigit():
-        raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {checkpoint_idx!r}")
-    name = f"checkpoint-{checkpoint_idx}" if checkpoint_idx is not None else ""
-    candidates = [config_path.resolve().parent.parent]
-    if hparams.get("output_dir"):
-        candidates.append(Path(str(hparams["output_dir"])))
-    for run in candidates:
-        folder = run / name if name else run
-        if weights_file(folder) is not None:
-            return folder
-    raise UsageError(f"--checkpoint_idx: no T-LoRA weights (pytorch_lora_weights.safetensors or the authors' lora.pt) "
-                     f"in {candidates[0] / name}")
+        raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}")
+    folder = run / f"checkpoint-{checkpoint_idx}" if checkpoint_idx is not None else run
+    if not any(os.path.lexists(folder / name) for name in WEIGHTS_NAMES):
+        flag = "--checkpoint_idx is not given and" if checkpoint_idx is None else f"--checkpoint_idx {checkpoint_idx}:"
+        what = f"{flag} no T-LoRA weights ({' or '.join(WEIGHTS_NAMES)}) are in {folder}"
+        have = ", ".join(str(step) for step, _ in checkpoints(run))
+        raise UsageError(f"{what}; pass the N of one of the run's checkpoint-N folders ({have or 'it has none'})")
+    folder_weights(folder)  # a regular file, or one line naming what it is
+    return folder
+
+
+TEXT_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "placeholder_token",
+             "class_name", "output_dir")
+COUNT_KEYS = ("max_sequence_length", "resolution")  # FLUX sampling reads them
+
+
+def check_hparams(hparams: dict, path: Path) -> None:
+    """The keys inference reads from a hparams.yml have the right type (text; whole numbers >= 1), or are absent."""
+    for key in TEXT_KEYS:
+        value = hparams.get(key)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"--config_path: {key} in {path} must be text, got {shown(value)}; fix it, or pass the "
+                             "run's own logs/hparams.yml")
+    for key in COUNT_KEYS:
+        value = hparams.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"--config_path: {key} in {path} must be a whole number of at least 1, got "
+                             f"{shown(value)}; fix it, or pass the run's own logs/hparams.yml")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check everything (run, checkpoint, prompts, numbers, device) before any model loads."""
+    """Parse and check everything (run, checkpoint and its tensors, prompts, numbers, device, the folder written)
+    before any model loads."""
     args = build_parser().parse_args(argv)
     config_path = Path(args.config_path)
-    if not config_path.is_file():
-        raise UsageError(f"--config_path: {config_path} does not exist; pass a run's logs/hparams.yml")
+    if not _is_file(config_path):
+        raise UsageError(f"--config_path: {shown(str(config_path))} does not exist (or is not a file); pass a run's "
+                         "logs/hparams.yml")
     hparams = read_hparams(config_path)
-    args.checkpoint = checkpoint_folder(config_path, hparams, args.checkpoint_idx)
-    run = config_path.resolve().parent.parent
-    if args.checkpoint.resolve().is_relative_to(run) and (old := moved_from(run, hparams)):
-        print(f"note: {run.name} was written in {old}; reading it, and writing samples, where it is: {run}",
-              file=sys.stderr)
-    args.ckpt = read(args.checkpoint, config_path, fix=f"add {{key}} to {config_path}")  # header only: checked early
+    check_hparams(hparams, config_path)
+    run, loose = run_folder(config_path, hparams)
+    args.checkpoint = checkpoint_folder(run, args.checkpoint_idx)
+    args.ckpt = read(folder_weights(args.checkpoint), config_path, fix=f"add {{key}} to {config_path}")
+    args.ckpt.tensors()  # read and checked (finite) now; kept for loading
     family = families.get(args.ckpt.settings.family)
     args.family = family.name
     # The authors' hparams.yml have no VAE key: their SDXL tool always uses SDXL's default VAE, FLUX the model's own.
@@ -84,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_inference_steps = family.inference_steps if args.num_inference_steps is None else args.num_inference_steps
     args.guidance_scale = family.inference_guidance if args.guidance_scale is None else args.guidance_scale
     for key in ("placeholder_token", "class_name"):
-        check_text(f"--config_path: {key}", str(args.hparams[key]), MAX_WORD_LENGTH)
+        check_text(f"--config_path: {key}", args.hparams[key], MAX_WORD_LENGTH)
     args.templates = split_prompts(args.prompts)
     if not args.templates:
         raise UsageError("--prompts: give at least one prompt ('#' separates prompts)")
@@ -94,16 +132,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.version < 0:
         raise UsageError(f"--version must be 0 or more, got {args.version}")
-    check_finite("--guidance_scale", args.guidance_scale)
+    check_guidance("--guidance_scale", args.guidance_scale)
+    check_seed("--seed", args.seed)
     args.device = _device(args.device)
     args.dtype = args.dtype or (family.gpu_dtype if args.device.startswith("cuda") else "fp32")
     hp = args.hparams
-    check_model_source("--config_path: pretrained_model_name_or_path", str(hp["pretrained_model_name_or_path"]),
+    check_model_source("--config_path: pretrained_model_name_or_path", hp["pretrained_model_name_or_path"],
                        revision=hp["revision"])
     vae = hp["pretrained_vae_model_name_or_path"]
-    if vae and str(vae).lower() != "none":
-        check_model_source("--pretrained_vae_model_name_or_path", str(vae), "config.json")
+    if vae and vae.lower() != "none":
+        check_model_source("--pretrained_vae_model_name_or_path", vae, "config.json")
+    args.samples = family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version)
+    check_writable(args.samples, "--config_path", f"the samples of {args.checkpoint} go to {args.samples}: make it "
+                   "writable, or copy the run to a folder you can write to")
+    if not loose and (old := moved_from(run, hparams)):  # said once the input is known to be good
+        note(f"{run.name} was written in {old}; reading it, and writing samples, where it is: {run}")
     return args
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the system, a loop of links
+        return False
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def _device(name: str | None) -> str:
@@ -112,11 +166,15 @@ def _device(name: str | None) -> str:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device: {name!r} is not a device; pass cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device: {shown(name)} is not a device; pass cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {shown(name)}: inference runs on {', '.join(DEVICE_TYPES)}; pass one of them")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here; pass --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices; pass one of them")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: no Apple GPU (MPS) is available here; pass --device cpu")
     return name
 
 
@@ -131,10 +189,14 @@ def run(args: argparse.Namespace) -> Path:
     load(pipe, args.ckpt)
     cfg = generation.Sampling(
         hp["placeholder_token"], hp["class_name"],
-        family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version),
+        args.samples,
         args.num_images_per_prompt, args.batch_size, args.num_inference_steps, args.guidance_scale, args.seed,
         args.replace_inference_output, family.call_kwargs(hp),
     )
-    with tqdm(total=len(args.templates) * args.num_images_per_prompt, desc="images") as bar:
-        generation.run(pipe, args.templates, cfg, str(args.checkpoint), progress=bar)
+    with tqdm(total=len(set(args.templates)) * args.num_images_per_prompt, desc="images") as bar:
+        try:
+            generation.run(pipe, args.templates, cfg, str(args.checkpoint), progress=bar)
+        except OSError as err:  # a full disk, a folder made read-only meanwhile
+            raise RunFailed(f"inference stopped: {write_failure(err, cfg.folder)}; free some space and run the same "
+                            "command again (the prompts finished are kept)") from None
     return cfg.folder
