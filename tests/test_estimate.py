@@ -45,7 +45,7 @@ def test_json_answers_for_a_shipped_architecture_and_the_formula_parts(capsys):
 
 def test_bad_input_is_one_line_before_anything_is_built(capsys):
     assert main(["--pretrained_model_name_or_path", "sdxl", "--utilization", "2"]) == 2
-    assert capsys.readouterr().err.startswith("error: --utilization must be in (0, 1]")
+    assert capsys.readouterr().err.startswith("error: --utilization must be a finite number in (0, 1]")
     assert main(["--pretrained_model_name_or_path", "sdxl", "--resolution", "1001"]) == 2
     assert "--resolution" in capsys.readouterr().err
 

@@ -11,6 +11,7 @@ time (FLOPs at a stated share of the GPU's peak).
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -24,8 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tlora import families
-from tlora.common.errors import UsageError
+from tlora.common.errors import UsageError, first_line
+from tlora.common.usage import check_finite, check_seed, shown
 from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
+from tlora.families.checks import cached_file, read_json
 from tlora.families.pipelines import DTYPES
 from tlora.method.injection import attach
 from tlora.method.settings import TLoRASettings
@@ -104,10 +107,11 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     for real instead, with torch's own CPU kernels and autocast, and is tracked the same way (no set-up)."""
     dtype = DTYPES[opts.mixed_precision]
     real = pipe is not None
-    pipe = pipe if real else empty_pipeline(name, dtype)
+    pipe = pipe if real else _empty_pipeline(name, dtype, opts)
     family = families.of_model(pipe)
     if family.name != opts.family:
-        raise UsageError(f"--pretrained_model_name_or_path {name} is {family.name}, but the options are {opts.family}")
+        raise UsageError(f"--pretrained_model_name_or_path {name} is {family.name}, but the options are "
+                         f"{opts.family}; pass the options of a {family.name} model")
     model = family.model(pipe)
     if not real:
         family.prepare(pipe, dtype)  # as loading does (SDXL: a VAE that needs fp32 stays fp32 under fp16)
@@ -145,6 +149,25 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
                conv_flops=counter.convolution,
                adapters=adapters, numels=[p.numel() for p in params], linears=linears)
     return out
+
+
+def _empty_pipeline(name: str, dtype: torch.dtype, opts: TrainOptions):
+    """The run's pipeline built empty; a model folder whose configs do not build one of its family's pipelines
+    (a class that does not exist, a value a class refuses, a denoiser of another kind) is one line naming it."""
+    if name in ARCHITECTURES:
+        return empty_pipeline(name, dtype)
+    try:
+        pipe = empty_pipeline(name, dtype)
+        family = families.of_model(pipe)
+        family.conditioning_shapes(family.model(pipe), opts.resolution, opts.max_sequence_length or 512)
+        family.encoders(pipe)
+        return pipe
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the folder's configs are the user's input
+        raise UsageError(f"--pretrained_model_name_or_path: the configs in {name} do not build its {opts.family} "
+                         f"pipeline ({first_line(err)}); pass a model folder in diffusers layout, or one of "
+                         f"{', '.join(ARCHITECTURES)}") from None
 
 
 def _train_state(opts: TrainOptions, model: nn.Module, scheduler, autocast: torch.dtype | None, real: bool):
@@ -261,6 +284,7 @@ def estimate(opts: TrainOptions, name: str, utilization: float = 0.4, traced: di
 
 # -- the command ------------------------------------------------------------------------------------------
 CONTEXT_GB = 0.75  # the CUDA context and allocator reserve that --fit adds to the traced peak
+MIN_UTILIZATION = 1e-6  # below it (down to the smallest float) a step's seconds would overflow
 NOT_READ = "(not read by the estimate)"
 
 
@@ -278,14 +302,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
                         help="Share of the GPU's dense peak TFLOP/s a step reaches, for the step time. Default: 0.4.")
     extra: dict = {}
     opts = read_flags(parser, argv, extra)
-    if not 0 < extra["utilization"] <= 1:
-        raise UsageError(f"--utilization must be in (0, 1], got {extra['utilization']}")
-    if extra["fit"] is not None and extra["fit"] <= 0:
-        raise UsageError(f"--fit must be a positive number of GB, got {extra['fit']}")
+    check_finite("--utilization", extra["utilization"], 0, 1, low_open=True)
+    if extra["utilization"] < MIN_UTILIZATION:  # the step time would overflow to infinity
+        raise UsageError(f"--utilization {extra['utilization']} is too small a share to give a step time; pass a "
+                         f"share of at least {MIN_UTILIZATION}, such as 0.4")
+    if extra["fit"] is not None:
+        check_finite("--fit", extra["fit"], 0, low_open=True)
+    check_seed("--seed", opts.seed)
     name = opts.pretrained_model_name_or_path
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required: a model folder, or one of "
                          f"{', '.join(ARCHITECTURES)}")
+    if name not in ARCHITECTURES:
+        check_model_folder(name, opts.revision)
     opts.train_data_dir = opts.train_data_dir or NOT_READ
     opts.output_dir = opts.output_dir or NOT_READ
     opts.class_name = opts.class_name or "dog"
@@ -297,6 +326,45 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     return opts, extra
 
 
+def _config_name(part: str) -> str:
+    return f"{part}/{'scheduler_config.json' if part == 'scheduler' else 'config.json'}"
+
+
+def check_model_folder(name: str, revision: str | None = None) -> None:
+    """A model's configs as the estimate reads them, from a local folder or (a hub id) the Hugging Face cache:
+    model_index.json, and the config of every part it names and of the parts its family's estimate builds (the
+    denoiser, VAE, text encoders and scheduler), are UTF-8 JSON objects. One line naming the file otherwise. A hub
+    id not cached yet is checked once its configs are downloaded (`run`)."""
+    flag = "--pretrained_model_name_or_path"
+    fix = f"pass a model folder in diffusers layout, or one of {', '.join(ARCHITECTURES)}"
+    index_path = cached_file(name, "model_index.json", revision)
+    if index_path is None:
+        return  # no folder there, or not cached: resolving the family says so in its own line
+    index = read_json(index_path, flag, fix)
+    family_name = families.PIPELINES.get(index.get("_class_name"))
+    if family_name is None:
+        return  # families.detect names the class and what is trained
+    family = families.get(family_name)
+    signature = inspect.signature(family.pipeline_class.__init__).parameters
+    needed = [family.model_attr, "vae", "scheduler", *(p for p in signature if p.startswith("text_encoder"))]
+    for part, spec in index.items():
+        if part.startswith("_"):
+            continue
+        config = cached_file(name, _config_name(part), revision)
+        if isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec):
+            if config is not None:
+                read_json(config, flag, fix)
+        elif part in needed or (config is not None and spec != [None, None]):
+            raise UsageError(f"{flag}: {index_path} gives {part} as {shown(spec)}, not [library, class]; {fix}")
+        if part in needed and spec[0] not in ("diffusers", "transformers"):
+            raise UsageError(f"{flag}: {index_path} gives {part} as {shown(spec)}, a class of neither diffusers nor "
+                             f"transformers; {fix}")
+    for part in needed:
+        if part not in index or cached_file(name, _config_name(part), revision) is None:
+            raise UsageError(f"{flag}: {name} has no {_config_name(part)} (or model_index.json does not name "
+                             f"{part}), which its {family.name} pipeline needs; {fix}")
+
+
 def model_source(name: str, revision: str | None) -> str:
     """A shipped architecture's name or a local folder as it is; a hub model's configs (JSON files only)."""
     from pathlib import Path
@@ -306,10 +374,12 @@ def model_source(name: str, revision: str | None) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, revision=revision, allow_patterns=["*.json"])
-    except Exception as err:
-        raise UsageError(f"--pretrained_model_name_or_path {name}: its configs could not be read ({err}); pass a "
-                         f"model folder or one of {', '.join(ARCHITECTURES)}") from None
+        folder = snapshot_download(name, revision=revision, allow_patterns=["*.json"])
+    except Exception as err:  # noqa: BLE001 - no network, no access, no such repository
+        raise UsageError(f"--pretrained_model_name_or_path {name}: its configs could not be read ({first_line(err)}); "
+                         f"pass a model folder or one of {', '.join(ARCHITECTURES)}") from None
+    check_model_folder(folder)
+    return folder
 
 
 def fit(opts: TrainOptions, name: str, budget_gb: float, utilization: float, traced: dict) -> dict:
