@@ -125,7 +125,8 @@ def test_analyze_writes_its_pictures(tiny_model, image_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_path, monkeypatch):
+def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tiny_embedder_dir, tmp_path,
+                                                monkeypatch):
     for i in range(2):
         make_image(tmp_path / f"concept{i}.png", seed=i)
     for name, ttype in (("tl", "ortho_lora"), ("vl", "lora")):
@@ -136,6 +137,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
         "output_dir": "bench", "pretrained_model_name_or_path": str(tiny_model),
         "pretrained_vae_model_name_or_path": "none", "images": {"contextual": 1, "complex": 1, "base": 2},
         "num_prompts": {"contextual": 2, "complex": 1}, "num_inference_steps": 2,
+        "evaluation": {"clip_model": str(tiny_embedder_dir / "clip"), "dino_model": str(tiny_embedder_dir / "dino")},
         "concepts": [{"name": "pet", "image": "concept0.png", "class_name": "dog", "kind": "live"},
                      {"name": "thing", "image": "concept1.png", "class_name": "cup", "kind": "object"}],
         "methods": [{"name": "T-LoRA", "config": "tl.yaml"}, {"name": "Vanilla", "config": "vl.yaml"}],
@@ -170,7 +172,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tmp_
 
 
 @pytest.mark.slow
-def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tmp_path, monkeypatch):
+def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tiny_embedder_dir, tmp_path, monkeypatch):
     make_image(tmp_path / "concept.png", seed=3)
     (tmp_path / "flux.yaml").write_text(yaml.safe_dump({  # the authors' FLUX flag names
         "tlora": True, "rank": 4, "min_rank": 1, "max_train_steps": 1, "checkpointing_steps": 1, "resolution": 64,
@@ -179,6 +181,7 @@ def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tmp_path, monkeypat
         "output_dir": "bench", "pretrained_model_name_or_path": str(tiny_flux),
         "images": {"contextual": 1, "complex": 1, "base": 1}, "num_prompts": {"contextual": 1, "complex": 1},
         "num_inference_steps": 2, "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}],
+        "evaluation": {"clip_model": str(tiny_embedder_dir / "clip"), "dino_model": str(tiny_embedder_dir / "dino")},
         "methods": [{"name": "Vanilla T-LoRA", "config": "flux.yaml"}],
     }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
@@ -192,6 +195,7 @@ def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tmp_path, monkeypat
 def test_manifest_counts_merge_with_their_defaults_and_paths_are_the_manifests(tmp_path):
     make_image(tmp_path / "concept.png")
     (tmp_path / "masks").mkdir()
+    make_image(tmp_path / "masks" / "concept.png")  # a mask for each concept: checked when the manifest is read
     manifest = {"output_dir": "bench", "images": {"base": 3}, "num_prompts": {"complex": 2},
                 "evaluation": {"mask_dir": "masks"}, "methods": [{"name": "T-LoRA", "config": "tl.yaml"}],
                 "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}]}

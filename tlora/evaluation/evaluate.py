@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from tlora.common.commands import run_command
-from tlora.common.errors import UsageError
+from tlora.common.errors import UsageError, first_line
 from tlora.common.files import atomic_write
-from tlora.common.images import open_rgb
-from tlora.common.prompts import BASE_PROMPT
-from tlora.common.usage import Parser, check_model_source
+from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb
+from tlora.common.prompts import BASE_PROMPT, check_templates
+from tlora.common.usage import Parser, check_model_source, shown
 from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
 from tlora.generate.generation import existing_images, read_record
 
@@ -35,8 +37,20 @@ def prompt_folders(samples: Path, placeholder_token: str) -> dict[str, Path]:
     for folder in sorted(p for p in samples.iterdir() if p.is_dir() and existing_images(p)):
         entry = record.get(folder.name) or {}
         template = entry.get("prompt") or " ".join("{0}" if w == placeholder_token else w for w in folder.name.split())
+        if not isinstance(template, str):
+            raise UsageError(f"--samples: {samples / 'prompts.yaml'} gives the prompt of {folder.name} as "
+                             f"{shown(template)}, not text; delete or fix it")
+        check_templates(f"--samples: the prompt of {folder}", [template])
         folders[template] = folder
     return folders
+
+
+def _open(path: Path, flag: str):
+    """An image the metrics read, as RGB; one line naming it when it cannot be read."""
+    try:
+        return open_rgb(path)
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+        raise UsageError(f"{flag}: {path} is not a readable image ({first_line(err)}); remove or replace it") from None
 
 
 def evaluate_samples(
@@ -52,7 +66,7 @@ def evaluate_samples(
     if not folders:
         raise ValueError(f"no prompt folders with images in {samples}")
     base = folders.get(BASE_PROMPT)
-    is_images = [open_rgb(p) for p in existing_images(base)] if base else []
+    is_images = [_open(p, "--samples") for p in existing_images(base)] if base else []
     result: dict = {"samples": str(samples), "class_name": class_name, "ts_text": TS_TEXT, "base_prompt": BASE_PROMPT}
     if is_images:
         result["IS"] = mean_cosine(embedders.clip_images(references), embedders.clip_images(is_images))
@@ -63,7 +77,8 @@ def evaluate_samples(
         if template == BASE_PROMPT:
             continue
         text = embedders.clip_texts([template.format(class_name)])
-        per_prompt[template] = mean_cosine(text, embedders.clip_images([open_rgb(p) for p in existing_images(folder)]))
+        images = [_open(p, "--samples") for p in existing_images(folder)]
+        per_prompt[template] = mean_cosine(text, embedders.clip_images(images))
     result["TS_per_prompt"] = per_prompt
     if per_prompt:
         result["TS"] = sum(per_prompt.values()) / len(per_prompt)
@@ -109,18 +124,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not Path(args.reference).exists():
         raise UsageError(f"--reference: {args.reference} does not exist; pass an image or a folder of images")
     if args.mask_dir and not Path(args.mask_dir).is_dir():
-        raise UsageError(f"--mask_dir: {args.mask_dir} is not a folder")
+        raise UsageError(f"--mask_dir: {args.mask_dir} is not a folder; pass the folder of the reference images' masks")
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UsageError(f"--output: {args.output} exists; pass a new path, or --overwrite to replace it")
+    _check_output(Path(args.output or Path(args.samples) / "metrics.json"), "--output" if args.output else "--samples")
     if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    try:
-        args.references = reference_images(args.reference, args.mask_dir)
-    except (ValueError, OSError) as err:
-        raise UsageError(f"--reference: {err}") from None
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}; pass a whole number of at least 1")
+    check_device(args.device)
+    for folder in prompt_folders(Path(args.samples), args.placeholder_token).values():
+        for image in existing_images(folder):
+            check_readable(image, "--samples")
+    args.references = _references(args.reference, args.mask_dir)
     check_model_source("--clip_model", args.clip_model, "config.json")
     check_model_source("--dino_model", args.dino_model, "config.json")
     return args
+
+
+def _check_output(path: Path, flag: str) -> None:
+    """The metrics file can be written: not a folder, in a folder this process can write (or create)."""
+    if path.is_dir():
+        raise UsageError(f"{flag}: {path} is a folder; pass a file path for the metrics (JSON)")
+    existing = next(p for p in [path.parent, *path.absolute().parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write the metrics in {existing}; pass an --output in a folder you can "
+                         "write to")
+
+
+def check_readable(path: Path, flag: str) -> None:
+    """An image file PIL can open and whose data is whole (read, not decoded: cheap for hundreds of samples)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+        raise UsageError(f"{flag}: {path} is not a readable image ({first_line(err)}); remove or replace it") from None
+
+
+def check_device(name: str | None) -> None:
+    """--device: None (CUDA when there is a GPU), or a torch device this machine has."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: {shown(name)} is not a device; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices; pass one of them")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: no Apple GPU (MPS) is available here; pass --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {shown(name)}: the metrics run on cpu, cuda or mps; pass one of them")
+
+
+def _references(reference: str, mask_dir: str | None) -> list:
+    """The reference images (masked), each checked to be a readable image, and a mask for each."""
+    path = Path(reference)
+    paths = list_images(path) if path.is_dir() else [path]
+    if not paths:
+        raise UsageError(f"--reference: no images (.jpg, .jpeg, .png, .webp, .bmp) in {reference}; pass an image or a "
+                         "folder of images")
+    for image in paths:
+        check_image(image, "--reference", min_side=1)
+        if mask_dir:
+            masks = [p for p in Path(mask_dir).glob(image.stem + ".*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not masks:
+                raise UsageError(f"--mask_dir: no mask named {image.stem}.* in {mask_dir}; add one (white = the "
+                                 "subject)")
+            check_image(masks[0], "--mask_dir", min_side=1)
+    return reference_images(reference, mask_dir)
 
 
 def run(args: argparse.Namespace) -> dict:

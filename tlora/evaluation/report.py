@@ -9,7 +9,9 @@ import json
 import statistics
 from pathlib import Path
 
+from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
+from tlora.common.usage import read_text
 from tlora.evaluation.manifest import Concept, Manifest, Method
 
 COLUMNS = ("concept", "method", "kind", "IS", "DINO_IS", "TS_contextual", "TS_complex", "checkpoint")
@@ -22,7 +24,7 @@ def result_path(m: Manifest, concept: Concept, method: Method) -> Path:
 
 def collect(m: Manifest, write: bool = True) -> list[dict]:
     """Every finished job's row, in manifest order; rewrites results.csv when `write` (the main process)."""
-    rows = [json.loads(p.read_text()) for c, me in m.jobs() if (p := result_path(m, c, me)).is_file()]
+    rows = [read_row(p) for c, me in m.jobs() if (p := result_path(m, c, me)).is_file()]
     if write:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS)
@@ -30,6 +32,21 @@ def collect(m: Manifest, write: bool = True) -> list[dict]:
         writer.writerows(rows)
         atomic_write(m.output_dir / "results.csv", buf.getvalue().encode())
     return rows
+
+
+def read_row(path: Path) -> dict:
+    """One finished job's row (the benchmark wrote it; a hand-edited or damaged one is one line naming it)."""
+    fix = "delete it to run that job again"
+    text = read_text(path, "benchmark result", fix)
+    try:
+        row = json.loads(text)
+    except ValueError:  # not JSON
+        row = None
+    if not isinstance(row, dict) or any(k not in row for k in COLUMNS) or not all(
+            row[k] is None or (isinstance(row[k], (int, float)) and not isinstance(row[k], bool)) for k in METRICS):
+        raise UsageError(f"benchmark result {path} is not a row the benchmark writes (JSON with {', '.join(COLUMNS)}); "
+                         f"{fix}")
+    return row
 
 
 def summary(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
