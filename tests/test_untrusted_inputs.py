@@ -130,7 +130,7 @@ def manifest(tmp_path, tiny_model):
         "num_train_epochs": 2, "checkpointing_steps": 2, "resolution": 64, "dataloader_num_workers": 0}))
     for name in ("clip", "dino"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": name.replace("dino", "vit")}))
     return {"output_dir": "bench", "pretrained_model_name_or_path": str(tiny_model),
             "pretrained_vae_model_name_or_path": "none",
             "evaluation": {"clip_model": str(tmp_path / "clip"), "dino_model": str(tmp_path / "dino")},
@@ -173,6 +173,9 @@ def test_manifest_files(tmp_path, capsys, content, message):
     ({"evaluation": ["clip"]}, "evaluation must be a mapping with keys among clip_model, dino_model, mask_dir"),
     ({"evaluation": {"clip_model": 3}}, "evaluation.clip_model must be text, got 3"),
     ({"evaluation": {"mask_dir": "nowhere"}}, "evaluation.mask_dir {t}/nowhere is not a folder"),
+    ({"evaluation": {"clip_model": "{t}/dino"}},
+     "evaluation.clip_model: {t}/dino is not a CLIP model (its config.json says model_type 'vit'); pass a CLIP model"),
+    ({"evaluation": {"clip_model": "{t}/nothing"}}, "evaluation.clip_model: {t}/nothing does not exist; pass"),
     ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, got -1; pass one in that range"),
     ({"seed": 2**32}, "seed must be a whole number from 0 to 4294967295, got 4294967296"),
     ({"seed": 1.5}, "seed must be a whole number from 0 to 4294967295, got 1.5"),
@@ -202,6 +205,7 @@ def test_manifest_files(tmp_path, capsys, content, message):
 def test_manifest_values(tmp_path, capsys, manifest, change, message):
     """Each wrong value, type or shape of the manifest is one line naming the manifest (checked before the
     evaluation models and every job's train.py flags)."""
+    change = json.loads(json.dumps(change).replace("{t}", str(tmp_path)))  # NaN and inf go through as they are
     one_line_error(capsys, run_manifest(tmp_path, manifest | change), message.format(t=tmp_path))
 
 
@@ -266,7 +270,14 @@ def test_evaluate_inputs(tmp_path, capsys, samples):
     (tmp_path / "masks" / "ref.png").write_text("not an image")
     one_line_error(capsys, main([*samples, "--mask_dir", str(tmp_path / "masks")]),
                    "--mask_dir: ref.png is not a readable image")
+    one_line_error(capsys, main(_flag(samples, "--class_name", "")), "--class_name must not be empty")
+    one_line_error(capsys, main(_flag(samples, "--placeholder_token", "s\nks")), "--placeholder_token: 's\\nks' holds a "
+                   "control character")
     one_line_error(capsys, main(samples), "--clip_model: /no/clip does not exist")  # every input above was fine
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_bytes(b"\xff")
+    one_line_error(capsys, main(_flag(samples, "--clip_model", str(tmp_path / "clip"))),
+                   f"--clip_model: {tmp_path / 'clip' / 'config.json'} is not UTF-8 text; pass a CLIP or DINO model")
 
 
 def test_evaluate_samples_that_cannot_be_read(tmp_path, capsys, samples):

@@ -22,7 +22,7 @@ from tlora.common.commands import run_command
 from tlora.common.errors import UsageError, first_line
 from tlora.common.files import atomic_write
 from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb
-from tlora.common.prompts import BASE_PROMPT, check_templates
+from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text
 from tlora.common.usage import Parser, check_model_source, shown
 from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
 from tlora.generate.generation import existing_images, read_record
@@ -128,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UsageError(f"--output: {args.output} exists; pass a new path, or --overwrite to replace it")
     _check_output(Path(args.output or Path(args.samples) / "metrics.json"), "--output" if args.output else "--samples")
+    check_text("--class_name", args.class_name, MAX_WORD_LENGTH)
+    check_text("--placeholder_token", args.placeholder_token, MAX_WORD_LENGTH)
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}; pass a whole number of at least 1")
     check_device(args.device)
@@ -135,9 +137,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for image in existing_images(folder):
             check_readable(image, "--samples")
     args.references = _references(args.reference, args.mask_dir)
-    check_model_source("--clip_model", args.clip_model, "config.json")
-    check_model_source("--dino_model", args.dino_model, "config.json")
+    check_embedders("--clip_model", args.clip_model, "--dino_model", args.dino_model)
     return args
+
+
+def check_embedders(clip_flag: str, clip: str, dino_flag: str, dino: str) -> None:
+    """The CLIP and DINO models can be had (a folder, or the cache when offline) and their config.json, where it
+    can be read without the network, is a JSON object; CLIP's says it is a CLIP model."""
+    from tlora.families.checks import cached_file, read_json
+
+    for flag, name in ((clip_flag, clip), (dino_flag, dino)):
+        check_model_source(flag, name, "config.json")
+        path = cached_file(name, "config.json")
+        if path is None:
+            continue
+        config = read_json(path, flag, "pass a CLIP or DINO model folder (transformers layout) or hub id")
+        if flag == clip_flag and config.get("model_type") != "clip":
+            raise UsageError(f"{flag}: {name} is not a CLIP model (its config.json says model_type "
+                             f"{shown(config.get('model_type'))}); pass a CLIP model such as {DEFAULT_CLIP}")
 
 
 def _check_output(path: Path, flag: str) -> None:

@@ -38,7 +38,7 @@ from tlora.common.commands import run_command
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.prompts import BASE_PROMPT
-from tlora.common.usage import Parser, check_model_source
+from tlora.common.usage import Parser
 from tlora.evaluation.manifest import Concept, Manifest, Method, prompt_set
 from tlora.evaluation.report import METRICS, collect, log_report, result_path, write_report
 
@@ -165,10 +165,11 @@ def parse_args(argv: list[str] | None = None) -> Manifest:
     p.add_argument("manifest", help="YAML file: output_dir, concepts, methods, and generation settings.")
     path = p.parse_args(argv).manifest
     m = Manifest.read(path)
+    from tlora.evaluation.evaluate import check_embedders
     from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
-    for key, default in (("clip_model", DEFAULT_CLIP), ("dino_model", DEFAULT_DINO)):
-        check_model_source(f"manifest {path}: evaluation.{key}", m.evaluation.get(key, default), "config.json")
+    check_embedders(f"manifest {path}: evaluation.clip_model", m.evaluation.get("clip_model", DEFAULT_CLIP),
+                    f"manifest {path}: evaluation.dino_model", m.evaluation.get("dino_model", DEFAULT_DINO))
     for concept, method in m.jobs():
         try:
             train_args(train_flags(m, concept, method))

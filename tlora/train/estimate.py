@@ -369,8 +369,10 @@ def model_source(name: str, revision: str | None) -> str:
     """A shipped architecture's name or a local folder as it is; a hub model's configs (JSON files only)."""
     from pathlib import Path
 
-    if name in ARCHITECTURES or Path(name).is_dir():
+    if name in ARCHITECTURES:
         return name
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
     try:
         from huggingface_hub import snapshot_download
 
