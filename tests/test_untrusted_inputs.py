@@ -271,8 +271,8 @@ def test_evaluate_inputs(tmp_path, capsys, samples):
     one_line_error(capsys, main([*samples, "--mask_dir", str(tmp_path / "masks")]),
                    "--mask_dir: ref.png is not a readable image")
     one_line_error(capsys, main(_flag(samples, "--class_name", "")), "--class_name must not be empty")
-    one_line_error(capsys, main(_flag(samples, "--placeholder_token", "s\nks")), "--placeholder_token: 's\\nks' holds a "
-                   "control character")
+    one_line_error(capsys, main(_flag(samples, "--placeholder_token", "s\nks")),
+                   "--placeholder_token: 's\\nks' holds a control character")
     one_line_error(capsys, main(samples), "--clip_model: /no/clip does not exist")  # every input above was fine
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_bytes(b"\xff")
