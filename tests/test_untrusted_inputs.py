@@ -119,6 +119,18 @@ def test_estimate_reads_a_folder_of_configs_only(tiny_model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["peak_gb"] > 0
 
 
+def test_estimate_reads_a_cached_hub_models_configs(tiny_model, fake_cache, capsys):
+    """A hub id (offline, in the cache): its model_index.json and configs are checked as a folder's are."""
+    files = {str(p.relative_to(tiny_model)): p.read_text() for p in tiny_model.glob("*/*.json")}
+    fake_cache("someone/sdxl", files | {"model_index.json": b"\xff\xfe"})
+    one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
+                   "/model_index.json is not UTF-8 text; pass a model folder in diffusers layout")
+    fake_cache("someone/sdxl", {"model_index.json": (tiny_model / "model_index.json").read_text(),
+                                "unet/config.json": "{"})
+    one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
+                   "unet/config.json is not valid JSON at line 1; pass a model folder in diffusers layout")
+
+
 # -- python -m tlora.benchmark: the manifest -----------------------------------------------------------------
 @pytest.fixture
 def manifest(tmp_path, tiny_model):
