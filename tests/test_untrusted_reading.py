@@ -65,7 +65,8 @@ def run(tiny_model, image_dir, tmp_path_factory):
     from tlora.train.options import parse_args
     from tlora.train.trainer import train
 
-    return train(parse_args(train_args(tiny_model, image_dir, tmp_path_factory.mktemp("runs"), "--num_train_epochs", "4")))
+    out = tmp_path_factory.mktemp("runs")
+    return train(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "4")))
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
@@ -74,8 +75,8 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
 
 
 def infer_argv(run: Path, *extra: str) -> list[str]:
-    return with_flags(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "4", "--prompts", "a {0}",
-                       "--num_images_per_prompt", "1", "--num_inference_steps", "1"], extra)
+    return with_flags(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "4",
+                       "--prompts", "a {0}", "--num_images_per_prompt", "1", "--num_inference_steps", "1"], extra)
 
 
 @pytest.fixture
@@ -121,7 +122,8 @@ BROKEN = {
     "weights a folder": (_weights_a_folder, "pytorch_lora_weights.safetensors is a folder, not a weights file"),
     "weights a pipe": (_weights_a_pipe, "is not a regular file (a device, pipe or socket)"),
     "weights truncated": (lambda copy: truncate(weights_of(copy)), "is damaged (truncated or not a safetensors file"),
-    "no checkpoints at all": (_no_checkpoints_at_all, "pass the N of one of the run's checkpoint-N folders (it has none)"),
+    "no checkpoints at all": (_no_checkpoints_at_all, "pass the N of one of the run's checkpoint-N folders (it has "
+                                                      "none)"),
 }
 
 
@@ -144,9 +146,9 @@ def test_the_run_folder_itself_must_hold_weights_without_checkpoint_idx(run, tmp
     argv = ["--config_path", str(copy / "logs" / "hparams.yml"), "--prompts", "a {0}"]
     with opened() as paths:
         code = inference.main(argv)
-    one_line_error(capsys, code, f"--checkpoint_idx is not given and no T-LoRA weights "
-                                 f"(pytorch_lora_weights.safetensors or lora.pt) are in {copy}; pass the N of one of the "
-                                 "run's checkpoint-N folders (2, 4)")
+    one_line_error(capsys, code, "--checkpoint_idx is not given and no T-LoRA weights (pytorch_lora_weights."
+                                 f"safetensors or lora.pt) are in {copy}; pass the N of one of the run's checkpoint-N "
+                                 "folders (2, 4)")
     assert under(paths, run) == []
 
 
@@ -390,7 +392,8 @@ def test_a_full_disk_while_sampling_is_one_line(run, tmp_path, capsys, monkeypat
 def test_export_refuses_an_out_it_cannot_write(run, tmp_path, capsys):
     checkpoint = str(run / "checkpoint-4")
     one_line_error(capsys, export.main([checkpoint, "--format", "kohya", "--out", "/proc/tlora.safetensors"]),
-                   "--out /proc/tlora.safetensors: cannot write in /proc (No such file or directory); pass a path in a folder")
+                   "--out /proc/tlora.safetensors: cannot write in /proc (No such file or directory); pass a path in a "
+                   "folder")
     (tmp_path / "file").write_text("x")
     one_line_error(capsys, export.main([checkpoint, "--format", "kohya", "--out", str(tmp_path / "file" / "k")]),
                    f"{tmp_path / 'file'} is not a folder; pass a path in a folder you can write to")
@@ -413,7 +416,8 @@ def test_a_full_disk_while_exporting_is_one_line_and_leaves_nothing(run, tmp_pat
     out = tmp_path / "out" / "export"
     (tmp_path / "out").mkdir()
     code = export.main([str(run / "checkpoint-4"), "--format", fmt, "--out", str(out)])
-    one_line_error(capsys, code, f"--out {out}: the disk holding {out.parent} is full; free some space or pass another --out", exit_code=1)
+    one_line_error(capsys, code, f"--out {out}: the disk holding {out.parent} is full; free some space or pass another "
+                   "--out", exit_code=1)
     assert list((tmp_path / "out").iterdir()) == []  # no half-written file or folder left
 
 
@@ -427,7 +431,7 @@ def test_a_failed_scheduled_export_keeps_the_one_it_was_to_replace(run, tmp_path
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["scheduled"]
 
 
-# -- 8. LyCORIS files ---------------------------------------------------------------------------------------------------
+# -- 8. LyCORIS files ------------------------------------------------------------------------------------------------
 LINEAR = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
@@ -466,7 +470,7 @@ def test_a_lycoris_file_for_another_model_is_one_line(unet, tmp_path):
     assert tlora.attached(unet) is None
 
 
-# -- 9. analyze: records that are not what they should be ----------------------------------------------------------------
+# -- 9. analyze: records that are not what they should be ------------------------------------------------------------
 @pytest.mark.slow
 def test_analyze_skips_a_bad_loss_csv_with_a_note(run, tmp_path, capsys):
     copy = copy_of(run, tmp_path)

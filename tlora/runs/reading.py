@@ -206,7 +206,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}  # safetensors' names
+# the floating point dtypes, by safetensors' names
+FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
 
 def check_floating(path: Path, dtypes: dict[str, str]) -> None:
