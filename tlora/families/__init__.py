@@ -3,12 +3,12 @@ shared."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from torch import nn
 
 from tlora.common.errors import UsageError, first_line
+from tlora.common.usage import shown
 from tlora.families.base import Family
 from tlora.families.flux import FLUX
 from tlora.families.klein import Klein
@@ -69,16 +69,16 @@ def model_index(model: str, revision: str | None = None) -> dict:
         except Exception as err:  # offline and not cached, no access, no such repository
             raise UsageError(f"--pretrained_model_name_or_path: cannot read {model}'s model_index.json "
                              f"({first_line(err)}); pass a local folder or check the name and network")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--pretrained_model_name_or_path: {path} is not readable JSON ({err})") from None
+    from tlora.families.checks import read_json
+
+    return read_json(path, "--pretrained_model_name_or_path", "pass a model folder in diffusers layout")
 
 
 def detect(model: str, revision: str | None = None) -> str:
     """The family of a model folder or hub id, from its pipeline class in model_index.json."""
     cls = model_index(model, revision).get("_class_name", "")
-    if cls in PIPELINES:
+    if isinstance(cls, str) and cls in PIPELINES:
         return PIPELINES[cls]
-    raise UsageError(f"--pretrained_model_name_or_path: {model} is a {cls or 'model of unknown class'}; "
-                     f"tlora trains {', '.join(sorted(PIPELINES))} models")
+    name = (cls if isinstance(cls, str) and len(cls) < 100 else shown(cls)) or "model of unknown class"
+    raise UsageError(f"--pretrained_model_name_or_path: {model} is a {name}; "
+                     f"tlora trains {', '.join(sorted(PIPELINES))} models: pass one of them")
