@@ -379,3 +379,24 @@ def test_a_run_started_elsewhere_samples_from_anywhere(tiny_model, image_dir, tm
     monkeypatch.chdir(tmp_path)
     assert inference.main(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1", "--prompts",
                            "a {0}", "--num_images_per_prompt", "1", "--num_inference_steps", "1"]) == 0
+
+
+def test_a_vae_of_another_family_is_refused_before_loading(tiny_model, tiny_flux, image_dir, run_folder, tmp_path,
+                                                          capsys):
+    vae = str(tiny_flux / "vae")
+    message = f"--pretrained_vae_model_name_or_path: {vae} is AutoencoderKL with 16 latent channels"
+    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--pretrained_vae_model_name_or_path", vae)
+    one_line_error(capsys, train.main(argv), message)
+    one_line_error(capsys, inference.main(infer_argv(run_folder, "--pretrained_vae_model_name_or_path", vae)), message)
+
+
+def test_a_prompt_the_text_encoder_cuts_is_said(tiny_model, image_dir, run_folder, tmp_path):
+    from tlora.common.errors import Note
+    from tlora.generate.inference import parse_args as parse_inference
+
+    long = "a {0} " + "on a very long road " * 30
+    _, notes = notes_of(train_args(tiny_model, image_dir, tmp_path / "out", "--validation_prompts", f"a {{0}}#{long}"))
+    assert [n for n in notes if "the rest is cut" in n] == [n for n in notes if n.startswith("the prompt 'a sks dog on")]
+    assert len([n for n in notes if "the rest is cut" in n]) == 1
+    with pytest.warns(Note, match="--prompts: the prompt 'a sks dog on a very long .* the rest is cut; shorten it"):
+        parse_inference(infer_argv(run_folder, "--prompts", long))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,12 +38,21 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _as_os_error(err: BaseException) -> BaseException:
+    """A writer's error as the OSError it reports (safetensors gives the system's error only in its text)."""
+    found = None if isinstance(err, OSError) else re.search(r"os error (\d+)", str(err))
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else err
+
+
 def write_failure(err: BaseException, folder: str | Path) -> str:
     """Why writing into `folder` failed, in words: "the disk holding <folder> is full" for a full disk, however
-    the writer reported it (an OSError with ENOSPC, or torch's "file write failed"), else the system's reason."""
-    folder = Path(folder)
+    the writer reported it (ENOSPC, safetensors' "os error 28", torch's "file write failed" with no space left),
+    else the system's reason."""
+    folder, err = Path(folder), _as_os_error(err)
     if isinstance(err, OSError) and err.errno in FULL:
         return f"the disk holding {folder} is full"
+    if isinstance(err, OSError) and err.errno:
+        return f"cannot write in {folder} ({err.strerror})"
     existing = next((p for p in [folder, *folder.absolute().parents] if p.exists()), None)
     try:
         free = shutil.disk_usage(existing).free if existing is not None else None
@@ -50,5 +60,20 @@ def write_failure(err: BaseException, folder: str | Path) -> str:
         free = None
     if free is not None and free < LOW_SPACE:
         return f"the disk holding {folder} is full ({free >> 20} MiB free)"
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else "the write failed"
-    return f"cannot write in {folder} ({reason})"
+    return f"cannot write in {folder} (the write failed)"
+
+
+def check_writable(folder: str | Path, what: str, fix: str) -> None:
+    """Refuse, in one line, a folder that cannot be made or written in (read-only, under /proc, a file in the
+    way), found by making a temporary file in the nearest folder above it that exists."""
+    from tlora.common.errors import UsageError
+
+    folder = Path(folder).absolute()
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise UsageError(f"{what}: {existing} is not a folder; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"{what}: {write_failure(err, existing)}; {fix}") from None

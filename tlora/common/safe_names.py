@@ -25,12 +25,13 @@ def is_safe(name: str, max_length: int = MAX_LENGTH, reserved: frozenset[str] = 
     )
 
 
-def safe_component(text: str, max_length: int = MAX_LENGTH, reserved: frozenset[str] = frozenset()) -> str:
-    """`text` itself when safe (and not one of the `reserved` names), else a cleaned prefix plus
-    `-<8 hex of sha256(text)>`."""
-    if is_safe(text, max_length, reserved):
+def safe_component(text: str, max_length: int = MAX_LENGTH, reserved: frozenset[str] = frozenset(),
+                   digest_of: str | None = None) -> str:
+    """`text` itself when safe (and not one of the `reserved` names) and no `digest_of` is given, else a cleaned
+    prefix plus `-<8 hex of sha256(digest_of, else text)>`."""
+    if digest_of is None and is_safe(text, max_length, reserved):
         return text
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    digest = hashlib.sha256((text if digest_of is None else digest_of).encode("utf-8", "surrogatepass")).hexdigest()[:8]
     cleaned = UNSAFE.sub("_", text).strip().lstrip(".").strip()
     keep = max_length - len(digest) - 1
     cleaned = cleaned.encode()[:keep].decode("utf-8", "ignore").rstrip()

@@ -23,11 +23,10 @@ from PIL import Image, ImageDraw
 from tlora import families
 from tlora.common.commands import run_command
 from tlora.common.errors import UsageError, first_line, note
-from tlora.common.files import atomic_write
+from tlora.common.files import atomic_write, check_writable
 from tlora.common.images import open_rgb
 from tlora.common.usage import Parser
 from tlora.generate.generation import existing_images
-from tlora.interop.export import check_writable
 from tlora.method.adapters import active_rank, branches, factors
 from tlora.method.settings import TLoRASettings
 from tlora.runs.reading import newest_checkpoint, read

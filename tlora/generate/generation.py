@@ -8,7 +8,6 @@ text; folder names are made safe, short and distinct, see Sampling.prompt_folder
 
 from __future__ import annotations
 
-import hashlib
 import io
 import unicodedata
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from PIL import Image
 
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
-from tlora.common.safe_names import MAX_LENGTH, UNSAFE, is_safe
+from tlora.common.safe_names import is_safe, safe_component
 from tlora.common.usage import load_yaml, read_text
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
@@ -59,7 +58,7 @@ class Sampling:
         for template in dict.fromkeys(templates):
             name = template.format(self.placeholder_token)
             if not is_safe(name, reserved=RESERVED) or claimed.get(same(name), template) != template:
-                name = tagged(name, template)
+                name = safe_component(name, reserved=RESERVED, digest_of=template)
             claimed.setdefault(same(name), template)
             folders[template] = self.folder / name
         return folders
@@ -68,14 +67,6 @@ class Sampling:
 def same(name: str) -> str:
     """What a folder name is to a file system that ignores case or Unicode normalization (macOS, Windows)."""
     return unicodedata.normalize("NFC", name).casefold()
-
-
-def tagged(name: str, template: str) -> str:
-    """`name` made one safe folder name (see common/safe_names) ending in `-<8 hex of sha256(template)>`."""
-    digest = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    cleaned = UNSAFE.sub("_", name).strip().lstrip(".").strip()
-    cleaned = cleaned.encode()[:MAX_LENGTH - len(digest) - 1].decode("utf-8", "ignore").rstrip()
-    return f"{cleaned}-{digest}" if cleaned else digest
 
 
 def read_record(folder: Path) -> dict[str, dict]:

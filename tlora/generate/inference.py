@@ -11,13 +11,13 @@ from tqdm.auto import tqdm
 
 from tlora import families
 from tlora.common.errors import RunFailed, UsageError, note
-from tlora.common.files import write_failure
+from tlora.common.files import check_writable, write_failure
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.usage import Parser, check_guidance, check_model_source, check_seed, shown
+from tlora.families.checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
-from tlora.interop.export import check_writable
 from tlora.runs.reading import folder_weights, read
 from tlora.runs.run_folder import checkpoints, moved_from, read_hparams
 from tlora.runs.weights import WEIGHTS_NAMES
@@ -142,11 +142,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vae = hp["pretrained_vae_model_name_or_path"]
     if vae and vae.lower() != "none":
         check_model_source("--pretrained_vae_model_name_or_path", vae, "config.json")
+        check_vae("--pretrained_vae_model_name_or_path", vae, hp["pretrained_model_name_or_path"], hp["revision"])
     args.samples = family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version)
     check_writable(args.samples, "--config_path", f"the samples of {args.checkpoint} go to {args.samples}: make it "
                    "writable, or copy the run to a folder you can write to")
     if not loose and (old := moved_from(run, hparams)):  # said once the input is known to be good
         note(f"{run.name} was written in {old}; reading it, and writing samples, where it is: {run}")
+    concept = f"{hp['placeholder_token']} {hp['class_name']}"
+    for line in long_prompts(hp["pretrained_model_name_or_path"], hp["revision"], family,
+                             [t.format(concept) for t in args.templates],
+                             family.call_kwargs(hp).get("max_sequence_length")):
+        note(f"--prompts: {line}")
     return args
 
 

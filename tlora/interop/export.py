@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from safetensors.torch import save
 from tlora import families
 from tlora.common.commands import run_command
 from tlora.common.errors import RunFailed, UsageError, note
-from tlora.common.files import FULL, atomic_write, write_failure
+from tlora.common.files import atomic_write, check_writable, write_failure
 from tlora.common.usage import Parser, shown
 from tlora.families.base import Target
 from tlora.method.adapters import active_rank, branches, factors
@@ -337,21 +335,6 @@ def _check_out_path(args: argparse.Namespace) -> None:
     check_writable(out.parent, f"--out {args.out}", "pass a path in a folder you can write to")
 
 
-def check_writable(folder: Path, what: str, fix: str) -> None:
-    """Refuse, in one line, a folder that cannot be made or written in (read-only, under /proc, a file in the
-    way), found by making a temporary file in the nearest folder above it that exists."""
-    folder = Path(folder).absolute()
-    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        raise UsageError(f"{what}: {existing} is not a folder; {fix}")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:  # the system's reason, unless the disk is full (/proc has no free space either)
-        why = write_failure(err, existing) if err.errno in FULL else f"cannot write in {existing} ({err.strerror})"
-        raise UsageError(f"{what}: {why}; {fix}") from None
-
-
 @contextmanager
 def written(out: Path):
     """A failed write of --out (a full disk, a folder made read-only meanwhile) as one line; the writers remove
@@ -359,14 +342,8 @@ def written(out: Path):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as err:
-        raise RunFailed(f"--out {out}: {write_failure(os_error(err), out.parent)}; free some space or pass another "
+        raise RunFailed(f"--out {out}: {write_failure(err, out.parent)}; free some space or pass another "
                         "--out, and export again (nothing was written)") from None
-
-
-def os_error(err: BaseException) -> BaseException:
-    """A writer's error as the OSError it reports (safetensors gives the system's error only in its text)."""
-    found = None if isinstance(err, OSError) else re.search(r"os error (\d+)", str(err))
-    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else err
 
 
 def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:

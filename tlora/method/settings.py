@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from tlora.common.errors import UsageError
-from tlora.common.usage import typed_value
+from tlora.common.usage import shown, typed_value
 from tlora.families import FAMILIES
 from tlora.method.adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
 
@@ -185,7 +185,7 @@ def known_from_overrides(overrides: dict[str, Any], where: str = "tlora.load") -
     allowed = set(OUR_KEYS) | {"trainer_class", "timestep_dependent"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise UsageError(f"{where}: unknown setting {unknown[0]!r}; settings are {', '.join(sorted(allowed))}")
+        raise UsageError(f"{where}: unknown setting {shown(unknown[0])}; pass one of {', '.join(sorted(allowed))}")
     given = {k: v for k, v in overrides.items() if v is not None}
     known = known_from_ours(given, where)
     if "timestep_dependent" in given:

@@ -247,6 +247,7 @@ def damage(checkpoint: Path) -> str | None:
         if not (checkpoint / RESUME_DIR).is_dir():
             return f"{checkpoint} has no resume state ({RESUME_DIR}/)"
         _check_state(checkpoint, weights)
+        ckpt.tensors()  # floating point and finite
     except UsageError as err:
         return str(err)
     except OSError as err:

@@ -12,8 +12,9 @@ from pathlib import Path
 from tlora import families
 from tlora.common.errors import UsageError, note
 from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, list_images, load_mask, training_images
-from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
+from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.usage import check_finite, check_guidance, check_model_source, check_seed, shown
+from tlora.families.checks import check_vae, long_prompts
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
 from tlora.train.options import TrainOptions
 from tlora.train.tracking import tracker
@@ -107,6 +108,19 @@ def check_inputs(opts: TrainOptions) -> None:
     vae = opts.pretrained_vae_model_name_or_path
     if vae and vae.lower() != "none":
         check_model_source("--pretrained_vae_model_name_or_path", vae, "config.json")
+        check_vae("--pretrained_vae_model_name_or_path", vae, opts.pretrained_model_name_or_path, opts.revision)
+    _announce_long_prompts(opts)
+
+
+def _announce_long_prompts(opts: TrainOptions) -> None:
+    """A note for each prompt (training's and validation's) that a text encoder of the model will cut."""
+    concept = f"{opts.placeholder_token} {opts.class_name}"
+    prompts = [BASE_PROMPT.format(concept)] + [t.format(concept) for t in split_prompts(opts.validation_prompts)]
+    if opts.with_prior_preservation:
+        prompts.append(BASE_PROMPT.format(opts.class_name))
+    for line in long_prompts(opts.pretrained_model_name_or_path, opts.revision, opts.family, prompts,
+                             opts.max_sequence_length):
+        note(line)
 
 
 def _check_data(opts: TrainOptions) -> str:
