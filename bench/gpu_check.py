@@ -163,8 +163,8 @@ def resume_case(flags: list[str], out: Path) -> dict:
         for folder, extra in (("a", ["--num_train_epochs", "4"]), ("b", ["--num_train_epochs", "2"]),
                               ("b", ["--num_train_epochs", "4", "--resume_from_checkpoint", "latest"])):
             AcceleratorState._reset_state(reset_partial_state=True)
-            runs.append(train(parse_args(replaced(flags, ["--checkpointing_steps", "2", "--output_dir", str(out / folder),
-                                                          *extra]))))
+            flags_here = replaced(flags, ["--checkpointing_steps", "2", "--output_dir", str(out / folder), *extra])
+            runs.append(train(parse_args(flags_here)))
     finally:
         torch.use_deterministic_algorithms(False)
     whole, resumed = (load_file(str(run / "checkpoint-4" / "pytorch_lora_weights.safetensors")) for run in runs[::2])

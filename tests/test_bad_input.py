@@ -64,7 +64,8 @@ def config(tmp_path, text):
     (lambda t, d: ("--validation_prompts", "x" * 1001), "has 1001 characters; the limit is 1000"),
     (lambda t, d: ("--placeholder_token", "s" * 65), "has 65 characters; the limit is 64"),
     (lambda t, d: ("--checkpoints_total_limit", "0"), "--checkpoints_total_limit must be at least 1"),
-    (lambda t, d: ("--resume_from_checkpoint", str(t)), "is neither a checkpoint-N folder of a run, a run folder nor 'latest'"),
+    (lambda t, d: ("--resume_from_checkpoint", str(t)),
+     "is neither a checkpoint-N folder of a run, a run folder nor 'latest'"),
     (lambda t, d: ("--lora_r", "8"), "unrecognized arguments: --lora_r 8"),  # no abbreviations
 ])
 def test_train_rejects(tiny_model, image_dir, tmp_path, capsys, change, message):
@@ -127,8 +128,8 @@ def run_folder(tiny_model, image_dir, tmp_path_factory):
 
 
 def infer_argv(run, *extra):
-    return with_flags(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1", "--prompts", "a {0}"],
-                      extra)
+    hparams = str(run / "logs" / "hparams.yml")
+    return with_flags(["--config_path", hparams, "--checkpoint_idx", "1", "--prompts", "a {0}"], extra)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -258,7 +259,8 @@ def test_a_flag_given_twice_with_two_values_is_refused(tiny_model, image_dir, tm
     (lambda t: ("--config", write(t, "c.yaml", b"lora_rank: 4\n\xff\xfe\n")), "--config: "),
     (lambda t: ("--config", write(t, "c.yaml", "- lora_rank\n- 4\n")), "must hold a mapping of flag names"),
     (lambda t: ("--config", write(t, "c.yaml", "[1, 2]: 4\n")), "(a list cannot be a key)"),
-    (lambda t: ("--config", write(t, "c.yaml", BOMB)), "--lora_rank must be int, got [['x', 'x', 'x', 'x', ...], [[...], "),
+    (lambda t: ("--config", write(t, "c.yaml", BOMB)),
+     "--lora_rank must be int, got [['x', 'x', 'x', 'x', ...], [[...], "),
     (lambda t: ("--seed", "-1"), "--seed must be a whole number from 0 to 4294967295, got -1"),
     (lambda t: ("--seed", str(2**32)), "--seed must be a whole number from 0 to 4294967295, got 4294967296"),
     (lambda t: ("--class_name", "dog\udcff"), "--class_name: the text is not valid UTF-8"),
@@ -396,7 +398,7 @@ def test_a_prompt_the_text_encoder_cuts_is_said(tiny_model, image_dir, run_folde
 
     long = "a {0} " + "on a very long road " * 30
     _, notes = notes_of(train_args(tiny_model, image_dir, tmp_path / "out", "--validation_prompts", f"a {{0}}#{long}"))
-    assert [n for n in notes if "the rest is cut" in n] == [n for n in notes if n.startswith("the prompt 'a sks dog on")]
-    assert len([n for n in notes if "the rest is cut" in n]) == 1
+    cut = [n for n in notes if "the rest is cut" in n]
+    assert len(cut) == 1 and cut[0].startswith("the prompt 'a sks dog on")
     with pytest.warns(Note, match="--prompts: the prompt 'a sks dog on a very long .* the rest is cut; shorten it"):
         parse_inference(infer_argv(run_folder, "--prompts", long))

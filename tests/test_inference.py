@@ -25,7 +25,8 @@ def trained_run(tiny_model, image_dir, tmp_path_factory):
 
 
 def infer(run, *extra, capsys=None):
-    argv = with_flags(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "2", "--prompts", PROMPTS,
+    hparams = str(run / "logs" / "hparams.yml")
+    argv = with_flags(["--config_path", hparams, "--checkpoint_idx", "2", "--prompts", PROMPTS,
                        "--num_images_per_prompt", "3", "--batch_size", "2", "--num_inference_steps", "3"], extra)
     assert inference.main(argv) == 0
     return run / "checkpoint-2" / "samples" / "ns3_gs5.0"

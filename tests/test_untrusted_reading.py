@@ -339,7 +339,7 @@ def test_tlora_scheduled_refuses_a_schedule_that_is_not_one(tiny_pipe, tmp_path)
     (("--guidance_scale", "-1"), "--guidance_scale must be a finite number in [0, 100.0]"),
     (("--seed", "-1"), "--seed must be a whole number from 0 to 4294967295, got -1"),
     (("--seed", str(2**32)), "--seed must be a whole number from 0 to 4294967295"),
-    (("--device", "meta"), "--device 'meta': inference runs on cpu, cuda, mps; pass one of them"),
+    (("--device", "meta"), "--device 'meta': tlora runs on cpu, cuda, mps; pass one of them"),
 ])
 def test_inference_refuses_bad_values(run, capsys, no_model, extra, said):
     one_line_error(capsys, inference.main(infer_argv(run, *extra)), said)

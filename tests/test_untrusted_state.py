@@ -223,7 +223,8 @@ def test_the_resume_state_is_plain_data(finished_run):
     assert sorted(p.name for p in state.iterdir()) == sorted([MANIFEST_NAME, PROGRESS_NAME, "optimizer.bin",
                                                               "random_states_0.pkl"])
     manifest = json.loads((state / MANIFEST_NAME).read_text())
-    assert manifest["step"] == 4 and manifest["weights"]["sha256"] == sha256(finished_run / "checkpoint-4" / WEIGHTS_NAME)
+    weights = finished_run / "checkpoint-4" / WEIGHTS_NAME
+    assert manifest["step"] == 4 and manifest["weights"]["sha256"] == sha256(weights)
     assert manifest["files"] == {p.name: sha256(p) for p in state.iterdir() if p.name != MANIFEST_NAME}
     for name in ("optimizer.bin", "random_states_0.pkl"):
         assert isinstance(load(state / name, weights_only=True), dict)

@@ -188,6 +188,31 @@ def check_guidance(flag: str, value: float) -> None:
     check_finite(flag, value, 0, MAX_GUIDANCE)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(name: str | None, flag: str = "--device") -> str:
+    """A device this machine has, of a type that computes (cpu, cuda, mps; `meta` holds no data); None gives
+    cuda when there is a GPU, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag}: {shown(name)} is not a device; pass cpu, cuda or cuda:N") from None
+    if device.type not in DEVICE_TYPES:
+        raise UsageError(f"{flag} {shown(name)}: tlora runs on {', '.join(DEVICE_TYPES)}; pass one of them")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} cuda: no CUDA GPU is available here; pass {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {name}: there are only {torch.cuda.device_count()} CUDA devices; pass one of them")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} mps: no Apple GPU (MPS) is available here; pass {flag} cpu")
+    return name
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
 
@@ -198,8 +223,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             try:
                 hash(key)
             except TypeError:
-                raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__.replace('dict', 'mapping')} "
-                                                        "cannot be a key", key_node.start_mark) from None
+                kind = type(key).__name__.replace("dict", "mapping")
+                raise yaml.constructor.ConstructorError(None, None, f"a {kind} cannot be a key",
+                                                        key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {shown(key)} is given twice",
                                                         key_node.start_mark)

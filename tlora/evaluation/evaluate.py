@@ -23,7 +23,7 @@ from tlora.common.errors import UsageError, first_line
 from tlora.common.files import atomic_write
 from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text
-from tlora.common.usage import Parser, check_model_source, shown
+from tlora.common.usage import Parser, check_device, check_model_source, shown
 from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
 from tlora.generate.generation import existing_images, read_record
 
@@ -174,26 +174,6 @@ def check_readable(path: Path, flag: str) -> None:
             image.verify()
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
         raise UsageError(f"{flag}: {path} is not a readable image ({first_line(err)}); remove or replace it") from None
-
-
-def check_device(name: str | None) -> None:
-    """--device: None (CUDA when there is a GPU), or a torch device this machine has."""
-    import torch
-
-    if name is None:
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device: {shown(name)} is not a device; pass cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here; pass --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices; pass one of them")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: no Apple GPU (MPS) is available here; pass --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {shown(name)}: the metrics run on cpu, cuda or mps; pass one of them")
 
 
 def _references(reference: str, mask_dir: str | None) -> list:

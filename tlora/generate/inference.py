@@ -6,14 +6,13 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from tlora import families
 from tlora.common.errors import RunFailed, UsageError, note
 from tlora.common.files import check_writable, write_failure
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.usage import Parser, check_guidance, check_model_source, check_seed, shown
+from tlora.common.usage import Parser, check_device, check_guidance, check_model_source, check_seed, shown
 from tlora.families.checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
@@ -134,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--version must be 0 or more, got {args.version}")
     check_guidance("--guidance_scale", args.guidance_scale)
     check_seed("--seed", args.seed)
-    args.device = _device(args.device)
+    args.device = check_device(args.device)
     args.dtype = args.dtype or (family.gpu_dtype if args.device.startswith("cuda") else "fp32")
     hp = args.hparams
     check_model_source("--config_path: pretrained_model_name_or_path", hp["pretrained_model_name_or_path"],
@@ -161,27 +160,6 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # a name too long for the system, a loop of links
         return False
-
-
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-def _device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: {shown(name)} is not a device; pass cpu, cuda or cuda:N") from None
-    if device.type not in DEVICE_TYPES:
-        raise UsageError(f"--device {shown(name)}: inference runs on {', '.join(DEVICE_TYPES)}; pass one of them")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available here; pass --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices; pass one of them")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: no Apple GPU (MPS) is available here; pass --device cpu")
-    return name
 
 
 def run(args: argparse.Namespace) -> Path:
