@@ -261,6 +261,10 @@ def test_a_flag_given_twice_with_two_values_is_refused(tiny_model, image_dir, tm
     (lambda t: ("--config", write(t, "c.yaml", "[1, 2]: 4\n")), "(a list cannot be a key)"),
     (lambda t: ("--config", write(t, "c.yaml", BOMB)),
      "--lora_rank must be int, got [['x', 'x', 'x', 'x', ...], [[...], "),
+    (lambda t: ("--config", write(t, "c.yaml", "seed: " + "[" * 100000)), "holds values nested too deeply"),
+    (lambda t: ("--config", write(t, "c.yaml", "seed: " + "9" * 5000)), "numbers too long to read"),
+    (lambda t: ("--config", write(t, "c.yaml", f"learning_rate: {10**400}")),
+     "--learning_rate must be a finite number in (0, inf), got 100000000000000000...000"),
     (lambda t: ("--seed", "-1"), "--seed must be a whole number from 0 to 4294967295, got -1"),
     (lambda t: ("--seed", str(2**32)), "--seed must be a whole number from 0 to 4294967295, got 4294967296"),
     (lambda t: ("--class_name", "dog\udcff"), "--class_name: the text is not valid UTF-8"),
@@ -369,9 +373,8 @@ def test_flux_min_rank_without_the_mask_is_said(tiny_flux, image_dir, tmp_path):
 
 def test_a_run_started_elsewhere_samples_from_anywhere(tiny_model, image_dir, tmp_path, monkeypatch):
     """hparams.yml records local paths absolute: inference.py from another folder finds the model."""
-    from tlora.train.trainer import train as train_run
-
     from tlora.train.options import parse_args
+    from tlora.train.trainer import train as train_run
 
     monkeypatch.chdir(tiny_model.parent)
     with warnings.catch_warnings():

@@ -48,3 +48,32 @@ def test_two_processes_one_run_and_exact_resume(tiny_model, image_dir, tmp_path)
     single = train(parse_args(args("single", "4")))
     one = read_weights(single / "checkpoint-4")[0]
     assert any(not torch.equal(a[k], one[k]) for k in a if "lambda_layer" in k)
+
+
+FAIL_ON_MAIN = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from tlora.train import checkpointing
+
+if os.environ["RANK"] == "0":  # the main process's disk fills while it writes checkpoint-2's weights
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    checkpointing.save_weights = full
+from tlora.cli import train_main
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_a_checkpoint_failing_on_the_main_process_stops_every_process(tiny_model, image_dir, tmp_path):
+    """No process waits for ever: both end, the main one with the reason in one line."""
+    script = tmp_path / "fail_on_main.py"
+    script.write_text(FAIL_ON_MAIN.format(repo=str(REPO)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           *train_args(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "4")],
+                          capture_output=True, text=True, timeout=300, env=env | {"OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert done.returncode != 0
+    assert "error: could not write checkpoint-2: the disk holding" in done.stderr
+    assert "could not write checkpoint-2 (another process says why)" in done.stderr

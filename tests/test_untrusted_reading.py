@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -16,7 +17,6 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-import inference
 import tlora
 from tlora.common.errors import CheckpointError, Note, UsageError
 from tlora.evaluation import analyze
@@ -24,6 +24,7 @@ from tlora.generate import generation
 from tlora.interop import export
 from tlora.runs.weights import WEIGHTS_NAME
 
+import inference
 from conftest import assert_helpful, one_line_error, read_weights, train_args, with_flags
 
 # -- every path a command opens, traced with an audit hook (hooks cannot be removed: it records only while on) --
@@ -41,13 +42,29 @@ sys.addaudithook(_audit)
 
 @contextmanager
 def opened():
-    """The absolute paths opened (files and folders listed or made) inside the block."""
+    """The absolute paths opened (files and folders listed or made) inside the block, safetensors' reads included
+    (they happen in Rust, with no audit event: tlora's readers are wrapped to record them)."""
+    import tlora.runs.checkpoint_state
+    import tlora.runs.reading
+
     global _OPENED
     _OPENED = []
-    try:
-        yield _OPENED
-    finally:
-        _OPENED = None
+
+    def recorded(read):
+        def wrapper(path, *args, **kwargs):
+            _OPENED.append(os.path.abspath(os.fsdecode(path)))
+            return read(path, *args, **kwargs)
+        return wrapper
+
+    with ExitStack() as patches:
+        for module in (tlora.runs.reading, tlora.runs.checkpoint_state):
+            for name in ("safe_open", "load_file"):
+                if hasattr(module, name):
+                    patches.enter_context(patch.object(module, name, recorded(getattr(module, name))))
+        try:
+            yield _OPENED
+        finally:
+            _OPENED = None
 
 
 def under(paths: list[str], folder: Path) -> list[str]:
@@ -125,6 +142,13 @@ BROKEN = {
     "no checkpoints at all": (_no_checkpoints_at_all, "pass the N of one of the run's checkpoint-N folders (it has "
                                                       "none)"),
 }
+
+
+def test_the_trace_sees_weights_read_by_safetensors(run):
+    """The control: a weights file read through safetensors (no audit event of its own) is recorded."""
+    with opened() as paths:
+        tlora.read(run / "checkpoint-4", quiet=True).tensors()
+    assert str(run / "checkpoint-4" / WEIGHTS_NAME) in paths
 
 
 @pytest.mark.parametrize("case", BROKEN)
@@ -475,9 +499,10 @@ def test_a_lycoris_file_for_another_model_is_one_line(unet, tmp_path):
 def test_analyze_skips_a_bad_loss_csv_with_a_note(run, tmp_path, capsys):
     copy = copy_of(run, tmp_path)
     loss = copy / "logs" / "loss.csv"
-    for data, said in ((b"step,loss\n1,0.5\n\xff\xfe,1\n", f"note: no loss.png: {loss} is not UTF-8 text; "),
-                       (b"step,loss\n1,0.5\n2,lots\n", f"note: no loss.png: {loss}: line 3 is not a step and a loss; "),
-                       (b"time,value\n1,0.5\n", f"note: no loss.png: {loss}: line 2 is not a step and a loss; ")):
+    for data, said in ((b"step,loss\n1,0.5\n\xff\xfe,1\n", f"note: no loss.png: loss log: {loss} is not UTF-8 text; "),
+                       (b"step,loss\n1,0.5\n2,lots\n3,0.4\n",
+                        f"note: no loss.png: {loss} is not a loss log (a row reads '2,lots'); "),
+                       (b"time,value\n1,0.5\n", f"note: no loss.png: {loss} is not a loss log (a row reads 'time,value')")):
         loss.write_bytes(data)
         assert analyze.main([str(copy)]) == 0
         assert said in capsys.readouterr().err

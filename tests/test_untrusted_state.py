@@ -75,7 +75,7 @@ def forge_manifest(checkpoint: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
-NOT_TENSORS = "is not a torch file of tensors and plain values (a pickle that could run code is never loaded)"
+NOT_TENSORS = "is not a torch file of tensors and plain values (damaged, or a pickle that could run code, which is never"
 PLANTED = {  # file, manifest rewritten to match -> what the refusal says
     (WEIGHTS_NAME, False): "is damaged (truncated or not a safetensors file",
     (WEIGHTS_NAME, True): "is damaged (truncated or not a safetensors file",
@@ -134,15 +134,50 @@ def test_files_of_two_checkpoints_never_mix(finished_run, tiny_model, image_dir,
     assert tree(run) == before  # nothing written, no finished checkpoint changed
 
 
-def test_a_progress_of_another_step_is_refused(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model):
+@pytest.mark.parametrize("tensors, metadata, message", [
+    (None, {"step": "99", "taken": "[1]"}, "is of step 99, not 4"),
+    (None, {"step": "4", "taken": "[1000]"}, "counts more batches than a pass over the data has (2)"),
+    (None, {"step": "4", "taken": "[true]"}, "is not a progress file of tlora's"),
+    (None, {"step": "4", "taken": "[[[[[[1]]]]]]"}, "is not a progress file of tlora's"),
+    (None, {"step": "-4", "taken": "[1]"}, "is not a progress file of tlora's"),
+    ({"generator.0": torch.zeros(10, dtype=torch.uint8)}, {"step": "4", "taken": "[1]"},
+     "is not a progress file of tlora's"),
+])
+def test_a_forged_progress_is_refused(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, tensors,
+                                      metadata, message):
+    """Rewritten with its manifest to match: still refused, before any model loads, as nothing could resume it."""
     from safetensors.torch import load_file, save_file
 
     run = copy_run(finished_run, tmp_path)
     path = run / "checkpoint-4" / RESUME_DIR / PROGRESS_NAME
-    save_file(load_file(str(path)), str(path), metadata={"step": "99", "taken": "[1]"})
+    save_file(tensors or load_file(str(path)), str(path), metadata=metadata)
+    forge_manifest(run / "checkpoint-4")
+    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")), f"{path} {message}")
+
+
+@pytest.mark.parametrize("change", ["torch_manual_seed", "numpy_random_seed", "random_state"])
+def test_forged_rng_states_are_refused(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, change):
+    """accelerate skips RNG states it cannot set without a word (an inexact resume): checked before loading."""
+    from accelerate.utils import load
+
+    run = copy_run(finished_run, tmp_path)
+    path = run / "checkpoint-4" / RESUME_DIR / "random_states_0.pkl"
+    states = load(path, weights_only=True)
+    states[change] = torch.zeros(10, dtype=torch.uint8) if change == "torch_manual_seed" else (1, 2)
+    torch.save(states, path)
     forge_manifest(run / "checkpoint-4")
     one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")),
-                   f"{path} is of step 99, not 4")
+                   f"{path} does not hold the RNG states accelerate saves")
+
+
+def test_a_loss_log_cut_short_resumes(finished_run, tiny_model, image_dir, tmp_path):
+    """A row torn by a full disk at the end of loss.csv is left out; the resumed log is whole."""
+    run = copy_run(finished_run, tmp_path)
+    loss = run / "logs" / "loss.csv"
+    loss.write_text(loss.read_text() + "5,0.3")
+    assert train.main(resume(tiny_model, image_dir, run / "checkpoint-4")) == 0
+    rows = loss.read_text().splitlines()
+    assert rows[0] == "step,loss" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
 
 
 def test_an_older_checkpoint_is_never_resumed_over_a_newer_one(finished_run, tiny_model, image_dir, tmp_path, capsys,
@@ -183,7 +218,8 @@ def test_a_checkpoint_that_appears_while_training_is_kept(finished_run, tiny_mod
      "manifest.json is missing (resume state written by an older tlora or another tool)"),
     (lambda c: (c / RESUME_DIR / MANIFEST_NAME).write_bytes(b"\xff\xfe not json"), "is not a manifest of tlora's"),
     (lambda c: (c / RESUME_DIR / MANIFEST_NAME).write_text("[1, 2]"), "is not a manifest of tlora's"),
-    (lambda c: (c.parent / "logs" / "loss.csv").write_text("step,loss\n1,0.5\ntwo,x\n"), "is not a loss log"),
+    (lambda c: (c / RESUME_DIR / MANIFEST_NAME).write_text("[" * 100000), "is not a manifest of tlora's"),
+    (lambda c: (c.parent / "logs" / "loss.csv").write_text("step,loss\n1,0.5\ntwo,x\n3,0.4\n"), "is not a loss log"),
     (lambda c: (c.parent / "logs" / "loss.csv").write_bytes(b"step,loss\n1,\xff\n"), "is not UTF-8 text"),
 ])
 def test_damaged_run_files_are_one_line(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, change,
@@ -201,8 +237,20 @@ def test_resume_with_another_process_count_is_refused(finished_run, tiny_model, 
                    "was trained with 1 processes, not 2; resume with as many")
 
 
-def test_a_run_folder_that_cannot_be_written(finished_run, tiny_model, image_dir, tmp_path, capsys, monkeypatch):
-    """The lock cannot be made (a read-only folder or disk): one line naming the folder, nothing at exit."""
+def test_a_run_folder_that_cannot_be_written(finished_run, tiny_model, image_dir, tmp_path, capsys, monkeypatch,
+                                            no_model):
+    """A read-only run folder (or disk): one line naming the folder, as the system tells it (as root, permissions
+    are not enforced, so the system's answer is stood in for)."""
+    from tlora.train import resume as resume_module
+
+    run = copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(resume_module.os, "access", lambda path, mode: Path(path) != run)
+    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")),
+                   f"--resume_from_checkpoint: cannot write in {run}; make it writable")
+
+
+def test_a_lock_that_cannot_be_made_is_one_line(finished_run, tiny_model, image_dir, tmp_path, capsys, monkeypatch):
+    """The folder turned read-only between the checks and the lock: one line, nothing raised at exit."""
     from tlora.runs import run_folder
 
     run = copy_run(finished_run, tmp_path)

@@ -44,6 +44,12 @@ def _as_os_error(err: BaseException) -> BaseException:
     return OSError(int(found[1]), os.strerror(int(found[1]))) if found else err
 
 
+def is_write_failure(err: BaseException) -> bool:
+    """Whether a writer's error is the write itself failing (the disk, the folder), not a fault in the code: an
+    OSError, or a writer that reports one in its own words (torch's "file write failed", safetensors' "os error")."""
+    return isinstance(err, OSError) or "writ" in str(err) or "os error" in str(err)
+
+
 def write_failure(err: BaseException, folder: str | Path) -> str:
     """Why writing into `folder` failed, in words: "the disk holding <folder> is full" for a full disk, however
     the writer reported it (ENOSPC, safetensors' "os error 28", torch's "file write failed" with no space left),

@@ -57,8 +57,13 @@ def open_alpha(path: str | Path) -> Image.Image:
 
 def open_rgb(path: str | Path) -> Image.Image:
     """The image as 8-bit RGB, EXIF orientation applied."""
+    return _open_rgb(path)[0]
+
+
+def _open_rgb(path: str | Path) -> tuple[Image.Image, int]:
+    """The image as 8-bit RGB, EXIF orientation applied (its first frame), and how many frames the file has."""
     with Image.open(path) as raw:
-        return to_rgb(ImageOps.exif_transpose(raw))
+        return to_rgb(ImageOps.exif_transpose(raw)), getattr(raw, "n_frames", 1)
 
 
 def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> tuple[int, int]:
@@ -67,9 +72,7 @@ def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> tuple[int, i
     from tlora.common.errors import UsageError, first_line, note
 
     try:
-        with Image.open(path) as raw:
-            frames = getattr(raw, "n_frames", 1)
-            image = to_rgb(ImageOps.exif_transpose(raw))
+        image, frames = _open_rgb(path)
     except Exception as err:  # PIL raises many types for bad files
         raise UsageError(f"{flag}: {path.name} is not a readable image ({first_line(err)}); remove or replace "
                          "it") from None

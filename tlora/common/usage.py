@@ -7,6 +7,7 @@ its input before loading any model, and reports a `UsageError` as `error: <messa
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -52,6 +53,28 @@ def read_text(path: str | Path, what: str, fix: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{what}: {path} is not UTF-8 text; {fix}") from None
+
+
+def parse_json(text: str) -> Any:
+    """JSON text as Python values; ValueError for anything else (nesting too deep for Python included)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json(path: str | Path, what: str, fix: str) -> dict:
+    """A JSON object from a file (a config, a manifest): UTF-8, size-bounded; one line naming `what`, the file and
+    `fix` when it cannot be read, is not UTF-8 or not JSON, or holds something other than an object."""
+    text = read_text(path, what, fix)
+    try:
+        value = parse_json(text)
+    except ValueError as err:  # not JSON: say where, in words
+        where = f" at line {err.lineno}" if hasattr(err, "lineno") else ""
+        raise UsageError(f"{what}: {path} is not valid JSON{where}; {fix}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what}: {path} does not hold a JSON object of settings; {fix}")
+    return value
 
 
 def check_utf8(flag: str, text: str) -> None:
@@ -165,7 +188,10 @@ def check_finite(flag: str, value: float, low: float | None = None, high: float 
     lo = "(" if low_open or low is None else "["
     hi = ")" if high_open or high is None else "]"  # infinity itself is never a finite number
     span = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        ok = False
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
@@ -243,6 +269,8 @@ def load_yaml(text: str, where: str, fix: str = "fix the file") -> object:
         line = f" at line {mark.line + 1}" if mark is not None else ""
         raise UsageError(f"{where} is not valid YAML{line} ({getattr(err, 'problem', None) or 'unreadable'}); "
                          f"{fix}") from None
+    except (RecursionError, ValueError):  # nested too deeply, a number of thousands of digits
+        raise UsageError(f"{where} holds values nested too deeply or numbers too long to read; {fix}") from None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

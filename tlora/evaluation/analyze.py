@@ -12,7 +12,6 @@ Writes into `<RUN_OR_CHECKPOINT>/analysis/`:
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from tlora import families
 from tlora.common.commands import run_command
-from tlora.common.errors import UsageError, first_line, note
+from tlora.common.errors import UsageError, note
 from tlora.common.files import atomic_write, check_writable
 from tlora.common.images import open_rgb
 from tlora.common.usage import Parser
@@ -31,6 +30,7 @@ from tlora.method.adapters import active_rank, branches, factors
 from tlora.method.settings import TLoRASettings
 from tlora.runs.reading import newest_checkpoint, read
 from tlora.runs.run_folder import moved_from, read_hparams
+from tlora.train.loss_log import read_loss_log
 
 THRESHOLD = 0.95
 
@@ -163,25 +163,6 @@ def _readable(paths: list[Path]) -> list[Image.Image]:
     return images
 
 
-def read_loss(loss_csv: Path) -> list[tuple[int, float]]:
-    """(step, loss) rows of logs/loss.csv; one line (UsageError) naming the file and the first bad line."""
-    fix = "training writes it; delete it to analyse without it"
-    rows = []
-    try:
-        with open(loss_csv, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                try:
-                    rows.append((int(row["step"]), float(row["loss"])))
-                except (KeyError, TypeError, ValueError):
-                    raise UsageError(f"{loss_csv}: line {reader.line_num} is not a step and a loss; {fix}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{loss_csv} is not UTF-8 text; {fix}") from None
-    except (OSError, csv.Error) as err:
-        raise UsageError(f"{loss_csv} cannot be read as a table ({first_line(err)}); {fix}") from None
-    return rows
-
-
 def plot_loss(rows: list[tuple[int, float]], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -205,7 +186,7 @@ def analyze(target: str | Path) -> Path:
     weights = ckpt.tensors() if ckpt is not None else None
     loss_csv = run / "logs" / "loss.csv"
     try:
-        loss = read_loss(loss_csv) if loss_csv.is_file() else []
+        loss = read_loss_log(loss_csv, "training writes it; delete it to analyse without it")
     except UsageError as err:
         note(f"no loss.png: {err}")
         loss = None

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
-from tlora.common.usage import read_text
+from tlora.common.usage import parse_json, read_text
 from tlora.evaluation.manifest import Concept, Manifest, Method
 
 COLUMNS = ("concept", "method", "kind", "IS", "DINO_IS", "TS_contextual", "TS_complex", "checkpoint")
@@ -39,7 +38,7 @@ def read_row(path: Path) -> dict:
     fix = "delete it to run that job again"
     text = read_text(path, "benchmark result", fix)
     try:
-        row = json.loads(text)
+        row = parse_json(text)
     except ValueError:  # not JSON
         row = None
     if not isinstance(row, dict) or any(k not in row for k in COLUMNS) or not all(

@@ -69,7 +69,7 @@ def model_index(model: str, revision: str | None = None) -> dict:
         except Exception as err:  # offline and not cached, no access, no such repository
             raise UsageError(f"--pretrained_model_name_or_path: cannot read {model}'s model_index.json "
                              f"({first_line(err)}); pass a local folder or check the name and network")
-    from tlora.families.checks import read_json
+    from tlora.common.usage import read_json
 
     return read_json(path, "--pretrained_model_name_or_path", "pass a model folder in diffusers layout")
 

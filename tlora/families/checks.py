@@ -7,31 +7,16 @@ network, never a model's weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tlora.common.errors import UsageError
-from tlora.common.usage import HUB_ID, read_text, shown
+from tlora.common.usage import HUB_ID, parse_json, read_json, shown
 
 VAE_FIX = "pass a VAE of the model's family, or none for the model's own"
 # (the VAE's class, its latent channels) -> the models that use such a VAE
 VAE_FAMILIES = {("AutoencoderKL", 4): "SD / SDXL", ("AutoencoderKL", 16): "FLUX.1",
                 ("AutoencoderKLFlux2", 32): "FLUX.2"}
-
-
-def read_json(path: str | Path, what: str, fix: str) -> dict:
-    """A JSON object from a config file (UTF-8, size-bounded); one line naming `what`, the file and `fix` when it
-    cannot be read, is not UTF-8 or not JSON, or holds something other than an object."""
-    text = read_text(path, what, fix)
-    try:
-        value = json.loads(text)
-    except ValueError as err:  # not JSON: say where, in words
-        where = f" at line {err.lineno}" if hasattr(err, "lineno") else ""
-        raise UsageError(f"{what}: {path} is not valid JSON{where}; {fix}") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{what}: {path} does not hold a JSON object of settings; {fix}")
-    return value
 
 
 def cached_file(name: str, filename: str, revision: str | None = None) -> Path | None:
@@ -113,8 +98,9 @@ def _tokenizer(model: str, revision: str | None, subfolder: str, index: dict):
     if not local and cached_file(model, f"{subfolder}/tokenizer_config.json", revision) is None:
         return None
     spec = index.get(subfolder)
-    cls = getattr(transformers, spec[1], None) if isinstance(spec, list) and len(spec) == 2 and \
-        spec[0] == "transformers" and isinstance(spec[1], str) else None
+    named = isinstance(spec, list) and len(spec) == 2 and spec[0] == "transformers" and isinstance(spec[1], str)
+    # only a tokenizer class: any other transformers class's from_pretrained could load a model's weights
+    cls = getattr(transformers, spec[1], None) if named and spec[1].endswith(("Tokenizer", "TokenizerFast")) else None
     if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         cls = transformers.AutoTokenizer
     try:
@@ -128,7 +114,7 @@ def _model_index(model: str, revision: str | None) -> dict:
     if path is None:
         return {}
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # the model's own check reports it
         return {}
     return index if isinstance(index, dict) else {}

@@ -15,7 +15,6 @@ Works with every family's pipelines (SDXL, FLUX.1, FLUX.2 [klein]) and any sched
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from tlora import families
 from tlora.common.errors import UsageError
-from tlora.common.usage import check_finite, read_text, shown
+from tlora.common.usage import check_finite, parse_json, read_text, shown
 from tlora.interop.export import SCHEDULE_NAME
 from tlora.method.adapters import active_rank
 
@@ -111,8 +110,8 @@ def read_schedule(folder: Path) -> dict:
     path = folder / SCHEDULE_NAME
     fix = "pass a folder written by python -m tlora.export --format diffusers-scheduled"
     try:
-        schedule = json.loads(read_text(path, "tlora.scheduled", fix))
-    except (ValueError, RecursionError):
+        schedule = parse_json(read_text(path, "tlora.scheduled", fix))
+    except ValueError:
         raise UsageError(f"{path} is not JSON; {fix}") from None
     if not _is_schedule(schedule):
         raise UsageError(f"{path} is not a T-LoRA schedule (num_train_timesteps, chunks of plain file names, mask); "

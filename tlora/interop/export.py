@@ -39,7 +39,7 @@ from safetensors.torch import save
 from tlora import families
 from tlora.common.commands import run_command
 from tlora.common.errors import RunFailed, UsageError, note
-from tlora.common.files import atomic_write, check_writable, write_failure
+from tlora.common.files import atomic_write, check_writable, is_write_failure, write_failure
 from tlora.common.usage import Parser, shown
 from tlora.families.base import Target
 from tlora.method.adapters import active_rank, branches, factors
@@ -342,6 +342,8 @@ def written(out: Path):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as err:
+        if not is_write_failure(err):
+            raise
         raise RunFailed(f"--out {out}: {write_failure(err, out.parent)}; free some space or pass another "
                         "--out, and export again (nothing was written)") from None
 

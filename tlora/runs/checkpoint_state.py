@@ -25,6 +25,7 @@ from safetensors.torch import save
 
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
+from tlora.common.usage import parse_json, read_json, shown
 from tlora.runs.reading import read, weights_file
 from tlora.runs.run_folder import CHECKPOINT, checkpoints
 
@@ -32,7 +33,6 @@ RESUME_DIR = "resume"
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "progress.safetensors"
 MANIFEST_FORMAT = "tlora-resume-1"
-RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")  # what accelerate's RNG files hold
 PICKLES = (".bin", ".pkl", ".pt")  # accelerate's files
 
 
@@ -93,31 +93,63 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+class CheckpointExists(FileExistsError):
+    """The checkpoint folder to write exists already: a finished checkpoint is never replaced."""
+
+
+class FailedElsewhere(OSError):
+    """Writing the checkpoint failed on another process (which reports why); this one stops too."""
+
+
+def _together(accelerator, work, main_only: bool = False) -> None:
+    """Run `work()` on every process (or the main one); when it fails anywhere, every process raises (its own
+    error, or FailedElsewhere), so that none waits for ever at the next collective call."""
+    from accelerate.utils import gather_object
+
+    error = None
+    if accelerator.is_main_process or not main_only:
+        try:
+            work()
+        except Exception as err:  # raised below, once every process knows
+            error = err
+    failed = gather_object([error is not None]) if accelerator.num_processes > 1 else [error is not None]
+    if error is not None:
+        raise error
+    if any(failed):
+        raise FailedElsewhere("writing the checkpoint failed on another process")
+
+
 def write_checkpoint(accelerator, progress: Progress, folder: Path, write_weights) -> Path:
     """checkpoint-N whole or not at all: `write_weights(staging)` (main process, returns the weights file),
     accelerate's save_state (every process), the progress and the manifest go into a hidden staging folder, which
-    is renamed to `folder` when complete. An existing `folder` is never replaced (FileExistsError)."""
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists already; a finished checkpoint is never replaced")
-    staging = folder.with_name(f".{folder.name}.tmp")
+    is renamed to `folder` when complete. An existing `folder` is never replaced (CheckpointExists). A failure on
+    the main process stops every process."""
+    staging, written = folder.with_name(f".{folder.name}.tmp"), {}
+
+    def begin() -> None:
+        if folder.exists():
+            raise CheckpointExists(f"{folder} exists already; a finished checkpoint is never replaced")
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / RESUME_DIR).mkdir(parents=True)
+        written["weights"] = write_weights(staging)
+
+    def finish() -> None:
+        progress.save(staging / RESUME_DIR)
+        _write_manifest(staging / RESUME_DIR, progress.step, written["weights"])
+        _fsync_tree(staging / RESUME_DIR)
+        os.replace(staging, folder)
+
     progress.gather()
     try:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            (staging / RESUME_DIR).mkdir(parents=True)
-            weights = write_weights(staging)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging / RESUME_DIR))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            progress.save(staging / RESUME_DIR)
-            _write_manifest(staging / RESUME_DIR, progress.step, weights)
-            _fsync_tree(staging / RESUME_DIR)
-            os.replace(staging, folder)
-    except Exception:
-        shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back what the half checkpoint took
+        _together(accelerator, begin, main_only=True)
+        _together(accelerator, lambda: accelerator.save_state(str(staging / RESUME_DIR)))
+        _together(accelerator, finish, main_only=True)
+    except CheckpointExists:
         raise
-    accelerator.wait_for_everyone()
+    except Exception:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk: give back what the half checkpoint took
+        raise
     return folder
 
 
@@ -153,16 +185,19 @@ def prune(run: Path, keep_checkpoints: int | None, keep_states: int) -> None:
 
 # -- checking, before any model loads --------------------------------------------------------------------
 def read_progress(path: Path) -> tuple[int, list[dict]]:
-    """(step, every process's data order) from progress.safetensors; UsageError when it is not one."""
+    """(step, every process's data order) from progress.safetensors; UsageError when it is not one (each generator
+    state is one a torch.Generator takes, each count of batches taken a whole number >= 0)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        step, taken = int(metadata["step"]), json.loads(metadata["taken"])
-        orders = [{"generator": tensors[f"generator.{i}"], "taken": int(n)} for i, n in enumerate(taken)]
-    except Exception:  # safetensors' own error type, a missing key, text that is not a number
+        step, taken = int(metadata["step"]), parse_json(metadata["taken"])
+        orders = [{"generator": tensors[f"generator.{i}"], "taken": n} for i, n in enumerate(taken)]
+        for order in orders:
+            torch.Generator().set_state(order["generator"])
+    except Exception:  # safetensors' own error type, a missing key, a state no generator takes
         raise UsageError(f"{path} is not a progress file of tlora's") from None
-    if not orders or any(o["generator"].dtype != torch.uint8 or o["taken"] < 0 for o in orders):
+    if step < 0 or not orders or any(type(o["taken"]) is not int or o["taken"] < 0 for o in orders):
         raise UsageError(f"{path} is not a progress file of tlora's")
     return step, orders
 
@@ -172,12 +207,12 @@ def read_manifest(state: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{path} is missing (resume state written by an older tlora or another tool)")
     try:
-        manifest = json.loads(path.read_bytes()[: 2**20].decode("utf-8"))
-        files = manifest["files"]
-        ok = (manifest["format"] == MANIFEST_FORMAT and isinstance(manifest["step"], int)
-              and isinstance(manifest["weights"]["sha256"], str) and isinstance(files, dict)
+        manifest = read_json(path, "resume state", "")
+        files, weights = manifest["files"], manifest["weights"]
+        ok = (manifest["format"] == MANIFEST_FORMAT and type(manifest["step"]) is int and isinstance(files, dict)
+              and isinstance(weights["sha256"], str) and isinstance(weights["file"], str)
               and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()))
-    except (ValueError, KeyError, TypeError, OSError):
+    except (UsageError, KeyError, TypeError):  # not UTF-8 JSON, not an object, keys missing or of other types
         ok = False
     if not ok:
         raise UsageError(f"{path} is not a manifest of tlora's resume state")
@@ -189,10 +224,25 @@ def _loads_safely(path: Path) -> object:
     from accelerate.utils import load
 
     try:
-        return load(path, map_location="cpu", mmap=True)
+        return load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # the unpickler refuses anything but tensors and plain containers
-        raise UsageError(f"{path} is not a torch file of tensors and plain values (a pickle that could run code is "
-                         "never loaded)") from None
+        raise UsageError(f"{path} is not a torch file of tensors and plain values (damaged, or a pickle that could "
+                         "run code, which is never loaded)") from None
+
+
+def _check_rng_states(path: Path, states: object) -> None:
+    """An RNG file's states are ones Python's, numpy's and torch's generators take (accelerate's load_state skips a
+    state it cannot set without a word, which would make the resume inexact)."""
+    import random
+
+    import numpy as np
+
+    try:
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except Exception:  # a missing key, a state of another shape or type
+        raise UsageError(f"{path} does not hold the RNG states accelerate saves") from None
 
 
 def _check_state(checkpoint: Path, weights: Path) -> None:
@@ -200,6 +250,9 @@ def _check_state(checkpoint: Path, weights: Path) -> None:
     accelerate's pickles load without running code; the progress is of this step."""
     state, step = checkpoint / RESUME_DIR, checkpoint_step(checkpoint)
     manifest = read_manifest(state)
+    if manifest["weights"]["file"] != weights.name:
+        raise UsageError(f"{state / MANIFEST_NAME} is of a checkpoint whose weights are "
+                         f"{shown(manifest['weights']['file'])}, not {weights.name}")
     if manifest["step"] != step:
         raise UsageError(f"{state / MANIFEST_NAME} is step {manifest['step']}'s, not {checkpoint.name}'s")
     if manifest["weights"]["sha256"] != sha256(weights):
@@ -217,8 +270,8 @@ def _check_state(checkpoint: Path, weights: Path) -> None:
     for name in sorted(manifest["files"]):
         if name.endswith(PICKLES):
             loaded = _loads_safely(state / name)
-            if name.startswith("random_states_") and not (isinstance(loaded, dict) and set(RNG_KEYS) <= set(loaded)):
-                raise UsageError(f"{state / name} holds no RNG states")
+            if name.startswith("random_states_"):
+                _check_rng_states(state / name, loaded)
     if PROGRESS_NAME not in manifest["files"]:
         raise UsageError(f"{state / PROGRESS_NAME} is missing")
     saved, orders = read_progress(state / PROGRESS_NAME)
@@ -227,11 +280,6 @@ def _check_state(checkpoint: Path, weights: Path) -> None:
     for i in range(len(orders)):
         if f"random_states_{i}.pkl" not in manifest["files"]:
             raise UsageError(f"{state / f'random_states_{i}.pkl'} is missing")
-
-
-def processes(checkpoint: Path) -> int:
-    """How many processes trained the checkpoint (from its checked progress file)."""
-    return len(read_progress(checkpoint / RESUME_DIR / PROGRESS_NAME)[1])
 
 
 def damage(checkpoint: Path) -> str | None:

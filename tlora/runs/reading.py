@@ -20,7 +20,6 @@ SimpleTuner reads them. A `lora.pt` is read with torch.load(weights_only=True): 
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from safetensors.torch import load_file
 
 from tlora import families
 from tlora.common.errors import AssumedSetting, CheckpointError, first_line, note
-from tlora.common.usage import shown
+from tlora.common.usage import parse_json, shown
 from tlora.method.settings import (
     RESULT_FIELDS,
     TLoRASettings,
@@ -437,8 +436,8 @@ def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family:
     """A SimpleTuner / LyCORIS T-LoRA: settings given, else from its lycoris_config with SimpleTuner's defaults."""
     fix = "save it again with SimpleTuner (its lycoris_config is a JSON mapping of settings)"
     try:
-        config = json.loads(metadata.get("lycoris_config") or "{}")
-    except (ValueError, RecursionError):
+        config = parse_json(metadata.get("lycoris_config") or "{}")
+    except ValueError:
         raise CheckpointError(f"{weights}: its lycoris_config metadata is not JSON; {fix}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{weights}: its lycoris_config metadata is {shown(config)}, not a mapping of settings; "

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from tlora.common.errors import Diverged, RunFailed
-from tlora.common.files import write_failure
-from tlora.runs.checkpoint_state import prune, write_checkpoint
+from tlora.common.files import is_write_failure, write_failure
+from tlora.runs.checkpoint_state import CheckpointExists, FailedElsewhere, prune, write_checkpoint
 from tlora.runs.reading import weights_file
 from tlora.runs.run_folder import checkpoints
 from tlora.runs.weights import save_weights
@@ -31,11 +31,14 @@ class Checkpointer:
         try:
             folder = write_checkpoint(self.accelerator, self.progress, self.folder / f"checkpoint-{step}",
                                       lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
-        except FileExistsError as err:
+        except FailedElsewhere as err:
+            raise RunFailed(f"could not write checkpoint-{step} (another process says why); every finished checkpoint "
+                            f"is whole: resume with --resume_from_checkpoint {self.folder}") from err
+        except CheckpointExists as err:
             raise RunFailed(f"checkpoint-{step} appeared in {self.folder} while training and is kept as it is; move "
                             f"it out of the run folder and resume with --resume_from_checkpoint {self.folder}") from err
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says "file write failed"), a folder gone
-            if not isinstance(err, OSError) and "writ" not in str(err):
+            if not is_write_failure(err):
                 raise
             raise RunFailed(f"could not write checkpoint-{step}: {write_failure(err, self.folder)}; every finished "
                             f"checkpoint is whole: free some space and resume with --resume_from_checkpoint "

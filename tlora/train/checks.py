@@ -163,12 +163,18 @@ def _check_mask_content(opts: TrainOptions, sizes: dict[Path, tuple[int, int]]) 
                              "mask (white = learn) or remove the image")
 
 
-def _fit_batch(opts: TrainOptions) -> None:
-    """A batch holds at most one of each training item (DreamBooth's pairs): a larger --train_batch_size is
-    recorded as the size used, with a note."""
+def training_items(opts: TrainOptions) -> int:
+    """How many items a pass over the data has (DreamBooth pairs instance and class images)."""
     items = len(training_images(opts.train_data_dir, opts.one_image))
     if opts.with_prior_preservation:
         items = max(items, len(list_images(opts.class_data_dir)))
+    return items
+
+
+def _fit_batch(opts: TrainOptions) -> None:
+    """A batch holds at most one of each training item (DreamBooth's pairs): a larger --train_batch_size is
+    recorded as the size used, with a note."""
+    items = training_items(opts)
     if opts.train_batch_size > items:
         note(f"--train_batch_size {opts.train_batch_size}: there are {items} training items, so a batch holds {items}; "
              f"training and hparams.yml use {items} (pass --train_batch_size {items} to say so)")

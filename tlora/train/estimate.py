@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tlora import families
 from tlora.common.errors import UsageError, first_line
-from tlora.common.usage import check_finite, check_seed, shown
+from tlora.common.usage import check_finite, check_seed, read_json, shown
 from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
-from tlora.families.checks import cached_file, read_json
+from tlora.families.checks import cached_file
 from tlora.families.pipelines import DTYPES
 from tlora.method.injection import attach
 from tlora.method.settings import TLoRASettings

@@ -59,29 +59,28 @@ class LossLog:
                            "lower --learning_rate (or set --max_grad_norm) and start a new run")
 
     def keep_until(self, last_step: int) -> None:
-        """Drop rows after `last_step` from loss.csv (written after the checkpoint a run resumes from)."""
-        rows = [(step, text) for step, text in read_loss_log(self.loss_csv) if step <= last_step]
+        """Drop rows after `last_step` from loss.csv (written after the checkpoint a run resumes from, or torn)."""
+        rows = [(step, loss) for step, loss in read_loss_log(self.loss_csv) if step <= last_step]
         if self.loss_csv.is_file():
-            atomic_write(self.loss_csv, ("step,loss\n" + "".join(f"{step},{text}\n" for step, text in rows)).encode())
+            atomic_write(self.loss_csv, ("step,loss\n" + "".join(f"{step},{loss}\n" for step, loss in rows)).encode())
 
 
-def read_loss_log(path: Path) -> list[tuple[int, str]]:
-    """(step, loss as written) of each row of a run's loss.csv ([] when there is none); UsageError when it is
-    not one."""
+def read_loss_log(path: Path, fix: str = "move it out of the run folder (training starts a new one)"
+                  ) -> list[tuple[int, float]]:
+    """(step, loss) of each row of a run's loss.csv ([] when there is none). A last row cut short (the disk
+    filled while it was appended) is left out; any other row that is not a step and a loss is one line."""
     if not path.is_file():
         return []
-    fix = "move it out of the run folder (training starts a new one)"
-    lines = read_text(path, str(path), fix).splitlines()
+    lines = read_text(path, "loss log", fix).splitlines()
+    if lines[:1] == ["step,loss"]:
+        lines = lines[1:]
     rows = []
-    for line in lines[1:] if lines[:1] == ["step,loss"] else lines:
-        step, _, text = line.partition(",")
+    for i, line in enumerate(lines):
+        step, _, loss = line.partition(",")
         try:
-            rows.append((int(step), str(float(text))))
+            rows.append((int(step), float(loss)))
         except ValueError:
+            if i == len(lines) - 1:
+                break
             raise UsageError(f"{path} is not a loss log (a row reads {shown(line)}); {fix}") from None
     return rows
-
-
-def check_loss_log(path: Path) -> None:
-    """A run's loss.csv reads as one (checked before a resume loads any model)."""
-    read_loss_log(path)

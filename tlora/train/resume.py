@@ -12,9 +12,10 @@ from pathlib import Path
 
 from tlora.common.errors import UsageError, note
 from tlora.common.usage import shown
-from tlora.runs.checkpoint_state import checkpoint_step, damage, processes
+from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, checkpoint_step, damage, read_progress
 from tlora.runs.run_folder import CHECKPOINT, RunLock, checkpoints, read_hparams
-from tlora.train.loss_log import check_loss_log
+from tlora.train.checks import training_items
+from tlora.train.loss_log import read_loss_log
 
 RUN = re.compile(r"^(\d+)-")
 # May differ from the run's hparams.yml when resuming; every other recorded setting must match.
@@ -150,11 +151,17 @@ def check(args: argparse.Namespace) -> None:
     if not os.access(run, os.W_OK | os.X_OK):
         raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; make it writable (or copy the run to a "
                          "folder you can write to) and resume there")
-    trained_with, world = processes(args.resume_checkpoint), int(os.environ.get("WORLD_SIZE", "1"))
-    if trained_with != world:
-        raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {trained_with} processes, not "
+    progress = args.resume_checkpoint / RESUME_DIR / PROGRESS_NAME
+    _, orders = read_progress(progress)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(orders) != world:
+        raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {len(orders)} processes, not "
                          f"{world}; resume with as many")
-    check_loss_log(run / "logs" / "loss.csv")
+    per_pass = -(-training_items(args) // args.train_batch_size)
+    if any(order["taken"] > per_pass for order in orders):
+        raise UsageError(f"--resume_from_checkpoint: {progress} counts more batches than a pass over the data has "
+                         f"({per_pass}); resume with the run's data, or start a new run")
+    read_loss_log(run / "logs" / "loss.csv")  # readable, before any model loads
     change = changed_setting(read_hparams(run / "logs" / "hparams.yml"), args)
     if change is not None:
         key, recorded, current = change
