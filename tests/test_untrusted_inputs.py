@@ -266,7 +266,8 @@ def test_evaluate_inputs(tmp_path, capsys, samples):
     main = evaluate.main
     one_line_error(capsys, main([*samples, "--batch_size", "0"]), "--batch_size must be at least 1, got 0; pass")
     one_line_error(capsys, main([*samples, "--device", "gpu!"]), "--device: 'gpu!' is not a device; pass cpu")
-    one_line_error(capsys, main([*samples, "--device", "meta"]), "--device 'meta': tlora runs on cpu, cuda, mps; pass one of them")
+    one_line_error(capsys, main([*samples, "--device", "meta"]),
+                   "--device 'meta': tlora runs on cpu, cuda, mps; pass one of them")
     (tmp_path / "out").mkdir()
     one_line_error(capsys, main([*samples, "--output", str(tmp_path / "out"), "--overwrite"]),
                    f"--output: {tmp_path / 'out'} is a folder; pass a file path")

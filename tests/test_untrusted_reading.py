@@ -502,7 +502,8 @@ def test_analyze_skips_a_bad_loss_csv_with_a_note(run, tmp_path, capsys):
     for data, said in ((b"step,loss\n1,0.5\n\xff\xfe,1\n", f"note: no loss.png: loss log: {loss} is not UTF-8 text; "),
                        (b"step,loss\n1,0.5\n2,lots\n3,0.4\n",
                         f"note: no loss.png: {loss} is not a loss log (a row reads '2,lots'); "),
-                       (b"time,value\n1,0.5\n", f"note: no loss.png: {loss} is not a loss log (a row reads 'time,value')")):
+                       (b"time,value\n1,0.5\n",
+                        f"note: no loss.png: {loss} is not a loss log (a row reads 'time,value')")):
         loss.write_bytes(data)
         assert analyze.main([str(copy)]) == 0
         assert said in capsys.readouterr().err

@@ -75,7 +75,7 @@ def forge_manifest(checkpoint: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
-NOT_TENSORS = "is not a torch file of tensors and plain values (damaged, or a pickle that could run code, which is never"
+NOT_TENSORS = "is not a torch file of tensors and plain values (damaged, or a pickle that could run code"
 PLANTED = {  # file, manifest rewritten to match -> what the refusal says
     (WEIGHTS_NAME, False): "is damaged (truncated or not a safetensors file",
     (WEIGHTS_NAME, True): "is damaged (truncated or not a safetensors file",
