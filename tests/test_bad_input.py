@@ -405,3 +405,15 @@ def test_a_prompt_the_text_encoder_cuts_is_said(tiny_model, image_dir, run_folde
     assert len(cut) == 1 and cut[0].startswith("the prompt 'a sks dog on")
     with pytest.warns(Note, match="--prompts: the prompt 'a sks dog on a very long .* the rest is cut; shorten it"):
         parse_inference(infer_argv(run_folder, "--prompts", long))
+
+
+@pytest.mark.parametrize("line", [
+    "error: --config c.yaml: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff; fix the file",
+    "error: training failed at step 0: KeyError: 'x' (traceback in /tmp/e.txt); pass --seed",
+    "error: --out /proc/x: SafetensorError: os error 2; pass another path",
+])
+def test_the_error_check_fails_on_an_internal_exception(line):
+    from conftest import assert_helpful
+
+    with pytest.raises(AssertionError, match="an internal error reached the user"):
+        assert_helpful(line)
