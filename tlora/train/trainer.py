@@ -234,10 +234,18 @@ class Trainer:
                     acc.wait_for_everyone()
                 if stop and step < total:  # a signal during the last step: the run is complete anyway
                     bar.close()
-                    acc.end_training()
+                    self.end()
                     raise Interrupted(stop, step, folder)
-        acc.end_training()
+        self.end()
         return self.folder
+
+    def end(self) -> None:
+        """End the trackers and the process group, the DDP wrapper first. A DDP reducer freed after the group is
+        destroyed is the group's last owner and tears it down holding the GIL, while gloo's threads may need the
+        GIL to free a collective's tensors: with several processes on the CPU that deadlocks now and then."""
+        self.model = self.optimizer = None
+        self.accelerator.free_memory()
+        self.accelerator.end_training()
 
     def validate(self, checkpoint: Path, step: int) -> None:
         """Sample the validation prompts with inference.py's defaults for the family and seed 0, with the
@@ -309,7 +317,7 @@ def _ended_early(trainer: Trainer, err: BaseException) -> BaseException:
     started = trainer.resume_from is not None or trainer.step_done > 0
     if not isinstance(err, Interrupted):  # (Interrupted ended the trackers already)
         try:
-            trainer.accelerator.end_training()
+            trainer.end()
         except Exception:  # a tracker that never started; the run's failure is what to report
             pass
         if not started and trainer.accelerator.is_main_process:
