@@ -109,7 +109,7 @@ def train_case(name: str, flags: list[str], estimate_name: str, steps: int, pipe
         sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
-    trainer.accelerator.end_training()
+    trainer.end()
     trainer.lock.release()
     trainer.tlora.unload()
     trainer.family.model(trainer.pipe).disable_gradient_checkpointing()

@@ -166,7 +166,7 @@ def run_config(opts, pipe, data, scratch, rss, state, precision, cache, checkpoi
     row["adapters"] = with_adapters - unet_seconds(trainer, opts.adapter_steps, False)
     trainer.tlora.unload()
     families.denoiser(pipe).disable_gradient_checkpointing()
-    trainer.accelerator.end_training()
+    trainer.end()
     return row
 
 
