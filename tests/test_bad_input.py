@@ -100,6 +100,7 @@ def test_secret_is_never_echoed_however_spelled(tiny_model, image_dir, tmp_path,
         assert secret not in err and "<redacted>" in err
 
 
+@pytest.mark.slow
 def test_failure_after_the_run_folder_leaves_nothing(tiny_model, image_dir, tmp_path, monkeypatch):
     """A failure while loading (before step 1) removes the new run folder."""
     from tlora.common.errors import RunFailed
@@ -371,6 +372,7 @@ def test_flux_min_rank_without_the_mask_is_said(tiny_flux, image_dir, tmp_path):
                             "pass --trainer_class flux_tlora (or --tlora) to use it") for n in notes)
 
 
+@pytest.mark.slow
 def test_a_run_started_elsewhere_samples_from_anywhere(tiny_model, image_dir, tmp_path, monkeypatch):
     """hparams.yml records local paths absolute: inference.py from another folder finds the model."""
     from tlora.train.options import parse_args

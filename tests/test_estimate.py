@@ -11,6 +11,7 @@ from tlora.train.estimate import main, parse_args, trace_step
 FLAGS = ["--resolution", "64", "--lora_rank", "4", "--min_rank", "2", "--trainer_type", "ortho_lora"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--gradient_checkpointing"]], ids=["plain", "checkpointing"])
 def test_the_meta_trace_is_the_real_steps_tracked_peak(tiny_model, extra):
     """Peak live bytes of one steady-state step (weights, adapters, gradients, AdamW state, activations): traced on
@@ -27,6 +28,7 @@ def test_the_meta_trace_is_the_real_steps_tracked_peak(tiny_model, extra):
     assert traced["split"]["optimizer"] == 2 * 4 * sum(traced["numels"]) == traced["split"]["adapters"]
 
 
+@pytest.mark.slow
 def test_json_answers_for_a_shipped_architecture_and_the_formula_parts(capsys):
     """`--json` for a named architecture (no download): peak and FLOPs; 8-bit Adam and a 4-bit base lower the
     figures by their formulas, and say so."""
@@ -50,6 +52,7 @@ def test_bad_input_is_one_line_before_anything_is_built(capsys):
     assert "--resolution" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fit_names_the_options_that_fit(capsys):
     """klein-4b in fp32 holds 31 GB at set-up (transformer and Qwen3 in fp32); --fit 20 adds bf16 and stops there."""
     args = ["--pretrained_model_name_or_path", "klein-4b", "--resolution", "64", "--rank", "4", "--min_rank", "4",

@@ -33,6 +33,7 @@ def runs(out):
     return sorted(p for p in out.iterdir() if p.is_dir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [[], ["--checkpoints_total_limit", "1"]], ids=["keep-all", "keep-one"])
 def test_a_diverging_run_stops_and_keeps_its_newest_finite_checkpoint(tiny_model, image_dir, tmp_path, capsys, limit):
     argv = train_args(tiny_model, image_dir, tmp_path, "--learning_rate", "1e30", "--checkpointing_steps", "1",
@@ -45,6 +46,7 @@ def test_a_diverging_run_stops_and_keeps_its_newest_finite_checkpoint(tiny_model
     assert not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_written(tiny_model, image_dir, tmp_path, capsys, monkeypatch):
     """Weights that stop being finite with a finite loss (no read-back) are caught before the checkpoint."""
     from tlora.train import trainer as training
@@ -84,6 +86,7 @@ def resume_args(tiny_model, image_dir, target, *extra):
                       str(target), *extra)
 
 
+@pytest.mark.slow
 def test_damaged_resume_state_is_one_line_before_anything_loads(state_run, tiny_model, image_dir, tmp_path, capsys):
     run = copy(state_run, tmp_path)
     optimizer = run / "checkpoint-4" / RESUME_DIR / "optimizer.bin"
@@ -118,6 +121,7 @@ def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_model, 
     assert sorted(state_run.rglob("*")) == before  # the original is untouched
 
 
+@pytest.mark.slow
 def test_one_run_is_trained_by_one_process_at_a_time(state_run, tiny_model, image_dir, tmp_path, capsys):
     run = copy(state_run, tmp_path)
     (run / LOCK_NAME).write_text(f"{os.getpid()} {os.uname().nodename}\n")  # a live holder: this process
@@ -128,6 +132,7 @@ def test_one_run_is_trained_by_one_process_at_a_time(state_run, tiny_model, imag
     assert (run / "checkpoint-6").is_dir() and not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path, capsys, monkeypatch):
     from tlora.train import checkpointing
 
@@ -146,6 +151,7 @@ def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path,
     assert (run / "checkpoint-2" / RESUME_DIR).is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, message, code", [
     (RuntimeError("W&B: project not found"), "--report_to wandb: the tracker did not start (W&B: project not found)",
      1),
@@ -211,6 +217,7 @@ def test_transparent_pixels_are_white_or_the_loss_mask(tmp_path):
     assert load_mask(tmp_path / "opaque.png", 64, alpha=True).min() == 1  # no transparency: everything counts
 
 
+@pytest.mark.slow
 def test_alpha_mask_trains_and_excludes_mask_dir(tiny_model, image_dir, tmp_path, capsys):
     from tlora.train.trainer import train as train_run
 

@@ -207,6 +207,7 @@ def test_the_authors_flux_run_is_read_from_its_folder(authors_run, flux_pipe):
     assert ckpt.assumed == {} and len(ckpt.tensors()) == 2 * (2 * 7 + 2 * 3)  # the unused single-block keys skipped
 
 
+@pytest.mark.slow
 def test_inference_and_analyze_on_the_authors_flux_run(authors_run, tmp_path):
     from tlora.evaluation.analyze import analyze
 

@@ -94,6 +94,7 @@ def test_signal_stops_after_the_step_with_a_resumable_checkpoint(
         assert (straight / "logs" / "loss.csv").read_text() == (resumed / "logs" / "loss.csv").read_text()
 
 
+@pytest.mark.slow
 def test_second_signal_stops_at_once(tiny_model, image_dir, tmp_path, monkeypatch, capsys):
     interrupt_at(monkeypatch, 2, [signal.SIGINT, signal.SIGINT])
     argv = train_args(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "50", "--checkpointing_steps", "1")
@@ -143,6 +144,7 @@ def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monke
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "logs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (("--lora_rank", "8"), "was trained with lora_rank = 4, not 8"),
     (("--trainer_type", "lora"), "was trained with trainer_type = 'ortho_lora', not 'lora'"),

@@ -87,6 +87,7 @@ def test_training_writes_the_documented_tree(tiny_model, image_dir, tmp_path, tr
     assert not torch.equal(first[key], last[key])  # the third step changed the weights
 
 
+@pytest.mark.slow
 def test_run_index_increments_and_never_overwrites(tiny_model, image_dir, tmp_path):
     out = tmp_path / "out"
     (out / "00007-abcd-old_run").mkdir(parents=True)
@@ -168,6 +169,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model, image_dir, tmp
     assert losses[()][0] != losses[()][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "dog_example").is_dir(), reason="../shared/dog_example not present")
 def test_trains_on_the_authors_dog_photos(tiny_model, tmp_path):
     from tlora.train.trainer import train

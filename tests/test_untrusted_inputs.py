@@ -110,6 +110,7 @@ def test_estimate_flux_folder_without_transformer(tiny_flux, tmp_path, capsys):
                    "has no transformer/config.json (or model_index.json does not name transformer), which its flux")
 
 
+@pytest.mark.slow
 def test_estimate_reads_a_folder_of_configs_only(tiny_model, tmp_path, capsys):
     """The estimator needs configs only: the same folder without weights answers (the checks refuse nothing
     that is whole)."""

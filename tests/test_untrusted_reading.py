@@ -190,6 +190,7 @@ def test_a_loose_hparams_reads_the_run_it_records_and_says_so(run, tmp_path, cap
                    "is not in a run's logs/ folder and the output_dir it records")
 
 
+@pytest.mark.slow
 # -- 2. an older checkpoint only with a note; a named one never replaced -------------------------------------------
 def test_a_broken_newest_checkpoint_is_passed_over_with_a_note(run, tmp_path, capsys):
     copy = copy_of(run, tmp_path)

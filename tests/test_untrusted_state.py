@@ -170,6 +170,7 @@ def test_forged_rng_states_are_refused(finished_run, tiny_model, image_dir, tmp_
                    f"{path} does not hold the RNG states accelerate saves")
 
 
+@pytest.mark.slow
 def test_a_loss_log_cut_short_resumes(finished_run, tiny_model, image_dir, tmp_path):
     """A row torn by a full disk at the end of loss.csv is left out; the resumed log is whole."""
     run = copy_run(finished_run, tmp_path)
@@ -194,6 +195,7 @@ def test_an_older_checkpoint_is_never_resumed_over_a_newer_one(finished_run, tin
                    "resuming checkpoint-2 would write checkpoint-4 again: move checkpoint-4 out of the run folder")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_appears_while_training_is_kept(finished_run, tiny_model, image_dir, tmp_path, capsys,
                                                           monkeypatch):
     from tlora.train import checkpointing
