@@ -17,7 +17,7 @@ from tlora.families.checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
-from tlora.runs.reading import folder_weights, read
+from tlora.runs.reading import read
 from tlora.runs.run_folder import checkpoints, moved_from, read_hparams
 from tlora.runs.weights import WEIGHTS_NAMES
 
@@ -62,8 +62,8 @@ def run_folder(config_path: Path, hparams: dict) -> tuple[Path, bool]:
 
 
 def checkpoint_folder(run: Path, checkpoint_idx: str | None) -> Path:
-    """checkpoint-N of the run (or the run folder itself), which must hold its weights as a regular file: one line
-    naming the path otherwise, never another folder's weights."""
+    """checkpoint-N of the run (or the run folder itself), which must hold weights (that they are a regular file is
+    read's check): one line naming the path otherwise, never another folder's weights."""
     if checkpoint_idx is not None and not checkpoint_idx.isdigit():
         raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}")
     folder = run / f"checkpoint-{checkpoint_idx}" if checkpoint_idx is not None else run
@@ -72,7 +72,6 @@ def checkpoint_folder(run: Path, checkpoint_idx: str | None) -> Path:
         what = f"{flag} no T-LoRA weights ({' or '.join(WEIGHTS_NAMES)}) are in {folder}"
         have = ", ".join(str(step) for step, _ in checkpoints(run))
         raise UsageError(f"{what}; pass the N of one of the run's checkpoint-N folders ({have or 'it has none'})")
-    folder_weights(folder)  # a regular file, or one line naming what it is
     return folder
 
 
@@ -107,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_hparams(hparams, config_path)
     run, loose = run_folder(config_path, hparams)
     args.checkpoint = checkpoint_folder(run, args.checkpoint_idx)
-    args.ckpt = read(folder_weights(args.checkpoint), config_path, fix=f"add {{key}} to {config_path}")
+    args.ckpt = read(args.checkpoint, config_path, fix=f"add {{key}} to {config_path}")  # that folder's weights only
     args.ckpt.tensors()  # read and checked (finite) now; kept for loading
     family = families.get(args.ckpt.settings.family)
     args.family = family.name

@@ -26,7 +26,7 @@ from safetensors.torch import save
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.usage import parse_json, read_json, shown
-from tlora.runs.reading import read, weights_file
+from tlora.runs.reading import read
 from tlora.runs.run_folder import CHECKPOINT, checkpoints
 
 RESUME_DIR = "resume"
@@ -285,12 +285,10 @@ def _check_state(checkpoint: Path, weights: Path) -> None:
 def damage(checkpoint: Path) -> str | None:
     """What keeps a checkpoint from being resumed exactly (its weights, or resume state that is missing, damaged,
     of another checkpoint or able to run code), read without loading any model; None when it can be."""
-    weights = weights_file(checkpoint)
-    if weights is None:
-        return f"{checkpoint} has no weights file"
     try:
-        ckpt = read(checkpoint, quiet=True)  # safetensors checks that its header's tensors fill the file
-        if ckpt.metadata.get("global_step", str(checkpoint_step(checkpoint))) != str(checkpoint_step(checkpoint)):
+        ckpt = read(checkpoint, quiet=True)  # its weights file; safetensors checks the header against the file
+        weights, step = ckpt.path, checkpoint_step(checkpoint)
+        if ckpt.metadata.get("global_step", str(step)) != str(step):
             return f"{weights} is step {ckpt.metadata['global_step']}'s weights, not {checkpoint.name}'s"
         if not (checkpoint / RESUME_DIR).is_dir():
             return f"{checkpoint} has no resume state ({RESUME_DIR}/)"
