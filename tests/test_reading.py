@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import tlora
 from tlora.common.errors import CheckpointError
 from tlora.interop import export
-from tlora.runs.reading import find_weights
+from tlora.runs.run_folder import find_weights
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
 from conftest import read_weights

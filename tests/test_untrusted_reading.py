@@ -45,7 +45,7 @@ def opened():
     """The absolute paths opened (files and folders listed or made) inside the block, safetensors' reads included
     (they happen in Rust, with no audit event: tlora's readers are wrapped to record them)."""
     import tlora.runs.checkpoint_state
-    import tlora.runs.reading
+    import tlora.runs.weights
 
     global _OPENED
     _OPENED = []
@@ -57,7 +57,7 @@ def opened():
         return wrapper
 
     with ExitStack() as patches:
-        for module in (tlora.runs.reading, tlora.runs.checkpoint_state):
+        for module in (tlora.runs.weights, tlora.runs.checkpoint_state):
             for name in ("safe_open", "load_file"):
                 if hasattr(module, name):
                     patches.enter_context(patch.object(module, name, recorded(getattr(module, name))))

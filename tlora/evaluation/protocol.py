@@ -70,9 +70,10 @@ def job_env() -> dict[str, str]:
 
 def final_checkpoint(job_dir: Path, steps: int) -> Path | None:
     """checkpoint-<steps> of a finished run in job_dir, if any."""
-    from tlora.runs.reading import weights_file
+    from tlora.runs.run_folder import RunFolder, weights_file
 
-    done = sorted(folder for folder in job_dir.glob(f"*/checkpoint-{steps}") if weights_file(folder))
+    runs = job_dir.iterdir() if job_dir.is_dir() else []
+    done = sorted(c for run in runs if weights_file(c := RunFolder(run).checkpoint(steps)))
     return done[-1] if done else None
 
 

@@ -27,18 +27,13 @@ from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.usage import parse_json, read_json, shown
 from tlora.runs.reading import read
-from tlora.runs.run_folder import CHECKPOINT, checkpoints
+from tlora.runs.run_folder import RunFolder, checkpoint_step
 
 RESUME_DIR = "resume"
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "progress.safetensors"
 MANIFEST_FORMAT = "tlora-resume-1"
 PICKLES = (".bin", ".pkl", ".pt")  # accelerate's files
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    """N of checkpoint-N."""
-    return int(CHECKPOINT.match(checkpoint.name).group(1))
 
 
 def sha256(path: Path) -> str:
@@ -173,7 +168,7 @@ def prune(run: Path, keep_checkpoints: int | None, keep_states: int) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
-    found = checkpoints(run)
+    found = RunFolder(run).checkpoints()
     if keep_checkpoints is not None:
         for _, folder in found[:-keep_checkpoints]:
             remove(folder)

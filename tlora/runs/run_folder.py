@@ -1,5 +1,6 @@
-"""The run folder (`<output_dir>/<NNNNN>-<hex>-<data>_<t?><type><rank>/`), its checkpoint-N folders and its
-logs/hparams.yml."""
+"""A run folder as one value: `<output_dir>/<NNNNN>-<hex>-<data>_<t?><type><rank>/` with its logs/hparams.yml, its
+loss log, its checkpoint-N folders and its lock; and the one resolver from whatever path a user gives (a run, one
+of its checkpoints, a weights file) to the checkpoint it means. Every command finds runs and checkpoints here."""
 
 from __future__ import annotations
 
@@ -10,38 +11,189 @@ import re
 import secrets
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from tlora.common.errors import UsageError
+from tlora.common.errors import CheckpointError, UsageError, note
 from tlora.common.files import atomic_write
 from tlora.common.safe_names import safe_component
-from tlora.common.usage import load_yaml, read_text, redact_value, secret_values
+from tlora.common.usage import load_yaml, read_text, redact_value, secret_values, shown
 from tlora.method.settings import TLoRASettings
+from tlora.runs.weights import AUTHORS_FLUX_NAME, DAMAGED, WEIGHTS_NAME, WEIGHTS_NAMES, read_header, what_it_is
 
 RUN_INDEX = re.compile(r"^(\d+)-")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 INTERNAL = ("resume_checkpoint",)  # set while parsing, not an option: never recorded
-
-
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint-N folder of a run, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(run).iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
-    return sorted(found)
-
-
-def run_of(folder: Path) -> Path | None:
-    """The run folder a folder belongs to (itself, or the run holding it as checkpoint-N), judged by the
-    run's logs/hparams.yml; None for a folder outside any run (a checkpoint copied alone)."""
-    folder = Path(folder)
-    for run in (folder, folder.parent) if CHECKPOINT.match(folder.name) else (folder,):
-        if (run / "logs" / "hparams.yml").is_file():
-            return run
-    return None
-
-
 HPARAMS_FIX = "pass a run's logs/hparams.yml"
+LOCK_NAME = ".tlora.lock"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """N of a checkpoint-N folder."""
+    return int(CHECKPOINT.match(Path(checkpoint).name).group(1))
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder: where its records are (every path inside a run is built here)."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def hparams_path(self) -> Path:
+        return self.logs / "hparams.yml"
+
+    @property
+    def loss_log(self) -> Path:
+        return self.logs / "loss.csv"
+
+    @property
+    def lock(self) -> RunLock:
+        return RunLock(self.path)
+
+    def checkpoint(self, step: int | str) -> Path:
+        return self.path / checkpoint_name(int(step))
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every checkpoint-N folder, oldest first."""
+        found = [(int(m.group(1)), p) for p in self.path.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+        return sorted(found)
+
+    def hparams(self) -> dict:
+        return read_hparams(self.hparams_path)
+
+    def newest_usable(self) -> Path | None:
+        """The weights of the newest checkpoint-N whose weights are a regular file with a readable header; a newer
+        one passed over is said in a note naming why. None when the run has no checkpoint-N folder; one line
+        (CheckpointError) when it has some but none is usable."""
+        passed: list[tuple[Path, str]] = []
+        for _, folder in reversed(self.checkpoints()):
+            try:
+                weights = usable_weights(folder)
+            except CheckpointError as err:
+                passed.append((folder, str(err)))
+                continue
+            if passed:
+                newer, why = passed[0]
+                others = f" (and {len(passed) - 1} more)" if len(passed) > 1 else ""
+                note(f"{self.path}: using {folder.name}, the newest usable checkpoint; passed over {newer.name}{others}: "
+                     f"{why}")
+            return weights
+        if passed:
+            raise CheckpointError(f"no usable checkpoint in {self.path}: the newest, {passed[0][0].name}: {passed[0][1]}")
+        return None
+
+    def moved_from(self, hparams: dict) -> str | None:
+        """The output_dir the run's hparams.yml records when the run is no longer there (moved or copied); None when
+        it is where it was written."""
+        recorded = str(hparams.get("output_dir") or "")
+        if not recorded:
+            return None
+        try:
+            return None if Path(recorded).exists() and Path(recorded).samefile(self.path) else recorded
+        except OSError:
+            return recorded
+
+    @staticmethod
+    def at(folder: Path) -> RunFolder | None:
+        """The run `folder` is (judged by its logs/hparams.yml), else None."""
+        run = RunFolder(Path(folder))
+        return run if run.hparams_path.is_file() else None
+
+    @staticmethod
+    def holding(folder: Path) -> RunFolder | None:
+        """The run a folder belongs to: itself, or the run holding it as checkpoint-N; None for a folder outside any
+        run (a checkpoint copied alone)."""
+        folder = Path(folder)
+        if CHECKPOINT.match(folder.name) and (run := RunFolder.at(folder.parent)):
+            return run
+        return RunFolder.at(folder)
+
+
+# -- from a path a user gives to the checkpoint it means ---------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """What a path means: its run (None for a checkpoint or file outside any run), the checkpoint folder (None for a
+    run with no checkpoint yet) and the weights file (None likewise)."""
+
+    run: RunFolder | None
+    checkpoint: Path | None
+    weights: Path | None
+
+
+def weights_file(folder: str | Path) -> Path | None:
+    """The weights file a checkpoint folder holds (ours or the authors' FLUX lora.pt), if any."""
+    return next((Path(folder) / n for n in WEIGHTS_NAMES if (Path(folder) / n).is_file()), None)
+
+
+def folder_weights(folder: Path) -> Path:
+    """The weights file of one checkpoint folder (or of a run folder that holds its weights itself), which must
+    be a regular file: one line (CheckpointError) naming it otherwise. Never another folder's."""
+    for name in WEIGHTS_NAMES:
+        path = folder / name
+        if path.is_file():
+            return path
+        if path.exists() or path.is_symlink():
+            raise CheckpointError(f"{path} is {what_it_is(path)}, not a weights file; {DAMAGED}")
+    raise CheckpointError(f"no T-LoRA weights in {folder}: pass a run folder, a checkpoint-N folder, or its "
+                          f"{WEIGHTS_NAME} (the authors' FLUX runs: {AUTHORS_FLUX_NAME})")
+
+
+def usable_weights(folder: Path) -> Path:
+    """folder_weights, with its header read and checked (a damaged file is one line)."""
+    weights = folder_weights(folder)
+    read_header(weights)
+    return weights
+
+
+PASS_CHECKPOINT = "pass a run folder, a checkpoint-N folder or a weights file"
+
+
+def resolve(path: str | Path) -> Reference:
+    """The checkpoint a path means: a weights file is itself; a folder that holds weights, or a checkpoint-N folder,
+    is that folder's weights (one line when they are missing or damaged, never another folder's); a run folder is
+    its newest usable checkpoint (see RunFolder.newest_usable), or no checkpoint when it has none yet."""
+    path = Path(path)
+    try:
+        return _resolve(path)
+    except OSError as err:  # a name too long for the system, a loop of links, a folder that cannot be listed
+        raise CheckpointError(f"cannot read {shown(str(path))} ({err.strerror}); {PASS_CHECKPOINT}") from None
+
+
+def _resolve(path: Path) -> Reference:
+    if path.is_file():
+        return Reference(RunFolder.holding(path.parent), path.parent, path)
+    if not path.is_dir():
+        what = f"is {what_it_is(path)}" if path.exists() or path.is_symlink() else "does not exist"
+        raise CheckpointError(f"{path} {what}; {PASS_CHECKPOINT}")
+    holds = any((path / n).exists() or (path / n).is_symlink() for n in WEIGHTS_NAMES)
+    run = RunFolder.holding(path)
+    if holds or CHECKPOINT.match(path.name):
+        return Reference(run, path, folder_weights(path))  # one line when they are missing or damaged
+    weights = (run or RunFolder(path)).newest_usable()  # a run folder, or a copy of one without its logs/
+    if weights is None and run is None:
+        folder_weights(path)  # says that there are no weights
+    return Reference(run, weights.parent if weights else None, weights)
+
+
+def find_weights(path: str | Path) -> Path:
+    """The weights file a path means (see resolve); one line when it means none (a run with no checkpoint yet)."""
+    found = resolve(path)
+    return found.weights if found.weights is not None else folder_weights(Path(path))
 
 
 def read_hparams(path: str | Path) -> dict:
@@ -52,6 +204,7 @@ def read_hparams(path: str | Path) -> dict:
     return values
 
 
+# -- making and recording a run --------------------------------------------------------------------------------
 def next_run_index(output_dir: Path) -> int:
     """One more than the highest run index in output_dir (1 for an empty folder)."""
     indices = [int(m.group(1)) for p in output_dir.iterdir() if (m := RUN_INDEX.match(p.name))]
@@ -77,7 +230,7 @@ def create_run_folder(args: argparse.Namespace) -> Path:
                 folder.mkdir()
             except FileExistsError:  # another run took this name a moment ago
                 continue
-            (folder / "logs").mkdir()
+            RunFolder(folder).logs.mkdir()
             return folder
     except OSError as err:
         raise UsageError(f"--output_dir: cannot create a run folder in {output_dir} ({err.strerror}); "
@@ -116,7 +269,7 @@ def write_hparams(args: argparse.Namespace, folder: Path) -> Path:
     args.exp_name = folder.name
     args.output_dir = str(folder)
     args.logging_dir = str(folder / "logs")
-    path = folder / "logs" / "hparams.yml"
+    path = RunFolder(folder).hparams_path
     atomic_write(path, yaml.safe_dump(public_hparams(args), sort_keys=True).encode())
     return path
 
@@ -127,14 +280,12 @@ def record_run(args: argparse.Namespace, folder: Path, resumed_step: int | None,
     W&B run."""
     recorded = {}
     if resumed_step is not None:
-        recorded = read_hparams(folder / "logs" / "hparams.yml")
+        recorded = RunFolder(folder).hparams()
         args.resumed = list(recorded.get("resumed") or []) + [{"from_step": resumed_step, "argv": list(args.argv)}]
         args.argv = recorded.get("argv", args.argv)
     args.wandb_run_id = recorded.get("wandb_run_id") or (secrets.token_hex(4) if wandb else None)
     return write_hparams(args, folder)
 
-
-LOCK_NAME = ".tlora.lock"
 
 
 class RunLock:
@@ -192,15 +343,3 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
             except OSError:  # the folder became read-only: the lock is stale once this process is gone
                 pass
-
-
-def moved_from(run: Path, hparams: dict) -> str | None:
-    """The output_dir a run's hparams.yml records when the run is no longer there (moved or copied); None when
-    it is where it was written."""
-    recorded = str(hparams.get("output_dir") or "")
-    if not recorded:
-        return None
-    try:
-        return None if Path(recorded).exists() and Path(recorded).samefile(run) else recorded
-    except OSError:
-        return recorded

@@ -10,8 +10,7 @@ import torch
 from tlora.common.errors import Diverged, RunFailed
 from tlora.common.files import is_write_failure, write_failure
 from tlora.runs.checkpoint_state import CheckpointExists, FailedElsewhere, prune, write_checkpoint
-from tlora.runs.reading import weights_file
-from tlora.runs.run_folder import checkpoints
+from tlora.runs.run_folder import RunFolder, checkpoint_name, weights_file
 from tlora.runs.weights import save_weights
 
 
@@ -27,20 +26,20 @@ class Checkpointer:
         it is complete."""
         self.check_finite(step)
         self.check_replicas()
-        meta = self.metadata | {"global_step": step}
+        meta, name = self.metadata | {"global_step": step}, checkpoint_name(step)
         try:
-            folder = write_checkpoint(self.accelerator, self.progress, self.folder / f"checkpoint-{step}",
+            folder = write_checkpoint(self.accelerator, self.progress, RunFolder(self.folder).checkpoint(step),
                                       lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
         except FailedElsewhere as err:
-            raise RunFailed(f"could not write checkpoint-{step} (another process says why); every finished checkpoint "
+            raise RunFailed(f"could not write {name} (another process says why); every finished checkpoint "
                             f"is whole: resume with --resume_from_checkpoint {self.folder}") from err
         except CheckpointExists as err:
-            raise RunFailed(f"checkpoint-{step} appeared in {self.folder} while training and is kept as it is; move "
+            raise RunFailed(f"{name} appeared in {self.folder} while training and is kept as it is; move "
                             f"it out of the run folder and resume with --resume_from_checkpoint {self.folder}") from err
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says "file write failed"), a folder gone
             if not is_write_failure(err):
                 raise
-            raise RunFailed(f"could not write checkpoint-{step}: {write_failure(err, self.folder)}; every finished "
+            raise RunFailed(f"could not write {name}: {write_failure(err, self.folder)}; every finished "
                             f"checkpoint is whole: free some space and resume with --resume_from_checkpoint "
                             f"{self.folder}") from err
         if self.accelerator.is_main_process:
@@ -69,5 +68,5 @@ class Checkpointer:
 
 def last_good(run: Path) -> str:
     """Where a run's newest finite checkpoint is (every checkpoint training writes is finite)."""
-    found = [folder for _, folder in checkpoints(run) if weights_file(folder)]
+    found = [folder for _, folder in RunFolder(run).checkpoints() if weights_file(folder)]
     return f"the newest finite checkpoint is {found[-1]}" if found else "no checkpoint was written yet"

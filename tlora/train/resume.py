@@ -1,26 +1,25 @@
-"""Which checkpoint to resume from, and whether it may be: the newest checkpoint of its run (resuming an older one
-would write the newer ones again), whole, its files of one step and one set of weights (runs.checkpoint_state),
-trained with as many processes, and the run's settings unchanged where they matter. All before any model loads.
+"""Which checkpoint to resume from (`--resume_from_checkpoint` PATH or latest), and whether it may be: the newest of
+its run (see `resumable`), whole (runs.checkpoint_state.damage), trained with as many processes on the same data,
+and the run's settings unchanged where they matter. All before any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
 from tlora.common.errors import UsageError, note
 from tlora.common.usage import shown
-from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, checkpoint_step, damage, read_progress
-from tlora.runs.run_folder import CHECKPOINT, RunLock, checkpoints, read_hparams
+from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, damage, read_progress
+from tlora.runs.run_folder import RUN_INDEX, RunFolder, checkpoint_step
 from tlora.train.checks import training_items
 from tlora.train.loss_log import read_loss_log
 
-RUN = re.compile(r"^(\d+)-")
 # May differ from the run's hparams.yml when resuming; every other recorded setting must match.
 MAY_CHANGE = frozenset({
-    "num_train_epochs", "checkpointing_steps", "validation_prompts", "num_val_imgs_per_prompt", "project_name",
+    "num_train_epochs", "checkpointing_steps", "validation_prompts", "num_val_imgs_per_prompt", "validation_height",
+    "validation_width", "project_name",
     "wandb_api_key", "report_to", "checkpoints_total_limit", "resume_state_total_limit", "resume_from_checkpoint",
     "config", "output_dir", "dataloader_num_workers", "gradient_checkpointing", "allow_tf32",
     "train_data_dir", "class_data_dir", "mask_dir",  # the data itself is compared through data_sha256
@@ -30,22 +29,18 @@ MAY_CHANGE = frozenset({
 PATH_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path")
 
 
-def _run_of(value: str) -> Path:
-    path = Path(value)
-    return path.parent if CHECKPOINT.match(path.name) else path
-
-
 def resolve_output_dir(args: argparse.Namespace) -> None:
     """With --resume_from_checkpoint PATH, --output_dir may be left out: it is the run's parent folder."""
     value = args.resume_from_checkpoint
     if not args.output_dir and value and value != "latest":
-        args.output_dir = str(_run_of(value).absolute().parent)
+        run = RunFolder.holding(Path(value))
+        args.output_dir = str((run.path if run else Path(value)).absolute().parent)
 
 
-def _hparams(run: Path) -> dict | None:
+def _hparams(run: RunFolder) -> dict | None:
     """A run's hparams.yml while looking for the latest run; None (with a note) for one that cannot be read."""
     try:
-        return read_hparams(run / "logs" / "hparams.yml")
+        return run.hparams()
     except UsageError as err:
         note(f"--resume_from_checkpoint latest: passing over {run.name}: {err}")
         return None
@@ -72,8 +67,8 @@ def changed_setting(recorded: dict, args: argparse.Namespace) -> tuple[str, obje
 def resumable(checkpoint: Path) -> Path:
     """`checkpoint` when it is the newest checkpoint of its run and can be resumed exactly; else one line. Resuming
     an older checkpoint would write the newer ones again, so a finished checkpoint is never replaced."""
-    run = checkpoint.parent
-    newest = checkpoints(run)[-1][1]
+    run = RunFolder(checkpoint.parent)
+    newest = run.checkpoints()[-1][1]
     if newest != checkpoint:
         why = damage(newest)
         if why is None:
@@ -84,18 +79,18 @@ def resumable(checkpoint: Path) -> Path:
                          "run folder, then resume")
     problem = damage(checkpoint)
     if problem is not None:
-        older = next((p for _, p in reversed(checkpoints(run)[:-1]) if damage(p) is None), None)
+        older = next((p for _, p in reversed(run.checkpoints()[:-1]) if damage(p) is None), None)
         fix = (f"move {checkpoint.name} out of {run} to resume from {older.name}, or start a new run" if older
                else "no other checkpoint of this run can be resumed: start a new run")
         raise UsageError(f"--resume_from_checkpoint: {problem}; {fix}")
     return checkpoint
 
 
-def _newest(run: Path) -> Path:
+def _newest(run: RunFolder) -> Path:
     """The newest checkpoint of a run folder, which must be resumable."""
-    found = checkpoints(run)
+    found = run.checkpoints()
     if not found:
-        raise UsageError(f"--resume_from_checkpoint: {run} has no checkpoint yet; start a new run")
+        raise UsageError(f"--resume_from_checkpoint: {run.path} has no checkpoint yet; start a new run")
     return resumable(found[-1][1])
 
 
@@ -103,9 +98,9 @@ def _latest(args: argparse.Namespace) -> Path | None:
     """The newest checkpoint of the newest run in --output_dir with these settings that has one; None (with a
     note) when there is none."""
     out = Path(args.output_dir)
-    runs = [p for p in out.iterdir() if p.is_dir() and RUN.match(p.name)] if out.is_dir() else []
+    runs = [RunFolder(p) for p in out.iterdir() if p.is_dir() and RUN_INDEX.match(p.name)] if out.is_dir() else []
     other = None
-    for run in sorted(runs, key=lambda p: int(RUN.match(p.name).group(1)), reverse=True):
+    for run in sorted(runs, key=lambda run: int(RUN_INDEX.match(run.name).group(1)), reverse=True):
         recorded = _hparams(run)
         if recorded is None:
             continue
@@ -113,7 +108,7 @@ def _latest(args: argparse.Namespace) -> Path | None:
         if change is not None:
             other = other or f"{run.name} has {change[0]} = {shown(change[1])}, not {shown(change[2])}"
             continue
-        if checkpoints(run):
+        if run.checkpoints():
             return _newest(run)
     why = f" with these settings ({other})" if other else ""
     note(f"--resume_from_checkpoint latest: no run to resume in {out}{why}; starting a new run")
@@ -133,10 +128,9 @@ def find(args: argparse.Namespace) -> Path | None:
                          "or latest")
     if not path.is_dir():
         raise UsageError(f"--resume_from_checkpoint: {path} is a file; pass its checkpoint-N folder or its run folder")
-    if CHECKPOINT.match(path.name) and (path.parent / "logs" / "hparams.yml").is_file():
-        return resumable(path)
-    if (path / "logs" / "hparams.yml").is_file():
-        return _newest(path)
+    run = RunFolder.holding(path)
+    if run is not None:
+        return _newest(run) if run.path == path else resumable(path)
     raise UsageError(f"--resume_from_checkpoint: {value} is neither a checkpoint-N folder of a run, a run folder nor "
                      "'latest'; pass one of them")
 
@@ -146,10 +140,10 @@ def check(args: argparse.Namespace) -> None:
     args.resume_checkpoint = find(args)
     if args.resume_checkpoint is None:
         return
-    run = args.resume_checkpoint.parent
-    RunLock(run).check()
-    if not os.access(run, os.W_OK | os.X_OK):
-        raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; make it writable (or copy the run to a "
+    run = RunFolder(args.resume_checkpoint.parent)
+    run.lock.check()
+    if not os.access(run.path, os.W_OK | os.X_OK):
+        raise UsageError(f"--resume_from_checkpoint: cannot write in {run.path}; make it writable (or copy the run to a "
                          "folder you can write to) and resume there")
     progress = args.resume_checkpoint / RESUME_DIR / PROGRESS_NAME
     _, orders = read_progress(progress)
@@ -161,8 +155,8 @@ def check(args: argparse.Namespace) -> None:
     if any(order["taken"] > per_pass for order in orders):
         raise UsageError(f"--resume_from_checkpoint: {progress} counts more batches than a pass over the data has "
                          f"({per_pass}); resume with the run's data, or start a new run")
-    read_loss_log(run / "logs" / "loss.csv")  # readable, before any model loads
-    change = changed_setting(read_hparams(run / "logs" / "hparams.yml"), args)
+    read_loss_log(run.loss_log)  # readable, before any model loads
+    change = changed_setting(run.hparams(), args)
     if change is not None:
         key, recorded, current = change
         raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {key} = {shown(recorded)}, not "

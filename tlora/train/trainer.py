@@ -32,16 +32,17 @@ from tlora.common.images import find_mask, list_images, training_images
 from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
 from tlora.generate import generation
+from tlora.generate.generation import image_size
 from tlora.method.injection import TLoRA, attach
 from tlora.method.settings import TLoRASettings
-from tlora.runs.checkpoint_state import RESUME_DIR, Progress, checkpoint_step
+from tlora.runs.checkpoint_state import RESUME_DIR, Progress
 from tlora.runs.reading import read
 from tlora.runs.run_folder import (
+    RunFolder,
     RunLock,
+    checkpoint_step,
     create_run_folder,
-    moved_from,
     public_hparams,
-    read_hparams,
     record_run,
     remove_run_folder,
 )
@@ -76,8 +77,9 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.resume_from: Path | None = opts.resume_checkpoint
         self.folder, self.lock = open_run(opts, self.accelerator, self.resume_from)
+        self.run = RunFolder(self.folder)
         self.accelerator.project_configuration.project_dir = str(self.folder)
-        self.accelerator.project_configuration.logging_dir = str(self.folder / "logs")
+        self.accelerator.project_configuration.logging_dir = str(self.run.logs)
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[opts.mixed_precision]
         self.progress: Progress | None = None  # made in setup(); holds the step
@@ -165,7 +167,7 @@ class Trainer:
         """Trackers, the loss log, the resume state's extra piece (Progress) and the checkpointer."""
         acc, opts = self.accelerator, self.opts
         try:
-            init_trackers(acc, opts, public_hparams(opts), self.folder / "logs")
+            init_trackers(acc, opts, public_hparams(opts), self.run.logs)
         except Exception as err:  # a project name W&B refuses, no login, a tracker that cannot start
             raise RunFailed(f"--report_to {tracker(opts)}: the tracker did not start ({first_line(err)}); check "
                             "--project_name and the tracker's login, or pass --report_to none") from err
@@ -177,7 +179,7 @@ class Trainer:
         metadata = (self.settings.to_metadata() | self.family.model_metadata(self.family.model(self.pipe))
                     | {"pretrained_model_name_or_path": opts.pretrained_model_name_or_path})
         self.checkpoints = Checkpointer(acc, self.folder, self.tlora, self.progress, metadata, opts)
-        self.loss_log = LossLog(acc, self.folder / "logs" / "loss.csv", self.checkpoints.last_good)
+        self.loss_log = LossLog(acc, self.run.loss_log, self.checkpoints.last_good)
 
     def restore(self) -> None:
         """When resuming: accelerate's state (optimizer, RNGs), the progress and loss.csv up to the checkpoint
@@ -258,7 +260,8 @@ class Trainer:
         cfg = generation.Sampling(
             opts.placeholder_token, opts.class_name, family.samples_folder(checkpoint, steps, guidance, 0),
             num_images_per_prompt=opts.num_val_imgs_per_prompt, num_inference_steps=steps, guidance_scale=guidance,
-            replace=True, call_kwargs=family.call_kwargs(vars(opts)),
+            replace=True, call_kwargs=family.call_kwargs(vars(opts))
+            | image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width),
         )
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
@@ -274,9 +277,10 @@ def open_run(opts: TrainOptions, accelerator: Accelerator, resume_from: Path | N
     folder, lock = [None], None
     if accelerator.is_main_process:
         folder = [create_run_folder(opts) if resume_from is None else resume_from.parent]
-        lock = RunLock(folder[0]).acquire()
+        run = RunFolder(folder[0])
+        lock = run.lock.acquire()
         try:
-            if resume_from is not None and (old := moved_from(folder[0], read_hparams(folder[0] / "logs/hparams.yml"))):
+            if resume_from is not None and (old := run.moved_from(run.hparams())):
                 note(f"{folder[0].name} was written in {old}; resuming it where it is, {folder[0]}")
             resumed = None if resume_from is None else checkpoint_step(resume_from)
             record_run(opts, folder[0], resumed, wandb=tracker(opts) == "wandb")
@@ -287,7 +291,7 @@ def open_run(opts: TrainOptions, accelerator: Accelerator, resume_from: Path | N
             lock.release()
             raise
     folder = broadcast_object_list(folder)
-    opts.exp_name, opts.output_dir, opts.logging_dir = folder[0].name, str(folder[0]), str(folder[0] / "logs")
+    opts.exp_name, opts.output_dir, opts.logging_dir = folder[0].name, str(folder[0]), str(RunFolder(folder[0]).logs)
     return folder[0], lock
 
 
@@ -332,6 +336,6 @@ def _ended_early(trainer: Trainer, err: BaseException) -> BaseException:
                            "again to start", signum)
         return Stopped(f"stopped at once at step {trainer.step_done}; {newest}; resume with "
                        f"--resume_from_checkpoint {trainer.folder}", signum)
-    path = save_traceback(err, trainer.folder / "logs" / "error.txt" if started else None)
+    path = save_traceback(err, trainer.run.logs / "error.txt" if started else None)
     return RunFailed(f"training failed at step {trainer.step_done}: {type(err).__name__}: {first_line(err)} "
                      f"(traceback in {path}); {newest}")
