@@ -20,16 +20,23 @@ SHARED = REPO.parent / "shared"
 
 def read_weights(path) -> tuple[dict, dict]:
     """(tensors, metadata) of a checkpoint folder or file, through tlora's reader (no settings needed)."""
-    from tlora.runs.reading import find_weights, read_header, read_tensors
+    from tlora.runs.run_folder import find_weights
+    from tlora.runs.weights import read_header, read_tensors
 
     found = find_weights(path)
     return read_tensors(found), read_header(found)[1]
 
 
-# A one-line error names what is wrong (a --flag, a file or folder, the manifest) and how to fix it.
+# A one-line error names what is wrong (a --flag, a file or folder, the manifest) and says the fix: a clause that
+# starts with an imperative verb (after the start, `;`, `:`, `,`, `(`, or `or`/`and`/`then`/`else`) and names the
+# flag, file, value or command to use. "must", "check" and a bare "set" or "run" are no fix.
 NAMES = re.compile(r"--\w|/|\w\.\w{2,}|manifest|tlora\.load")
-FIX = re.compile(r"\b(pass|add|drop|remove|use|start|resume|install|fix|delete|free|lower|replace|download|wait|"
-                 r"choose|must|give|check|set|write|call|load|rename|save|run|include|shorten|copy)\b")
+FIX_VERBS = (r"pass|add|drop|remove|use|start|resume|install|fix|delete|free|lower|raise|replace|download|wait|"
+             r"choose|give|write|call|load|rename|save|include|shorten|copy|move|make|train|export|re-export|keep|"
+             r"retry|update|convert|upgrade|set(?= --| \w+=)|run(?= the| it| again| python| tlora| \w+\.py| `)")
+FIX = re.compile(rf"(?:^|[;:,(]|\b(?:or|and|then|else)\b)\s*(?:{FIX_VERBS})\b(?P<rest>[^;]*)")
+OBJECT = re.compile(r"--\w|/|\w\.\w{2,}|\w=|\w\(\)|\d|'[^']+'|`[^`]+`|\b(a|an|the|it|them|one|another|some|"
+                    r"again|first|once|more|fewer|less)\b")
 
 
 # An internal exception's class name (KeyError, UnicodeDecodeError, SafetensorError, ...) or a traceback means a
@@ -37,9 +44,18 @@ FIX = re.compile(r"\b(pass|add|drop|remove|use|start|resume|install|fix|delete|f
 INTERNAL = re.compile(r"\b[A-Z]\w*(Error|Exception|Exit|Interrupt)\b|Traceback|traceback in")
 
 
+def fix_clause(line: str) -> str | None:
+    """The first clause of `line` that says what to do: an imperative verb with an object (a flag, a file, a value,
+    a command, "a new run", "again")."""
+    for found in FIX.finditer(line.removeprefix("error: ")):
+        if OBJECT.search(found.group("rest")):
+            return found.group(0).strip(" ;:,(")
+    return None
+
+
 def assert_helpful(line: str) -> None:
     """`line` is one line that names the flag or file and says the fix, in words (no exception class names)."""
-    assert line.count("\n") <= 1 and NAMES.search(line) and FIX.search(line), f"not a helpful error: {line!r}"
+    assert line.count("\n") <= 1 and NAMES.search(line) and fix_clause(line), f"not a helpful error: {line!r}"
     assert not INTERNAL.search(line), f"an internal error reached the user: {line!r}"
 
 

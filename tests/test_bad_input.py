@@ -335,7 +335,7 @@ def test_a_fully_transparent_image_with_alpha_mask_is_refused(tiny_model, tmp_pa
 
 
 def notes_of(argv) -> tuple[object, list[str]]:
-    from tlora.common.errors import Note
+    from tlora.common.messages import Note
     from tlora.train.options import parse_args
 
     with pytest.warns(Note) as said:
@@ -398,7 +398,7 @@ def test_a_vae_of_another_family_is_refused_before_loading(tiny_model, tiny_flux
 
 
 def test_a_prompt_the_text_encoder_cuts_is_said(tiny_model, image_dir, run_folder, tmp_path):
-    from tlora.common.errors import Note
+    from tlora.common.messages import Note
     from tlora.generate.inference import parse_args as parse_inference
 
     long = "a {0} " + "on a very long road " * 30
@@ -419,3 +419,30 @@ def test_the_error_check_fails_on_an_internal_exception(line):
 
     with pytest.raises(AssertionError, match="an internal error reached the user"):
         assert_helpful(line)
+
+
+@pytest.mark.parametrize("line", [
+    "error: --seed must be at least 0, got -1",  # the problem, no fix
+    "error: cannot read /tmp/run/logs/hparams.yml: the run must be checked",  # "run" and "must" as words
+    "error: --config c.yaml is not a mapping; check",  # "check" is no fix
+    "error: --output_dir /x is not writable; set",  # a verb without an object
+    "error: the manifest lists model.safetensors twice",
+])
+def test_the_error_check_fails_on_a_message_without_a_fix(line):
+    from conftest import assert_helpful
+
+    with pytest.raises(AssertionError, match="not a helpful error"):
+        assert_helpful(line)
+
+
+@pytest.mark.parametrize("line", [
+    "error: --seed must be at least 0, got -1; pass a whole number from 0",
+    "error: /tmp/x.yml: duplicate key seed; remove one of them",
+    "error: --resume_from_checkpoint: run.lock is held; wait for it to end (or delete /r/.tlora.lock)",
+    "error: training diverged at step 3; lower --learning_rate (or set --max_grad_norm) and start a new run",
+])
+def test_the_error_check_passes_a_message_with_a_fix(line):
+    from conftest import assert_helpful
+
+    assert_helpful(line)
+

@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tlora.common.errors import Note
+from tlora.common.messages import Note
 from tlora.interop import export
 from tlora.runs.checkpoint_state import RESUME_DIR
 from tlora.runs.run_folder import LOCK_NAME

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tlora.common.commands import run_command
-from tlora.common.errors import Note, note
+from tlora.common.messages import Note, note
 from tlora.common.usage import shown
 from tlora.evaluation import evaluate
 from tlora.evaluation import protocol as benchmark

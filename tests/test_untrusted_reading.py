@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import tlora
-from tlora.common.errors import CheckpointError, Note, UsageError
+from tlora.common.errors import CheckpointError, UsageError
+from tlora.common.messages import Note
 from tlora.evaluation import analyze
 from tlora.generate import generation
 from tlora.interop import export

@@ -9,19 +9,17 @@ import os
 import sys
 import tempfile
 import traceback
-import warnings
 from typing import Any, Callable
 
-from tlora.common.errors import Interrupted, Note, RunFailed, UsageError, first_line
+from tlora.common.errors import Interrupted, RunFailed, UsageError, first_line
+from tlora.common.messages import main_process, notes_as_lines
 
 
 def run_command(parse: Callable[[list[str] | None], Any], run: Callable[[Any], Any], label: str | None,
                 argv: list[str] | None) -> int:
     """Parse and check, then run; print `label: result` when a label is given. Returns the exit code."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", Note)
-            warnings.showwarning = _note(warnings.showwarning)
+        with notes_as_lines():
             args = parse(argv)
             result = run(args)
     except UsageError as err:
@@ -55,19 +53,3 @@ def save_traceback(err: BaseException, path: str | None = None) -> str:
     return str(path)
 
 
-def _note(show: Callable) -> Callable:
-    """showwarning that prints a Note as one `note:` line (others as before)."""
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, Note):
-            if main_process():
-                print(f"note: {message}", file=sys.stderr)
-        else:
-            show(message, category, filename, lineno, file, line)
-
-    return showwarning
-
-
-def main_process() -> bool:
-    """Under torchrun / accelerate launch, only process 0 reports (RANK is unset in a single process)."""
-    return os.environ.get("RANK", "0") == "0"

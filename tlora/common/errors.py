@@ -1,14 +1,14 @@
-"""The errors and notices every part of tlora raises: each is shown to the user as one line.
+"""The errors every part of tlora raises: each is shown to the user as one line (notes: common/messages.py).
 
-UsageError (and CheckpointError): bad input, exit code 2, before anything loads. Note (and AssumedSetting): what
-the user should know before the work goes on, one `note:` line. RunFailed and its kinds: a run that cannot go on,
-exit code 1 (130/143 for a signal). Interrupted: a clean stop after a resumable checkpoint.
+UsageError (and CheckpointError): bad input, exit code 2, before anything loads. RunFailed and its kinds: a run
+that cannot go on, exit code 1 (130/143 for a signal). Interrupted: a clean stop after a resumable checkpoint.
 """
 
 from __future__ import annotations
 
 import signal
-import warnings
+
+from tlora.common.messages import resume_with
 
 
 class UsageError(ValueError):
@@ -21,20 +21,6 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-class Note(UserWarning):
-    """Something that changes what the user asked for, said before the work goes on (a value clamped, a flag
-    with no effect here, a prompt cut, an older checkpoint used and why): commands show it as one `note:` line."""
-
-
-class AssumedSetting(Note):
-    """A setting that changes a T-LoRA's result is recorded nowhere, so a default was taken."""
-
-
-def note(message: str, stacklevel: int = 2) -> None:
-    """Say `message` as a Note (a `note:` line under every command; a Python warning in the API)."""
-    warnings.warn(message, Note, stacklevel=stacklevel + 1)
-
-
 class CheckpointError(UsageError):
     """A checkpoint file that cannot be used here: damaged, or made for other settings."""
 
@@ -44,7 +30,7 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"interrupted at step {step}; resume with --resume_from_checkpoint {checkpoint}")
+        super().__init__(f"interrupted at step {step}; {resume_with(checkpoint)}")
 
     @property
     def exit_code(self) -> int:

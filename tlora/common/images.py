@@ -69,7 +69,8 @@ def _open_rgb(path: str | Path) -> tuple[Image.Image, int]:
 def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> tuple[int, int]:
     """Open and decode a training image; one-line UsageError naming the file when it cannot be used, a note when
     it is animated (its first frame is used). Returns its size (EXIF orientation applied)."""
-    from tlora.common.errors import UsageError, first_line, note
+    from tlora.common.errors import UsageError, first_line
+    from tlora.common.messages import note
 
     try:
         image, frames = _open_rgb(path)

@@ -132,7 +132,7 @@ def long_prompts(model: str, revision: str | None, family: Any, prompts: list[st
     """One note line for each prompt that one of the pipeline's text encoders reads only in part (the rest is cut).
 
     Called from train.py's checks (validation prompts) and from inference.py's `parse_args` (its prompts), before
-    any model loads; the caller says each line with `tlora.common.errors.note`. `family` is a family name or a
+    any model loads; the caller says each line with `tlora.common.messages.note`. `family` is a family name or a
     `tlora.families.Family`; `max_sequence_length` the T5 / Qwen3 length the pipeline is called with (None: the
     pipelines' default, 512; SDXL has none). Tokens are counted as the family's diffusers pipeline tokenizes:
     with the tokenizer's special tokens (CLIP's start and end, T5's end) and, on klein, inside its chat

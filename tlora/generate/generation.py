@@ -23,6 +23,18 @@ from tlora.common.safe_names import is_safe, safe_component
 from tlora.common.usage import load_yaml, read_text
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
+SIZE_MULTIPLE = 16  # SDXL's latents need 8 pixels per side, FLUX's packed 2x2 latents 16
+
+
+def image_size(flags: tuple[str, str], height: int | None, width: int | None) -> dict[str, int]:
+    """The pipeline-call size arguments for the sizes given, each a positive multiple of SIZE_MULTIPLE; a size not
+    given is left to the pipeline's default, as the authors' tools sample (FluxPipeline: 1024 px whatever the run
+    was trained at)."""
+    for flag, value in zip(flags, (height, width)):
+        if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
+            raise UsageError(f"{flag} must be a positive multiple of {SIZE_MULTIPLE} pixels, got {value}; pass e.g. "
+                             f"{max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)}")
+    return {key: value for key, value in (("height", height), ("width", width)) if value is not None}
 
 
 def prompt_seed(template: str, batch_index: int, seed: int) -> int:
@@ -43,7 +55,7 @@ class Sampling:
     guidance_scale: float = 5.0
     seed: int = 0
     replace: bool = False
-    call_kwargs: dict = field(default_factory=dict)  # more pipeline arguments (FLUX: max_sequence_length)
+    call_kwargs: dict = field(default_factory=dict)  # more pipeline arguments (height, width; FLUX: max_sequence_length)
 
     def text(self, template: str) -> str:
         return template.format(f"{self.placeholder_token} {self.class_name}")

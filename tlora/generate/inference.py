@@ -9,17 +9,25 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tlora import families
-from tlora.common.errors import RunFailed, UsageError, note
+from tlora.common.errors import RunFailed, UsageError
 from tlora.common.files import check_writable, write_failure
+from tlora.common.messages import note
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.usage import Parser, check_device, check_guidance, check_model_source, check_seed, shown
 from tlora.families.checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
+from tlora.generate.generation import SIZE_MULTIPLE, image_size
 from tlora.runs.reading import read
-from tlora.runs.run_folder import checkpoints, moved_from, read_hparams
+from tlora.runs.run_folder import RunFolder, read_hparams
 from tlora.runs.weights import WEIGHTS_NAMES
+
+
+def by_family(attribute: str) -> str:
+    """`Default: <value> (<FAMILY>), ...` for a family attribute, from the families themselves."""
+    values = {fam.name.upper(): getattr(fam, attribute) or "the model's own" for fam in families.FAMILIES.values()}
+    return "Default: " + ", ".join(f"{value} ({name})" for name, value in values.items()) + "."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,27 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prompts", type=str, required=True, help="'#'-separated prompts; {0} = '<token> <class>'.")
     a("--num_images_per_prompt", type=int, default=5)
     a("--batch_size", type=int, default=1)
-    a("--num_inference_steps", type=int, default=None, help="Default: 25 (SDXL), 28 (FLUX).")
-    a("--guidance_scale", type=float, default=None, help="Default: 5.0 (SDXL), 3.5 (FLUX).")
+    a("--num_inference_steps", type=int, default=None, help=by_family("inference_steps"))
+    a("--guidance_scale", type=float, default=None, help=by_family("inference_guidance"))
+    for side in ("height", "width"):
+        a(f"--{side}", type=int, default=None, help=f"Image {side} in pixels, a multiple of {SIZE_MULTIPLE}. Default: "
+          "the pipeline's own (1024 on the published SDXL and FLUX models, whatever size the run was trained at), as "
+          "the authors' tools sample.")
     a("--version", type=int, default=0)
     a("--seed", type=int, default=0)
     a("--replace_inference_output", action="store_true", default=False)
     a("--pretrained_vae_model_name_or_path", type=str, default=None,
-      help="Override the run's VAE ('none' = the base model's own). Default: the run's, else the family's "
-           f"(SDXL: {families.SDXL.default_vae}, as the authors' SDXL tool; FLUX: the model's own).")
+      help="Override the run's VAE ('none' = the base model's own). Default: the run's, else the family's: "
+           + by_family("default_vae")[len("Default: "):])
     a("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
     a("--dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"],
-      help="Default on CUDA: fp16 (SDXL), bf16 (FLUX); fp32 on the CPU.")
+      help="Default on CUDA: " + by_family("gpu_dtype")[len("Default: "):-1] + "; fp32 on the CPU.")
     return p
 
 
-def run_folder(config_path: Path, hparams: dict) -> tuple[Path, bool]:
+def run_folder(config_path: Path, hparams: dict) -> tuple[RunFolder, bool]:
     """(the run, whether it was found by its recorded output_dir): for `<run>/logs/hparams.yml` the run is `<run>` and
     nothing else is looked at (a moved or copied run is read, and written to, where it is); only a loose hparams.yml
     (not in a logs/ folder) names its run by the output_dir it records, as the authors' tool reads it."""
     config = Path(os.path.abspath(config_path))
-    if config.parent.name == "logs":
-        return config.parent.parent, False
+    if config == RunFolder(config.parent.parent).hparams_path:
+        return RunFolder(config.parent.parent), False
     recorded = hparams.get("output_dir")
     if not recorded or not Path(recorded).is_dir():
         what = f"the output_dir it records, {recorded}, is not a folder" if recorded else "it records no output_dir"
@@ -58,26 +70,26 @@ def run_folder(config_path: Path, hparams: dict) -> tuple[Path, bool]:
                          "RUN/logs/hparams.yml")
     note(f"{config_path} is not in a run's logs/ folder: reading the run its output_dir records, {recorded}, and "
          "writing samples there")
-    return Path(recorded), True
+    return RunFolder(Path(recorded)), True
 
 
-def checkpoint_folder(run: Path, checkpoint_idx: str | None) -> Path:
+def checkpoint_folder(run: RunFolder, checkpoint_idx: str | None) -> Path:
     """checkpoint-N of the run (or the run folder itself), which must hold weights (that they are a regular file is
     read's check): one line naming the path otherwise, never another folder's weights."""
     if checkpoint_idx is not None and not checkpoint_idx.isdigit():
         raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}")
-    folder = run / f"checkpoint-{checkpoint_idx}" if checkpoint_idx is not None else run
+    folder = run.checkpoint(checkpoint_idx) if checkpoint_idx is not None else run.path
     if not any(os.path.lexists(folder / name) for name in WEIGHTS_NAMES):
         flag = "--checkpoint_idx is not given and" if checkpoint_idx is None else f"--checkpoint_idx {checkpoint_idx}:"
         what = f"{flag} no T-LoRA weights ({' or '.join(WEIGHTS_NAMES)}) are in {folder}"
-        have = ", ".join(str(step) for step, _ in checkpoints(run))
+        have = ", ".join(str(step) for step, _ in run.checkpoints())
         raise UsageError(f"{what}; pass the N of one of the run's checkpoint-N folders ({have or 'it has none'})")
     return folder
 
 
 TEXT_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "placeholder_token",
              "class_name", "output_dir")
-COUNT_KEYS = ("max_sequence_length", "resolution")  # FLUX sampling reads them
+COUNT_KEYS = ("max_sequence_length",)  # FLUX sampling reads it
 
 
 def check_hparams(hparams: dict, path: Path) -> None:
@@ -131,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.version < 0:
         raise UsageError(f"--version must be 0 or more, got {args.version}")
     check_guidance("--guidance_scale", args.guidance_scale)
+    args.size = image_size(("--height", "--width"), args.height, args.width)
     check_seed("--seed", args.seed)
     args.device = check_device(args.device)
     args.dtype = args.dtype or (family.gpu_dtype if args.device.startswith("cuda") else "fp32")
@@ -144,8 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.samples = family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version)
     check_writable(args.samples, "--config_path", f"the samples of {args.checkpoint} go to {args.samples}: make it "
                    "writable, or copy the run to a folder you can write to")
-    if not loose and (old := moved_from(run, hparams)):  # said once the input is known to be good
-        note(f"{run.name} was written in {old}; reading it, and writing samples, where it is: {run}")
+    if not loose and (old := run.moved_from(hparams)):  # said once the input is known to be good
+        note(f"{run.name} was written in {old}; reading it, and writing samples, where it is: {run.path}")
     concept = f"{hp['placeholder_token']} {hp['class_name']}"
     for line in long_prompts(hp["pretrained_model_name_or_path"], hp["revision"], family,
                              [t.format(concept) for t in args.templates],
@@ -174,7 +187,7 @@ def run(args: argparse.Namespace) -> Path:
         hp["placeholder_token"], hp["class_name"],
         args.samples,
         args.num_images_per_prompt, args.batch_size, args.num_inference_steps, args.guidance_scale, args.seed,
-        args.replace_inference_output, family.call_kwargs(hp),
+        args.replace_inference_output, family.call_kwargs(hp) | args.size,
     )
     with tqdm(total=len(set(args.templates)) * args.num_images_per_prompt, desc="images") as bar:
         try:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from tlora.common.errors import CheckpointError, UsageError, note
+from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.files import atomic_write
+from tlora.common.messages import note
 from tlora.common.safe_names import safe_component
 from tlora.common.usage import load_yaml, read_text, redact_value, secret_values, shown
 from tlora.method.settings import TLoRASettings

@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 
 from tlora import families
-from tlora.common.errors import UsageError, note
+from tlora.common.errors import UsageError
 from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, list_images, load_mask, training_images
+from tlora.common.messages import note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.usage import check_finite, check_guidance, check_model_source, check_seed, shown
 from tlora.families.checks import check_vae, long_prompts
+from tlora.generate.generation import image_size
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
 from tlora.train.options import TrainOptions
 from tlora.train.tracking import tracker
@@ -41,6 +43,7 @@ def validate(opts: TrainOptions) -> None:
             raise UsageError(f"--validation_prompts {shown(opts.validation_prompts)} holds no prompt ('#' separates "
                              "prompts); give at least one, or drop the flag for no validation images")
         check_templates("--validation_prompts", split_prompts(opts.validation_prompts))
+    image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width)
     if opts.mask_dir and opts.alpha_mask:
         raise UsageError("--alpha_mask and --mask_dir both give loss masks; drop one of them")
     if opts.optimizer == "prodigy" and opts.use_8bit_adam:
@@ -238,9 +241,9 @@ def announce_unused(opts: TrainOptions, given: set[str]) -> None:
         "class_data_dir": no_prior, "prior_loss_weight": no_prior, "min_rank": no_mask, "alpha_rank_scale": no_mask,
         "sig_type": (opts.trainer_type != "ortho_lora", "with --trainer_type lora (it picks T-LoRA's start)",
                      "pass --trainer_type ortho_lora to use it"),
-        "num_val_imgs_per_prompt": (not opts.validation_prompts, "without --validation_prompts",
-                                    "add --validation_prompts to use it"),
     }
+    for name in ("num_val_imgs_per_prompt", "validation_height", "validation_width"):
+        unused[name] = (not opts.validation_prompts, "without --validation_prompts", "add --validation_prompts to use it")
     for name in sorted(given & set(unused)):
         idle, why, fix = unused[name]
         if idle:

@@ -99,6 +99,10 @@ class TrainOptions:
     placeholder_token: str | None = flag(None, "Concept token, e.g. sks. Required on SDXL.", by_family=True)
     validation_prompts: str | None = flag(None, "'#'-separated prompts; {0} = '<token> <class>'.", "--validation_prompt")
     num_val_imgs_per_prompt: int | None = flag(None, "", "--num_validation_images", by_family=True)
+    validation_height: int | None = flag(None, "Validation image height in pixels. Default: the pipeline's own, as "
+                                         "inference.py.")
+    validation_width: int | None = flag(None, "Validation image width in pixels. Default: the pipeline's own, as "
+                                        "inference.py.")
     lora_rank: int | None = flag(None, "", "--rank", by_family=True)
     min_rank: int | None = flag(None, "", by_family=True)
     sig_type: str = flag("last", "", choices=SIG_TYPES)

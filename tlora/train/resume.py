@@ -9,7 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
-from tlora.common.errors import UsageError, note
+from tlora.common.errors import UsageError
+from tlora.common.messages import note
 from tlora.common.usage import shown
 from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, damage, read_progress
 from tlora.runs.run_folder import RUN_INDEX, RunFolder, checkpoint_step

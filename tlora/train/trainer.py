@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from tlora import families
 from tlora.common.commands import save_traceback
-from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line, note
+from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line
 from tlora.common.files import write_failure
 from tlora.common.images import find_mask, list_images, training_images
+from tlora.common.messages import note
 from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
 from tlora.generate import generation
