@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     def parse(argv):
         opts = parser.parse_args(argv)
         if opts.steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {opts.steps}")
+            raise UsageError(f"--steps must be at least 1, got {opts.steps}; pass 1 or more")
         return opts
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

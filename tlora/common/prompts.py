@@ -16,7 +16,7 @@ MAX_WORD_LENGTH = 64
 def check_text(flag: str, text: str, limit: int) -> None:
     """A word or prompt: not empty, no control characters, at most `limit` characters."""
     if not text.strip():
-        raise UsageError(f"{flag} must not be empty")
+        raise UsageError(f"{flag} must not be empty; pass some text")
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise UsageError(f"{flag}: {text[:40]!r} holds a control character (a newline?); remove it")
     if len(text) > limit:

@@ -195,7 +195,13 @@ def check_finite(flag: str, value: float, low: float | None = None, high: float 
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        raise UsageError(f"{flag} must be a finite number in {span}, got {shown(value)}")
+        raise UsageError(f"{flag} must be a finite number in {span}, got {shown(value)}; pass one in that range")
+
+
+def check_at_least(flag: str, value: int, low: int = 1) -> None:
+    """A count of at least `low`."""
+    if value < low:
+        raise UsageError(f"{flag} must be at least {low}, got {value}; pass {low} or more")
 
 
 MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too)
@@ -305,6 +311,9 @@ def model_load_error(flag: str, name: str, err: Exception) -> UsageError:
                       "network")
 
 
+KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
 def typed_value(where: str, key: str, value: Any, kind: type) -> Any:
     """`value` as `kind` (strings from metadata are parsed); a one-line UsageError otherwise."""
     if kind is bool:
@@ -325,4 +334,4 @@ def typed_value(where: str, key: str, value: Any, kind: type) -> Any:
             pass
     elif isinstance(value, str):
         return value
-    raise UsageError(f"{where}: {key} must be {kind.__name__}, got {shown(value)}")
+    raise UsageError(f"{where}: {key} must be {kind.__name__}, got {shown(value)}; give it as {KIND_WORDS[kind]}")

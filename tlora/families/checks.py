@@ -86,7 +86,7 @@ TOKENIZERS: dict[str, list[tuple[str, str, str | None, bool]]] = {
              ("tokenizer_2", "T5", "max_sequence_length", False)],
     "klein": [("tokenizer", "Qwen3 (the prompt in klein's chat template)", "max_sequence_length", True)],
 }
-DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's and Flux2KleinPipeline's default
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's and Flux2KleinPipeline's default and limit
 
 
 def _tokenizer(model: str, revision: str | None, subfolder: str, index: dict):
@@ -141,7 +141,7 @@ def long_prompts(model: str, revision: str | None, family: Any, prompts: list[st
     are said once.
     """
     name = family if isinstance(family, str) else family.name
-    length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+    length = max_sequence_length or MAX_SEQUENCE_LENGTH
     index = _model_index(model, revision)
     readers = []
     for subfolder, label, limit, chat in TOKENIZERS.get(name, []):

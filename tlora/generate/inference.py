@@ -13,7 +13,15 @@ from tlora.common.errors import RunFailed, UsageError
 from tlora.common.files import check_writable, write_failure
 from tlora.common.messages import note
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.usage import Parser, check_device, check_guidance, check_model_source, check_seed, shown
+from tlora.common.usage import (
+    Parser,
+    check_at_least,
+    check_device,
+    check_guidance,
+    check_model_source,
+    check_seed,
+    shown,
+)
 from tlora.families.checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
@@ -77,7 +85,8 @@ def checkpoint_folder(run: RunFolder, checkpoint_idx: str | None) -> Path:
     """checkpoint-N of the run (or the run folder itself), which must hold weights (that they are a regular file is
     read's check): one line naming the path otherwise, never another folder's weights."""
     if checkpoint_idx is not None and not checkpoint_idx.isdigit():
-        raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}")
+        raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}; "
+                         "pass the N of one of the run's checkpoint-N folders")
     folder = run.checkpoint(checkpoint_idx) if checkpoint_idx is not None else run.path
     if not any(os.path.lexists(folder / name) for name in WEIGHTS_NAMES):
         flag = "--checkpoint_idx is not given and" if checkpoint_idx is None else f"--checkpoint_idx {checkpoint_idx}:"
@@ -138,8 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--prompts: give at least one prompt ('#' separates prompts)")
     check_templates("--prompts", args.templates)
     for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        check_at_least(f"--{name}", getattr(args, name))
     if args.version < 0:
         raise UsageError(f"--version must be 0 or more, got {args.version}")
     check_guidance("--guidance_scale", args.guidance_scale)

@@ -46,6 +46,12 @@ class RunFolder:
 
     path: Path
 
+    def __str__(self) -> str:  # in messages, a run is its path
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
     @property
     def name(self) -> str:
         return self.path.name

@@ -14,8 +14,8 @@ from tlora.common.errors import UsageError
 from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, list_images, load_mask, training_images
 from tlora.common.messages import note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.usage import check_finite, check_guidance, check_model_source, check_seed, shown
-from tlora.families.checks import check_vae, long_prompts
+from tlora.common.usage import check_at_least, check_finite, check_guidance, check_model_source, check_seed, shown
+from tlora.families.checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
 from tlora.generate.generation import image_size
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
 from tlora.train.options import TrainOptions
@@ -79,15 +79,15 @@ def _check_numbers(opts: TrainOptions) -> None:
         check_finite("--max_grad_norm", opts.max_grad_norm, 0)
     if opts.guidance_scale is not None:
         check_guidance("--guidance_scale", opts.guidance_scale)
-    if opts.max_sequence_length is not None and not 1 <= opts.max_sequence_length <= 512:
-        raise UsageError(f"--max_sequence_length must be between 1 and 512 (T5's limit), got {opts.max_sequence_length}")
+    if opts.max_sequence_length is not None and not 1 <= opts.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise UsageError(f"--max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} (the FLUX pipelines' "
+                         f"limit), got {opts.max_sequence_length}; pass one in that range")
     for name in AT_LEAST_ONE:
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(opts, name)}")
-    if opts.checkpoints_total_limit is not None and opts.checkpoints_total_limit < 1:
-        raise UsageError(f"--checkpoints_total_limit must be at least 1, got {opts.checkpoints_total_limit}")
+        check_at_least(f"--{name}", getattr(opts, name))
+    if opts.checkpoints_total_limit is not None:
+        check_at_least("--checkpoints_total_limit", opts.checkpoints_total_limit)
     if opts.dataloader_num_workers < 0:
-        raise UsageError("--dataloader_num_workers must be 0 or more")
+        raise UsageError("--dataloader_num_workers must be 0 or more; pass 0 to load data in the training process")
 
 
 # -- what the values name ------------------------------------------------------------------------------
@@ -132,7 +132,8 @@ def _check_data(opts: TrainOptions) -> str:
     if opts.one_image:
         name = opts.one_image
         if Path(name).name != name or name in (".", ".."):
-            raise UsageError(f"--one_image: {name} must be a file name inside --train_data_dir, not a path")
+            raise UsageError(f"--one_image: {name} must be a file name inside --train_data_dir, not a path; pass the "
+                             "file name alone")
         if not (Path(opts.train_data_dir) / name).is_file():
             raise UsageError(f"--one_image: {name} is not a file in {opts.train_data_dir}; pass a file name there")
     images = [("--train_data_dir", p) for p in training_images(opts.train_data_dir, opts.one_image)]

@@ -151,7 +151,7 @@ def check(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(orders) != world:
         raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {len(orders)} processes, not "
-                         f"{world}; resume with as many")
+                         f"{world}; resume with {len(orders)} processes")
     per_pass = -(-training_items(args) // args.train_batch_size)
     if any(order["taken"] > per_pass for order in orders):
         raise UsageError(f"--resume_from_checkpoint: {progress} counts more batches than a pass over the data has "
