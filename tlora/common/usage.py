@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from tlora.common.errors import UsageError, first_line
+from tlora.common.messages import DIFFUSERS_LAYOUT
 
 SECRET_FLAGS = ("--wandb_api_key",)
 SECRET_KEYS = tuple(flag.lstrip("-") for flag in SECRET_FLAGS)  # the same, as config and hparams.yml keys
@@ -291,7 +292,7 @@ def check_model_source(flag: str, name: str, needs: str = "model_index.json", re
     path = Path(name).expanduser()
     if path.exists():
         if not (path / needs).is_file():
-            raise UsageError(f"{flag}: {name} has no {needs}; pass a model folder in diffusers layout")
+            raise UsageError(f"{flag}: {name} has no {needs}; {DIFFUSERS_LAYOUT}")
         return
     if not HUB_ID.match(name):
         raise UsageError(f"{flag}: {name} does not exist; pass a local folder or a hub id like org/model")

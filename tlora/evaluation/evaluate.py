@@ -22,6 +22,7 @@ from tlora.common.commands import run_command
 from tlora.common.errors import UsageError, first_line
 from tlora.common.files import atomic_write
 from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb
+from tlora.common.messages import NEW_PATH
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text
 from tlora.common.usage import Parser, check_device, check_model_source, shown
 from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
@@ -126,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mask_dir and not Path(args.mask_dir).is_dir():
         raise UsageError(f"--mask_dir: {args.mask_dir} is not a folder; pass the folder of the reference images' masks")
     if args.output and Path(args.output).exists() and not args.overwrite:
-        raise UsageError(f"--output: {args.output} exists; pass a new path, or --overwrite to replace it")
+        raise UsageError(f"--output: {args.output} exists; {NEW_PATH}")
     _check_output(Path(args.output or Path(args.samples) / "metrics.json"), "--output" if args.output else "--samples")
     check_text("--class_name", args.class_name, MAX_WORD_LENGTH)
     check_text("--placeholder_token", args.placeholder_token, MAX_WORD_LENGTH)

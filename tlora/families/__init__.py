@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from tlora.common.errors import UsageError, first_line
+from tlora.common.messages import DIFFUSERS_LAYOUT, HUB_FIX
 from tlora.common.usage import shown
 from tlora.families.base import Family
 from tlora.families.flux import FLUX
@@ -68,10 +69,10 @@ def model_index(model: str, revision: str | None = None) -> dict:
             path = Path(hf_hub_download(model, "model_index.json", revision=revision))
         except Exception as err:  # offline and not cached, no access, no such repository
             raise UsageError(f"--pretrained_model_name_or_path: cannot read {model}'s model_index.json "
-                             f"({first_line(err)}); pass a local folder or check the name and network")
+                             f"({first_line(err)}); {HUB_FIX}")
     from tlora.common.usage import read_json
 
-    return read_json(path, "--pretrained_model_name_or_path", "pass a model folder in diffusers layout")
+    return read_json(path, "--pretrained_model_name_or_path", DIFFUSERS_LAYOUT)
 
 
 def detect(model: str, revision: str | None = None) -> str:

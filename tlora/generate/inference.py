@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from tlora import families
 from tlora.common.errors import RunFailed, UsageError
 from tlora.common.files import check_writable, write_failure
-from tlora.common.messages import note
+from tlora.common.messages import PASS_HPARAMS, note
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.usage import (
     Parser,
@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.hparams["pretrained_vae_model_name_or_path"] = args.pretrained_vae_model_name_or_path
     for key in ("pretrained_model_name_or_path", "placeholder_token", "class_name"):
         if args.hparams.get(key) is None:
-            raise UsageError(f"--config_path: {config_path} has no {key}; pass a run's logs/hparams.yml")
+            raise UsageError(f"--config_path: {config_path} has no {key}; {PASS_HPARAMS}")
     args.num_inference_steps = family.inference_steps if args.num_inference_steps is None else args.num_inference_steps
     args.guidance_scale = family.inference_guidance if args.guidance_scale is None else args.guidance_scale
     for key in ("placeholder_token", "class_name"):

@@ -18,7 +18,7 @@ import yaml
 
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.files import atomic_write
-from tlora.common.messages import note
+from tlora.common.messages import PASS_HPARAMS, WRITABLE_FOLDER, note
 from tlora.common.safe_names import safe_component
 from tlora.common.usage import load_yaml, read_text, redact_value, secret_values, shown
 from tlora.method.settings import TLoRASettings
@@ -27,7 +27,6 @@ from tlora.runs.weights import AUTHORS_FLUX_NAME, DAMAGED, WEIGHTS_NAME, WEIGHTS
 RUN_INDEX = re.compile(r"^(\d+)-")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 INTERNAL = ("resume_checkpoint",)  # set while parsing, not an option: never recorded
-HPARAMS_FIX = "pass a run's logs/hparams.yml"
 LOCK_NAME = ".tlora.lock"
 
 
@@ -205,9 +204,9 @@ def find_weights(path: str | Path) -> Path:
 
 def read_hparams(path: str | Path) -> dict:
     """A run's hparams.yml (ours or the authors'), as a dict of option names."""
-    values = load_yaml(read_text(path, str(path), HPARAMS_FIX), str(path), HPARAMS_FIX) or {}
+    values = load_yaml(read_text(path, str(path), PASS_HPARAMS), str(path), PASS_HPARAMS) or {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
-        raise UsageError(f"{path} is not a mapping of option names; {HPARAMS_FIX}")
+        raise UsageError(f"{path} is not a mapping of option names; {PASS_HPARAMS}")
     return values
 
 
@@ -241,7 +240,7 @@ def create_run_folder(args: argparse.Namespace) -> Path:
             return folder
     except OSError as err:
         raise UsageError(f"--output_dir: cannot create a run folder in {output_dir} ({err.strerror}); "
-                         "pass a folder you can write to") from None
+                         f"{WRITABLE_FOLDER}") from None
     raise RuntimeError(f"could not create a new run folder in {output_dir}")
 
 

@@ -9,6 +9,7 @@ import torch
 
 from tlora.common.errors import Diverged, RunFailed
 from tlora.common.files import is_write_failure, write_failure
+from tlora.common.messages import DIVERGED_FIX
 from tlora.runs.checkpoint_state import CheckpointExists, FailedElsewhere, prune, write_checkpoint
 from tlora.runs.run_folder import RunFolder, checkpoint_name, weights_file
 from tlora.runs.weights import save_weights
@@ -54,7 +55,7 @@ class Checkpointer:
         params = self.tlora.trainable_parameters()
         if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise Diverged(f"training diverged: the adapter weights are not finite after step {step}; "
-                           f"{self.last_good()}; lower --learning_rate (or set --max_grad_norm) and start a new run")
+                           f"{self.last_good()}; {DIVERGED_FIX}")
 
     def check_replicas(self) -> None:
         """Every process must hold the same adapters (DDP averages gradients); a mismatch is a bug."""

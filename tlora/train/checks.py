@@ -12,7 +12,7 @@ from pathlib import Path
 from tlora import families
 from tlora.common.errors import UsageError
 from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, list_images, load_mask, training_images
-from tlora.common.messages import note
+from tlora.common.messages import WRITABLE_FOLDER, note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.usage import check_at_least, check_finite, check_guidance, check_model_source, check_seed, shown
 from tlora.families.checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
@@ -218,7 +218,7 @@ def _check_output_dir(folder: str) -> None:
         raise UsageError(f"--output_dir: {folder} is a file; pass a folder")
     existing = next(p for p in [path, *path.absolute().parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--output_dir: cannot write in {existing}; pass a folder you can write to")
+        raise UsageError(f"--output_dir: cannot write in {existing}; {WRITABLE_FOLDER}")
 
 
 def _require(flag: str, package: str, install: str, instead: str, cuda: bool = False) -> None:

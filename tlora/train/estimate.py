@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tlora import families
 from tlora.common.errors import UsageError, first_line
+from tlora.common.messages import DIFFUSERS_LAYOUT
 from tlora.common.usage import check_finite, check_seed, read_json, shown
 from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
 from tlora.families.checks import cached_file
@@ -166,7 +167,7 @@ def _empty_pipeline(name: str, dtype: torch.dtype, opts: TrainOptions):
         raise
     except Exception as err:  # noqa: BLE001 - the folder's configs are the user's input
         raise UsageError(f"--pretrained_model_name_or_path: the configs in {name} do not build its {opts.family} "
-                         f"pipeline ({first_line(err)}); pass a model folder in diffusers layout, or one of "
+                         f"pipeline ({first_line(err)}); {DIFFUSERS_LAYOUT}, or one of "
                          f"{', '.join(ARCHITECTURES)}") from None
 
 
@@ -336,7 +337,7 @@ def check_model_folder(name: str, revision: str | None = None) -> None:
     denoiser, VAE, text encoders and scheduler), are UTF-8 JSON objects. One line naming the file otherwise. A hub
     id not cached yet is checked once its configs are downloaded (`run`)."""
     flag = "--pretrained_model_name_or_path"
-    fix = f"pass a model folder in diffusers layout, or one of {', '.join(ARCHITECTURES)}"
+    fix = f"{DIFFUSERS_LAYOUT}, or one of {', '.join(ARCHITECTURES)}"
     index_path = cached_file(name, "model_index.json", revision)
     if index_path is None:
         return  # no folder there, or not cached: resolving the family says so in its own line

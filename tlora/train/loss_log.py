@@ -11,6 +11,7 @@ import torch
 
 from tlora.common.errors import Diverged, UsageError
 from tlora.common.files import atomic_write
+from tlora.common.messages import DIVERGED_FIX
 from tlora.common.usage import read_text, shown
 
 LOSS_FLUSH_STEPS = 10
@@ -56,7 +57,7 @@ class LossLog:
         bad = next(((first + i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
             raise Diverged(f"training diverged: the loss is {bad[1]} at step {bad[0]}; {self.last_good()}; "
-                           "lower --learning_rate (or set --max_grad_norm) and start a new run")
+                           f"{DIVERGED_FIX}")
 
     def keep_until(self, last_step: int) -> None:
         """Drop rows after `last_step` from loss.csv (written after the checkpoint a run resumes from, or torn)."""

@@ -29,7 +29,7 @@ from tlora.common.commands import save_traceback
 from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line
 from tlora.common.files import write_failure
 from tlora.common.images import find_mask, list_images, training_images
-from tlora.common.messages import note
+from tlora.common.messages import WRITABLE_FOLDER, note
 from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
 from tlora.generate import generation
@@ -287,7 +287,7 @@ def open_run(opts: TrainOptions, accelerator: Accelerator, resume_from: Path | N
             record_run(opts, folder[0], resumed, wandb=tracker(opts) == "wandb")
         except OSError as err:
             lock.release()
-            raise UsageError(f"--output_dir: {write_failure(err, folder[0])}; pass a folder you can write to") from None
+            raise UsageError(f"--output_dir: {write_failure(err, folder[0])}; {WRITABLE_FOLDER}") from None
         except BaseException:
             lock.release()
             raise
