@@ -1,4 +1,5 @@
-"""Train a T-LoRA on SDXL: `accelerate launch train.py --trainer_type ortho_lora --trainer_class sdxl_tlora ...`."""
+"""Train a T-LoRA with the authors' command line, on any family tlora knows (the model folder says which):
+`accelerate launch train.py --trainer_type ortho_lora --trainer_class sdxl_tlora ...`."""
 
 import sys
 

@@ -8,8 +8,8 @@
 
 For each configuration (cache on/off x precision x gradient checkpointing) it runs `--warmup` steps, then
 `--steps` timed steps of `Trainer.step`, and prints a markdown table: median seconds per step, the mean
-split (data, VAE, text, UNet forward+backward, optimizer), the adapters' share (UNet forward+backward with
-adapters minus without), the share of the step outside UNet and optimizer, peak host RSS and peak GPU
+split (data, VAE, text, denoiser forward+backward, optimizer), the adapters' share (denoiser forward+backward with
+adapters minus without), the share of the step outside the denoiser and optimizer, peak host RSS and peak GPU
 memory. "cache off" is the authors' loop: a new data iterator, image decode + crop + VAE encode and
 prompt encode every step.
 """
@@ -42,7 +42,7 @@ from tlora.train.options import parse_args  # noqa: E402
 from tlora.train.timing import SectionTimer  # noqa: E402
 from tlora.train.trainer import Trainer, diffusion_loss  # noqa: E402
 
-SECTIONS = ("data", "vae", "text", "unet", "optimizer")
+SECTIONS = ("data", "vae", "text", "denoiser", "optimizer")
 
 
 class PeakRSS:
@@ -100,8 +100,8 @@ def train_argv(opts, data: Path, out: Path, precision: str, checkpointing: bool)
     return argv + (["--gradient_checkpointing"] if checkpointing else []) + (["--allow_tf32"] if opts.tf32 else [])
 
 
-def unet_seconds(trainer: Trainer, steps: int, adapters: bool) -> float:
-    """Median UNet forward+backward time; without adapters the input latents carry the gradient instead."""
+def denoiser_seconds(trainer: Trainer, steps: int, adapters: bool) -> float:
+    """Median denoiser forward+backward time; without adapters the input latents carry the gradient instead."""
     batch = trainer.conditioning.batch(next(trainer.batches()))
     if not adapters:
         batch["mean"] = batch["mean"].detach().requires_grad_(True)
@@ -162,8 +162,8 @@ def run_config(opts, pipe, data, scratch, rss, state, precision, cache, checkpoi
     row["step"] = statistics.median(step_times[opts.warmup:])
     row["rss"] = rss.peak / 2**30
     row["gpu"] = torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else float("nan")
-    with_adapters = unet_seconds(trainer, opts.adapter_steps, True)
-    row["adapters"] = with_adapters - unet_seconds(trainer, opts.adapter_steps, False)
+    with_adapters = denoiser_seconds(trainer, opts.adapter_steps, True)
+    row["adapters"] = with_adapters - denoiser_seconds(trainer, opts.adapter_steps, False)
     trainer.tlora.unload()
     families.denoiser(pipe).disable_gradient_checkpointing()
     trainer.end()
@@ -171,14 +171,14 @@ def run_config(opts, pipe, data, scratch, rss, state, precision, cache, checkpoi
 
 
 def table(rows: list[tuple[str, dict]], opts, init_seconds: float) -> str:
-    head = ("| configuration | s/step (median) | data | VAE | text | UNet fwd+bwd | optimizer | adapters | "
-            "outside UNet+opt | peak RSS GB | peak GPU GB |")
+    head = ("| configuration | s/step (median) | data | VAE | text | denoiser fwd+bwd | optimizer | adapters | "
+            "outside denoiser+opt | peak RSS GB | peak GPU GB |")
     lines = [head, "|" + "---|" * 11]
     for name, r in rows:
         outside = r["data"] + r["vae"] + r["text"]
         total = sum(r[k] for k in SECTIONS)
         lines.append(
-            f"| {name} | {r['step']:.4f} | {r['data']:.4f} | {r['vae']:.4f} | {r['text']:.4f} | {r['unet']:.4f} | "
+            f"| {name} | {r['step']:.4f} | {r['data']:.4f} | {r['vae']:.4f} | {r['text']:.4f} | {r['denoiser']:.4f} | "
             f"{r['optimizer']:.4f} | {r['adapters']:.4f} ({100 * r['adapters'] / r['step']:.0f}%) | "
             f"{100 * outside / total:.1f}% | {r['rss']:.2f} | {r['gpu']:.2f} |"
         )

@@ -45,11 +45,6 @@ def load_pipeline(
     return fam.load_pipeline(model, vae, revision, dtype, quantization(base_model_precision, fam, dtype))
 
 
-def noise_scheduler(pipe):
-    """The training scheduler of the pipeline's family."""
-    return families.of_model(pipe).noise_scheduler(pipe)
-
-
 def offload_encoders(pipe) -> None:
     """Move the encoders to the CPU (a no-op there) once everything they encode is cached."""
     for part in families.of_model(pipe).encoders(pipe):

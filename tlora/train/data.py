@@ -1,13 +1,10 @@
-"""Training images and loss masks: listing, the authors' preprocessing, and SDXL's size conditioning."""
+"""The order training examples are drawn in: DreamBooth's instance/class pairing, and batches that resume
+mid-pass exactly."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch.utils.data import Dataset
-
-from tlora.common.images import load_pixels
 
 
 class PairedIndices(Dataset):
@@ -24,20 +21,6 @@ class PairedIndices(Dataset):
         if self.num_class:
             item["class"] = i % self.num_class
         return item
-
-
-class ImageFiles(Dataset):
-    """Decoded, cropped pixels of a list of files, for training without the latent cache."""
-
-    def __init__(self, paths: list[Path], resolution: int) -> None:
-        self.paths, self.resolution = paths, resolution
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        pixels, crop = load_pixels(self.paths[i], self.resolution)
-        return {"pixels": pixels, "crop_size": crop}
 
 
 class BatchOrder:

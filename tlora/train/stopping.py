@@ -1,6 +1,6 @@
-"""Stopping: the first Ctrl-C or SIGTERM asks the training loop to stop after the current step (it then writes
-a complete checkpoint with resume state); a second one stops at once (KeyboardInterrupt). And the ways a run
-ends early, each reported as one line (RunFailed and its kinds)."""
+"""Stopping on a signal: the first Ctrl-C or SIGTERM asks the training loop to stop after the current step (it
+then writes a complete checkpoint with resume state); a second one stops at once (KeyboardInterrupt). How a run
+that ends early is reported is common/errors.py (RunFailed and its kinds)."""
 
 from __future__ import annotations
 

@@ -202,7 +202,7 @@ class Trainer:
         with self.timer("data"):
             batch = self.conditioning.batch(indices)
         prior = opts.prior_loss_weight if opts.with_prior_preservation else None
-        with self.timer("unet"):
+        with self.timer("denoiser"):
             with acc.autocast():
                 loss = diffusion_loss(self.model, self.pipe, self.scheduler, batch, self.weight_dtype, prior,
                                       opts.guidance_scale)
