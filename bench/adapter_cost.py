@@ -91,16 +91,16 @@ def step(opts) -> dict:
 def before_apply(parts, x, mask):
     """adapters.apply as it was before issue 18 (467e35b): one stacked down-projection, x converted to float32
     first, the full mask."""
-    from tlora.method.adapters import _scale_rank
+    from tlora.method.adapters import _gate_rank
 
     rank = parts[0].down.shape[0]
     down = parts[0].down if len(parts) == 1 else torch.cat([b.down for b in parts])
     h = F.linear(x.to(down.dtype), down)
-    scale = None if parts[0].scale is None else torch.cat([b.scale for b in parts], dim=1)
+    gate = None if parts[0].lam is None else torch.cat([b.lam for b in parts], dim=1)
     if mask is not None:
         m = mask[:, :rank].repeat(1, len(parts))
-        scale = m if scale is None else scale * m.to(scale.device)
-    pieces = _scale_rank(h, scale).split(rank, dim=-1)
+        gate = m if gate is None else gate * m.to(gate.device)
+    pieces = _gate_rank(h, gate).split(rank, dim=-1)
     out = F.linear(pieces[0], parts[0].up)
     for piece, branch in zip(pieces[1:], parts[1:]):
         out = out + F.linear(piece, branch.up) if branch.sign > 0 else out - F.linear(piece, branch.up)

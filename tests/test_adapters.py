@@ -6,7 +6,28 @@ import pytest
 import torch
 from torch import nn
 
-from tlora.method.adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, orthogonal_init, rank_mask
+from tlora.method.adapters import (
+    PARAMS,
+    LoRAAdapter,
+    OrthoLoRAAdapter,
+    active_rank,
+    draw_base,
+    make_adapter,
+    orthogonal_starts,
+    rank_mask,
+)
+
+
+def orthogonal_start(n_in: int, n_out: int, rank: int, sig_type: str = "last"):
+    """(Q, P, lambda) of one adapter as attach starts it: its R drawn, then decomposed."""
+    return orthogonal_starts([draw_base(n_in, n_out, rank)], [rank], sig_type)[0]
+
+
+def started(n_in: int, n_out: int, rank: int, sig_type: str = "last") -> OrthoLoRAAdapter:
+    """A T-LoRA adapter started as attach starts it: made (its Linears draw), its R drawn and decomposed, set."""
+    adapter = OrthoLoRAAdapter(n_in, n_out, rank)
+    adapter.start(*orthogonal_start(n_in, n_out, rank, sig_type))
+    return adapter
 
 
 def formula(t: int, max_rank: int, min_rank: int, alpha: float = 1.0, T: int = 1000) -> int:
@@ -54,7 +75,7 @@ def test_per_sample_mask_equals_separate_calls(cls):
 @pytest.mark.parametrize("cls", [LoRAAdapter, OrthoLoRAAdapter])
 def test_zero_output_at_init(cls):
     torch.manual_seed(1)
-    adapter = cls(20, 16, 8)
+    adapter = started(20, 16, 8) if cls is OrthoLoRAAdapter else cls(20, 16, 8)
     x = torch.randn(2, 7, 20)
     assert torch.equal(adapter(x), torch.zeros(2, 7, 16))
     assert torch.equal(adapter(x, rank_mask(torch.tensor([0, 700]), 1000, 8, 2)), torch.zeros(2, 7, 16))
@@ -69,10 +90,10 @@ def test_lora_init_distribution():
 
 @pytest.mark.parametrize("sig_type", ["principal", "last", "middle"])
 @pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
-def test_orthogonal_init_is_the_svd_slice(sig_type, shape):
+def test_orthogonal_start_is_the_svd_slice(sig_type, shape):
     n_in, n_out, r = *shape, 4
     torch.manual_seed(3)
-    q, p, lam = orthogonal_init(n_in, n_out, r, sig_type)
+    q, p, lam = orthogonal_start(n_in, n_out, r, sig_type)
     torch.manual_seed(3)
     u, s, vh = torch.linalg.svd(torch.normal(mean=0.0, std=1 / r, size=(n_in, n_out)))
     starts = {
@@ -89,7 +110,7 @@ def test_orthogonal_init_is_the_svd_slice(sig_type, shape):
 
 def test_ortho_adapter_frozen_copies_and_trainables():
     torch.manual_seed(0)
-    a = OrthoLoRAAdapter(24, 16, 4, "last")
+    a = started(24, 16, 4)
     assert torch.equal(a.q_layer.weight, a.base_q.weight) and torch.equal(a.p_layer.weight, a.base_p.weight)
     assert torch.equal(a.lambda_layer, a.base_lambda)
     trainable = {n for n, p in a.named_parameters() if p.requires_grad}
@@ -100,7 +121,7 @@ def test_ortho_adapter_frozen_copies_and_trainables():
 def test_ortho_init_draws_random_numbers_as_the_authors_do():
     """Two nn.Linear inits, then one normal draw of shape (in, out): the authors' order, so seeds agree."""
     torch.manual_seed(7)
-    a = OrthoLoRAAdapter(24, 16, 4, "last")
+    a = started(24, 16, 4)
     torch.manual_seed(7)
     nn.Linear(24, 4, bias=False), nn.Linear(4, 16, bias=False)
     u, s, vh = torch.linalg.svd(torch.normal(size=(24, 16), mean=0, std=1 / 4))
@@ -108,7 +129,7 @@ def test_ortho_init_draws_random_numbers_as_the_authors_do():
     assert torch.equal(a.p_layer.weight.data, vh[:, -4:])
     after = torch.rand(1)
     torch.manual_seed(7)
-    OrthoLoRAAdapter(24, 16, 4, "last")
+    started(24, 16, 4)
     assert torch.equal(torch.rand(1), after)  # nothing else drawn
 
 
@@ -168,8 +189,6 @@ def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(
     """T-LoRA's starts are decomposed batched by shape: bitwise the per-matrix SVD slices, and attach draws the
     random matrices in the authors' order (each adapter's own Linear draws, then its R), as one-by-one
     construction does."""
-    from tlora.method.adapters import draw_base, orthogonal_starts
-
     torch.manual_seed(0)
     bases = [draw_base(*shape, 4) for shape in ((24, 16), (16, 24), (24, 16), (16, 16))]
     for (q, p, lam), base in zip(orthogonal_starts(bases, [4] * 4, "middle"), bases):
@@ -193,7 +212,7 @@ def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(
     for layer in SDXL.layers(unet):
         linear = get_module(unet, layer.path)
         rank = min(4, linear.in_features, linear.out_features)
-        one = OrthoLoRAAdapter(linear.in_features, linear.out_features, rank, "last")
+        one = started(linear.in_features, linear.out_features, rank)
         for name, value in one.state_dict().items():
             assert torch.equal(state[f"{layer.prefix}.{name}"], value), (layer.prefix, name)
 
@@ -203,8 +222,6 @@ def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(
 def test_a_mask_cut_at_the_last_active_component_gives_the_full_masks_update(trainer_type):
     """On the CPU the adapters get the mask only as far as the largest active rank (MaskState.active) and compute
     only those components: the same output and gradients as with the whole mask."""
-    from tlora.method.adapters import make_adapter
-
     torch.manual_seed(0)
     adapter = make_adapter(trainer_type, 24, 16, 8)
     with torch.no_grad():
@@ -220,3 +237,21 @@ def test_a_mask_cut_at_the_last_active_component_gives_the_full_masks_update(tra
         results.append([y.detach(), x.grad] + [p.grad for p in adapter.parameters() if p.requires_grad])
     for cut, whole in zip(*results):
         assert torch.allclose(cut, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
+def test_params_name_each_adapters_state(trainer_type):
+    """PARAMS (what runs.keys builds on) are the adapters' own state_dict names, trained down and up first."""
+    adapter = make_adapter(trainer_type, 12, 10, 4)
+    assert set(adapter.state_dict()) == set(PARAMS[trainer_type])
+    down, up = PARAMS[trainer_type][:2]
+    assert adapter.state_dict()[down].shape == (4, 12) and adapter.state_dict()[up].shape == (10, 4)
+
+
+def test_a_start_may_give_the_frozen_factors_their_own_values():
+    a = OrthoLoRAAdapter(6, 5, 2)
+    q, p, lam = torch.randn(2, 6), torch.randn(5, 2), torch.randn(1, 2)
+    a.start(q, p, lam, frozen=(2 * q, 3 * p, 4 * lam))
+    assert torch.equal(a.q_layer.weight, q) and torch.equal(a.base_q.weight, 2 * q)
+    assert torch.equal(a.p_layer.weight, p) and torch.equal(a.base_p.weight, 3 * p)
+    assert torch.equal(a.lambda_layer, lam) and torch.equal(a.base_lambda, 4 * lam)

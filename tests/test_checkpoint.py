@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from tlora.method.injection import attach
 from tlora.method.settings import TLoRASettings
-from tlora.runs.reading import infer_rank, infer_trainer_type
+from tlora.runs.keys import infer_rank, infer_trainer_type
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
 from conftest import read_weights

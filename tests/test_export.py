@@ -145,6 +145,50 @@ def test_scheduled_export_is_the_exact_tlora_in_stock_diffusers(pipe, checkpoint
         images(pipe, step, steps=1)  # t = 1 at the first step: every component, not the 2 set up for t = 831
 
 
+@pytest.mark.parametrize("settings", [
+    tlora.TLoRASettings("ortho_lora", 4, 2, 0.5, True, "sdxl", sig_type="middle"),
+    tlora.TLoRASettings("lora", 16, 4, 1.0, False, "flux"),
+    tlora.TLoRASettings("lora", 8, 1, 2.0, True, "klein", num_train_timesteps=500),
+])
+def test_a_schedule_round_trips_through_the_settings(tmp_path, settings):
+    """schedule.json holds the settings as TLoRASettings writes them; tlora.scheduled reads them back the same."""
+    import json
+
+    from tlora.generate.scheduled import read_schedule
+    from tlora.interop.export import SCHEDULE_NAME, schedule_chunks, schedule_of
+
+    chunks = [{"adapter": f"c{i}", "file": f"c{i}.safetensors", "components": [a, b], "on_below": on}
+              for i, (a, b, on) in enumerate(schedule_chunks(settings))]
+    (tmp_path / SCHEDULE_NAME).write_text(json.dumps(schedule_of(settings, chunks)))
+    assert read_schedule(tmp_path) == (chunks, settings)
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda s: s.pop("settings"), "is not a T-LoRA schedule"),
+    (lambda s: s["settings"].pop("trainer_type"), "its settings have no trainer_type"),
+    (lambda s: s["settings"].update(min_rank="9"), "min_rank (9) must not exceed lora_rank (4)"),
+    (lambda s: s["settings"].update(trainer_class="sd3_tlora"), "trainer_class must be one of"),
+])
+def test_a_schedule_that_does_not_check_is_one_line(tmp_path, change, said):
+    import json
+
+    from tlora.common.errors import UsageError
+    from tlora.generate.scheduled import read_schedule
+    from tlora.interop.export import SCHEDULE_NAME, schedule_of
+
+    from conftest import assert_helpful
+
+    schedule = schedule_of(tlora.TLoRASettings("lora", 4, 2, family="sdxl"), [
+        {"adapter": "c0", "file": "c0.safetensors", "components": [0, 4], "on_below": 1001}])
+    change(schedule)
+    (tmp_path / SCHEDULE_NAME).write_text(json.dumps(schedule))
+    with pytest.raises(UsageError) as refused:
+        read_schedule(tmp_path)
+    line = str(refused.value)
+    assert line.startswith(str(tmp_path / SCHEDULE_NAME)) and said in line and "export the T-LoRA again" in line
+    assert_helpful(line)
+
+
 def test_export_help_documents_every_format(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--help"])

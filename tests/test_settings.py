@@ -5,13 +5,13 @@ import torch
 import yaml
 
 from tlora.common.errors import UsageError
-from tlora.method.adapters import active_rank
+from tlora.method.adapters import RANK_RULES, active_rank, rank_mask
 from tlora.method.settings import (
     TLoRASettings,
     hparams_kind,
     known_from_hparams,
     known_from_lycoris,
-    known_from_metadata,
+    known_from_ours,
     known_from_overrides,
 )
 
@@ -27,7 +27,7 @@ def test_metadata_and_hparams_round_trip(settings):
     meta = settings.to_metadata()
     assert all(isinstance(v, str) for v in meta.values())
     assert (meta["max_rank"], meta["alpha"]) == (str(settings.lora_rank), str(settings.alpha_rank_scale))  # ComfyUI
-    assert TLoRASettings.from_known(known_from_metadata(meta, "file")) == settings
+    assert TLoRASettings.from_known(known_from_ours(meta, "file")) == settings
     hparams = yaml.safe_load(yaml.safe_dump(settings.to_hparams()))
     assert TLoRASettings.from_hparams(hparams) == settings and hparams_kind(hparams) == "tlora"
 
@@ -71,7 +71,6 @@ def test_lycoris_config():
     known = known_from_lycoris({"algo": "tlora", "linear_dim": 16, "linear_alpha": 8, "tlora_min_rank": 4}, 16, "f")
     settings = TLoRASettings.from_known(known | {"family": "sdxl"})
     assert (settings.min_rank, settings.alpha_rank_scale, settings.rule) == (4, 1.0, "lycoris")  # SimpleTuner's defaults
-    assert settings.to_lycoris() == {"algo": "tlora", "linear_dim": 16, "tlora_min_rank": 4, "tlora_alpha": 1.0}
     with pytest.raises(UsageError, match="algo 'lokr', not a T-LoRA"):
         known_from_lycoris({"algo": "lokr"}, 4, "f")
 
@@ -126,3 +125,26 @@ def test_the_lycoris_rule_is_lycoris_own():
         assert active_rank(torch.arange(1000), 1000, rank, min_rank, alpha, rule="lycoris").tolist() == expected
     assert active_rank(420, 1000, 51, 1, rule="lycoris") != active_rank(420, 1000, 51, 1, rule="sdxl")
     assert active_rank(999.7, 1000, 8, 1, rule="lycoris") == active_rank(999, 1000, 8, 1, rule="lycoris")  # int(t)
+
+
+@pytest.mark.parametrize("rule", list(RANK_RULES))
+@pytest.mark.parametrize("rank, min_rank, alpha", [(64, 32, 1.0), (76, 1, 1.0), (51, 1, 1.0), (16, 1, 2.0), (8, 8, 0.5)])
+def test_the_settings_schedule_and_mask_are_the_functions(rule, rank, min_rank, alpha):
+    """TLoRASettings.active_rank / mask give exactly what active_rank / rank_mask give, at every t and for each rule;
+    the shape of t in, a number for a number."""
+    settings = TLoRASettings("lora", rank, min_rank, alpha, rank_rule=rule)
+    t = torch.arange(1000)
+    expected = active_rank(t, 1000, rank, min_rank, alpha, rule)
+    assert torch.equal(settings.active_rank(t), expected) and settings.active_rank(t).dtype == torch.int64
+    assert torch.equal(settings.mask(t), rank_mask(t, 1000, rank, min_rank, alpha, rule))
+    assert settings.active_rank(420) == int(expected[420]) and isinstance(settings.active_rank(420), int)
+    assert settings.active_rank(t.reshape(10, 100)).shape == (10, 100) and settings.mask(t[:6].reshape(2, 3)).shape == (
+        2, 3, rank)
+    assert torch.equal(settings.mask(torch.tensor(420.0)), rank_mask(420.0, 1000, rank, min_rank, alpha, rule)[0])
+
+
+def test_without_the_mask_every_component_is_active():
+    settings = TLoRASettings("ortho_lora", 8, 2, timestep_dependent=False, family="flux")
+    t = torch.arange(1000)
+    assert torch.equal(settings.active_rank(t), torch.full((1000,), 8)) and settings.active_rank(999.5) == 8
+    assert torch.equal(settings.mask(t), torch.ones(1000, 8))

@@ -26,8 +26,9 @@ from tlora.common.files import atomic_write, check_writable
 from tlora.common.images import open_rgb
 from tlora.common.usage import Parser
 from tlora.generate.generation import existing_images
-from tlora.method.adapters import active_rank, branches, factors
+from tlora.method.adapters import branches, factors
 from tlora.method.settings import TLoRASettings
+from tlora.runs.keys import group
 from tlora.runs.reading import newest_checkpoint, read
 from tlora.runs.run_folder import moved_from, read_hparams
 from tlora.train.loss_log import read_loss_log
@@ -46,14 +47,9 @@ def effective_rank(singular_values: torch.Tensor, threshold: float = THRESHOLD) 
 
 def layer_updates(weights: dict[str, torch.Tensor], trainer_type: str) -> dict[str, torch.Tensor]:
     """Adapter key prefix -> learned update (out x in) with every rank component active."""
-    params: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights.items():
-        prefix, name = key.split(".processor.")[0], key.split(".processor.")[1]
-        layer, _, param = name.partition(".")
-        params.setdefault(f"{prefix}.processor.{layer}", {})[param] = value
     updates = {}
-    for prefix, p in params.items():
-        down, up = factors(branches(p, trainer_type))
+    for prefix, params in group(weights).items():
+        down, up = factors(branches(params, trainer_type))
         updates[prefix] = up @ down
     return updates
 
@@ -88,11 +84,7 @@ def plot_rank_schedule(s: TLoRASettings, path: Path) -> list[float]:
     plt = pyplot()
     t = torch.arange(s.num_train_timesteps)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    if s.timestep_dependent:
-        ranks = active_rank(t, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale, s.rule)
-    else:
-        ranks = torch.full_like(t, s.lora_rank)
-    ax.plot(t, ranks)
+    ax.plot(t, s.active_rank(t))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     mask = f"r_min={s.min_rank}, alpha={s.alpha_rank_scale}" if s.timestep_dependent else "no mask"
     ax.set(xlabel="timestep t", ylabel="active rank r(t)", title=f"{s.trainer_class}: r={s.lora_rank}, {mask}")

@@ -84,8 +84,9 @@ class Family:
         raise NotImplementedError
 
     @classmethod
-    def ignored_key(cls, key: str) -> bool:
-        """Keys of the authors' files that their code writes but never uses: skipped when reading."""
+    def unused_adapter(cls, prefix: str) -> bool:
+        """Whether an adapter (by key prefix) is one that the authors' code writes but never uses: skipped when
+        reading."""
         return False
 
     @classmethod
@@ -137,9 +138,10 @@ class Family:
         return {}
 
     @classmethod
-    def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A checkpoint's tensors as the authors' code writes them (every key their loader expects)."""
-        return dict(tensors)
+    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """A checkpoint's adapters (key prefix -> parameters) as the authors' code writes them (every adapter their
+        loader expects)."""
+        return dict(adapters)
 
     @classmethod
     def owns_key(cls, key: str) -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 
 from tlora.common.usage import typed_value
 from tlora.families.base import Family, Layer, Target
+from tlora.method.adapters import PARAMS
 
 DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
 SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")
@@ -29,7 +30,7 @@ AUTHORS_ORDER = (*IMAGE.values(), *TEXT.values())  # the layers of each of their
 ONLY_FLUX1 = re.compile(r"single_transformer_blocks[._]\d+[._]attn([._]processor)?[._](to_[qkv]_lora|to_[qkv]\b)"
                         r"|proj_mlp")
 MLP_RATIO = 4.0  # FluxSingleTransformerBlock's (fixed in diffusers): linear1 = q, k, v, then 4 x width MLP rows
-IGNORED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")\.")
+UNUSED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")$")
 
 
 class FLUX(Family):
@@ -80,8 +81,8 @@ class FLUX(Family):
                 + [Layer(f"{prefix}.{key}", None) for key in UNUSED_IN_SINGLE])
 
     @classmethod
-    def ignored_key(cls, key: str) -> bool:
-        return IGNORED.match(key) is not None
+    def unused_adapter(cls, prefix: str) -> bool:
+        return UNUSED.match(prefix) is not None
 
     @classmethod
     def distinct_key(cls, key: str) -> bool:
@@ -98,18 +99,21 @@ class FLUX(Family):
             widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", lambda inner: int(inner * MLP_RATIO))
 
     @classmethod
-    def authors_file(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
         """Their lora.pt: seven Vanilla layers per attention processor, in their order; the single blocks'
         unused four (their strict loader wants them) as zeros of their shapes."""
+        down, up = PARAMS["lora"]
         out = {}
-        processors = {k.split(".processor.")[0] + ".processor" for k in tensors}
-        order = lambda p: (p.startswith("single_"), int(p.split(".")[1]))  # noqa: E731  (their processors' order)
+        processors = {prefix.rpartition(".")[0] for prefix in adapters}  # <attention>.processor
+        order = lambda p: (p.startswith("single_"), int(p.split(".")[1]))  # their processors' order
         for processor in sorted(processors, key=order):
-            rank, hidden = tensors[f"{processor}.to_q_lora.down.weight"].shape
+            rank, hidden = adapters[f"{processor}.{IMAGE['to_q']}"][down].shape
             for layer in AUTHORS_ORDER:
-                for param, shape in (("down.weight", (rank, hidden)), ("up.weight", (hidden, rank))):
-                    key = f"{processor}.{layer}.{param}"
-                    out[key] = tensors[key] if key in tensors or not cls.ignored_key(key) else torch.zeros(shape)
+                prefix = f"{processor}.{layer}"
+                if prefix in adapters or not cls.unused_adapter(prefix):
+                    out[prefix] = {name: adapters[prefix][name] for name in (down, up)}
+                else:
+                    out[prefix] = {down: torch.zeros(rank, hidden), up: torch.zeros(hidden, rank)}
         return out
 
     @classmethod

@@ -61,7 +61,7 @@ class Klein(FLUX):
                 for i, key in enumerate(IN_FUSED.values())]
 
     @classmethod
-    def ignored_key(cls, key: str) -> bool:
+    def unused_adapter(cls, prefix: str) -> bool:
         return False
 
     @classmethod

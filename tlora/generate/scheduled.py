@@ -24,7 +24,7 @@ from tlora import families
 from tlora.common.errors import UsageError
 from tlora.common.usage import check_finite, parse_json, read_text, shown
 from tlora.interop.export import SCHEDULE_NAME
-from tlora.method.adapters import active_rank
+from tlora.method.settings import TLoRASettings, known_from_ours
 
 
 class _NoTextEncoderKeys(logging.Filter):
@@ -67,20 +67,16 @@ def next_timestep(scheduler) -> float | None:
 class ScheduledTLoRA:
     """`callback_on_step_end` that turns on exactly the chunks the T-LoRA mask has on at the next timestep."""
 
-    def __init__(self, pipe, schedule: dict, first: float, others: dict[str, float]) -> None:
-        self.pipe, self.chunks, self.first, self.others = pipe, schedule["chunks"], first, others
-        self.mask, self.T = schedule.get("mask"), schedule["num_train_timesteps"]
+    def __init__(self, pipe, chunks: list[dict], settings: TLoRASettings, first: float, others: dict[str, float]
+                 ) -> None:
+        self.pipe, self.chunks, self.settings, self.first, self.others = pipe, chunks, settings, first, others
         self.family = families.of_model(pipe)
         self.on = self.active(first)
         self.apply(self.on)
 
     def active(self, timestep: float) -> list[str]:
         """The chunks r(t) keeps at a scheduler timestep (t as the T-LoRA sees it: the family's scaling)."""
-        if self.mask is None:  # an export without its mask settings: whole timesteps only
-            return [c["adapter"] for c in self.chunks if timestep < c["on_below"]]
-        m = self.mask
-        rank = (int(active_rank(self.family.scheduler_t(timestep), self.T, m["lora_rank"], m["min_rank"],
-                                m["alpha_rank_scale"], m["rank_rule"])) if m["timestep_dependent"] else m["lora_rank"])
+        rank = int(self.settings.active_rank(self.family.scheduler_t(timestep)))
         return [c["adapter"] for c in self.chunks if c["components"][1] <= rank]
 
     def apply(self, names: list[str]) -> None:
@@ -105,21 +101,33 @@ def check_steps(num_inference_steps: int, strength: float) -> None:
     check_finite("tlora.scheduled: strength", strength, 0, 1, low_open=True)
 
 
-def read_schedule(folder: Path) -> dict:
-    """A diffusers-scheduled export's schedule.json, checked to be one (one line naming the file otherwise)."""
+def read_schedule(folder: Path) -> tuple[list[dict], TLoRASettings]:
+    """The chunks and settings of a diffusers-scheduled export's schedule.json, checked (one line naming the file
+    otherwise)."""
     path = folder / SCHEDULE_NAME
-    fix = "pass a folder written by python -m tlora.export --format diffusers-scheduled"
+    text = read_text(path, "tlora.scheduled", "pass a folder written by python -m tlora.export --format "
+                                              "diffusers-scheduled")
+    fix = "export the T-LoRA again with python -m tlora.export --format diffusers-scheduled"
     try:
-        schedule = parse_json(read_text(path, "tlora.scheduled", fix))
+        schedule = parse_json(text)
     except ValueError:
         raise UsageError(f"{path} is not JSON; {fix}") from None
     if not _is_schedule(schedule):
-        raise UsageError(f"{path} is not a T-LoRA schedule (num_train_timesteps, chunks of plain file names, mask); "
-                         f"{fix}")
-    return schedule
+        raise UsageError(f"{path} is not a T-LoRA schedule (num_train_timesteps, settings, chunks of plain file "
+                         f"names); {fix}")
+    try:
+        return schedule["chunks"], _settings(schedule, str(path))
+    except UsageError as err:  # what is wrong, without the fix of a setting given by hand: the fix is to re-export
+        raise UsageError(f"{path}: {str(err).removeprefix(f'{path}: ').partition('; ')[0]}; {fix}") from None
 
 
-MASK_KEYS = {"lora_rank", "min_rank", "alpha_rank_scale", "timestep_dependent", "rank_rule"}
+def _settings(schedule: dict, where: str) -> TLoRASettings:
+    """The settings a schedule.json holds (as TLoRASettings.to_metadata wrote them), checked."""
+    known = known_from_ours(schedule["settings"], where)
+    missing = [k for k in ("family", "trainer_type", "lora_rank") if k not in known]
+    if missing:
+        raise UsageError(f"its settings have no {missing[0]}")
+    return TLoRASettings.from_known(known | {"num_train_timesteps": schedule["num_train_timesteps"]})
 
 
 def _is_schedule(schedule) -> bool:
@@ -131,10 +139,9 @@ def _is_schedule(schedule) -> bool:
                 and len(c["components"]) == 2 and isinstance(c.get("on_below"), (int, float)))
 
     return (isinstance(schedule, dict) and isinstance(schedule.get("num_train_timesteps"), int)
+            and isinstance(schedule.get("settings"), dict)
             and isinstance(schedule.get("chunks"), list) and len(schedule["chunks"]) > 0
-            and all(map(chunk_ok, schedule["chunks"]))
-            and (schedule.get("mask") is None
-                 or isinstance(schedule["mask"], dict) and MASK_KEYS <= set(schedule["mask"])))
+            and all(map(chunk_ok, schedule["chunks"])))
 
 
 def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength: float = 1.0,
@@ -145,19 +152,19 @@ def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength:
     """
     check_steps(num_inference_steps, strength)
     folder = Path(folder)
-    schedule = read_schedule(folder)
+    chunks, settings = read_schedule(folder)
     family = families.of_model(pipe)
-    if schedule.get("family", family.name) != family.name:
-        raise UsageError(f"{folder} is a {shown(schedule['family'])} T-LoRA; this is a {family.name} pipeline: load "
-                         "it on a pipeline of its family")
+    if settings.family != family.name:
+        raise UsageError(f"{folder} is a {settings.family} T-LoRA; this is a {family.name} pipeline: load it on a "
+                         "pipeline of its family")
     if not hasattr(pipe.scheduler, "step_index"):
         raise UsageError(f"tlora.scheduled needs a scheduler that counts its steps (Euler, DPM-Solver, flow matching); "
                          f"{type(pipe.scheduler).__name__} does not")
     loaded = set(pipe.get_list_adapters().get(family.model_attr, []))
     with warnings.catch_warnings(), _quiet_text_encoder_notice():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # many adapters: the point
-        for chunk in schedule["chunks"]:
+        for chunk in chunks:
             if chunk["adapter"] not in loaded:
                 pipe.load_lora_weights(str(folder), weight_name=chunk["file"], adapter_name=chunk["adapter"])
     first = first_timestep(pipe, num_inference_steps, strength)
-    return ScheduledTLoRA(pipe, schedule, first, other_adapters or {})
+    return ScheduledTLoRA(pipe, chunks, settings, first, other_adapters or {})

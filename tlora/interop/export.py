@@ -42,8 +42,9 @@ from tlora.common.errors import RunFailed, UsageError, note
 from tlora.common.files import atomic_write, check_writable, is_write_failure, write_failure
 from tlora.common.usage import Parser, shown
 from tlora.families.base import Target
-from tlora.method.adapters import active_rank, branches, factors
+from tlora.method.adapters import branches, factors
 from tlora.method.settings import TLoRASettings
+from tlora.runs.keys import flatten, group
 from tlora.runs.reading import LYCORIS_REFUSAL, Checkpoint, read
 from tlora.runs.weights import save_pickle
 
@@ -55,16 +56,10 @@ SCHEDULE_NAME = "schedule.json"  # a diffusers-scheduled export's schedule, read
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (down (k x in), up (out x k))
 
 
-def adapter_prefixes(weights: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
-                   for k in weights if ".processor." in k})
-
-
-def components(weights: dict[str, torch.Tensor], prefix: str, trainer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) of one adapter with every component, in mask order, in float64: row/column i is rank
-    component i (ortho_lora: 2r, component i of the trained branch then of the frozen one)."""
-    params = {k[len(prefix) + 1:]: v.double() for k, v in weights.items() if k.startswith(prefix + ".")}
-    return factors(branches(params, trainer_type))
+def components(params: dict[str, torch.Tensor], trainer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of one adapter (its parameters by name) with every component, in mask order, in float64: row/column
+    i is rank component i (ortho_lora: 2r, component i of the trained branch then of the frozen one)."""
+    return factors(branches({name: v.double() for name, v in params.items()}, trainer_type))
 
 
 def select(weights: dict[str, torch.Tensor], settings: TLoRASettings, first: int, end: int, drop_zero: bool) -> Factors:
@@ -72,8 +67,8 @@ def select(weights: dict[str, torch.Tensor], settings: TLoRASettings, first: int
     float32; `drop_zero` drops components that are exactly zero (and layers left with none)."""
     family, trainer_type = families.get(settings.family), settings.trainer_type
     out: Factors = {}
-    for prefix in adapter_prefixes(weights):
-        down, up = components(weights, prefix, trainer_type)
+    for prefix, params in sorted(group(weights).items()):
+        down, up = components(params, trainer_type)
         rank = down.shape[0] if trainer_type == "lora" else down.shape[0] // 2
         index = torch.arange(first, min(end, rank))
         index = index if trainer_type == "lora" else torch.cat([index, index + rank])
@@ -183,7 +178,7 @@ def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
     T, rank = s.num_train_timesteps, s.lora_rank
     if not s.timestep_dependent:
         return [(0, rank, T + 1)]
-    ranks = active_rank(torch.arange(T), T, rank, s.min_rank, s.alpha_rank_scale, s.rule).tolist()
+    ranks = s.active_rank(torch.arange(T)).tolist()
     chunks, start = [], 0
     for end in sorted(set(ranks)):  # each distinct active count ends a chunk
         if end > start:  # r(t) falls as t grows: the chunk is on for t below the last t with r(t) >= end
@@ -201,12 +196,15 @@ def scheduled_files(weights: dict[str, torch.Tensor], settings: TLoRASettings, m
         name = f"chunk_{i:03d}.safetensors"
         files[name] = layout(select(weights, settings, first, end, drop_zero=False), settings.family, "diffusers", meta)
         entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
-    mask = {k: getattr(settings, k) for k in ("lora_rank", "min_rank", "alpha_rank_scale", "timestep_dependent")}
-    schedule = {"num_train_timesteps": settings.num_train_timesteps, "chunks": entries, "family": settings.family,
-                "mask": mask | {"rank_rule": settings.rule},
-                "rule": "a chunk is active at a whole timestep t when t < on_below; at any t, when its last component "
-                        "is below r(t) of `mask` (tlora.scheduled)"}
-    return files, schedule
+    return files, schedule_of(settings, entries)
+
+
+def schedule_of(settings: TLoRASettings, chunks: list[dict]) -> dict:
+    """schedule.json: the chunks, and the settings as our checkpoints' metadata holds them (TLoRASettings.to_metadata;
+    tlora.scheduled reads them back with TLoRASettings.from_known) with the T they count timesteps in."""
+    return {"num_train_timesteps": settings.num_train_timesteps, "settings": settings.to_metadata(), "chunks": chunks,
+            "rule": "a chunk is active at a whole timestep t when t < on_below; at any t, when its last component "
+                    "is below r(t) of `settings` (tlora.scheduled)"}
 
 
 def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, meta: dict[str, str], out: Path) -> None:
@@ -352,7 +350,7 @@ def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) 
     """The authors' file: every key their loader expects (Family.authors_file), as safetensors with `format: pt`
     as the only metadata, or (a .pt file) a plain torch.save of tensors."""
     family = families.get(ckpt.settings.family)
-    tensors = family.authors_file(weights)
+    tensors = flatten(family.authors_file(group(weights)))
     if out.suffix == ".pt":
         save_pickle(tensors, out)
     else:
@@ -380,10 +378,7 @@ def fixed_mask_export(args: argparse.Namespace):
     """Compute a diffusers or kohya export (nothing written yet); returns the function that writes it."""
     ckpt: Checkpoint = args.ckpt
     weights, s = ckpt.tensors(), ckpt.settings
-    active = None
-    if args.active_at is not None and s.timestep_dependent:
-        active = int(active_rank(args.active_at, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale,
-                                 s.rule))
+    active = None if args.active_at is None else s.active_rank(args.active_at)
     factors = fixed_mask_factors(weights, s, active)
     if not factors:
         raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?); nothing to export")

@@ -7,7 +7,8 @@ T-LoRA (``ortho_lora``):        delta(x) = P (M_t * L * (Q x)) - P0 (M_t * L0 * 
 P, L, Q start from the SVD of a random N(0, std 1/r) matrix; P0, L0, Q0 are frozen copies of that start,
 so delta is exactly zero before the first optimizer step. Parameter names match the authors' checkpoints.
 The update is written once (`branches`): the adapters' forward (`apply`), exports and analysis
-(`factors`, update = up @ down) all use it.
+(`factors`, update = up @ down) all use it. Each rank component is multiplied by its gate: lambda times the
+mask (Vanilla T-LoRA: the mask alone); the adapters' output multiplier is another thing (TLoRA.set_scale).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 TRAINER_TYPES = ("lora", "ortho_lora")
+# Each trainer type's parameters as its adapter's state_dict (and every checkpoint: the authors' names) names them:
+# the trained down (r x in) and up (out x r) projections first. Checkpoint keys are `<adapter prefix>.<name>`
+# (tlora.runs.keys).
+PARAMS = {
+    "lora": ("down.weight", "up.weight"),
+    "ortho_lora": ("q_layer.weight", "p_layer.weight", "lambda_layer", "base_q.weight", "base_p.weight", "base_lambda"),
+}
 SIG_TYPES = ("principal", "last", "middle")
 # How each tool rounds r(t); all equal the paper's formula, but float rounding makes int() differ at some t
 # (e.g. r - r_min = 75 at t = 160, r - r_min = 50 at t = 420), so each T-LoRA is masked as its tool masks it.
@@ -56,27 +64,36 @@ def rank_mask(
     rule: str = "sdxl",
 ) -> torch.Tensor:
     """0/1 float mask of shape (N, max_rank): row i keeps the first r(t_i) rank components."""
-    ranks = active_rank(timesteps, num_train_timesteps, max_rank, min_rank, alpha, rule).reshape(-1, 1)
-    positions = torch.arange(max_rank, device=ranks.device).reshape(1, -1)
-    return (positions < ranks).to(torch.float32)
+    return mask_of(active_rank(timesteps, num_train_timesteps, max_rank, min_rank, alpha, rule).reshape(-1), max_rank)
 
 
-def _scale_rank(h: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """Multiply the rank dimension (last) of h by a per-sample scale of shape (N or 1, rank)."""
-    if scale is None:
+def mask_of(ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """0/1 float mask of shape ranks.shape + (max_rank,): the first ranks[i] rank components of entry i on."""
+    positions = torch.arange(max_rank, device=ranks.device)
+    return (positions < ranks[..., None]).to(torch.float32)
+
+
+def as_saved(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as checkpoints hold them: detached, float32, contiguous, on the CPU."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+
+
+def _gate_rank(h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """Multiply the rank dimension (last) of h by a per-sample gate of shape (N or 1, rank)."""
+    if gate is None:
         return h
-    scale = scale.to(device=h.device, dtype=h.dtype)
-    if scale.shape[0] not in (1, h.shape[0]):
-        raise ValueError(f"T-LoRA mask has {scale.shape[0]} rows but the layer input has batch {h.shape[0]}")
-    return h * scale.reshape(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])
+    gate = gate.to(device=h.device, dtype=h.dtype)
+    if gate.shape[0] not in (1, h.shape[0]):
+        raise ValueError(f"T-LoRA mask has {gate.shape[0]} rows but the layer input has batch {h.shape[0]}")
+    return h * gate.reshape(gate.shape[0], *([1] * (h.dim() - 2)), gate.shape[1])
 
 
 # -- the update, once -----------------------------------------------------------------------------
 class Branch(NamedTuple):
-    """One term sign * up diag(scale * mask) down of an adapter's update."""
+    """One term sign * up diag(lam * mask) down of an adapter's update."""
 
     down: torch.Tensor  # r x in
-    scale: torch.Tensor | None  # 1 x r (lambda), None for 1
+    lam: torch.Tensor | None  # 1 x r (lambda), None for 1
     up: torch.Tensor  # out x r
     sign: int  # +1, or -1 for T-LoRA's frozen start
 
@@ -93,8 +110,8 @@ def branches(params: Mapping[str, torch.Tensor], trainer_type: str) -> list[Bran
 
 
 def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The update applied to x: per branch a down-projection, one multiply by scale * mask (bitwise equal to
-    multiplying by each in turn, the mask being 0/1) and an up-projection; the frozen start's branch is
+    """The update applied to x: per branch a down-projection, one multiply by its gate lambda * mask (bitwise equal
+    to multiplying by each in turn, the mask being 0/1) and an up-projection; the frozen start's branch is
     subtracted, so that the sum is exactly zero while the trained branch equals it. Each branch has products of
     its own: one stacked down-projection gives the two branches different bits in some GEMM shapes (so no exact
     zero), and backward then computes no weight gradient for the frozen start's rows. A mask may end at the last
@@ -108,12 +125,12 @@ def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> to
     m = None if mask is None else mask[:, :rank]
     k = rank if m is None else m.shape[1]
     out = None
-    for down, scale, up, sign in parts:
+    for down, lam, up, sign in parts:
         if k < rank:
             down, up = down[:k], up[:, :k].contiguous()
-            scale = None if scale is None else scale[:, :k]
-        scale = scale if m is None else m if scale is None else scale * m.to(scale.device)
-        y = F.linear(_scale_rank(F.linear(h_in, down), scale), up)
+            lam = None if lam is None else lam[:, :k]
+        gate = lam if m is None else m if lam is None else lam * m.to(lam.device)
+        y = F.linear(_gate_rank(F.linear(h_in, down), gate), up)
         out = y if out is None else out + y if sign > 0 else out - y
     return out.to(x.dtype)
 
@@ -123,7 +140,7 @@ def factors(parts: list[Branch], mask: torch.Tensor | None = None) -> tuple[torc
     update = up @ down; component i of branch j is row/column j * r + i."""
     rank = parts[0].down.shape[0]
     m = torch.ones(1, rank, dtype=parts[0].down.dtype) if mask is None else mask[:, :rank].to(parts[0].down.dtype)
-    down = torch.cat([(m if b.scale is None else b.scale * m).T * b.down for b in parts])
+    down = torch.cat([(m if b.lam is None else b.lam * m).T * b.down for b in parts])
     return down, torch.cat([b.sign * b.up for b in parts], dim=1)
 
 
@@ -190,29 +207,15 @@ def orthogonal_starts(bases: list[torch.Tensor], ranks: list[int], sig_type: str
     return out
 
 
-def orthogonal_init(
-    in_features: int, out_features: int, rank: int, sig_type: str, svd_device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q, P, lambda) of one adapter: draw_base, then orthogonal_starts."""
-    return orthogonal_starts([draw_base(in_features, out_features, rank)], [rank], sig_type, svd_device)[0]
-
-
 class OrthoLoRAAdapter(nn.Module):
     """T-LoRA: P((Qx) * lambda * mask) - P0((Q0x) * lambda0 * mask), trainable Q, P, lambda.
 
     Keys: ``q_layer.weight`` (r x in), ``p_layer.weight`` (out x r), ``lambda_layer`` (1 x r) and the frozen
-    ``base_q.weight``, ``base_p.weight``, ``base_lambda``.
+    ``base_q.weight``, ``base_p.weight``, ``base_lambda``. Made with the trained and frozen factors equal (the
+    update is zero); `start` sets T-LoRA's start (attach: `orthogonal_starts` of each adapter's `draw_base`).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        sig_type: str = "last",
-        init: bool = True,
-        svd_device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
         super().__init__()
         self.rank = rank
         self.q_layer = nn.Linear(in_features, rank, bias=False)
@@ -222,17 +225,17 @@ class OrthoLoRAAdapter(nn.Module):
         self.base_q = copy.deepcopy(self.q_layer).requires_grad_(False)
         self.base_p = copy.deepcopy(self.p_layer).requires_grad_(False)
         self.base_lambda = nn.Parameter(self.lambda_layer.detach().clone(), requires_grad=False)
-        if init:
-            self.start(*orthogonal_init(in_features, out_features, rank, sig_type, svd_device))
 
     @torch.no_grad()
-    def start(self, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:
-        """Set the trained and the frozen factors to the same start (Q, P, lambda)."""
-        for trained, frozen, value in ((self.q_layer.weight, self.base_q.weight, q),
-                                       (self.p_layer.weight, self.base_p.weight, p),
-                                       (self.lambda_layer, self.base_lambda, lam)):
+    def start(self, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor,
+              frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Set the trained factors to (Q, P, lambda) and the frozen ones to `frozen` (Q0, P0, lambda0; default the
+        same: a start whose update is zero)."""
+        params = ((self.q_layer.weight, self.base_q.weight), (self.p_layer.weight, self.base_p.weight),
+                  (self.lambda_layer, self.base_lambda))
+        for (trained, base), value, base_value in zip(params, (q, p, lam), frozen or (q, p, lam)):
             trained.copy_(value)
-            frozen.copy_(value)
+            base.copy_(base_value)
 
     def branches(self) -> list[Branch]:
         return branches(dict(self.named_parameters()), "ortho_lora")
@@ -241,18 +244,11 @@ class OrthoLoRAAdapter(nn.Module):
         return apply(self.branches(), x, mask)
 
 
-def make_adapter(
-    trainer_type: str,
-    in_features: int,
-    out_features: int,
-    rank: int,
-    sig_type: str = "last",
-    init: bool = True,
-    svd_device: torch.device | str | None = None,
-) -> nn.Module:
-    """The adapter for `trainer_type`; `init=False` skips the random start (the checkpoint fills it)."""
+def make_adapter(trainer_type: str, in_features: int, out_features: int, rank: int, init: bool = True) -> nn.Module:
+    """The adapter for `trainer_type`; `init=False` skips a Vanilla T-LoRA's random start (the checkpoint fills it).
+    A T-LoRA's start is set by `OrthoLoRAAdapter.start` (attach decomposes every adapter's together)."""
     if trainer_type == "lora":
         return LoRAAdapter(in_features, out_features, rank, init=init)
     if trainer_type == "ortho_lora":
-        return OrthoLoRAAdapter(in_features, out_features, rank, sig_type, init=init, svd_device=svd_device)
+        return OrthoLoRAAdapter(in_features, out_features, rank)
     raise ValueError(f"--trainer_type must be one of {TRAINER_TYPES}, got {trainer_type!r}")

@@ -20,13 +20,14 @@ from torch import nn
 from tlora.common.errors import UsageError
 from tlora.families import Family, of_model
 from tlora.families.base import get_module
-from tlora.method.adapters import draw_base, make_adapter, orthogonal_starts, rank_mask
+from tlora.method.adapters import as_saved, draw_base, make_adapter, orthogonal_starts
 from tlora.method.settings import TLoRASettings
 
 
 @dataclass
 class MaskState:
-    """What every adapter of one denoiser shares: the settings, the current rank mask and the adapter scale."""
+    """What every adapter of one denoiser shares: the settings, the current rank mask and the adapters' output
+    multiplier (`scale`, TLoRA.set_scale)."""
 
     settings: TLoRASettings
     scale: float = 1.0
@@ -37,11 +38,10 @@ class MaskState:
         """Set the mask for a denoiser call at `timestep` (scalar or one per sample); no host sync. On the CPU the
         adapters get it as far as the largest active rank (`active`), so that they compute only active components."""
         s = self.settings
-        if not s.timestep_dependent:
+        if not s.timestep_dependent:  # every component at every t: no mask to multiply by
             self.mask = self.active = None
             return
-        t = torch.as_tensor(timestep, device=device)
-        self.mask = rank_mask(t, s.num_train_timesteps, s.lora_rank, s.min_rank, s.alpha_rank_scale, s.rule)
+        self.mask = s.mask(torch.as_tensor(timestep, device=device)).reshape(-1, s.lora_rank)
         self.active = self.mask
         if self.mask.device.type == "cpu":  # reading the ranks costs no device sync here
             self.active = self.mask[:, :int(self.mask.sum(dim=1).max())]
@@ -168,11 +168,8 @@ class TLoRA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The authors' checkpoint layout: `<prefix>.<param>`, float32, contiguous, on the CPU."""
-        return {
-            f"{prefix}.{name}": tensor.detach().to("cpu", torch.float32).contiguous()
-            for prefix, adapter in self.adapters.items()
-            for name, tensor in adapter.state_dict().items()
-        }
+        return as_saved({f"{prefix}.{name}": tensor for prefix, adapter in self.adapters.items()
+                         for name, tensor in adapter.state_dict().items()})
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a checkpoint's tensors; fails naming the first missing, extra or mis-shaped key."""
@@ -223,14 +220,13 @@ def attach(
     for layer in of_model(model).layers(model):
         if layer.path is None:
             if init and settings.trainer_type == "lora" and width is not None:
-                make_adapter("lora", width, width, min(settings.lora_rank, width), settings.sig_type, True)
+                make_adapter("lora", width, width, min(settings.lora_rank, width))
             continue
         linear = base_linear(get_module(model, layer.path))
         width = linear.out_features if layer.rows is None else layer.rows[1] - layer.rows[0]
         rank = min(settings.lora_rank, linear.in_features, width)
         ortho = settings.trainer_type == "ortho_lora"
-        adapter = make_adapter(settings.trainer_type, linear.in_features, width, rank, settings.sig_type,
-                               init and not ortho)
+        adapter = make_adapter(settings.trainer_type, linear.in_features, width, rank, init and not ortho)
         if init and ortho:  # drawn in order now, decomposed all together below
             starts.append((adapter, draw_base(linear.in_features, width, rank), rank))
         adapters[layer.prefix] = (layer.path, adapter)

@@ -1,10 +1,10 @@
 """`TLoRASettings`: every setting a T-LoRA's output depends on beyond its tensors, in one type.
 
 Like peft's `LoraConfig` for a LoRA: one dataclass, checked by `validate()`, converted to and from every
-place settings are kept:
+place settings are kept, and the one in-memory form of the rank schedule and mask (`active_rank(t)`, `mask(t)`):
 
-- our checkpoint metadata: trainer_type, trainer_class, lora_rank, min_rank, alpha_rank_scale, sig_type, family
-  (and ComfyUI-T-LoRA's names max_rank, alpha);
+- our checkpoint metadata and a diffusers-scheduled export's schedule.json: trainer_type, trainer_class,
+  lora_rank, min_rank, alpha_rank_scale, sig_type, family (and ComfyUI-T-LoRA's names max_rank, alpha);
 - our hparams.yml: the same keys, and on FLUX also the authors' FLUX keys `tlora` and `rank`;
 - the authors' SDXL hparams.yml: trainer_type, trainer_class, lora_rank, min_rank, alpha_rank_scale, sig_type;
 - the authors' FLUX hparams.yml: tlora (mask or not), rank, min_rank; their code has no alpha (1) and only
@@ -21,9 +21,12 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from tlora.common.errors import UsageError
 from tlora.common.usage import shown, typed_value
 from tlora.families import FAMILIES
+from tlora.method import adapters
 from tlora.method.adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
 
 TRAINER_CLASSES = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("lora", "tlora"))
@@ -66,9 +69,24 @@ class TLoRASettings:
         """The rounding rule of r(t): rank_rule, else the family's (its authors' code)."""
         return self.rank_rule or (FAMILIES[self.family].rank_rule if self.family else "sdxl")
 
+    def active_rank(self, t: torch.Tensor | float) -> torch.Tensor | int:
+        """r(t), how many rank components the mask keeps at timestep t, rounded as `rule` rounds it; lora_rank at
+        every t without the mask. Timesteps as a tensor give an int64 tensor of their shape, a number an int."""
+        if self.timestep_dependent:
+            ranks = adapters.active_rank(t, self.num_train_timesteps, self.lora_rank, self.min_rank,
+                                         self.alpha_rank_scale, self.rule)
+        else:
+            steps = torch.as_tensor(t)
+            ranks = torch.full(steps.shape, self.lora_rank, dtype=torch.int64, device=steps.device)
+        return ranks if torch.is_tensor(t) else int(ranks)
+
+    def mask(self, t: torch.Tensor | float) -> torch.Tensor:
+        """The 0/1 float32 mask at timestep t, of shape t.shape + (lora_rank,): the first active_rank(t) components."""
+        return adapters.mask_of(self.active_rank(torch.as_tensor(t)), self.lora_rank)
+
     def validate(self, flags: bool = False) -> TLoRASettings:
         """Fail with one line naming the first setting that makes no sense (as `--flag` when `flags`)."""
-        name = (lambda key: f"--{key}") if flags else (lambda key: key)  # noqa: E731
+        name = (lambda key: f"--{key}") if flags else (lambda key: key)
         for key, allowed in (("trainer_type", TRAINER_TYPES), ("sig_type", SIG_TYPES),
                              ("family", tuple(FAMILIES) + (None,)), ("rank_rule", tuple(RANK_RULES) + (None,))):
             if getattr(self, key) not in allowed:
@@ -106,11 +124,6 @@ class TLoRASettings:
             values |= FAMILIES[self.family].authors_run_keys(self)
         return values
 
-    def to_lycoris(self) -> dict[str, Any]:
-        """A SimpleTuner / LyCORIS lycoris_config for these mask settings."""
-        return {"algo": "tlora", "linear_dim": self.lora_rank, "tlora_min_rank": self.min_rank,
-                "tlora_alpha": self.alpha_rank_scale}
-
     @classmethod
     def from_hparams(cls, values: dict[str, Any], where: str = "hparams.yml", flags: bool = False) -> TLoRASettings:
         """Settings from a complete hparams.yml (ours, the authors' SDXL or FLUX) or train.py's options (`flags`:
@@ -144,7 +157,8 @@ OUR_KEYS = {"trainer_type": str, "lora_rank": int, "min_rank": int, "alpha_rank_
 
 
 def known_from_ours(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """The fields our (and the authors' SDXL) keys give: trainer_class is split into family and mask."""
+    """The fields our keys give (a hparams.yml, a checkpoint's metadata, a schedule.json; also the authors' SDXL
+    hparams.yml): trainer_class is split into family and mask."""
     known = {k: typed_value(where, k, values[k], kind) for k, kind in OUR_KEYS.items() if values.get(k) is not None}
     if values.get("trainer_class") is not None:
         split = split_trainer_class(where, values["trainer_class"])
@@ -152,11 +166,6 @@ def known_from_ours(values: dict[str, Any], where: str) -> dict[str, Any]:
             raise UsageError(f"{where}: trainer_class {values['trainer_class']} does not match family {known['family']}")
         known |= split
     return known
-
-
-def known_from_metadata(metadata: dict[str, str], where: str) -> dict[str, Any]:
-    """The fields a checkpoint's metadata gives (ours; the authors' files carry only format: pt)."""
-    return known_from_ours(metadata, where)
 
 
 def hparams_kind(values: dict[str, Any]) -> str:

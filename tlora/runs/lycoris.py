@@ -7,6 +7,9 @@ the one LyCORIS gives (to float rounding), under the mask SimpleTuner applies: m
 min_rank = `tlora_min_rank` (default 1), alpha = `tlora_alpha` (default 1), scale = linear_alpha / rank,
 and r(t) rounded as LyCORIS's compute_timestep_mask rounds it (rank rule "lycoris"). The settings are read by
 tlora.runs.reading like every other file's.
+
+Keys are LyCORIS's own (a format of its own, so they are taken apart here, not in tlora.runs.keys):
+`lycoris_<module path, "." as "_">.<tensor>`, its TLoraModule's tensors Q, P, lambda and alpha (PARAMS).
 """
 
 from __future__ import annotations
@@ -24,13 +27,34 @@ from tlora.method.injection import TLoRA, attach_adapters
 from tlora.method.settings import TLoRASettings
 
 PREFIX = "lycoris_"
-PARAMS = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha")
+PARAMS = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha")  # LyCORIS TLoraModule's, as it saves them
+Q, P, LAMBDA, ALPHA = PARAMS
+
+
+def is_lycoris(keys) -> bool:
+    return any(k.startswith(PREFIX) for k in keys)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(LyCORIS module name, tensor name)."""
+    module, _, param = key.partition(".")
+    return module, param
+
+
+def matrices(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of Q and P, which must be matrices."""
+    return {k: tuple(v) for k, v in shapes.items() if split_key(k)[1] in (Q, P)}
+
+
+def lycoris_rank(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The largest module rank (rows of Q) in a LyCORIS file's shapes (checked by `matrices` first); 1 if none."""
+    return max((s[0] for k, s in matrices(shapes).items() if split_key(k)[1] == Q), default=1)
 
 
 def _groups(weights: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
-        prefix, _, param = key.partition(".")
+        prefix, param = split_key(key)
         if param not in PARAMS:
             raise UsageError(f"{where}: LyCORIS tensor {shown(key)} is not a T-LoRA parameter ({', '.join(PARAMS)}); "
                              "pass a SimpleTuner / LyCORIS T-LoRA file")
@@ -41,16 +65,15 @@ def _groups(weights: dict[str, torch.Tensor], where: str) -> dict[str, dict[str,
 def check_module(where: str, prefix: str, linear: nn.Linear, params: dict[str, torch.Tensor]) -> None:
     """One LyCORIS module's tensors fit `linear`: Q (r x in), P (out x r), lambda (1 x r), alpha one number;
     one line naming the file otherwise (a file made for another model)."""
-    rank = params["q_layer.weight"].shape[0] if params["q_layer.weight"].dim() == 2 else 0
-    expected = {"q_layer.weight": (rank, linear.in_features), "p_layer.weight": (linear.out_features, rank),
-                "lambda_layer": (1, rank)}
+    rank = params[Q].shape[0] if params[Q].dim() == 2 else 0
+    expected = {Q: (rank, linear.in_features), P: (linear.out_features, rank), LAMBDA: (1, rank)}
     for param, shape in expected.items():
         if tuple(params[param].shape) != shape or not 1 <= rank <= min(linear.in_features, linear.out_features):
             raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has {param} of shape "
                              f"{tuple(params[param].shape)}, where this model's layer takes {shape}; it was made for "
                              "another model: load it on the base model it was trained on")
-    if params["alpha"].numel() != 1:
-        raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has {params['alpha'].numel()} alpha values, not "
+    if params[ALPHA].numel() != 1:
+        raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has {params[ALPHA].numel()} alpha values, not "
                          "one; save it again with SimpleTuner")
 
 
@@ -59,17 +82,11 @@ def adapter_from_lycoris(name: str, linear: nn.Linear, params: dict[str, torch.T
     tlora adapter; LyCORIS's scale alpha / rank is folded into P and P0."""
     from lycoris.modules.tlora import TLoraModule
 
-    module = TLoraModule.make_module_from_state_dict(
-        name, linear, params["q_layer.weight"], params["p_layer.weight"], params["lambda_layer"], params["alpha"])
-    rank = module.lora_dim
-    adapter = OrthoLoRAAdapter(linear.in_features, linear.out_features, rank, init=False)
+    module = TLoraModule.make_module_from_state_dict(name, linear, *(params[p] for p in PARAMS))
+    adapter = OrthoLoRAAdapter(linear.in_features, linear.out_features, module.lora_dim)
     with torch.no_grad():
-        adapter.q_layer.weight.copy_(module.q_layer.weight)
-        adapter.p_layer.weight.copy_(module.p_layer.weight * module.scale)
-        adapter.lambda_layer.copy_(module.lambda_layer)
-        adapter.base_q.weight.copy_(module.base_q)
-        adapter.base_p.weight.copy_(module.base_p * module.scale)
-        adapter.base_lambda.copy_(module.base_lambda)
+        adapter.start(module.q_layer.weight, module.p_layer.weight * module.scale, module.lambda_layer,
+                      frozen=(module.base_q, module.base_p * module.scale, module.base_lambda))
     return adapter
 
 

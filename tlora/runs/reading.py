@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,10 @@ from tlora.method.settings import (
     hparams_kind,
     known_from_hparams,
     known_from_lycoris,
-    known_from_metadata,
+    known_from_ours,
     known_from_overrides,
 )
+from tlora.runs import keys, lycoris
 from tlora.runs.run_folder import CHECKPOINT, checkpoints, read_hparams, run_of
 from tlora.runs.weights import AUTHORS_FLUX_NAME, WEIGHTS_NAME, WEIGHTS_NAMES
 
@@ -255,57 +256,31 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 # -- what the tensors show --------------------------------------------------------------------------
-DOWN_UP = ((".down.weight", ".up.weight"), (".q_layer.weight", ".p_layer.weight"))
 LYCORIS_REFUSAL = ("is a LyCORIS (SimpleTuner) T-LoRA file: load it with tlora.load(pipe, file) (LyCORIS rebuilds "
                    "its frozen start from the base model's weights)")
 
 
-def is_lycoris(keys) -> bool:
-    return any(k.startswith("lycoris_") for k in keys)
-
-
 def check_shapes(shapes: dict, where: Path) -> None:
-    """Every adapter weight a matrix with no empty side (the readers below rely on it)."""
+    """Every key one of ours (runs.keys) and every adapter weight a matrix with no empty side (the readers below
+    rely on it)."""
+    stray = keys.not_ours(shapes)
+    if stray:
+        raise CheckpointError(f"{where}: tensor {shown(stray[0])} is no T-LoRA adapter's parameter, so this is not a "
+                              "T-LoRA checkpoint; pass a T-LoRA checkpoint")
+    check_matrices(keys.matrices(shapes), where)
+
+
+def check_matrices(shapes: dict[str, tuple[int, ...]], where: Path) -> None:
     for key, shape in shapes.items():
-        if key.endswith(tuple(end for pair in DOWN_UP for end in pair)) and (len(shape) != 2 or 0 in shape):
+        if len(shape) != 2 or 0 in shape:
             raise CheckpointError(f"{where}: tensor {shown(key)} has shape {tuple(shape)}, not a matrix, so this is "
                                   f"not a T-LoRA checkpoint; {DAMAGED}")
 
 
-def infer_trainer_type(shapes: dict) -> str:
-    """`ortho_lora` or `lora`, read off the parameter names."""
-    if any(k.endswith(".q_layer.weight") for k in shapes):
-        return "ortho_lora"
-    if any(k.endswith(".down.weight") for k in shapes):
-        return "lora"
-    raise CheckpointError("not a T-LoRA checkpoint: it has neither q_layer nor down weights")
-
-
-def _shape(value) -> tuple[int, ...]:
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
-def infer_rank(shapes: dict) -> int:
-    """The largest adapter rank in the file (= lora_rank)."""
-    return max(_shape(v)[0] for k, v in shapes.items() if k.endswith((".q_layer.weight", ".down.weight")))
-
-
-def layer_ranks(shapes: dict) -> dict[str, tuple[int, int, int]]:
-    """Adapter prefix -> (rank, in_features, out_features), read off the down/q and up/p shapes."""
-    out = {}
-    for key, shape in shapes.items():
-        for down, up in DOWN_UP:
-            if key.endswith(down) and key[: -len(down)] + up in shapes:
-                prefix = key[: -len(down)]
-                rank, in_features = _shape(shape)
-                out[prefix] = (rank, in_features, _shape(shapes[prefix + up])[0])
-    return out
-
-
 def check_made_with(shapes: dict, trainer_type: str, lora_rank: int, where: str = "checkpoint") -> None:
     """Fail in one line when a checkpoint was not made with `trainer_type` and `lora_rank`."""
-    found_type, found_rank = infer_trainer_type(shapes), infer_rank(shapes)
-    if found_type != trainer_type or any(r != min(lora_rank, i, o) for r, i, o in layer_ranks(shapes).values()):
+    found_type, found_rank = keys.infer_trainer_type(shapes, where), keys.infer_rank(shapes)
+    if found_type != trainer_type or any(r != min(lora_rank, i, o) for r, i, o in keys.layer_ranks(shapes).values()):
         raise CheckpointError(
             f"{where}: this is a {found_type} checkpoint, rank {found_rank}, but the settings say "
             f"trainer_type {trainer_type}, lora_rank {lora_rank}; use the hparams.yml of the run that wrote it"
@@ -342,11 +317,14 @@ def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], di
     return merged, sources
 
 
+SETTING_DEFAULTS = {f.name: f.default for f in fields(TLoRASettings) if f.default is not MISSING}
+DEFAULTED = ("min_rank", "alpha_rank_scale", "sig_type", "num_train_timesteps")  # after timestep_dependent: the family's
+
+
 def _defaults(merged: dict[str, Any], sources: dict[str, str], where: Path) -> dict[str, str]:
     """Fill what no source gave with the authors' defaults; returns the lines for those that change the result."""
     family = families.get(merged["family"])
-    defaults = {"timestep_dependent": family.masked_by_default, "min_rank": 1, "alpha_rank_scale": 1.0,
-                "sig_type": "last", "num_train_timesteps": 1000}
+    defaults = {"timestep_dependent": family.masked_by_default} | {k: SETTING_DEFAULTS[k] for k in DEFAULTED}
     assumed = {}
     for key, value in defaults.items():
         if key in merged:
@@ -394,21 +372,22 @@ def read(
     given = known_from_overrides(overrides)
     weights = find_weights(path)
     shapes, metadata = read_header(weights)
-    if is_lycoris(shapes):
+    if lycoris.is_lycoris(shapes):
         return _read_lycoris(weights, shapes, metadata, family, num_train_timesteps, given)
     candidates = file_families(shapes, weights)
     sure = families.known_from_keys(shapes)  # None: FLUX.1's and FLUX.2's double blocks are named alike
     if family is not None and (family not in candidates or sure not in (None, family)):
         raise CheckpointError(f"{weights} was trained on {sure or candidates[0]}; this is a {family} model")
     fam = family or candidates[0]
-    shapes = {k: v for k, v in shapes.items() if not families.get(fam).ignored_key(k)}
+    shapes = keys.without_adapters(shapes, families.get(fam).unused_adapter)
     check_shapes(shapes, weights)
     values, label, hparams_path = _hparams(hparams, weights)
-    layers = [(GIVEN, given), (METADATA, known_from_metadata(metadata, str(weights)))]
+    layers = [(GIVEN, given), (METADATA, known_from_ours(metadata, str(weights)))]
     if label is not None:
         layers.append((label, known_from_hparams(values, label)))
     from_keys = {"family": sure} if sure else {}
-    layers.append((TENSORS, from_keys | {"trainer_type": infer_trainer_type(shapes), "lora_rank": infer_rank(shapes)}))
+    found = {"trainer_type": keys.infer_trainer_type(shapes, str(weights)), "lora_rank": keys.infer_rank(shapes)}
+    layers.append((TENSORS, from_keys | found))
     if weights.suffix == ".pt":  # only the authors' FLUX code writes lora.pt files, and it has no alpha
         layers.append(("the authors' FLUX code (no alpha)", {"alpha_rank_scale": 1.0}))
     if num_train_timesteps is not None:
@@ -442,9 +421,8 @@ def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family:
     if not isinstance(config, dict):
         raise CheckpointError(f"{weights}: its lycoris_config metadata is {shown(config)}, not a mapping of settings; "
                               f"{fix}")
-    check_shapes(shapes, weights)
-    rank = max((s[0] for k, s in shapes.items() if k.endswith(".q_layer.weight")), default=1)
-    known = known_from_lycoris(config, rank, str(weights))
+    check_matrices(lycoris.matrices(shapes), weights)
+    known = known_from_lycoris(config, lycoris.lycoris_rank(shapes), str(weights))
     known["family"] = family or (families.of_keys(shapes) or [None])[0]
     known["num_train_timesteps"] = num_train_timesteps or 1000
     sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
