@@ -18,8 +18,8 @@ from PIL import Image
 
 from tlora.common.commands import run_command
 from tlora.common.errors import UsageError
+from tlora.common.flags import Parser
 from tlora.common.images import list_images
-from tlora.common.usage import Parser
 
 REPO = Path(__file__).resolve().parents[1]
 

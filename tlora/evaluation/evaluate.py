@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from tlora.common.commands import run_command
 from tlora.common.errors import UsageError, first_line
 from tlora.common.files import atomic_write
+from tlora.common.flags import Parser
+from tlora.common.hub import check_model_source
 from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb
 from tlora.common.messages import NEW_PATH
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text
-from tlora.common.usage import Parser, check_device, check_model_source, shown
+from tlora.common.values import check_device, shown
 from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
 from tlora.generate.generation import existing_images, read_record
 
@@ -145,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_embedders(clip_flag: str, clip: str, dino_flag: str, dino: str) -> None:
     """The CLIP and DINO models can be had (a folder, or the cache when offline) and their config.json, where it
     can be read without the network, is a JSON object; CLIP's says it is a CLIP model."""
-    from tlora.common.usage import read_json
+    from tlora.common.text_files import read_json
     from tlora.families.checks import cached_file
 
     for flag, name in ((clip_flag, clip), (dino_flag, dino)):

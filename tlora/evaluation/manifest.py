@@ -11,7 +11,8 @@ from typing import Any
 from tlora.common.errors import UsageError
 from tlora.common.images import IMAGE_EXTENSIONS
 from tlora.common.safe_names import safe_component
-from tlora.common.usage import check_guidance, check_seed, load_yaml, read_text, shown
+from tlora.common.text_files import load_yaml, read_text
+from tlora.common.values import check_guidance, check_seed, shown
 
 IMAGES = {"contextual": 5, "complex": 5, "base": 15}  # images per prompt of each group (the paper's)
 NUM_PROMPTS = {"contextual": 25, "complex": 6}

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
+from tlora.common.hub import model_load_error
 from tlora.common.images import IMAGE_EXTENSIONS, list_images, open_rgb
-from tlora.common.usage import model_load_error
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"

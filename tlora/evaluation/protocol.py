@@ -37,8 +37,8 @@ import torch
 from tlora.common.commands import run_command
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
+from tlora.common.flags import Parser
 from tlora.common.prompts import BASE_PROMPT
-from tlora.common.usage import Parser
 from tlora.evaluation.manifest import Concept, Manifest, Method, prompt_set
 from tlora.evaluation.report import METRICS, collect, log_report, result_path, write_report
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
-from tlora.common.usage import parse_json, read_text
+from tlora.common.text_files import parse_json, read_text
 from tlora.evaluation.manifest import Concept, Manifest, Method
 
 COLUMNS = ("concept", "method", "kind", "IS", "DINO_IS", "TS_contextual", "TS_complex", "checkpoint")

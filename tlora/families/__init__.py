@@ -9,7 +9,7 @@ from torch import nn
 
 from tlora.common.errors import UsageError, first_line
 from tlora.common.messages import DIFFUSERS_LAYOUT, HUB_FIX
-from tlora.common.usage import shown
+from tlora.common.values import shown
 from tlora.families.base import Family
 from tlora.families.flux import FLUX
 from tlora.families.klein import Klein
@@ -70,7 +70,7 @@ def model_index(model: str, revision: str | None = None) -> dict:
         except Exception as err:  # offline and not cached, no access, no such repository
             raise UsageError(f"--pretrained_model_name_or_path: cannot read {model}'s model_index.json "
                              f"({first_line(err)}); {HUB_FIX}")
-    from tlora.common.usage import read_json
+    from tlora.common.text_files import read_json
 
     return read_json(path, "--pretrained_model_name_or_path", DIFFUSERS_LAYOUT)
 

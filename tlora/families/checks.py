@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from tlora.common.errors import UsageError
-from tlora.common.usage import HUB_ID, parse_json, read_json, shown
+from tlora.common.hub import HUB_ID
+from tlora.common.text_files import parse_json, read_json
+from tlora.common.values import shown
 
 VAE_FIX = "pass a VAE of the model's family, or none for the model's own"
 # (the VAE's class, its latent channels) -> the models that use such a VAE

@@ -223,7 +223,7 @@ BUILDERS = {"sdxl": build_tiny_sdxl, "flux": build_tiny_flux, "klein": build_tin
 def main(argv: list[str] | None = None) -> int:
     from tlora.common.commands import run_command
     from tlora.common.errors import UsageError
-    from tlora.common.usage import Parser
+    from tlora.common.flags import Parser
 
     p = Parser(description="Write a tiny random model (diffusers layout) to FOLDER.")
     p.add_argument("folder", nargs="?", default=None, help="Default: tiny-<family>.")

@@ -23,7 +23,7 @@ from torch import nn
 
 from tlora import families
 from tlora.common.errors import CheckpointError, UsageError
-from tlora.common.usage import shown
+from tlora.common.values import shown
 from tlora.method.injection import TLoRA, attach, attached
 from tlora.method.settings import known_from_overrides
 from tlora.runs.lycoris import load_lycoris

@@ -20,7 +20,7 @@ from PIL import Image
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.safe_names import is_safe, safe_component
-from tlora.common.usage import load_yaml, read_text
+from tlora.common.text_files import load_yaml, read_text
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
 SIZE_MULTIPLE = 16  # SDXL's latents need 8 pixels per side, FLUX's packed 2x2 latents 16

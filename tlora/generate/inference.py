@@ -11,17 +11,11 @@ from tqdm.auto import tqdm
 from tlora import families
 from tlora.common.errors import RunFailed, UsageError
 from tlora.common.files import check_writable, write_failure
+from tlora.common.flags import Parser
+from tlora.common.hub import check_model_source
 from tlora.common.messages import PASS_HPARAMS, note
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.usage import (
-    Parser,
-    check_at_least,
-    check_device,
-    check_guidance,
-    check_model_source,
-    check_seed,
-    shown,
-)
+from tlora.common.values import check_at_least, check_device, check_guidance, check_seed, shown
 from tlora.families.checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation

@@ -25,7 +25,8 @@ from safetensors.torch import save
 
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
-from tlora.common.usage import parse_json, read_json, shown
+from tlora.common.text_files import parse_json, read_json
+from tlora.common.values import shown
 from tlora.runs.reading import read
 from tlora.runs.run_folder import RunFolder, checkpoint_step
 

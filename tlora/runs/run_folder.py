@@ -19,8 +19,10 @@ import yaml
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.files import atomic_write
 from tlora.common.messages import PASS_HPARAMS, WRITABLE_FOLDER, note
+from tlora.common.redaction import redact_value, secret_values
 from tlora.common.safe_names import safe_component
-from tlora.common.usage import load_yaml, read_text, redact_value, secret_values, shown
+from tlora.common.text_files import load_yaml, read_text
+from tlora.common.values import shown
 from tlora.method.settings import TLoRASettings
 from tlora.runs.weights import AUTHORS_FLUX_NAME, DAMAGED, WEIGHTS_NAME, WEIGHTS_NAMES, read_header, what_it_is
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 
 from tlora.common.errors import CheckpointError, first_line
 from tlora.common.files import atomic_write
-from tlora.common.usage import shown
+from tlora.common.values import shown
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 AUTHORS_FLUX_NAME = "lora.pt"  # the authors' FLUX checkpoints: a pickled dict of tensors

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from tlora import families
 from tlora.common.errors import UsageError
+from tlora.common.hub import check_model_source
 from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, list_images, load_mask, training_images
 from tlora.common.messages import WRITABLE_FOLDER, note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.usage import check_at_least, check_finite, check_guidance, check_model_source, check_seed, shown
+from tlora.common.values import check_at_least, check_finite, check_guidance, check_seed, shown
 from tlora.families.checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
 from tlora.generate.generation import image_size
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings

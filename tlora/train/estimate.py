@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from tlora import families
 from tlora.common.errors import UsageError, first_line
 from tlora.common.messages import DIFFUSERS_LAYOUT
-from tlora.common.usage import check_finite, check_seed, read_json, shown
+from tlora.common.text_files import read_json
+from tlora.common.values import check_finite, check_seed, shown
 from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
 from tlora.families.checks import cached_file
 from tlora.families.pipelines import DTYPES

@@ -12,7 +12,8 @@ import torch
 from tlora.common.errors import Diverged, UsageError
 from tlora.common.files import atomic_write
 from tlora.common.messages import DIVERGED_FIX
-from tlora.common.usage import read_text, shown
+from tlora.common.text_files import read_text
+from tlora.common.values import shown
 
 LOSS_FLUSH_STEPS = 10
 

@@ -23,17 +23,11 @@ from typing import Any
 
 from tlora import families
 from tlora.common.errors import UsageError
-from tlora.common.usage import (
-    REDACTED,
-    SECRET_KEYS,
-    Parser,
-    check_model_source,
-    check_utf8,
-    load_yaml,
-    read_text,
-    redact_argv,
-    shown,
-)
+from tlora.common.flags import Parser, check_utf8
+from tlora.common.hub import check_model_source
+from tlora.common.redaction import REDACTED, SECRET_KEYS, redact_argv
+from tlora.common.text_files import load_yaml, read_text
+from tlora.common.values import shown
 from tlora.families.pipelines import BASE_PRECISIONS
 from tlora.method.adapters import SIG_TYPES, TRAINER_TYPES
 from tlora.method.settings import TRAINER_CLASSES

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tlora.common.errors import UsageError
 from tlora.common.messages import note
-from tlora.common.usage import shown
+from tlora.common.values import shown
 from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, damage, read_progress
 from tlora.runs.run_folder import RUN_INDEX, RunFolder, checkpoint_step
 from tlora.train.checks import training_items

@@ -15,7 +15,7 @@ import numpy as np
 from accelerate import Accelerator
 from PIL import Image
 
-from tlora.common.usage import redact_argv
+from tlora.common.redaction import redact_argv
 
 SIMPLE = (int, float, str, bool)
 
