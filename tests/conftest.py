@@ -1,30 +1,20 @@
-"""Shared fixtures: a tiny random SDXL on disk, generated training images, offline settings."""
+"""Shared fixtures (plain helpers are in helpers.py): a tiny random model of each family on disk and its pipeline,
+loaded once; trained runs, each trained once; generated training images; tiny CLIP and DINO; offline settings."""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from helpers import left_as_found, make_image, train_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-
-def read_weights(path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a checkpoint folder or file, through tlora's reader (no settings needed)."""
-    from tlora.runs.run_folder import find_weights
-    from tlora.runs.weights import read_header, read_tensors
-
-    found = find_weights(path)
-    return read_tensors(found), read_header(found)[1]
 
 
 # A one-line error names what is wrong (a --flag, a file or folder, the manifest) and says the fix: a clause that
@@ -73,18 +63,46 @@ def one_line_error(capsys, code: int, message: str, exit_code: int = 2) -> str:
     return err
 
 
-def make_image(path: Path, size: tuple[int, int] = (96, 80), seed: int = 0) -> Path:
-    """A random RGB image (not square, so cropping is exercised)."""
-    rng = np.random.RandomState(seed)
-    Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8")).save(path)
-    return path
+# -- each family's tiny model: tiny_<family> (its folder), <family>_pipe (loaded once, shared by the session) and
+# borrowed_<family>_pipe (the shared one for a test that puts adapters or LoRAs on it: taken off when it ends) --------
+def _tiny_families() -> tuple[str, ...]:
+    from tlora.families.tiny import BUILDERS  # imported here: after the settings above, as diffusers reads them
+    return tuple(BUILDERS)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from tlora.families.tiny import build_tiny_sdxl
 
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+TINY_FAMILIES = _tiny_families()  # sdxl, flux, klein
+
+
+def _family_fixtures(family: str) -> None:
+    def folder(tmp_path_factory) -> Path:
+        from tlora.families.tiny import BUILDERS
+
+        return BUILDERS[family](tmp_path_factory.mktemp(f"tiny-{family}"))
+
+    def pipe(request):
+        from tlora.families.pipelines import load_pipeline
+
+        return load_pipeline(str(request.getfixturevalue(f"tiny_{family}")), "none")
+
+    def borrowed(request):
+        shared = request.getfixturevalue(f"{family}_pipe")
+        yield shared
+        left_as_found(shared)
+
+    globals()[f"tiny_{family}"] = pytest.fixture(scope="session", name=f"tiny_{family}")(folder)
+    globals()[f"{family}_pipe"] = pytest.fixture(scope="session", name=f"{family}_pipe")(pipe)
+    globals()[f"borrowed_{family}_pipe"] = pytest.fixture(name=f"borrowed_{family}_pipe")(borrowed)
+
+
+for _family in TINY_FAMILIES:
+    _family_fixtures(_family)
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def family(request) -> str:
+    """Each tiny family's name in turn (a test taking it runs once per family)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -102,45 +120,32 @@ def class_dir(tmp_path_factory) -> Path:
         make_image(folder / f"{i}.png", seed=10 + i)
     return folder
 
+@pytest.fixture
+def unet(borrowed_sdxl_pipe):
+    """The session's tiny SDXL UNet (frozen), for a test that attaches adapters to it: unloaded when it ends."""
+    return borrowed_sdxl_pipe.unet
+
+
 
 @pytest.fixture(scope="session")
-def tiny_pipe(tiny_model):
-    from tlora.families.pipelines import load_pipeline
+def trained_run(tiny_sdxl, image_dir, tmp_path_factory) -> Callable[..., Path]:
+    """trained_run(**flags) -> the folder of a tiny SDXL run trained with train_args and these train.py flags
+    (`num_train_epochs=4` -> --num_train_epochs 4; True -> the bare flag), trained once per distinct set of flags
+    and shared by every module that asks for it: read it, or change a copy (helpers.copy_run)."""
+    from tlora.train.options import parse_args
+    from tlora.train.trainer import train
 
-    return load_pipeline(str(tiny_model), "none")
-
-
-@pytest.fixture
-def unet(tiny_model):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").requires_grad_(False)
-
-
-def with_flags(base: list[str], extra: tuple[str, ...]) -> list[str]:
-    """`base` (flag-value pairs) with `extra`'s values in place of its own for the flags both give, and `extra`'s
-    other arguments after it: the command lines refuse a flag given twice with two values."""
-    values = dict(zip(base[::2], base[1::2]))
-    rest, i = [], 0
-    while i < len(extra):
-        if extra[i] in values and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            values[extra[i]] = extra[i + 1]
-            i += 2
-        else:
-            rest.append(extra[i])
-            i += 1
-    return [item for pair in values.items() for item in pair] + rest
+    runs: dict[tuple, Path] = {}
+    def run(**flags) -> Path:
+        key = tuple(sorted((name, str(value)) for name, value in flags.items()))
+        if key not in runs:
+            extra = [item for name, value in key
+                     for item in ((f"--{name}",) if value == "True" else (f"--{name}", value))]
+            runs[key] = train(parse_args(train_args(tiny_sdxl, image_dir, tmp_path_factory.mktemp("run"), *extra)))
+        return runs[key]
 
 
-def train_args(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """A train.py command line for the tiny model at 64 px."""
-    return with_flags([
-        "--trainer_type", "ortho_lora", "--trainer_class", "sdxl_tlora",
-        "--pretrained_model_name_or_path", str(tiny_model), "--pretrained_vae_model_name_or_path", "none",
-        "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog",
-        "--placeholder_token", "sks", "--resolution", "64", "--num_train_epochs", "3",
-        "--checkpointing_steps", "2", "--lora_rank", "4", "--min_rank", "2", "--dataloader_num_workers", "0",
-    ], extra)
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -186,41 +191,3 @@ def tiny_embedders(tiny_embedder_dir):
     from tlora.evaluation.metrics import Embedders
 
     return Embedders.load(str(tiny_embedder_dir / "clip"), str(tiny_embedder_dir / "dino"), "cpu")
-
-
-@pytest.fixture(scope="session")
-def tiny_flux(tmp_path_factory) -> Path:
-    from tlora.families.tiny import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
-
-
-@pytest.fixture(scope="session")
-def flux_pipe(tiny_flux):
-    from tlora.families.pipelines import load_pipeline
-
-    return load_pipeline(str(tiny_flux), "none")
-
-
-@pytest.fixture(scope="session")
-def tiny_klein(tmp_path_factory) -> Path:
-    from tlora.families.tiny import build_tiny_klein
-
-    return build_tiny_klein(tmp_path_factory.mktemp("tiny-klein"))
-
-
-@pytest.fixture(scope="session")
-def klein_pipe(tiny_klein):
-    from tlora.families.pipelines import load_pipeline
-
-    return load_pipeline(str(tiny_klein), "none")
-
-
-def flux_train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """The authors' FLUX command line (run.py -> train.py) for the tiny FLUX at 64 px."""
-    return with_flags([
-        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--output_dir", str(out),
-        "--class_name", "dog", "--rank", "4", "--min_rank", "1", "--max_train_steps", "2",
-        "--checkpointing_steps", "2", "--resolution", "64", "--max_sequence_length", "16", "--seed", "0",
-        "--dataloader_num_workers", "0",
-    ], extra) + ["--tlora"]

@@ -3,8 +3,9 @@ denoiser takes for a diffusion t, and the family's img2img pipeline. A new famil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,37 +13,11 @@ from PIL import Image
 
 from tlora import families
 
-
-def sdxl_inputs(unet, batch: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    size, cross = unet.config.sample_size, unet.config.cross_attention_dim
-    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    return {"sample": torch.randn(batch, 4, size, size, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 77, cross, generator=g),
-            "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, generator=g),
-                                  "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}}
-
-
-def flux_inputs(transformer, batch: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"hidden_states": torch.randn(batch, 16, 64, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 5, 32, generator=g),
-            "pooled_projections": torch.randn(batch, 32, generator=g), "img_ids": torch.zeros(16, 3),
-            "txt_ids": torch.zeros(5, 3), "guidance": torch.ones(batch)}
-
-
-def klein_inputs(transformer, batch: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
-    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(5))
-    return {"hidden_states": torch.randn(batch, 16, 16, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 5, transformer.config.joint_attention_dim, generator=g),
-            "img_ids": ids.expand(batch, -1, -1), "txt_ids": text_ids.expand(batch, -1, -1)}
+from helpers import flux_inputs, klein_inputs, sdxl_inputs
 
 
 @dataclass
 class Spec:
-    fixture: str  # the session fixture with the family's tiny pipeline (conftest)
     inputs: Callable  # denoiser, batch, seed -> keyword arguments but the timestep
     timestep: Callable  # diffusion t -> what the pipelines pass the denoiser
     img2img: str | None  # the family's diffusers img2img and inpainting pipeline classes (None: it has none)
@@ -52,11 +27,11 @@ class Spec:
 
 
 CASES = {
-    "sdxl": Spec("tiny_pipe", sdxl_inputs, lambda t: t, "StableDiffusionXLImg2ImgPipeline",
+    "sdxl": Spec(sdxl_inputs, lambda t: t, "StableDiffusionXLImg2ImgPipeline",
                  "StableDiffusionXLInpaintPipeline"),
-    "flux": Spec("flux_pipe", flux_inputs, lambda t: t / 1000, "FluxImg2ImgPipeline", "FluxInpaintPipeline",
+    "flux": Spec(flux_inputs, lambda t: t / 1000, "FluxImg2ImgPipeline", "FluxInpaintPipeline",
                  {"height": 64, "width": 64, "max_sequence_length": 16}),
-    "klein": Spec("klein_pipe", klein_inputs, lambda t: t / 1000, None, "Flux2KleinInpaintPipeline",
+    "klein": Spec(klein_inputs, lambda t: t / 1000, None, "Flux2KleinInpaintPipeline",
                   {"height": 64, "width": 64, "max_sequence_length": 16}, calls_per_step=2),
 }
 
@@ -100,5 +75,5 @@ class Case:
 
 
 def case_of(name: str, request) -> Case:
-    spec = CASES[name]
-    return Case(name, request.getfixturevalue(spec.fixture), spec)
+    """The family's case, on its session-wide tiny pipeline (the conftest fixture <name>_pipe)."""
+    return Case(name, request.getfixturevalue(f"{name}_pipe"), CASES[name])

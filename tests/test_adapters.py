@@ -185,7 +185,7 @@ def test_ortho_forward_equals_the_authors_formula():
     assert torch.allclose(a(x, mask[:, 0]), expected, atol=1e-6)
 
 
-def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(tiny_model):
+def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(unet):
     """T-LoRA's starts are decomposed batched by shape: bitwise the per-matrix SVD slices, and attach draws the
     random matrices in the authors' order (each adapter's own Linear draws, then its R), as one-by-one
     construction does."""
@@ -198,14 +198,11 @@ def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(
         assert torch.equal(q, u[start[0]:start[0] + 4]) and torch.equal(p, vh[:, start[1]:start[1] + 4])
         assert torch.equal(lam, s[None, start[2]:start[2] + 4])
 
-    from diffusers import UNet2DConditionModel
-
     from tlora.families import SDXL
     from tlora.families.base import get_module
     from tlora.method.injection import attach
     from tlora.method.settings import TLoRASettings
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     torch.manual_seed(3)
     state = attach(unet, TLoRASettings("ortho_lora", 4, 2, family="sdxl")).state_dict()
     torch.manual_seed(3)

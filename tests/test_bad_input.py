@@ -21,7 +21,8 @@ from tlora.runs.weights import WEIGHTS_NAME
 
 import inference
 import train
-from conftest import make_image, one_line_error, read_weights, train_args, with_flags
+from conftest import one_line_error
+from helpers import make_image, read_weights, train_args, with_flags
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,8 @@ def config(tmp_path, text):
      "is neither a checkpoint-N folder of a run, a run folder nor 'latest'"),
     (lambda t, d: ("--lora_r", "8"), "unrecognized arguments: --lora_r 8"),  # no abbreviations
 ])
-def test_train_rejects(tiny_model, image_dir, tmp_path, capsys, change, message):
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", *change(tmp_path, image_dir))
+def test_train_rejects(tiny_sdxl, image_dir, tmp_path, capsys, change, message):
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", *change(tmp_path, image_dir))
     one_line_error(capsys, train.main(argv), message)
     assert not (tmp_path / "out").exists()
 
@@ -78,8 +79,8 @@ def test_train_rejects(tiny_model, image_dir, tmp_path, capsys, change, message)
     ("corrupt.png", "corrupt.png is not a readable image"), ("text.jpg", "text.jpg is not a readable image"),
     ("small.png", "small.png is 32x80; images need at least 64 px"),
 ])
-def test_training_images_are_checked_up_front(tiny_model, bad_images, tmp_path, capsys, name, message):
-    argv = train_args(tiny_model, bad_images, tmp_path / "out", "--one_image", name)
+def test_training_images_are_checked_up_front(tiny_sdxl, bad_images, tmp_path, capsys, name, message):
+    argv = train_args(tiny_sdxl, bad_images, tmp_path / "out", "--one_image", name)
     one_line_error(capsys, train.main(argv), f"--train_data_dir: {message}")
     assert not (tmp_path / "out").exists()
 
@@ -92,16 +93,16 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(bad_images):
     assert -1 <= float(pixels.min()) and float(pixels.mean()) < 0  # dark on average, as the image is
 
 
-def test_secret_is_never_echoed_however_spelled(tiny_model, image_dir, tmp_path, capsys):
+def test_secret_is_never_echoed_however_spelled(tiny_sdxl, image_dir, tmp_path, capsys):
     secret = "SECRETwandbKEY0123456789"
     for spelling in (["--wandb_api_k", secret], ["--wandb-api-key", secret], [f"--wandb_api_k={secret}"]):
-        code = train.main(train_args(tiny_model, image_dir, tmp_path / "out", *spelling))
+        code = train.main(train_args(tiny_sdxl, image_dir, tmp_path / "out", *spelling))
         err = one_line_error(capsys, code, "unrecognized arguments")
         assert secret not in err and "<redacted>" in err
 
 
 @pytest.mark.slow
-def test_failure_after_the_run_folder_leaves_nothing(tiny_model, image_dir, tmp_path, monkeypatch):
+def test_failure_after_the_run_folder_leaves_nothing(tiny_sdxl, image_dir, tmp_path, monkeypatch):
     """A failure while loading (before step 1) removes the new run folder."""
     from tlora.common.errors import RunFailed
     from tlora.train import trainer as training
@@ -113,19 +114,16 @@ def test_failure_after_the_run_folder_leaves_nothing(tiny_model, image_dir, tmp_
     monkeypatch.setattr(training, "load_pipeline", broken)
     with pytest.raises(RunFailed, match="training failed at step 0: RuntimeError: out of memory while "
                                         "loading .traceback in .*; nothing was kept") as failed:
-        training.train(parse_args(train_args(tiny_model, image_dir, tmp_path / "out")))
+        training.train(parse_args(train_args(tiny_sdxl, image_dir, tmp_path / "out")))
     assert list((tmp_path / "out").iterdir()) == []
     traceback = str(failed.value).split("traceback in ")[1].split(")")[0]
     assert "out of memory while loading" in open(traceback).read()
 
 
 @pytest.fixture(scope="module")
-def run_folder(tiny_model, image_dir, tmp_path_factory):
-    from tlora.train.options import parse_args
-    from tlora.train.trainer import train as train_run
-
-    return train_run(parse_args(train_args(tiny_model, image_dir, tmp_path_factory.mktemp("runs"),
-                                           "--num_train_epochs", "1", "--lora_rank", "4")))
+def run_folder(trained_run):
+    """A one-step run (checkpoint-1), shared: read only."""
+    return trained_run(num_train_epochs=1, lora_rank=4)
 
 
 def infer_argv(run, *extra):
@@ -171,23 +169,23 @@ def test_inference_rejects_damaged_and_foreign_checkpoints(run_folder, tmp_path,
                    "this is a ortho_lora checkpoint, rank 4, but the settings say trainer_type lora, lora_rank 8")
 
 
-def test_api_checks_its_settings(tiny_pipe, run_folder):
+def test_api_checks_its_settings(sdxl_pipe, run_folder):
     checkpoint = run_folder / "checkpoint-1"
     with pytest.raises(ValueError, match=r"min_rank \(99\) must not exceed lora_rank \(4\)"):
-        tlora.load(tiny_pipe, checkpoint, min_rank=99)
+        tlora.load(sdxl_pipe, checkpoint, min_rank=99)
     with pytest.raises(ValueError, match="trainer_class must be one of sdxl_lora, sdxl_tlora, flux_lora, flux_tlora, klein_lora, klein_tlora, got 'nonsense'"):
-        tlora.load(tiny_pipe, checkpoint, trainer_class="nonsense")
+        tlora.load(sdxl_pipe, checkpoint, trainer_class="nonsense")
     with pytest.raises(ValueError, match="this is a ortho_lora checkpoint, rank 4"):
-        tlora.load(tiny_pipe, checkpoint, lora_rank=8)
-    assert tlora.attached(tiny_pipe.unet) is None  # nothing left attached by a refused load
-    tlora.load(tiny_pipe, checkpoint)
+        tlora.load(sdxl_pipe, checkpoint, lora_rank=8)
+    assert tlora.attached(sdxl_pipe.unet) is None  # nothing left attached by a refused load
+    tlora.load(sdxl_pipe, checkpoint)
     try:
         for bad in (math.nan, math.inf, "1"):
             with pytest.raises(ValueError, match="scale must be a finite number"):
-                tlora.set_scale(tiny_pipe, bad)
-        assert tlora.attached(tiny_pipe.unet).state.scale == 1.0
+                tlora.set_scale(sdxl_pipe, bad)
+        assert tlora.attached(sdxl_pipe.unet).state.scale == 1.0
     finally:
-        tlora.unload(tiny_pipe)
+        tlora.unload(sdxl_pipe)
 
 
 def test_evaluate_checks_inputs_before_loading_models(tmp_path, capsys):
@@ -250,8 +248,8 @@ BOMB = "lora_rank: [&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(  # 10**9 s
     (("--rank", "8"), "--rank 8 contradicts --lora_rank 4 given before; give the flag once"),
     (("--instance_data_dir", "elsewhere"), "--instance_data_dir 'elsewhere' contradicts --train_data_dir"),
 ])
-def test_a_flag_given_twice_with_two_values_is_refused(tiny_model, image_dir, tmp_path, capsys, again, message):
-    one_line_error(capsys, train.main(train_args(tiny_model, image_dir, tmp_path / "out") + list(again)), message)
+def test_a_flag_given_twice_with_two_values_is_refused(tiny_sdxl, image_dir, tmp_path, capsys, again, message):
+    one_line_error(capsys, train.main(train_args(tiny_sdxl, image_dir, tmp_path / "out") + list(again)), message)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -275,27 +273,27 @@ def test_a_flag_given_twice_with_two_values_is_refused(tiny_model, image_dir, tm
     (lambda t: ("--validation_prompts", " # "), "holds no prompt ('#' separates prompts)"),
     (lambda t: ("--resolution", "8"), "--resolution must be a multiple of 8 for sdxl, at least 64, got 8"),
 ])
-def test_train_refuses_up_front(tiny_model, image_dir, tmp_path, capsys, extra, message):
+def test_train_refuses_up_front(tiny_sdxl, image_dir, tmp_path, capsys, extra, message):
     import time
 
     start = time.perf_counter()
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", *extra(tmp_path))
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", *extra(tmp_path))
     one_line_error(capsys, train.main(argv), message)
     assert time.perf_counter() - start < 20 and not (tmp_path / "out").exists()
 
 
-def test_a_flag_repeated_with_its_value_is_fine(tiny_model, image_dir, tmp_path):
+def test_a_flag_repeated_with_its_value_is_fine(tiny_sdxl, image_dir, tmp_path):
     from tlora.train.options import parse_args
 
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--lora_rank", "4") + ["--rank", "4", "--lora_rank=4"]
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--lora_rank", "4") + ["--rank", "4", "--lora_rank=4"]
     assert parse_args(argv).lora_rank == 4
 
 
-def test_a_secret_in_a_config_is_never_echoed(tiny_model, image_dir, tmp_path, capsys):
+def test_a_secret_in_a_config_is_never_echoed(tiny_sdxl, image_dir, tmp_path, capsys):
     secret = "SECRETwandbKEY0123456789"
     for value in (f"[{secret}]", f"{{key: {secret}}}", "12345678901234567890"):
         config = write(tmp_path, "c.yaml", f"wandb_api_key: {value}\n")
-        err = one_line_error(capsys, train.main(train_args(tiny_model, image_dir, tmp_path / "o", "--config", config)),
+        err = one_line_error(capsys, train.main(train_args(tiny_sdxl, image_dir, tmp_path / "o", "--config", config)),
                              "--wandb_api_key must be str, got <redacted>")
         assert secret not in err and "1234567890" not in err
 
@@ -308,9 +306,9 @@ def data(tmp_path):
     return folder
 
 
-def test_a_link_to_nothing_in_the_data_is_refused(tiny_model, data, tmp_path, capsys):
+def test_a_link_to_nothing_in_the_data_is_refused(tiny_sdxl, data, tmp_path, capsys):
     (data / "gone.png").symlink_to(tmp_path / "nowhere.png")
-    one_line_error(capsys, train.main(train_args(tiny_model, data, tmp_path / "out")),
+    one_line_error(capsys, train.main(train_args(tiny_sdxl, data, tmp_path / "out")),
                    f"--train_data_dir: gone.png in {data} is a link to nothing")
 
 
@@ -320,17 +318,17 @@ def test_a_link_to_nothing_in_the_data_is_refused(tiny_model, data, tmp_path, ca
     (lambda d: Image.fromarray(np.pad(np.zeros((80, 80), np.uint8), ((0, 0), (8, 8)), constant_values=255)),
      "is all black where the image is cropped to train"),  # white only outside the centre crop
 ])
-def test_a_mask_that_leaves_nothing_to_learn_is_refused(tiny_model, data, tmp_path, capsys, mask, message):
+def test_a_mask_that_leaves_nothing_to_learn_is_refused(tiny_sdxl, data, tmp_path, capsys, mask, message):
     (tmp_path / "masks").mkdir()
     mask(data).save(tmp_path / "masks" / "00.png")
-    argv = train_args(tiny_model, data, tmp_path / "out", "--mask_dir", str(tmp_path / "masks"))
+    argv = train_args(tiny_sdxl, data, tmp_path / "out", "--mask_dir", str(tmp_path / "masks"))
     one_line_error(capsys, train.main(argv), message)
 
 
-def test_a_fully_transparent_image_with_alpha_mask_is_refused(tiny_model, tmp_path, capsys):
+def test_a_fully_transparent_image_with_alpha_mask_is_refused(tiny_sdxl, tmp_path, capsys):
     (tmp_path / "data").mkdir()
     Image.new("RGBA", (96, 80), (255, 0, 0, 0)).save(tmp_path / "data" / "00.png")
-    argv = train_args(tiny_model, tmp_path / "data", tmp_path / "out", "--alpha_mask")
+    argv = train_args(tiny_sdxl, tmp_path / "data", tmp_path / "out", "--alpha_mask")
     one_line_error(capsys, train.main(argv), "--alpha_mask: 00.png is fully transparent where the image is cropped")
 
 
@@ -343,13 +341,13 @@ def notes_of(argv) -> tuple[object, list[str]]:
     return opts, [str(w.message) for w in said if issubclass(w.category, Note)]
 
 
-def test_what_changes_the_request_is_said_and_recorded(tiny_model, data, class_dir, tmp_path, monkeypatch):
+def test_what_changes_the_request_is_said_and_recorded(tiny_sdxl, data, class_dir, tmp_path, monkeypatch):
     from tlora.runs.run_folder import public_hparams
 
     frames = [Image.new("RGB", (96, 80), c) for c in ("red", "blue")]
     frames[0].save(data / "01.png", save_all=True, append_images=frames[1:])  # an animated PNG
-    monkeypatch.chdir(tiny_model.parent)
-    argv = train_args(Path(tiny_model.name), data, tmp_path / "out", "--train_batch_size", "100000",
+    monkeypatch.chdir(tiny_sdxl.parent)
+    argv = train_args(Path(tiny_sdxl.name), data, tmp_path / "out", "--train_batch_size", "100000",
                       "--class_data_dir", str(class_dir), "--trainer_class", "sdxl_lora", "--sig_type", "principal",
                       "--trainer_type", "lora")
     opts, notes = notes_of(argv)
@@ -359,12 +357,12 @@ def test_what_changes_the_request_is_said_and_recorded(tiny_model, data, class_d
     assert any(n.startswith("--class_data_dir has no effect without --with_prior_preservation") for n in notes)
     assert any(n.startswith("--min_rank has no effect with --trainer_class sdxl_lora") for n in notes)
     assert any(n.startswith("--sig_type has no effect with --trainer_type lora") for n in notes)
-    assert opts.pretrained_model_name_or_path == str(tiny_model)  # a relative model folder, recorded absolute
+    assert opts.pretrained_model_name_or_path == str(tiny_sdxl)  # a relative model folder, recorded absolute
     assert public_hparams(opts)["train_data_dir"] == str(data)
 
 
 def test_flux_min_rank_without_the_mask_is_said(tiny_flux, image_dir, tmp_path):
-    from conftest import flux_train_args
+    from helpers import flux_train_args
 
     argv = [a for a in flux_train_args(tiny_flux, image_dir, tmp_path / "out") if a != "--tlora"]
     _, notes = notes_of(argv)
@@ -373,36 +371,36 @@ def test_flux_min_rank_without_the_mask_is_said(tiny_flux, image_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_started_elsewhere_samples_from_anywhere(tiny_model, image_dir, tmp_path, monkeypatch):
+def test_a_run_started_elsewhere_samples_from_anywhere(tiny_sdxl, image_dir, tmp_path, monkeypatch):
     """hparams.yml records local paths absolute: inference.py from another folder finds the model."""
     from tlora.train.options import parse_args
     from tlora.train.trainer import train as train_run
 
-    monkeypatch.chdir(tiny_model.parent)
+    monkeypatch.chdir(tiny_sdxl.parent)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = train_run(parse_args(train_args(Path(tiny_model.name), image_dir, Path("rel_out"), "--num_train_epochs",
+        run = train_run(parse_args(train_args(Path(tiny_sdxl.name), image_dir, Path("rel_out"), "--num_train_epochs",
                                               "1")))
     monkeypatch.chdir(tmp_path)
     assert inference.main(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1", "--prompts",
                            "a {0}", "--num_images_per_prompt", "1", "--num_inference_steps", "1"]) == 0
 
 
-def test_a_vae_of_another_family_is_refused_before_loading(tiny_model, tiny_flux, image_dir, run_folder, tmp_path,
+def test_a_vae_of_another_family_is_refused_before_loading(tiny_sdxl, tiny_flux, image_dir, run_folder, tmp_path,
                                                           capsys):
     vae = str(tiny_flux / "vae")
     message = f"--pretrained_vae_model_name_or_path: {vae} is AutoencoderKL with 16 latent channels"
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--pretrained_vae_model_name_or_path", vae)
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--pretrained_vae_model_name_or_path", vae)
     one_line_error(capsys, train.main(argv), message)
     one_line_error(capsys, inference.main(infer_argv(run_folder, "--pretrained_vae_model_name_or_path", vae)), message)
 
 
-def test_a_prompt_the_text_encoder_cuts_is_said(tiny_model, image_dir, run_folder, tmp_path):
+def test_a_prompt_the_text_encoder_cuts_is_said(tiny_sdxl, image_dir, run_folder, tmp_path):
     from tlora.common.messages import Note
     from tlora.generate.inference import parse_args as parse_inference
 
     long = "a {0} " + "on a very long road " * 30
-    _, notes = notes_of(train_args(tiny_model, image_dir, tmp_path / "out", "--validation_prompts", f"a {{0}}#{long}"))
+    _, notes = notes_of(train_args(tiny_sdxl, image_dir, tmp_path / "out", "--validation_prompts", f"a {{0}}#{long}"))
     cut = [n for n in notes if "the rest is cut" in n]
     assert len(cut) == 1 and cut[0].startswith("the prompt 'a sks dog on")
     with pytest.warns(Note, match="--prompts: the prompt 'a sks dog on a very long .* the rest is cut; shorten it"):

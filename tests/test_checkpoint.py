@@ -12,8 +12,7 @@ from tlora.method.settings import TLoRASettings
 from tlora.runs.keys import infer_rank, infer_trainer_type
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
-from conftest import read_weights
-from test_injection import perturb
+from helpers import perturb, read_weights
 
 PARAMS = {
     "lora": lambda i, o, r: {"down.weight": (r, i), "up.weight": (o, r)},
@@ -49,11 +48,11 @@ def test_checkpoint_keys_and_shapes(unet, tmp_path, trainer_type):
     assert path.name == WEIGHTS_NAME and [p.name for p in tmp_path.iterdir()] == [WEIGHTS_NAME]
 
 
-def test_authors_file_without_metadata_loads(unet, tiny_model, tmp_path):
+def test_authors_file_without_metadata_loads(unet, tiny_sdxl, tmp_path):
     tlora = attach(unet, TLoRASettings("ortho_lora", 4, 1))
     perturb(tlora)
     save_file(tlora.state_dict(), str(tmp_path / WEIGHTS_NAME), metadata={"format": "pt"})
-    fresh = attach(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), TLoRASettings("ortho_lora", 4, 1),
+    fresh = attach(UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet"), TLoRASettings("ortho_lora", 4, 1),
                    init=False)
     fresh.load_state_dict(read_weights(tmp_path)[0])
     assert all(torch.equal(v, tlora.state_dict()[k]) for k, v in fresh.state_dict().items())

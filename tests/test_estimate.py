@@ -13,12 +13,12 @@ FLAGS = ["--resolution", "64", "--lora_rank", "4", "--min_rank", "2", "--trainer
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--gradient_checkpointing"]], ids=["plain", "checkpointing"])
-def test_the_meta_trace_is_the_real_steps_tracked_peak(tiny_model, extra):
+def test_the_meta_trace_is_the_real_steps_tracked_peak(tiny_sdxl, extra):
     """Peak live bytes of one steady-state step (weights, adapters, gradients, AdamW state, activations): traced on
     meta with CUDA's attention kernels modelled, against the same step run on the CPU (its own flash attention)."""
-    opts, _ = parse_args(["--pretrained_model_name_or_path", str(tiny_model), *FLAGS, *extra])
-    traced = trace_step(opts, str(tiny_model))
-    real = trace_step(opts, pipe=load_pipeline(str(tiny_model), "none"))
+    opts, _ = parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl), *FLAGS, *extra])
+    traced = trace_step(opts, str(tiny_sdxl))
+    real = trace_step(opts, pipe=load_pipeline(str(tiny_sdxl), "none"))
     for kind in ("weights", "adapters", "optimizer"):
         assert traced["split"][kind] == real["split"][kind] > 0
     peak, tracked = sum(traced["split"].values()), sum(real["split"].values())

@@ -17,7 +17,7 @@ from tlora.evaluation.metrics import mask_background, reference_images
 from tlora.evaluation.report import collect
 from tlora.method.settings import TLoRASettings
 
-from conftest import make_image
+from helpers import make_image
 
 
 def write_samples(folder, prompts, images):
@@ -105,13 +105,13 @@ def test_effective_rank_by_hand():
 
 
 @pytest.mark.slow
-def test_analyze_writes_its_pictures(tiny_model, image_dir, tmp_path):
+def test_analyze_writes_its_pictures(tiny_sdxl, image_dir, tmp_path):
     from tlora.train.options import parse_args
     from tlora.train.trainer import train
 
-    from conftest import train_args
+    from helpers import train_args
 
-    run = train(parse_args(train_args(tiny_model, image_dir, tmp_path, "--num_train_epochs", "12",
+    run = train(parse_args(train_args(tiny_sdxl, image_dir, tmp_path, "--num_train_epochs", "12",
                                       "--checkpointing_steps", "12", "--validation_prompts", "a {0}#a red {0}",
                                       "--num_val_imgs_per_prompt", "2")))
     out = analyze(run)
@@ -125,7 +125,7 @@ def test_analyze_writes_its_pictures(tiny_model, image_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tiny_embedder_dir, tmp_path,
+def test_benchmark_runner_end_to_end_and_resume(tiny_sdxl, tiny_embedders, tiny_embedder_dir, tmp_path,
                                                 monkeypatch):
     for i in range(2):
         make_image(tmp_path / f"concept{i}.png", seed=i)
@@ -134,7 +134,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_model, tiny_embedders, tiny
             "trainer_type": ttype, "trainer_class": "sdxl_tlora", "lora_rank": 4, "min_rank": 2,
             "num_train_epochs": 2, "checkpointing_steps": 2, "resolution": 64, "dataloader_num_workers": 0}))
     manifest = {
-        "output_dir": "bench", "pretrained_model_name_or_path": str(tiny_model),
+        "output_dir": "bench", "pretrained_model_name_or_path": str(tiny_sdxl),
         "pretrained_vae_model_name_or_path": "none", "images": {"contextual": 1, "complex": 1, "base": 2},
         "num_prompts": {"contextual": 2, "complex": 1}, "num_inference_steps": 2,
         "evaluation": {"clip_model": str(tiny_embedder_dir / "clip"), "dino_model": str(tiny_embedder_dir / "dino")},

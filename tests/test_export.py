@@ -8,21 +8,19 @@ import torch
 from safetensors import safe_open
 
 import tlora
-from tlora.families.pipelines import load_pipeline
 from tlora.families.sdxl import sgm_path
 from tlora.interop.export import best_rank, main
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
-from conftest import read_weights
-from test_injection import perturb, unet_inputs
+from helpers import perturb, read_weights, sdxl_inputs
 
 
 @pytest.fixture(scope="module", params=["lora", "ortho_lora"])
-def checkpoint(request, tiny_model, tmp_path_factory):
+def checkpoint(request, tiny_sdxl, tmp_path_factory):
     """A perturbed (as if trained) T-LoRA checkpoint of each type, rank 4, min_rank 2."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     torch.manual_seed(0)
     adapters = tlora.attach(unet, tlora.TLoRASettings(request.param, 4, 2))
     perturb(adapters, seed=7)
@@ -33,13 +31,14 @@ def checkpoint(request, tiny_model, tmp_path_factory):
 
 
 @pytest.fixture
-def pipe(tiny_model):
-    return load_pipeline(str(tiny_model), "none")
+def pipe(borrowed_sdxl_pipe):
+    """The session's tiny SDXL pipeline: the tests load T-LoRAs and diffusers LoRAs on it, taken off after each."""
+    return borrowed_sdxl_pipe
 
 
 def unet_out(pipe, t):
     with torch.no_grad():
-        return pipe.unet(timestep=t, **unet_inputs(pipe.unet)).sample
+        return pipe.unet(timestep=t, **sdxl_inputs(pipe.unet)).sample
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])

@@ -5,25 +5,24 @@ A new family gets these by adding its tiny model to `families_case.CASES`."""
 
 import pytest
 import torch
-from families_case import case_of
 
 import tlora
 from tlora.evaluation.analyze import analyse_updates
 from tlora.families import FAMILIES
 from tlora.method.adapters import active_rank, rank_mask
-from tlora.method.injection import ADAPTER, attached
+from tlora.method.injection import ADAPTER
 from tlora.runs.weights import save_weights
 
-from test_injection import perturb
+from families_case import case_of
+from helpers import left_as_found, perturb
 
 
-@pytest.fixture(params=sorted(FAMILIES))
-def case(request):
-    """The family's tiny pipeline (shared by the session: each test leaves it as it found it)."""
-    case = case_of(request.param, request)
+@pytest.fixture
+def case(family, request):
+    """The family's tiny pipeline (shared by the session: left as it was found after each test)."""
+    case = case_of(family, request)
     yield case
-    if attached(case.model) is not None:
-        tlora.unload(case.pipe)
+    left_as_found(case.pipe)
 
 
 def test_adapters_on_every_projection_processors_kept(case):
@@ -155,15 +154,14 @@ def test_the_scheduled_export_is_the_exact_tlora_in_the_stock_pipeline(case, tmp
 
 
 
-@pytest.mark.parametrize("family,folder", [("sdxl", "tiny_model"), ("flux", "tiny_flux"), ("klein", "tiny_klein")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_loads_what_diffusers_loads(family, folder, dtype, request):
+def test_half_precision_loads_what_diffusers_loads(family, dtype, request):
     """Loading in half precision goes through float32 and casts tensor by tensor, giving the checkpoint's mapped
     pages back: every tensor equals diffusers' own half-precision load bit for bit, in the same dtype (T5's `wo`
     stays float32 under fp16, as transformers keeps it)."""
     from tlora.families.pipelines import load_pipeline
 
-    path = request.getfixturevalue(folder)
+    path = request.getfixturevalue(f"tiny_{family}")
     ours = load_pipeline(str(path), "none", dtype=dtype, family=family)
     theirs = FAMILIES[family].pipeline_class.from_pretrained(str(path), dtype=dtype)
     FAMILIES[family].prepare(theirs, dtype)
@@ -181,7 +179,7 @@ def test_half_precision_loads_what_diffusers_loads(family, folder, dtype, reques
         assert kept > 0  # T5's wo layers
 
 
-def test_only_pages_of_read_only_file_maps_are_dropped(tiny_model):
+def test_only_pages_of_read_only_file_maps_are_dropped(tiny_sdxl):
     """FilePages.drop never touches memory that is not a clean copy of a file (it would read back as zeros)."""
     from safetensors.torch import load_file
 
@@ -190,7 +188,7 @@ def test_only_pages_of_read_only_file_maps_are_dropped(tiny_model):
     anonymous = torch.ones(1 << 20)
     pages = FilePages()
     assert not pages.drop(anonymous) and torch.equal(anonymous, torch.ones(1 << 20))
-    mapped = load_file(str(next((tiny_model / "unet").glob("*.safetensors"))))
+    mapped = load_file(str(next((tiny_sdxl / "unet").glob("*.safetensors"))))
     before = {k: v.clone() for k, v in mapped.items()}
     pages = FilePages()
     dropped = [pages.drop(v) for v in mapped.values()]

@@ -4,7 +4,6 @@ transparency, secrets. Each failure is one line naming what is wrong and the fix
 import errno
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from tlora.runs.run_folder import LOCK_NAME
 from tlora.train.options import parse_args
 
 import train
-from conftest import make_image, one_line_error, read_weights, train_args
+from conftest import one_line_error
+from helpers import copy_run, make_image, read_weights, train_args
 
 
 def finite(checkpoint) -> bool:
@@ -35,8 +35,8 @@ def runs(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("limit", [[], ["--checkpoints_total_limit", "1"]], ids=["keep-all", "keep-one"])
-def test_a_diverging_run_stops_and_keeps_its_newest_finite_checkpoint(tiny_model, image_dir, tmp_path, capsys, limit):
-    argv = train_args(tiny_model, image_dir, tmp_path, "--learning_rate", "1e30", "--checkpointing_steps", "1",
+def test_a_diverging_run_stops_and_keeps_its_newest_finite_checkpoint(tiny_sdxl, image_dir, tmp_path, capsys, limit):
+    argv = train_args(tiny_sdxl, image_dir, tmp_path, "--learning_rate", "1e30", "--checkpointing_steps", "1",
                       "--num_train_epochs", "8", *limit)
     err = one_line_error(capsys, train.main(argv), "training diverged: the loss is nan at step 2; the newest finite "
                                                   "checkpoint is", exit_code=1)
@@ -47,7 +47,7 @@ def test_a_diverging_run_stops_and_keeps_its_newest_finite_checkpoint(tiny_model
 
 
 @pytest.mark.slow
-def test_non_finite_weights_are_never_written(tiny_model, image_dir, tmp_path, capsys, monkeypatch):
+def test_non_finite_weights_are_never_written(tiny_sdxl, image_dir, tmp_path, capsys, monkeypatch):
     """Weights that stop being finite with a finite loss (no read-back) are caught before the checkpoint."""
     from tlora.train import trainer as training
 
@@ -61,59 +61,52 @@ def test_non_finite_weights_are_never_written(tiny_model, image_dir, tmp_path, c
         return loss
 
     monkeypatch.setattr(training.Trainer, "step", step)
-    argv = train_args(tiny_model, image_dir, tmp_path, "--checkpointing_steps", "1", "--num_train_epochs", "5")
+    argv = train_args(tiny_sdxl, image_dir, tmp_path, "--checkpointing_steps", "1", "--num_train_epochs", "5")
     one_line_error(capsys, train.main(argv), "the adapter weights are not finite after step 3", exit_code=1)
     (run,) = runs(tmp_path)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "checkpoint-2", "logs"]
 
 
 @pytest.fixture(scope="module")
-def state_run(tiny_model, image_dir, tmp_path_factory):
-    """A finished run with resume state in its two checkpoints (2 and 4)."""
-    from tlora.train.trainer import train as train_run
-
-    return train_run(parse_args(train_args(tiny_model, image_dir, tmp_path_factory.mktemp("state"), "--num_train_epochs",
-                                           "4", "--resume_state_total_limit", "2")))
+def state_run(trained_run):
+    """A finished run with resume state in its two checkpoints (2 and 4); shared: the tests change copies."""
+    return trained_run(num_train_epochs=4, resume_state_total_limit=2)
 
 
-def copy(run, tmp_path):
-    return shutil.copytree(run, tmp_path / "copies" / run.name)
-
-
-def resume_args(tiny_model, image_dir, target, *extra):
-    return train_args(tiny_model, image_dir, target.parent if target.name.startswith("0") else target.parent.parent,
+def resume_args(tiny_sdxl, image_dir, target, *extra):
+    return train_args(tiny_sdxl, image_dir, target.parent if target.name.startswith("0") else target.parent.parent,
                       "--num_train_epochs", "6", "--resume_state_total_limit", "2", "--resume_from_checkpoint",
                       str(target), *extra)
 
 
 @pytest.mark.slow
-def test_damaged_resume_state_is_one_line_before_anything_loads(state_run, tiny_model, image_dir, tmp_path, capsys):
-    run = copy(state_run, tmp_path)
+def test_damaged_resume_state_is_one_line_before_anything_loads(state_run, tiny_sdxl, image_dir, tmp_path, capsys):
+    run = copy_run(state_run, tmp_path)
     optimizer = run / "checkpoint-4" / RESUME_DIR / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:-100])
     for target in (run / "checkpoint-4", run):  # the checkpoint, or the run folder (its newest checkpoint)
-        code = train.main(resume_args(tiny_model, image_dir, target))
+        code = train.main(resume_args(tiny_sdxl, image_dir, target))
         err = one_line_error(capsys, code, f"--resume_from_checkpoint: {optimizer} is not the file checkpoint-4 saved")
         assert err.rstrip().endswith(f"move checkpoint-4 out of {run} to resume from checkpoint-2, or start a new run")
-    one_line_error(capsys, train.main(resume_args(tiny_model, image_dir, run / "checkpoint-2")),
+    one_line_error(capsys, train.main(resume_args(tiny_sdxl, image_dir, run / "checkpoint-2")),
                    "checkpoint-4 of {} is newer but cannot be resumed".format(run))
     (run / "checkpoint-4").rename(tmp_path / "set-aside")  # as the message says: resuming goes on from checkpoint-2
-    assert parse_args(resume_args(tiny_model, image_dir, run)).resume_checkpoint == run / "checkpoint-2"
+    assert parse_args(resume_args(tiny_sdxl, image_dir, run)).resume_checkpoint == run / "checkpoint-2"
     weights = run / "checkpoint-2" / "pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    one_line_error(capsys, train.main(resume_args(tiny_model, image_dir, run)),
+    one_line_error(capsys, train.main(resume_args(tiny_sdxl, image_dir, run)),
                    "is damaged (truncated or not a safetensors file")
 
 
 @pytest.mark.slow
-def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_model, image_dir, tmp_path, capsys):
+def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_sdxl, image_dir, tmp_path, capsys):
     from tlora.evaluation.analyze import analyze
     from tlora.train.trainer import train as train_run
 
     before = sorted(state_run.rglob("*"))
-    run = copy(state_run, tmp_path)
+    run = copy_run(state_run, tmp_path)
     with pytest.warns(Note, match=f"was written in {state_run}; resuming it where it is"):
-        assert train_run(parse_args(resume_args(tiny_model, image_dir, run))) == run
+        assert train_run(parse_args(resume_args(tiny_sdxl, image_dir, run))) == run
     assert (run / "checkpoint-6").is_dir() and yaml.safe_load((run / "logs/hparams.yml").read_text())["output_dir"] == str(run)
     with pytest.warns(Note, match="no samples_grid.png"):  # and it says which pictures it could not draw
         analyze(run)
@@ -122,18 +115,18 @@ def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_model, 
 
 
 @pytest.mark.slow
-def test_one_run_is_trained_by_one_process_at_a_time(state_run, tiny_model, image_dir, tmp_path, capsys):
-    run = copy(state_run, tmp_path)
+def test_one_run_is_trained_by_one_process_at_a_time(state_run, tiny_sdxl, image_dir, tmp_path, capsys):
+    run = copy_run(state_run, tmp_path)
     (run / LOCK_NAME).write_text(f"{os.getpid()} {os.uname().nodename}\n")  # a live holder: this process
-    one_line_error(capsys, train.main(resume_args(tiny_model, image_dir, run)), "is being trained by process")
+    one_line_error(capsys, train.main(resume_args(tiny_sdxl, image_dir, run)), "is being trained by process")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / LOCK_NAME).write_text(f"{gone.stdout.strip()} {os.uname().nodename}\n")  # stale: that process is gone
-    assert train.main(resume_args(tiny_model, image_dir, run)) == 0
+    assert train.main(resume_args(tiny_sdxl, image_dir, run)) == 0
     assert (run / "checkpoint-6").is_dir() and not (run / LOCK_NAME).exists()
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_while_writing_a_checkpoint(tiny_sdxl, image_dir, tmp_path, capsys, monkeypatch):
     from tlora.train import checkpointing
 
     original = checkpointing.save_weights
@@ -144,7 +137,7 @@ def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path,
         return original(state, folder, meta)
 
     monkeypatch.setattr(checkpointing, "save_weights", full)
-    argv = train_args(tiny_model, image_dir, tmp_path, "--num_train_epochs", "6")
+    argv = train_args(tiny_sdxl, image_dir, tmp_path, "--num_train_epochs", "6")
     one_line_error(capsys, train.main(argv), "could not write checkpoint-4: the disk holding", exit_code=1)
     (run,) = runs(tmp_path)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "logs"]  # whole; no half-written leftovers
@@ -158,7 +151,7 @@ def test_a_full_disk_while_writing_a_checkpoint(tiny_model, image_dir, tmp_path,
     (KeyboardInterrupt(), "stopped at once before step 1 (SIGINT); nothing was kept", 130),
     ("SIGTERM", "stopped at once before step 1 (SIGTERM); nothing was kept", 143),
 ])
-def test_failures_before_the_first_step_leave_nothing(tiny_model, image_dir, tmp_path, capsys, monkeypatch, fault,
+def test_failures_before_the_first_step_leave_nothing(tiny_sdxl, image_dir, tmp_path, capsys, monkeypatch, fault,
                                                      message, code):
     from tlora.train import trainer as training
 
@@ -168,7 +161,7 @@ def test_failures_before_the_first_step_leave_nothing(tiny_model, image_dir, tmp
         raise fault
 
     monkeypatch.setattr(training, "init_trackers", broken)
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--report_to", "wandb")
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--report_to", "wandb")
     one_line_error(capsys, train.main(argv), message, exit_code=code)
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -177,24 +170,24 @@ def test_failures_before_the_first_step_leave_nothing(tiny_model, image_dir, tmp
     (("--project_name", "team/dogs"), "--project_name 'team/dogs': W&B takes 1 to 128 characters without"),
     (("--resume_from_checkpoint", "/no/such/run/checkpoint-4"), "/no/such/run/checkpoint-4 does not exist"),
 ])
-def test_checked_up_front(tiny_model, image_dir, tmp_path, capsys, extra, message):
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--report_to", "wandb", *extra)
+def test_checked_up_front(tiny_sdxl, image_dir, tmp_path, capsys, extra, message):
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--report_to", "wandb", *extra)
     one_line_error(capsys, train.main(argv), message)
 
 
-def test_a_config_key_given_twice_is_an_error(tiny_model, image_dir, tmp_path, capsys):
+def test_a_config_key_given_twice_is_an_error(tiny_sdxl, image_dir, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("lora_rank: 4\nmin_rank: 2\nlora_rank: 8\n")
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--config", str(tmp_path / "c.yaml"))
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--config", str(tmp_path / "c.yaml"))
     one_line_error(capsys, train.main(argv), "is not valid YAML at line 3 (the key 'lora_rank' is given twice)")
 
 
-def test_a_file_given_as_a_folder_is_named_as_a_file(tiny_model, image_dir, tmp_path, capsys):
-    argv = train_args(tiny_model, image_dir / "00.png", tmp_path / "out")
+def test_a_file_given_as_a_folder_is_named_as_a_file(tiny_sdxl, image_dir, tmp_path, capsys):
+    argv = train_args(tiny_sdxl, image_dir / "00.png", tmp_path / "out")
     one_line_error(capsys, train.main(argv), "is a file, not a folder; pass the folder that holds the images")
 
 
-def test_latest_says_which_setting_differs(state_run, tiny_model, image_dir, capsys):
-    argv = train_args(tiny_model, image_dir, state_run.parent, "--resume_from_checkpoint", "latest",
+def test_latest_says_which_setting_differs(state_run, tiny_sdxl, image_dir, capsys):
+    argv = train_args(tiny_sdxl, image_dir, state_run.parent, "--resume_from_checkpoint", "latest",
                       "--lora_rank", "8")
     with pytest.warns(Note, match=re.escape(f"no run to resume in {state_run.parent} with these settings "
                                             f"({state_run.name} has lora_rank = 4, not 8)")):
@@ -218,23 +211,23 @@ def test_transparent_pixels_are_white_or_the_loss_mask(tmp_path):
 
 
 @pytest.mark.slow
-def test_alpha_mask_trains_and_excludes_mask_dir(tiny_model, image_dir, tmp_path, capsys):
+def test_alpha_mask_trains_and_excludes_mask_dir(tiny_sdxl, image_dir, tmp_path, capsys):
     from tlora.train.trainer import train as train_run
 
-    run = train_run(parse_args(train_args(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "1",
+    run = train_run(parse_args(train_args(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "1",
                                           "--alpha_mask")))
     assert yaml.safe_load((run / "logs/hparams.yml").read_text())["alpha_mask"] is True
     capsys.readouterr()
-    argv = train_args(tiny_model, image_dir, tmp_path / "b", "--alpha_mask", "--mask_dir", str(image_dir))
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "b", "--alpha_mask", "--mask_dir", str(image_dir))
     one_line_error(capsys, train.main(argv), "--alpha_mask and --mask_dir both give loss masks; drop one of them")
 
 
-def test_a_short_secret_never_corrupts_another_setting(tiny_model, image_dir, tmp_path):
+def test_a_short_secret_never_corrupts_another_setting(tiny_sdxl, image_dir, tmp_path):
     """Removed by setting name and exact value: a model path or token that contains the key's letters is kept."""
     from tlora.runs.run_folder import public_hparams
 
     key = "sks"
-    args = parse_args(train_args(tiny_model, image_dir, tmp_path / "sks_runs", "--wandb_api_key", key,
+    args = parse_args(train_args(tiny_sdxl, image_dir, tmp_path / "sks_runs", "--wandb_api_key", key,
                                  "--placeholder_token", "sksdog", "--project_name", key))
     hp = public_hparams(args)
     assert hp["wandb_api_key"] is None and hp["project_name"] == "<redacted>"  # exactly the key

@@ -21,7 +21,7 @@ from tlora.train.conditioning import Conditioning
 from tlora.train.trainer import diffusion_loss
 
 import authors
-from conftest import REPO, flux_train_args, read_weights
+from helpers import REPO, flux_inputs, flux_train_args, read_weights
 
 HIDDEN = 32  # the tiny FLUX's inner dimension (2 heads x 16)
 
@@ -46,10 +46,7 @@ def test_authors_keys_shapes_and_random_start(flux_pipe):
 
 
 def _transformer_inputs(transformer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(2, 16, 64, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-                pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.25, 0.9]),
-                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), guidance=torch.ones(2), return_dict=False)
+    return flux_inputs(transformer, 2, seed) | {"timestep": torch.tensor([0.25, 0.9]), "return_dict": False}
 
 
 def test_integer_training_timesteps_come_back_exactly():
@@ -161,10 +158,7 @@ def test_a_pickle_with_code_is_never_unpickled(flux_pipe, tmp_path):
 
 
 def _batch(n: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(n, 16, 64, generator=g), pooled_projections=torch.randn(n, 32, generator=g),
-                encoder_hidden_states=torch.randn(n, 5, 32, generator=g), img_ids=torch.zeros(16, 3),
-                txt_ids=torch.zeros(5, 3), guidance=torch.ones(n), return_dict=False)
+    return flux_inputs(None, n, seed) | {"return_dict": False}
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,22 @@
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
 from tlora.runs.weights import WEIGHTS_NAME
-from tlora.train.options import parse_args
 
 import inference
-from conftest import read_weights, train_args, with_flags
+from helpers import read_weights, with_flags
 
 PROMPTS = "a {0} riding a bike#a {0} swimming"
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model, image_dir, tmp_path_factory):
-    from tlora.train.trainer import train
-
-    out = tmp_path_factory.mktemp("runs")
-    return train(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "2", "--learning_rate", "1e-2")))
+def two_step_run(trained_run):
+    """Trained for this module alone (its learning rate), so its tests sample into it in place."""
+    return trained_run(num_train_epochs=2, learning_rate="1e-2")
 
 
 def infer(run, *extra, capsys=None):
@@ -37,8 +33,8 @@ def pixels(path):
 
 
 @pytest.mark.slow
-def test_inference_tree_skip_replace_and_seeds(trained_run):
-    samples = infer(trained_run)
+def test_inference_tree_skip_replace_and_seeds(two_step_run):
+    samples = infer(two_step_run)
     version = samples / "version_0"
     assert sorted(p.name for p in version.iterdir()) == ["a sks riding a bike", "a sks swimming", "prompts.yaml"]
     bike = version / "a sks riding a bike"
@@ -53,46 +49,34 @@ def test_inference_tree_skip_replace_and_seeds(trained_run):
 
     before = {p: p.stat().st_mtime_ns for p in bike.iterdir()}
     first = pixels(bike / "2.png")
-    infer(trained_run)  # already complete: skipped
+    infer(two_step_run)  # already complete: skipped
     assert {p: p.stat().st_mtime_ns for p in bike.iterdir()} == before
-    infer(trained_run, "--replace_inference_output")
+    infer(two_step_run, "--replace_inference_output")
     assert all(p.stat().st_mtime_ns != t for p, t in before.items())
     assert np.array_equal(pixels(bike / "2.png"), first)  # same seeds, same images
-    infer(trained_run, "--version", "1")
+    infer(two_step_run, "--version", "1")
     assert np.array_equal(pixels(samples / "version_1" / "a sks riding a bike" / "2.png"), first)
 
 
-def test_inference_bad_input(trained_run, capsys):
+def test_inference_bad_input(two_step_run, capsys):
     assert inference.main(["--config_path", "/no/hparams.yml", "--prompts", "a {0}"]) == 2
     assert "--config_path: '/no/hparams.yml' does not exist" in capsys.readouterr().err
-    argv = ["--config_path", str(trained_run / "logs" / "hparams.yml"), "--checkpoint_idx", "99", "--prompts", "a {0}"]
+    argv = ["--config_path", str(two_step_run / "logs" / "hparams.yml"), "--checkpoint_idx", "99", "--prompts", "a {0}"]
     assert inference.main(argv) == 2
     assert (f"--checkpoint_idx 99: no T-LoRA weights (pytorch_lora_weights.safetensors or lora.pt) are in "
-            f"{trained_run / 'checkpoint-99'}; pass the N of one of the run's checkpoint-N folders (2)") in \
+            f"{two_step_run / 'checkpoint-99'}; pass the N of one of the run's checkpoint-N folders (2)") in \
         capsys.readouterr().err
 
 
-@pytest.fixture
-def pipe(tiny_model):
-    from tlora.families.pipelines import load_pipeline
-
-    return load_pipeline(str(tiny_model), "none")
-
-
-def generate(pipe, seed=0, steps=3):
-    return np.asarray(pipe("a sks dog", num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                           output_type="np").images)
-
-
 @pytest.mark.slow
-def test_authors_checkpoint_and_hparams(pipe, trained_run, tmp_path):
+def test_authors_checkpoint_and_hparams(two_step_run, tmp_path):
     """A run folder as the authors' tool writes it: no metadata, their hparams keys, no min_rank/alpha."""
-    weights, _ = read_weights(trained_run / "checkpoint-2")
+    weights, _ = read_weights(two_step_run / "checkpoint-2")
     run = tmp_path / "00001-beef-dog_tortho_lora4"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "logs").mkdir()
     save_file(weights, str(run / "checkpoint-2" / WEIGHTS_NAME), metadata={"format": "pt"})
-    ours = yaml.safe_load((trained_run / "logs" / "hparams.yml").read_text())
+    ours = yaml.safe_load((two_step_run / "logs" / "hparams.yml").read_text())
     theirs = {k: ours[k] for k in ("trainer_type", "trainer_class", "pretrained_model_name_or_path", "lora_rank",
                                    "placeholder_token", "class_name", "revision", "seed", "sig_type", "argv",
                                    "exp_name", "logging_dir")}
@@ -100,20 +84,20 @@ def test_authors_checkpoint_and_hparams(pipe, trained_run, tmp_path):
     (run / "logs" / "hparams.yml").write_text(yaml.dump(theirs))
     same = ("--num_images_per_prompt", "1", "--batch_size", "1", "--version", "7")
     theirs_out = infer(run, *same, "--pretrained_vae_model_name_or_path", "none") / "version_7" / "a sks swimming"
-    ours_out = infer(trained_run, *same) / "version_7" / "a sks swimming"
+    ours_out = infer(two_step_run, *same) / "version_7" / "a sks swimming"
     assert np.array_equal(pixels(theirs_out / "0.png"), pixels(ours_out / "0.png"))
 
 
-def test_a_copied_run_is_read_where_it_is(trained_run, tmp_path):
+def test_a_copied_run_is_read_where_it_is(two_step_run, tmp_path):
     """Its hparams.yml still names the original output_dir; the copy's own checkpoint and folder are used."""
     import shutil
 
-    from test_untrusted_reading import opened, under
+    from helpers import opened, under
 
-    copy = shutil.copytree(trained_run, tmp_path / trained_run.name, ignore=shutil.ignore_patterns("samples"))
-    assert yaml.safe_load((copy / "logs" / "hparams.yml").read_text())["output_dir"] == str(trained_run)
-    before = sorted(trained_run.rglob("*"))
+    copy = shutil.copytree(two_step_run, tmp_path / two_step_run.name, ignore=shutil.ignore_patterns("samples"))
+    assert yaml.safe_load((copy / "logs" / "hparams.yml").read_text())["output_dir"] == str(two_step_run)
+    before = sorted(two_step_run.rglob("*"))
     with opened() as paths:
         infer(copy, "--version", "3", "--num_images_per_prompt", "1")
     assert (copy / "checkpoint-2/samples/ns3_gs5.0/version_3/a sks swimming/0.png").is_file()
-    assert sorted(trained_run.rglob("*")) == before and under(paths, trained_run) == []  # the original: not even read
+    assert sorted(two_step_run.rglob("*")) == before and under(paths, two_step_run) == []  # the original: not even read

@@ -6,28 +6,6 @@ from tlora.method.injection import ADAPTER, attach
 from tlora.method.settings import TLoRASettings
 
 
-def unet_inputs(unet, batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    cross = unet.config.cross_attention_dim
-    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    return {
-        "sample": torch.randn(batch, 4, size, size, generator=g),
-        "encoder_hidden_states": torch.randn(batch, 77, cross, generator=g),
-        "added_cond_kwargs": {
-            "text_embeds": torch.randn(batch, pooled, generator=g),
-            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
-        },
-    }
-
-
-def perturb(tlora, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tlora.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def test_per_layer_rank_is_capped(unet):
     tlora = attach(unet, TLoRASettings("lora", 80, 1))  # the tiny UNet's attention layers are 64 wide
     for _, layer in tlora.layers.values():
@@ -36,13 +14,13 @@ def test_per_layer_rank_is_capped(unet):
         assert adapter.down.weight.shape == (64, layer.in_features)
 
 
-def test_adapters_follow_the_seed_in_module_order(unet, tiny_model):
+def test_adapters_follow_the_seed_in_module_order(unet, tiny_sdxl):
     """Same seed, same adapters: creation order is attn_processors order, q, k, v, out."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     first = attach(unet, TLoRASettings("ortho_lora", 4, 1)).state_dict()
-    other = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    other = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     torch.manual_seed(0)
     second = attach(other, TLoRASettings("ortho_lora", 4, 1)).state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

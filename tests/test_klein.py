@@ -8,15 +8,13 @@ import pytest
 import torch
 import yaml
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-from families_case import klein_inputs
 
 import tlora
 from tlora.families import FAMILIES, of_keys
 from tlora.method.injection import ADAPTER, RowAdapters
 from tlora.runs.weights import save_weights
 
-from conftest import flux_train_args, read_weights
-from test_injection import perturb
+from helpers import flux_train_args, klein_inputs, perturb, read_weights
 
 
 def other_klein(pipe) -> Flux2KleinPipeline:

@@ -9,17 +9,17 @@ import torch
 import tlora
 from tlora.interop import export
 
-from test_injection import unet_inputs
+from helpers import sdxl_inputs
 
 lycoris_tlora = pytest.importorskip("lycoris.modules.tlora")
 
 
-def test_lycoris_tlora_gives_lycoris_output(tiny_model, tmp_path, capsys, monkeypatch):
+def test_lycoris_tlora_gives_lycoris_output(tiny_sdxl, tmp_path, capsys, monkeypatch):
     from diffusers import UNet2DConditionModel
     from lycoris import LycorisNetwork, create_lycoris
     from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet").requires_grad_(False)
     monkeypatch.setattr(lycoris_tlora, "gc", SimpleNamespace(collect=lambda *a: 0))  # its 0.2 s per module, in the test
     LycorisNetwork.apply_preset({"target_module": ["Attention"]})
     torch.manual_seed(0)
@@ -34,7 +34,7 @@ def test_lycoris_tlora_gives_lycoris_output(tiny_model, tmp_path, capsys, monkey
     path = tmp_path / "tlora_lycoris.safetensors"
     network.save_weights(str(path), torch.float32, {"lycoris_config": json.dumps(config)})
 
-    inputs = unet_inputs(unet, batch=1)
+    inputs = sdxl_inputs(unet, batch=1)
     expected = {}
     with torch.no_grad():
         for t in (0, 600, 999):  # SimpleTuner's mask: linear_dim, tlora_min_rank, tlora_alpha at int(t)
@@ -46,7 +46,7 @@ def test_lycoris_tlora_gives_lycoris_output(tiny_model, tmp_path, capsys, monkey
     ckpt = tlora.read(path)  # SimpleTuner's settings, read as SimpleTuner reads them
     assert ckpt.lycoris and ckpt.sources["min_rank"] == "the file's lycoris_config"
     assert (ckpt.settings.lora_rank, ckpt.settings.min_rank, ckpt.settings.rule) == (4, 2, "lycoris")
-    fresh = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").requires_grad_(False)
+    fresh = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet").requires_grad_(False)
     with torch.no_grad():
         base = fresh(timestep=600, **inputs).sample
     gc = lycoris_tlora.gc

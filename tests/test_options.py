@@ -9,7 +9,8 @@ from PIL import Image
 from tlora.train.options import parse_args
 
 import train
-from conftest import REPO, assert_helpful, flux_train_args, train_args, with_flags
+from conftest import assert_helpful
+from helpers import REPO, flux_train_args, train_args, with_flags
 
 NO_MODEL = "/nonexistent/model"
 
@@ -91,10 +92,10 @@ def test_missing_required_flag(image_dir, tmp_path, capsys):
     assert code == 2 and "--class_name is required" in err
 
 
-def test_config_file_and_flag_override(tiny_model, image_dir, tmp_path):
+def test_config_file_and_flag_override(tiny_sdxl, image_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"lora_rank": 64, "min_rank": 32, "num_train_epochs": 800, "sig_type": "middle"}))
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--config", str(cfg))
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--config", str(cfg))
     for flag in ("--lora_rank", "--min_rank", "--num_train_epochs"):  # drop the helper's own values
         i = argv.index(flag)
         del argv[i : i + 2]
@@ -111,10 +112,10 @@ def test_unknown_config_key(image_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("config", sorted(set((REPO / "configs").glob("*.yaml")) - {REPO / "configs/flux_tlora.yaml"}),
                          ids=lambda p: p.stem)
-def test_shipped_configs_parse(config, tiny_model, image_dir, tmp_path):
+def test_shipped_configs_parse(config, tiny_sdxl, image_dir, tmp_path):
     args = parse_args(["--config", str(config), "--train_data_dir", str(image_dir), "--output_dir", str(tmp_path),
                        "--class_name", "dog", "--placeholder_token", "sks", "--pretrained_model_name_or_path",
-                       str(tiny_model), "--pretrained_vae_model_name_or_path", "none"])
+                       str(tiny_sdxl), "--pretrained_vae_model_name_or_path", "none"])
     assert args.lora_rank == 64 and args.min_rank == 32
 
 

@@ -8,17 +8,17 @@ from peft.utils import get_peft_model_state_dict
 import tlora
 from tlora.families.pipelines import load_pipeline
 
-from test_injection import perturb, unet_inputs
+from helpers import perturb, sdxl_inputs
 
 PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @pytest.fixture(scope="module")
-def other_lora(tiny_model, tmp_path_factory):
+def other_lora(tiny_sdxl, tmp_path_factory):
     """A random rank-2 diffusers LoRA on the UNet's attention projections, saved by save_lora_weights."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     torch.manual_seed(3)
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=PROJECTIONS, init_lora_weights=False))
     folder = tmp_path_factory.mktemp("other_lora")
@@ -27,12 +27,12 @@ def other_lora(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tlora_checkpoint(tiny_model, tmp_path_factory):
+def tlora_checkpoint(tiny_sdxl, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     from tlora.runs.weights import save_weights
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     adapters = tlora.attach(unet, tlora.TLoRASettings("ortho_lora", 4, 2))
     perturb(adapters, seed=5)
     folder = tmp_path_factory.mktemp("tlora_ckpt")
@@ -48,9 +48,10 @@ def output(pipe, inputs):
 @pytest.mark.slow
 @pytest.mark.parametrize("tlora_first", [True, False], ids=["tlora-then-lora", "lora-then-tlora"])
 @pytest.mark.parametrize("unload_tlora_first", [True, False], ids=["unload-tlora-first", "unload-lora-first"])
-def test_tlora_and_diffusers_lora_together(tiny_model, other_lora, tlora_checkpoint, tlora_first, unload_tlora_first):
-    pipe = load_pipeline(str(tiny_model), "none")
-    inputs = unet_inputs(pipe.unet)
+def test_tlora_and_diffusers_lora_together(borrowed_sdxl_pipe, other_lora, tlora_checkpoint, tlora_first,
+                                           unload_tlora_first):
+    pipe = borrowed_sdxl_pipe
+    inputs = sdxl_inputs(pipe.unet)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     base = output(pipe, inputs)
 
@@ -94,9 +95,9 @@ def test_tlora_and_diffusers_lora_together(tiny_model, other_lora, tlora_checkpo
     assert torch.equal(output(pipe, inputs), base)
 
 
-def test_fusing_a_diffusers_lora_keeps_the_tlora(tiny_model, other_lora, tlora_checkpoint):
-    pipe = load_pipeline(str(tiny_model), "none")
-    inputs = unet_inputs(pipe.unet)
+def test_fusing_a_diffusers_lora_keeps_the_tlora(borrowed_sdxl_pipe, other_lora, tlora_checkpoint):
+    pipe = borrowed_sdxl_pipe
+    inputs = sdxl_inputs(pipe.unet)
     tlora.load(pipe, tlora_checkpoint)
     pipe.load_lora_weights(str(other_lora), adapter_name="other")
     both = output(pipe, inputs)
@@ -107,15 +108,15 @@ def test_fusing_a_diffusers_lora_keeps_the_tlora(tiny_model, other_lora, tlora_c
 
 
 @pytest.fixture
-def loaded(tiny_model, tlora_checkpoint):
-    """A fresh pipeline with the T-LoRA loaded."""
-    pipe = load_pipeline(str(tiny_model), "none")
+def loaded(tiny_sdxl, tlora_checkpoint):
+    """A pipeline of its own (the tests fuse, compile and offload it) with the T-LoRA loaded."""
+    pipe = load_pipeline(str(tiny_sdxl), "none")
     tlora.load(pipe, tlora_checkpoint)
     return pipe
 
 
 def test_fused_projections_are_refused_not_silently_dropped(loaded):
-    inputs = unet_inputs(loaded.unet)
+    inputs = sdxl_inputs(loaded.unet)
     before = output(loaded, inputs)
     loaded.fuse_qkv_projections()  # a fused to_qkv would run instead of the to_q / to_k / to_v the T-LoRA is on
     with pytest.raises(ValueError, match=r"fuse_qkv_projections\): the fused layer bypasses the T-LoRA"):
@@ -139,7 +140,7 @@ def test_fused_projections_on_flux(flux_pipe, tmp_path):
 
 @pytest.mark.slow
 def test_a_compiled_unet_keeps_the_tlora_exactly(loaded):
-    inputs = unet_inputs(loaded.unet)
+    inputs = sdxl_inputs(loaded.unet)
     tlora.set_scale(loaded, 0.0)
     base = output_at(loaded.unet, inputs, (100, 800))
     tlora.set_scale(loaded, 1.0)
@@ -161,7 +162,7 @@ def test_layer_by_layer_offload_is_refused_not_garbage(loaded):
     the adapters read them directly, so the T-LoRA refuses to run rather than compute with empty weights."""
     from accelerate import cpu_offload
 
-    inputs = unet_inputs(loaded.unet)
+    inputs = sdxl_inputs(loaded.unet)
     cpu_offload(loaded.unet, execution_device=torch.device("cpu"))
     with pytest.raises(ValueError, match="offloaded layer by layer"):
         output(loaded, inputs)

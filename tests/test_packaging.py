@@ -6,7 +6,7 @@ import pytest
 import tomllib
 from packaging.requirements import Requirement
 
-from conftest import REPO
+from helpers import REPO
 
 # The stages, lowest first: a module imports only from its own stage or the ones before it (anywhere in the file,
 # lazy imports included); the top-level modules (the package API and the commands) may import any stage.

@@ -15,18 +15,17 @@ from tlora.interop import export
 from tlora.runs.run_folder import find_weights
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
-from conftest import read_weights
-from test_injection import perturb
+from helpers import perturb, read_weights
 
 SETTINGS = tlora.TLoRASettings("lora", 8, 4, 1.0, True, "sdxl")
 
 
 @pytest.fixture(scope="module")
-def our_run(tiny_model, tmp_path_factory):
+def our_run(tiny_sdxl, tmp_path_factory):
     """A run folder as train.py leaves it: logs/hparams.yml, checkpoint-5 and checkpoint-10 (with metadata)."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     torch.manual_seed(0)
     adapters = tlora.attach(unet, SETTINGS)
     run = tmp_path_factory.mktemp("runs") / "00001-abcd-dog_tlora8"
@@ -78,7 +77,7 @@ def test_the_authors_sdxl_run_reads_its_hparams(our_run, tmp_path):
         str(run / "logs" / "hparams.yml")
 
 
-def test_a_bare_file_says_what_it_assumes(our_run, tmp_path, tiny_pipe):
+def test_a_bare_file_says_what_it_assumes(our_run, tmp_path, sdxl_pipe):
     folder = authors_file(our_run, tmp_path / "alone")
     with pytest.warns(tlora.AssumedSetting) as said:
         ckpt = tlora.read(folder)
@@ -92,8 +91,8 @@ def test_a_bare_file_says_what_it_assumes(our_run, tmp_path, tiny_pipe):
     assert any("nothing records min_rank; assuming 1" in line and "pass min_rank=... to tlora.load" in line
                for line in lines)
     with pytest.warns(tlora.AssumedSetting) as said:
-        tlora.load(tiny_pipe, folder)
-    tlora.unload(tiny_pipe)
+        tlora.load(sdxl_pipe, folder)
+    tlora.unload(sdxl_pipe)
     assert [str(w.message) for w in said] == lines  # tlora.load says the same
     with warnings.catch_warnings():
         warnings.simplefilter("error", tlora.AssumedSetting)

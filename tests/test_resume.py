@@ -12,13 +12,13 @@ from tlora.runs.checkpoint_state import RESUME_DIR
 from tlora.train.options import parse_args
 
 import train as train_py
-from conftest import read_weights, train_args
+from helpers import read_weights, train_args
 
 
-def run(tiny_model, data, out, *extra):
+def run(tiny_sdxl, data, out, *extra):
     from tlora.train.trainer import train
 
-    return train(parse_args(train_args(tiny_model, data, out, *extra)))
+    return train(parse_args(train_args(tiny_sdxl, data, out, *extra)))
 
 
 def same_checkpoint(a: Path, b: Path) -> None:
@@ -31,14 +31,14 @@ def same_checkpoint(a: Path, b: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer_type, prior", [("ortho_lora", False), ("lora", False), ("ortho_lora", True),
                                                  ("lora", True)])
-def test_ten_plus_ten_steps_equal_twenty(tiny_model, image_dir, class_dir, tmp_path, trainer_type, prior):
+def test_ten_plus_ten_steps_equal_twenty(tiny_sdxl, image_dir, class_dir, tmp_path, trainer_type, prior):
     extra = ["--trainer_type", trainer_type, "--checkpointing_steps", "10", "--learning_rate", "1e-3"]
     if prior:  # 3 class images, batch 1: the resume falls in the middle of a pass over the data
         extra += ["--with_prior_preservation", "--class_data_dir", str(class_dir)]
-    straight = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "20", *extra)
-    first = run(tiny_model, image_dir, tmp_path / "b", "--num_train_epochs", "10", *extra)
+    straight = run(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "20", *extra)
+    first = run(tiny_sdxl, image_dir, tmp_path / "b", "--num_train_epochs", "10", *extra)
     assert (first / "checkpoint-10" / RESUME_DIR / "optimizer.bin").is_file()
-    resumed = run(tiny_model, image_dir, tmp_path / "b", "--num_train_epochs", "20",
+    resumed = run(tiny_sdxl, image_dir, tmp_path / "b", "--num_train_epochs", "20",
                   "--resume_from_checkpoint", "latest", *extra)
     assert resumed == first  # the same run folder
     same_checkpoint(straight / "checkpoint-20", resumed / "checkpoint-20")
@@ -71,10 +71,10 @@ def interrupt_at(monkeypatch, at_step: int, signals: list[int]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_after_the_step_with_a_resumable_checkpoint(
-    tiny_model, image_dir, tmp_path, monkeypatch, capsys, signum, code
+    tiny_sdxl, image_dir, tmp_path, monkeypatch, capsys, signum, code
 ):
     interrupt_at(monkeypatch, 3, [signum])
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "50", "--checkpointing_steps", "20",
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--num_train_epochs", "50", "--checkpointing_steps", "20",
                       "--validation_prompts", "a {0}")
     assert train_py.main(argv) == code
     runs = list((tmp_path / "out").iterdir())
@@ -86,18 +86,18 @@ def test_signal_stops_after_the_step_with_a_resumable_checkpoint(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     if signum == signal.SIGINT:  # and the interrupted run goes on exactly
         monkeypatch.undo()
-        resumed = run(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "6", "--checkpointing_steps", "20",
+        resumed = run(tiny_sdxl, image_dir, tmp_path / "out", "--num_train_epochs", "6", "--checkpointing_steps", "20",
                       "--validation_prompts", "a {0}", "--resume_from_checkpoint", str(checkpoint))
-        straight = run(tiny_model, image_dir, tmp_path / "straight", "--num_train_epochs", "6",
+        straight = run(tiny_sdxl, image_dir, tmp_path / "straight", "--num_train_epochs", "6",
                        "--checkpointing_steps", "20", "--validation_prompts", "a {0}")
         same_checkpoint(straight / "checkpoint-6", resumed / "checkpoint-6")
         assert (straight / "logs" / "loss.csv").read_text() == (resumed / "logs" / "loss.csv").read_text()
 
 
 @pytest.mark.slow
-def test_second_signal_stops_at_once(tiny_model, image_dir, tmp_path, monkeypatch, capsys):
+def test_second_signal_stops_at_once(tiny_sdxl, image_dir, tmp_path, monkeypatch, capsys):
     interrupt_at(monkeypatch, 2, [signal.SIGINT, signal.SIGINT])
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "50", "--checkpointing_steps", "1")
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--num_train_epochs", "50", "--checkpointing_steps", "1")
     assert train_py.main(argv) == 130
     assert "stopped at once" in capsys.readouterr().err
     run_folder = next((tmp_path / "out").iterdir())
@@ -105,8 +105,8 @@ def test_second_signal_stops_at_once(tiny_model, image_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_checkpoint_and_resume_state_limits(tiny_model, image_dir, tmp_path):
-    folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "6", "--checkpointing_steps", "1",
+def test_checkpoint_and_resume_state_limits(tiny_sdxl, image_dir, tmp_path):
+    folder = run(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "6", "--checkpointing_steps", "1",
                  "--checkpoints_total_limit", "3", "--resume_state_total_limit", "2")
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-4", "checkpoint-5", "checkpoint-6", "logs"]
     assert [(folder / f"checkpoint-{n}" / RESUME_DIR).is_dir() for n in (4, 5, 6)] == [False, True, True]
@@ -114,12 +114,12 @@ def test_checkpoint_and_resume_state_limits(tiny_model, image_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monkeypatch):
+def test_incomplete_checkpoint_is_skipped(tiny_sdxl, image_dir, tmp_path, monkeypatch):
     """A crash while writing checkpoint-4 leaves no checkpoint-4 (only its hidden staging folder, as kill -9
     would leave it); resume goes on from checkpoint-2 and sweeps the leftover."""
     from tlora.runs import checkpoint_state
 
-    folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--checkpointing_steps", "2")
+    folder = run(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--checkpointing_steps", "2")
     original = checkpoint_state.Progress.save
 
     class Killed(BaseException):  # as kill -9: nothing runs after it
@@ -132,15 +132,15 @@ def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monke
 
     monkeypatch.setattr(checkpoint_state.Progress, "save", crash)
     with pytest.raises(Killed):
-        run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
+        run(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
             "--resume_from_checkpoint", "latest")
     assert not (folder / "checkpoint-4").exists() and (folder / ".checkpoint-4.tmp").is_dir()
     assert (folder / "checkpoint-2" / RESUME_DIR).is_dir()
     monkeypatch.undo()
-    argv = train_args(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "4", "--checkpointing_steps", "2",
                       "--resume_from_checkpoint", "latest")
     assert parse_args(argv).resume_checkpoint == folder / "checkpoint-2"
-    run(tiny_model, image_dir, tmp_path / "a", *argv[argv.index("--num_train_epochs"):])
+    run(tiny_sdxl, image_dir, tmp_path / "a", *argv[argv.index("--num_train_epochs"):])
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "logs"]
 
 
@@ -151,9 +151,9 @@ def test_incomplete_checkpoint_is_skipped(tiny_model, image_dir, tmp_path, monke
     (("--resolution", "128"), "was trained with resolution = 64, not 128"),
     (("--one_image", "01.jpg"), "was trained with data_sha256"),
 ])
-def test_resume_with_other_settings_is_refused(tiny_model, image_dir, tmp_path, capsys, change, message):
-    folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "1")
-    argv = train_args(tiny_model, image_dir, tmp_path / "a", "--resume_from_checkpoint", str(folder), *change)
+def test_resume_with_other_settings_is_refused(trained_run, tiny_sdxl, image_dir, capsys, change, message):
+    folder = trained_run(num_train_epochs=1, lora_rank=4)  # shared, only read: each resume is refused up front
+    argv = train_args(tiny_sdxl, image_dir, folder.parent, "--resume_from_checkpoint", str(folder), *change)
     capsys.readouterr()
     assert train_py.main(argv) == 2
     err = capsys.readouterr().err
@@ -161,11 +161,11 @@ def test_resume_with_other_settings_is_refused(tiny_model, image_dir, tmp_path, 
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_wandb_run(tiny_model, image_dir, tmp_path):
-    folder = run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "1", "--report_to", "wandb")
+def test_resume_keeps_the_wandb_run(tiny_sdxl, image_dir, tmp_path):
+    folder = run(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "1", "--report_to", "wandb")
     (first,) = (folder / "logs" / "wandb").glob("offline-run-*")
     first.rename(first.with_name("first-" + first.name))  # W&B names its folders by the second: both runs may share one
-    run(tiny_model, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--report_to", "wandb",
+    run(tiny_sdxl, image_dir, tmp_path / "a", "--num_train_epochs", "2", "--report_to", "wandb",
         "--resume_from_checkpoint", "latest")
     run_id = yaml.safe_load((folder / "logs" / "hparams.yml").read_text())["wandb_run_id"]
     offline = sorted((folder / "logs" / "wandb").glob("*offline-run-*"))

@@ -7,7 +7,7 @@ import pytest
 from tlora.common.safe_names import safe_component
 
 import inference
-from conftest import train_args
+from helpers import train_args
 
 
 @pytest.mark.parametrize("text", ["../../x", "/abs/x", "..", ".", "", " ", "a\nb", "a\\b", ".hidden", "x" * 300,
@@ -31,7 +31,7 @@ def files_under(root: Path) -> set[Path]:
 
 
 @pytest.mark.slow
-def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tmp_path):
+def test_prompts_and_token_never_write_outside_the_run(tiny_sdxl, image_dir, tmp_path):
     from tlora.train.options import parse_args
     from tlora.train.trainer import train
 
@@ -41,7 +41,7 @@ def test_prompts_and_token_never_write_outside_the_run(tiny_model, image_dir, tm
     before = files_under(tmp_path)
     outside = lambda: {p for d in (tmp_path.parent, tmp_path.parent.parent) for p in d.glob("y *")}  # noqa: E731
     outside_before = outside()
-    run = train(parse_args(train_args(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "1",
+    run = train(parse_args(train_args(tiny_sdxl, image_dir, tmp_path / "out", "--num_train_epochs", "1",
                                       "--placeholder_token", "../../z", "--validation_prompts", "#".join(prompts),
                                       "--num_val_imgs_per_prompt", "1")))
     assert inference.main(["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "1",

@@ -16,7 +16,7 @@ from tlora.method.settings import (
 )
 
 import authors
-from conftest import SHARED
+from helpers import SHARED
 
 FLUX_TLORA = TLoRASettings("lora", 8, 4, 1.0, True, "flux")
 SDXL_TLORA = TLoRASettings("ortho_lora", 64, 32, 0.5, True, "sdxl", sig_type="middle")

@@ -12,7 +12,7 @@ import yaml
 
 from tlora.train.options import parse_args
 
-from conftest import REPO, SHARED, read_weights, train_args
+from helpers import REPO, SHARED, read_weights, train_args
 from wandb_log import history
 
 RUN_NAME = re.compile(r"^(\d{5})-([0-9a-f]{4})-(.+)$")
@@ -38,12 +38,12 @@ def only_run(out: Path) -> Path:
      ("ortho_lora", "sdxl_lora", "ortho_lora4"), ("lora", "sdxl_lora", "lora4")],
 )
 @pytest.mark.slow
-def test_training_writes_the_documented_tree(tiny_model, image_dir, tmp_path, trainer_type, trainer_class, suffix):
+def test_training_writes_the_documented_tree(tiny_sdxl, image_dir, tmp_path, trainer_type, trainer_class, suffix):
     """`accelerate launch train.py` for T-LoRA (the documented command, with validation images); the three other
     kinds in this process (the same code after the launcher)."""
     launched = suffix == "tortho_lora4"
     validation = ["--validation_prompts", "a {0} on the beach#a red {0}", "--num_val_imgs_per_prompt", "2"]
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--trainer_type", trainer_type,
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--trainer_type", trainer_type,
                       "--trainer_class", trainer_class, *(validation if launched else []))
     if launched:
         done = launch(argv)
@@ -88,23 +88,23 @@ def test_training_writes_the_documented_tree(tiny_model, image_dir, tmp_path, tr
 
 
 @pytest.mark.slow
-def test_run_index_increments_and_never_overwrites(tiny_model, image_dir, tmp_path):
+def test_run_index_increments_and_never_overwrites(tiny_sdxl, image_dir, tmp_path):
     out = tmp_path / "out"
     (out / "00007-abcd-old_run").mkdir(parents=True)
     (out / "00007-abcd-old_run" / "keep.txt").write_text("earlier work")
     (out / "notes").mkdir()
     from tlora.train.trainer import train
 
-    run = train(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "1")))
+    run = train(parse_args(train_args(tiny_sdxl, image_dir, out, "--num_train_epochs", "1")))
     assert run.name.startswith("00008-") and (out / "00007-abcd-old_run" / "keep.txt").read_text() == "earlier work"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "logs"]
 
 
 @pytest.mark.slow
-def test_prior_preservation_and_one_image(tiny_model, image_dir, class_dir, tmp_path):
+def test_prior_preservation_and_one_image(tiny_sdxl, image_dir, class_dir, tmp_path):
     from tlora.train.trainer import Trainer
 
-    args = parse_args(train_args(tiny_model, image_dir, tmp_path / "out", "--with_prior_preservation",
+    args = parse_args(train_args(tiny_sdxl, image_dir, tmp_path / "out", "--with_prior_preservation",
                                  "--class_data_dir", str(class_dir), "--one_image", "01.jpg",
                                  "--train_batch_size", "2", "--num_train_epochs", "2"))
     trainer = Trainer(args)
@@ -119,9 +119,9 @@ def test_prior_preservation_and_one_image(tiny_model, image_dir, class_dir, tmp_
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_logs_loss_and_no_secret(tiny_model, image_dir, tmp_path):
+def test_wandb_offline_run_logs_loss_and_no_secret(tiny_sdxl, image_dir, tmp_path):
     secret = "SECRETwandbKEY0123456789abcdef"
-    argv = train_args(tiny_model, image_dir, tmp_path / "out", "--wandb_api_key", secret, "--num_train_epochs", "4",
+    argv = train_args(tiny_sdxl, image_dir, tmp_path / "out", "--wandb_api_key", secret, "--num_train_epochs", "4",
                       "--checkpointing_steps", "4")
     done = launch(argv, env={"WANDB_MODE": "offline"}, accelerate=False)
     run = only_run(tmp_path / "out")
@@ -137,12 +137,12 @@ def test_wandb_offline_run_logs_loss_and_no_secret(tiny_model, image_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_cached_and_uncached_training_agree(tiny_model, image_dir, tmp_path):
+def test_cached_and_uncached_training_agree(tiny_sdxl, image_dir, tmp_path):
     from tlora.train.trainer import Trainer
 
     losses = {}
     for cache in (True, False):
-        args = parse_args(train_args(tiny_model, image_dir, tmp_path / f"out{cache}", "--one_image", "00.png",
+        args = parse_args(train_args(tiny_sdxl, image_dir, tmp_path / f"out{cache}", "--one_image", "00.png",
                                      "--num_train_epochs", "20", "--checkpointing_steps", "20"))
         trainer = Trainer(args, cache=cache)
         trainer.setup()
@@ -153,12 +153,12 @@ def test_cached_and_uncached_training_agree(tiny_model, image_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_gives_the_same_losses(tiny_model, image_dir, tmp_path):
+def test_gradient_checkpointing_gives_the_same_losses(tiny_sdxl, image_dir, tmp_path):
     from tlora.train.trainer import Trainer
 
     losses = {}
     for flag in ((), ("--gradient_checkpointing",)):
-        args = parse_args(train_args(tiny_model, image_dir, tmp_path / f"out{len(flag)}", "--num_train_epochs", "5",
+        args = parse_args(train_args(tiny_sdxl, image_dir, tmp_path / f"out{len(flag)}", "--num_train_epochs", "5",
                                      "--checkpointing_steps", "5", *flag))
         trainer = Trainer(args)
         trainer.setup()
@@ -171,10 +171,10 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model, image_dir, tmp
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "dog_example").is_dir(), reason="../shared/dog_example not present")
-def test_trains_on_the_authors_dog_photos(tiny_model, tmp_path):
+def test_trains_on_the_authors_dog_photos(tiny_sdxl, tmp_path):
     from tlora.train.trainer import train
 
-    run = train(parse_args(train_args(tiny_model, SHARED / "dog_example", tmp_path, "--one_image", "02.jpg",
+    run = train(parse_args(train_args(tiny_sdxl, SHARED / "dog_example", tmp_path, "--one_image", "02.jpg",
                                       "--num_train_epochs", "2")))
     assert run.name.endswith("-dog_example_tortho_lora4")
     assert (run / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
@@ -203,7 +203,7 @@ def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_progress_bar_moves_every_step(tiny_model, image_dir, tmp_path, monkeypatch):
+def test_progress_bar_moves_every_step(tiny_sdxl, image_dir, tmp_path, monkeypatch):
     from tlora.train import trainer as training
 
     updates = []
@@ -223,6 +223,6 @@ def test_progress_bar_moves_every_step(tiny_model, image_dir, tmp_path, monkeypa
             pass
 
     monkeypatch.setattr(training, "tqdm", Bar)
-    training.train(parse_args(train_args(tiny_model, image_dir, tmp_path, "--num_train_epochs", "8",
+    training.train(parse_args(train_args(tiny_sdxl, image_dir, tmp_path, "--num_train_epochs", "8",
                                          "--checkpointing_steps", "8")))
     assert updates == list(range(1, 9))

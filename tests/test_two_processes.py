@@ -9,7 +9,7 @@ import torch
 
 from tlora.train.options import parse_args
 
-from conftest import REPO, read_weights, train_args
+from helpers import REPO, read_weights, train_args
 
 
 def torchrun(argv):
@@ -23,8 +23,8 @@ def torchrun(argv):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_two_processes_one_run_and_exact_resume(tiny_model, image_dir, tmp_path):
-    args = lambda out, steps, *extra: train_args(tiny_model, image_dir, tmp_path / out,  # noqa: E731
+def test_two_processes_one_run_and_exact_resume(tiny_sdxl, image_dir, tmp_path):
+    args = lambda out, steps, *extra: train_args(tiny_sdxl, image_dir, tmp_path / out,  # noqa: E731
                                                  "--num_train_epochs", steps, "--checkpointing_steps", "2", *extra)
     done = torchrun(args("a", "4"))
     runs = list((tmp_path / "a").iterdir())
@@ -66,13 +66,13 @@ sys.exit(train_main(sys.argv[1:]))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_a_checkpoint_failing_on_the_main_process_stops_every_process(tiny_model, image_dir, tmp_path):
+def test_a_checkpoint_failing_on_the_main_process_stops_every_process(tiny_sdxl, image_dir, tmp_path):
     """No process waits for ever: both end, the main one with the reason in one line."""
     script = tmp_path / "fail_on_main.py"
     script.write_text(FAIL_ON_MAIN.format(repo=str(REPO)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           *train_args(tiny_model, image_dir, tmp_path / "out", "--num_train_epochs", "4")],
+                           *train_args(tiny_sdxl, image_dir, tmp_path / "out", "--num_train_epochs", "4")],
                           capture_output=True, text=True, timeout=300, env=env | {"OMP_NUM_THREADS": "1"}, cwd=REPO)
     assert done.returncode != 0
     assert "error: could not write checkpoint-2: the disk holding" in done.stderr

@@ -18,7 +18,8 @@ from tlora.evaluation import protocol as benchmark
 from tlora.families.checks import check_vae, long_prompts
 from tlora.train import estimate
 
-from conftest import make_image, one_line_error
+from conftest import one_line_error
+from helpers import make_image
 
 VAE_FLAG = "--pretrained_vae_model_name_or_path"
 
@@ -94,9 +95,9 @@ def _unet_class(name):
 ], ids=["no unet config", "no unet entry", "no vae", "index not utf-8", "index not json", "index a list",
         "unet config not utf-8", "unet config a list", "scheduler config not json", "unet spec short",
         "unet of another library", "unet class unknown", "unet config empty"])
-def test_estimate_model_folders(tiny_model, tmp_path, capsys, damage, message):
+def test_estimate_model_folders(tiny_sdxl, tmp_path, capsys, damage, message):
     """A local folder whose configs the estimator cannot build from is one line naming it, never a traceback."""
-    folder = configs_of(tiny_model, tmp_path / "model")
+    folder = configs_of(tiny_sdxl, tmp_path / "model")
     damage(folder)
     err = one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64"]),
                          message)
@@ -111,22 +112,22 @@ def test_estimate_flux_folder_without_transformer(tiny_flux, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_estimate_reads_a_folder_of_configs_only(tiny_model, tmp_path, capsys):
+def test_estimate_reads_a_folder_of_configs_only(tiny_sdxl, tmp_path, capsys):
     """The estimator needs configs only: the same folder without weights answers (the checks refuse nothing
     that is whole)."""
-    folder = configs_of(tiny_model, tmp_path / "model")
+    folder = configs_of(tiny_sdxl, tmp_path / "model")
     assert estimate.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64", "--lora_rank", "4",
                           "--min_rank", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["peak_gb"] > 0
 
 
-def test_estimate_reads_a_cached_hub_models_configs(tiny_model, fake_cache, capsys):
+def test_estimate_reads_a_cached_hub_models_configs(tiny_sdxl, fake_cache, capsys):
     """A hub id (offline, in the cache): its model_index.json and configs are checked as a folder's are."""
-    files = {str(p.relative_to(tiny_model)): p.read_text() for p in tiny_model.glob("*/*.json")}
+    files = {str(p.relative_to(tiny_sdxl)): p.read_text() for p in tiny_sdxl.glob("*/*.json")}
     fake_cache("someone/sdxl", files | {"model_index.json": b"\xff\xfe"})
     one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
                    "/model_index.json is not UTF-8 text; pass a model folder in diffusers layout")
-    fake_cache("someone/sdxl", {"model_index.json": (tiny_model / "model_index.json").read_text(),
+    fake_cache("someone/sdxl", {"model_index.json": (tiny_sdxl / "model_index.json").read_text(),
                                 "unet/config.json": "{"})
     one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
                    "unet/config.json is not valid JSON at line 1; pass a model folder in diffusers layout")
@@ -134,7 +135,7 @@ def test_estimate_reads_a_cached_hub_models_configs(tiny_model, fake_cache, caps
 
 # -- python -m tlora.benchmark: the manifest -----------------------------------------------------------------
 @pytest.fixture
-def manifest(tmp_path, tiny_model):
+def manifest(tmp_path, tiny_sdxl):
     """A whole manifest (dict), with its concept image, method config and evaluation models (folders with a
     config.json: all the checks read) beside it."""
     make_image(tmp_path / "concept.png")
@@ -144,7 +145,7 @@ def manifest(tmp_path, tiny_model):
     for name in ("clip", "dino"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"model_type": name.replace("dino", "vit")}))
-    return {"output_dir": "bench", "pretrained_model_name_or_path": str(tiny_model),
+    return {"output_dir": "bench", "pretrained_model_name_or_path": str(tiny_sdxl),
             "pretrained_vae_model_name_or_path": "none",
             "evaluation": {"clip_model": str(tmp_path / "clip"), "dino_model": str(tmp_path / "dino")},
             "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}],
@@ -337,56 +338,56 @@ def fake_cache(tmp_path, monkeypatch):
     return put
 
 
-def test_check_vae_refuses_another_familys_vae(tiny_model, tiny_flux, tiny_klein, capsys):
+def test_check_vae_refuses_another_familys_vae(tiny_sdxl, tiny_flux, tiny_klein, capsys):
     """SDXL's VAE (4 latent channels) on FLUX.1 (16), FLUX.1's on SDXL, and SDXL's on klein (its own class,
     AutoencoderKLFlux2, though the tiny one has 4 channels too): one line naming the flag, both VAEs and the fix."""
-    err = one_line_error(capsys, vae_check(VAE_FLAG, str(tiny_model / "vae"), str(tiny_flux), None),
-                         f"{VAE_FLAG}: {tiny_model / 'vae'} is AutoencoderKL with 4 latent channels (as SD / SDXL "
+    err = one_line_error(capsys, vae_check(VAE_FLAG, str(tiny_sdxl / "vae"), str(tiny_flux), None),
+                         f"{VAE_FLAG}: {tiny_sdxl / 'vae'} is AutoencoderKL with 4 latent channels (as SD / SDXL "
                          f"models use), but {tiny_flux} is made for AutoencoderKL with 16 latent channels (as FLUX.1 "
                          "models use); pass a VAE of the model's family, or none for the model's own")
     assert err.count("\n") == 1
-    one_line_error(capsys, vae_check(VAE_FLAG, str(tiny_flux / "vae"), str(tiny_model), None),
+    one_line_error(capsys, vae_check(VAE_FLAG, str(tiny_flux / "vae"), str(tiny_sdxl), None),
                    "is AutoencoderKL with 16 latent channels (as FLUX.1 models use), but")
-    one_line_error(capsys, vae_check(VAE_FLAG, str(tiny_model / "vae"), str(tiny_klein), None),
+    one_line_error(capsys, vae_check(VAE_FLAG, str(tiny_sdxl / "vae"), str(tiny_klein), None),
                    "is made for AutoencoderKLFlux2 with 4 latent channels; pass a VAE of the model's family")
 
 
-def test_check_vae_passes_the_models_own_kind(tiny_model, tiny_flux, tiny_klein):
-    for model in (tiny_model, tiny_flux, tiny_klein):
+def test_check_vae_passes_the_models_own_kind(tiny_sdxl, tiny_flux, tiny_klein):
+    for model in (tiny_sdxl, tiny_flux, tiny_klein):
         check_vae(VAE_FLAG, str(model / "vae"), str(model), None)
         for own in (None, "", "none", "None"):
             check_vae(VAE_FLAG, own, str(model), None)
 
 
-def test_check_vae_unreadable_configs(tiny_model, tmp_path, capsys):
+def test_check_vae_unreadable_configs(tiny_sdxl, tmp_path, capsys):
     vae = tmp_path / "vae"
     vae.mkdir()
-    one_line_error(capsys, vae_check(VAE_FLAG, str(vae), str(tiny_model), None),
+    one_line_error(capsys, vae_check(VAE_FLAG, str(vae), str(tiny_sdxl), None),
                    f"{VAE_FLAG}: {vae} has no config.json; pass a VAE folder in diffusers layout")
     for content, message in ((bytes(range(128, 256)), "is not UTF-8 text"), (b"{oops", "is not valid JSON at line 1"),
                              (b"[4]", "does not hold a JSON object of settings")):
         (vae / "config.json").write_bytes(content)
-        one_line_error(capsys, vae_check(VAE_FLAG, str(vae), str(tiny_model), None),
+        one_line_error(capsys, vae_check(VAE_FLAG, str(vae), str(tiny_sdxl), None),
                        f"{VAE_FLAG}: {vae / 'config.json'} {message}; pass a VAE folder")
-    one_line_error(capsys, vae_check(VAE_FLAG, str(vae / "config.json"), str(tiny_model), None),
+    one_line_error(capsys, vae_check(VAE_FLAG, str(vae / "config.json"), str(tiny_sdxl), None),
                    "config.json is a file, not a folder; pass a VAE folder")
-    one_line_error(capsys, vae_check(VAE_FLAG, str(tmp_path / "nothing"), str(tiny_model), None),
+    one_line_error(capsys, vae_check(VAE_FLAG, str(tmp_path / "nothing"), str(tiny_sdxl), None),
                    f"{VAE_FLAG}: {tmp_path / 'nothing'} does not exist; pass a VAE folder")
 
 
-def test_check_vae_reads_the_hub_cache_and_skips_what_only_the_network_has(tiny_model, tiny_flux, fake_cache, capsys):
+def test_check_vae_reads_the_hub_cache_and_skips_what_only_the_network_has(tiny_sdxl, tiny_flux, fake_cache, capsys):
     flux_vae = (tiny_flux / "vae" / "config.json").read_text()
     fake_cache("someone/flux-vae", {"config.json": flux_vae})
-    fake_cache("someone/sdxl", {"vae/config.json": (tiny_model / "vae" / "config.json").read_text()})
+    fake_cache("someone/sdxl", {"vae/config.json": (tiny_sdxl / "vae" / "config.json").read_text()})
     one_line_error(capsys, vae_check(VAE_FLAG, "someone/flux-vae", "someone/sdxl", None),
                    "someone/flux-vae is AutoencoderKL with 16 latent channels (as FLUX.1 models use), but someone/sdxl"
                    " is made for AutoencoderKL with 4 latent channels")
-    one_line_error(capsys, vae_check(VAE_FLAG, "someone/flux-vae", str(tiny_model), None), "someone/flux-vae is")
-    check_vae(VAE_FLAG, "someone/not-cached", str(tiny_model), None)  # only the network could tell: no refusal
+    one_line_error(capsys, vae_check(VAE_FLAG, "someone/flux-vae", str(tiny_sdxl), None), "someone/flux-vae is")
+    check_vae(VAE_FLAG, "someone/not-cached", str(tiny_sdxl), None)  # only the network could tell: no refusal
     check_vae(VAE_FLAG, "someone/flux-vae", "someone/not-cached", None)
     check_vae(VAE_FLAG, "someone/flux-vae", str(tiny_flux), None)
     fake_cache("someone/broken-vae", {"config.json": b"\xff\xfe"})
-    one_line_error(capsys, vae_check(VAE_FLAG, "someone/broken-vae", str(tiny_model), None), "is not UTF-8 text")
+    one_line_error(capsys, vae_check(VAE_FLAG, "someone/broken-vae", str(tiny_sdxl), None), "is not UTF-8 text")
 
 
 # -- long_prompts ---------------------------------------------------------------------------------------------------
@@ -394,9 +395,9 @@ def words(n: int) -> str:
     return " ".join(["a"] * n)  # one token each in every tiny tokenizer ("a", "▁a", "Ġa")
 
 
-def test_long_prompts_sdxl_both_clips_read_77_with_start_and_end(tiny_model):
-    assert long_prompts(str(tiny_model), None, "sdxl", [words(75), "a photo of sks dog"], None) == []
-    assert long_prompts(str(tiny_model), None, "sdxl", [words(76)], None) == [
+def test_long_prompts_sdxl_both_clips_read_77_with_start_and_end(tiny_sdxl):
+    assert long_prompts(str(tiny_sdxl), None, "sdxl", [words(75), "a photo of sks dog"], None) == []
+    assert long_prompts(str(tiny_sdxl), None, "sdxl", [words(76)], None) == [
         f"the prompt {shown(words(76))} is 78 tokens; CLIP text encoder 1 and CLIP text encoder 2 read 77, the rest "
         "is cut; shorten it"]
 
@@ -436,7 +437,7 @@ def test_long_prompts_klein_counts_the_chat_template(tiny_klein):
     assert sum(kept["attention_mask"]) == n == len(tokenizer(text)["input_ids"])
 
 
-def test_long_prompts_match_the_pipelines_own_truncation(tiny_pipe, tiny_model, monkeypatch):
+def test_long_prompts_match_the_pipelines_own_truncation(sdxl_pipe, tiny_sdxl, monkeypatch):
     """diffusers' SDXL pipeline warns that it cut a prompt exactly when long_prompts says so."""
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl as module
 
@@ -446,28 +447,28 @@ def test_long_prompts_match_the_pipelines_own_truncation(tiny_pipe, tiny_model, 
     monkeypatch.setattr(module.logger, "warning", lambda message, *a, **k: said.append(message))
     for n in (75, 76, 120):
         said.clear()
-        sdxl.SDXL.encode_prompt(tiny_pipe, words(n), tiny_pipe.device, 77)
+        sdxl.SDXL.encode_prompt(sdxl_pipe, words(n), sdxl_pipe.device, 77)
         cut_by_pipeline = any("truncated" in message for message in said)
-        assert cut_by_pipeline == bool(long_prompts(str(tiny_model), None, "sdxl", [words(n)], None)) == (n > 75)
+        assert cut_by_pipeline == bool(long_prompts(str(tiny_sdxl), None, "sdxl", [words(n)], None)) == (n > 75)
 
 
-def test_long_prompts_reads_cached_tokenizers_and_skips_missing_ones(tiny_model, fake_cache, tmp_path):
-    files = {str(p.relative_to(tiny_model)): p.read_bytes() for sub in ("tokenizer", "tokenizer_2")
-             for p in (tiny_model / sub).iterdir()}
-    fake_cache("someone/sdxl", files | {"model_index.json": (tiny_model / "model_index.json").read_text()})
+def test_long_prompts_reads_cached_tokenizers_and_skips_missing_ones(tiny_sdxl, fake_cache, tmp_path):
+    files = {str(p.relative_to(tiny_sdxl)): p.read_bytes() for sub in ("tokenizer", "tokenizer_2")
+             for p in (tiny_sdxl / sub).iterdir()}
+    fake_cache("someone/sdxl", files | {"model_index.json": (tiny_sdxl / "model_index.json").read_text()})
     assert len(long_prompts("someone/sdxl", None, "sdxl", [words(76)], None)) == 1
     assert long_prompts("someone/not-cached", None, "sdxl", [words(76)], None) == []  # the network only: no note
-    half = configs_of(tiny_model, tmp_path / "half")
+    half = configs_of(tiny_sdxl, tmp_path / "half")
     shutil.rmtree(half / "tokenizer_2")
     assert long_prompts(str(half), None, "sdxl", [words(76)], None) == [
-        long_prompts(str(tiny_model), None, "sdxl", [words(76)], None)[0].replace(
+        long_prompts(str(tiny_sdxl), None, "sdxl", [words(76)], None)[0].replace(
             "CLIP text encoder 1 and CLIP text encoder 2 read", "CLIP text encoder 1 reads")]
 
 
-def test_long_prompts_lines_are_notes(tiny_model, capsys):
+def test_long_prompts_lines_are_notes(tiny_sdxl, capsys):
     """A caller says each line as a note: one `note:` line under a command."""
     def run(_):
-        for line in long_prompts(str(tiny_model), None, "sdxl", [words(90)], None):
+        for line in long_prompts(str(tiny_sdxl), None, "sdxl", [words(90)], None):
             note(line)
 
     with warnings.catch_warnings():

@@ -5,10 +5,7 @@ import errno
 import json
 import os
 import shutil
-import sys
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -26,50 +23,8 @@ from tlora.interop import export
 from tlora.runs.weights import WEIGHTS_NAME
 
 import inference
-from conftest import assert_helpful, one_line_error, read_weights, train_args, with_flags
-
-# -- every path a command opens, traced with an audit hook (hooks cannot be removed: it records only while on) --
-_OPENED: list[str] | None = None
-_EVENTS = ("open", "os.listdir", "os.scandir", "os.mkdir")
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _OPENED is not None and event in _EVENTS and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.path.abspath(os.fsdecode(args[0])))
-
-
-sys.addaudithook(_audit)
-
-
-@contextmanager
-def opened():
-    """The absolute paths opened (files and folders listed or made) inside the block, safetensors' reads included
-    (they happen in Rust, with no audit event: tlora's readers are wrapped to record them)."""
-    import tlora.runs.checkpoint_state
-    import tlora.runs.weights
-
-    global _OPENED
-    _OPENED = []
-
-    def recorded(read):
-        def wrapper(path, *args, **kwargs):
-            _OPENED.append(os.path.abspath(os.fsdecode(path)))
-            return read(path, *args, **kwargs)
-        return wrapper
-
-    with ExitStack() as patches:
-        for module in (tlora.runs.weights, tlora.runs.checkpoint_state):
-            for name in ("safe_open", "load_file"):
-                if hasattr(module, name):
-                    patches.enter_context(patch.object(module, name, recorded(getattr(module, name))))
-        try:
-            yield _OPENED
-        finally:
-            _OPENED = None
-
-
-def under(paths: list[str], folder: Path) -> list[str]:
-    return [p for p in paths if Path(p).is_relative_to(folder.resolve()) or Path(p).is_relative_to(folder)]
+from conftest import assert_helpful, one_line_error
+from helpers import copy_run, opened, read_weights, under, with_flags
 
 
 def snapshot(folder: Path) -> dict[Path, int]:
@@ -78,18 +33,9 @@ def snapshot(folder: Path) -> dict[Path, int]:
 
 # -- a trained run and copies of it -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def run(tiny_model, image_dir, tmp_path_factory):
-    """A tiny trained run with checkpoint-2 and checkpoint-4."""
-    from tlora.train.options import parse_args
-    from tlora.train.trainer import train
-
-    out = tmp_path_factory.mktemp("runs")
-    return train(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "4")))
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    """A copy of the run (its hparams.yml still names the original as output_dir)."""
-    return shutil.copytree(run, tmp_path / run.name, ignore=shutil.ignore_patterns("samples", "analysis"))
+def run(trained_run):
+    """A tiny trained run with checkpoint-2 and checkpoint-4 (shared: the tests change copies of it)."""
+    return trained_run(num_train_epochs=4, resume_state_total_limit=2)
 
 
 def infer_argv(run: Path, *extra: str) -> list[str]:
@@ -155,7 +101,7 @@ def test_the_trace_sees_weights_read_by_safetensors(run):
 @pytest.mark.parametrize("case", BROKEN)
 def test_a_broken_copy_never_reads_or_writes_the_original(run, tmp_path, capsys, no_model, case):
     breaks, message = BROKEN[case]
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     breaks(copy)
     before = snapshot(run)
     with opened() as paths:
@@ -167,7 +113,7 @@ def test_a_broken_copy_never_reads_or_writes_the_original(run, tmp_path, capsys,
 
 
 def test_the_run_folder_itself_must_hold_weights_without_checkpoint_idx(run, tmp_path, capsys, no_model):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     argv = ["--config_path", str(copy / "logs" / "hparams.yml"), "--prompts", "a {0}"]
     with opened() as paths:
         code = inference.main(argv)
@@ -194,7 +140,7 @@ def test_a_loose_hparams_reads_the_run_it_records_and_says_so(run, tmp_path, cap
 @pytest.mark.slow
 # -- 2. an older checkpoint only with a note; a named one never replaced -------------------------------------------
 def test_a_broken_newest_checkpoint_is_passed_over_with_a_note(run, tmp_path, capsys):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     truncate(weights_of(copy))
     with pytest.warns(Note, match=r"using checkpoint-2, the newest usable checkpoint; passed over checkpoint-4: .*is "
                                   r"damaged"):
@@ -298,7 +244,7 @@ def _nan(tensors):
 
 
 def test_weights_that_are_not_floats_or_not_finite_are_refused_before_the_model(run, tmp_path, capsys, no_model):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     weights = rewrite(run, copy, _integers)
     one_line_error(capsys, inference.main(infer_argv(copy)), f"{weights}: tensor ")
     one_line_error(capsys, export.main([str(weights), "--format", "kohya", "--out", str(tmp_path / "k")]),
@@ -310,8 +256,8 @@ def test_weights_that_are_not_floats_or_not_finite_are_refused_before_the_model(
     assert not (tmp_path / WEIGHTS_NAME).exists()
 
 
-def test_a_checkpoint_for_another_model_is_one_line_from_tlora_load(run, tmp_path, tiny_pipe):
-    copy = copy_of(run, tmp_path)
+def test_a_checkpoint_for_another_model_is_one_line_from_tlora_load(run, tmp_path, sdxl_pipe):
+    copy = copy_run(run, tmp_path)
 
     def wider(tensors):
         key = first_key(tensors, "q_layer.weight")
@@ -323,10 +269,10 @@ def test_a_checkpoint_for_another_model_is_one_line_from_tlora_load(run, tmp_pat
     for change, said in ((wider, "has shape"), (missing, "has no tensor")):
         weights = rewrite(run, copy, change)
         with pytest.raises(CheckpointError, match=f"{weights} does not fit this sdxl model .*{said}") as refused:
-            tlora.load(tiny_pipe, copy / "checkpoint-4")
+            tlora.load(sdxl_pipe, copy / "checkpoint-4")
         assert_helpful(str(refused.value))
         assert "it was trained on another model: load the base model its run names" in str(refused.value)
-        assert tlora.attached(tiny_pipe.unet) is None
+        assert tlora.attached(sdxl_pipe.unet) is None
 
 
 # -- 5. tlora.load takes settings only; tlora.scheduled whole step counts ----------------------------------------------
@@ -336,26 +282,26 @@ def test_a_checkpoint_for_another_model_is_one_line_from_tlora_load(run, tmp_pat
     ({"fix": "x"}, "fix= is not a T-LoRA setting"),
     ({"num_train_timesteps": 10}, "num_train_timesteps= is not a T-LoRA setting"),
 ])
-def test_tlora_load_refuses_what_is_not_a_setting(run, tiny_pipe, keyword, said):
+def test_tlora_load_refuses_what_is_not_a_setting(run, sdxl_pipe, keyword, said):
     with pytest.raises(UsageError, match=said) as refused:
-        tlora.load(tiny_pipe, run, **keyword)
+        tlora.load(sdxl_pipe, run, **keyword)
     assert_helpful(str(refused.value))
-    assert tlora.attached(tiny_pipe.unet) is None
+    assert tlora.attached(sdxl_pipe.unet) is None
 
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5, True, "25"])
-def test_tlora_scheduled_refuses_a_step_count_that_is_not_one(tiny_pipe, tmp_path, steps):
+def test_tlora_scheduled_refuses_a_step_count_that_is_not_one(sdxl_pipe, tmp_path, steps):
     with pytest.raises(UsageError, match="num_inference_steps must be a whole number of at least 1") as refused:
-        tlora.scheduled(tiny_pipe, tmp_path, num_inference_steps=steps)
+        tlora.scheduled(sdxl_pipe, tmp_path, num_inference_steps=steps)
     assert_helpful(str(refused.value))
 
 
-def test_tlora_scheduled_refuses_a_schedule_that_is_not_one(tiny_pipe, tmp_path):
+def test_tlora_scheduled_refuses_a_schedule_that_is_not_one(sdxl_pipe, tmp_path):
     for schedule in ([1, 2], {"num_train_timesteps": 1000, "chunks": [{"adapter": "a", "file": "../../etc/x",
                                                                        "components": [0, 1], "on_below": 5}]}):
         (tmp_path / "schedule.json").write_text(json.dumps(schedule))
         with pytest.raises(UsageError, match="is not a T-LoRA schedule") as refused:
-            tlora.scheduled(tiny_pipe, tmp_path, num_inference_steps=4)
+            tlora.scheduled(sdxl_pipe, tmp_path, num_inference_steps=4)
         assert_helpful(str(refused.value))
 
 
@@ -379,14 +325,14 @@ def test_inference_refuses_bad_values(run, capsys, no_model, extra, said):
     ("max_sequence_length", [512], "must be a whole number of at least 1, got [512]"),
 ])
 def test_inference_checks_the_types_in_hparams(run, tmp_path, capsys, no_model, key, value, said):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     path = copy / "logs" / "hparams.yml"
     path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {key: value}))
     one_line_error(capsys, inference.main(infer_argv(copy)), f"--config_path: {key} in {path} {said}")
 
 
 def test_inference_refuses_a_run_it_cannot_write_to(run, tmp_path, capsys, no_model):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     (copy / "checkpoint-4" / "samples").write_text("in the way")
     one_line_error(capsys, inference.main(infer_argv(copy)), f"--config_path: {copy / 'checkpoint-4' / 'samples'} is "
                                                               "not a folder; the samples of")
@@ -394,7 +340,7 @@ def test_inference_refuses_a_run_it_cannot_write_to(run, tmp_path, capsys, no_mo
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
 def test_inference_refuses_a_read_only_run(run, tmp_path, capsys, no_model):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     os.chmod(copy / "checkpoint-4", 0o555)
     try:
         one_line_error(capsys, inference.main(infer_argv(copy)), "(Permission denied); the samples of")
@@ -404,7 +350,7 @@ def test_inference_refuses_a_read_only_run(run, tmp_path, capsys, no_model):
 
 @pytest.mark.slow
 def test_a_full_disk_while_sampling_is_one_line(run, tmp_path, capsys, monkeypatch):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -499,7 +445,7 @@ def test_a_lycoris_file_for_another_model_is_one_line(unet, tmp_path):
 # -- 9. analyze: records that are not what they should be ------------------------------------------------------------
 @pytest.mark.slow
 def test_analyze_skips_a_bad_loss_csv_with_a_note(run, tmp_path, capsys):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     loss = copy / "logs" / "loss.csv"
     for data, said in ((b"step,loss\n1,0.5\n\xff\xfe,1\n", f"note: no loss.png: loss log: {loss} is not UTF-8 text; "),
                        (b"step,loss\n1,0.5\n2,lots\n3,0.4\n",
@@ -519,7 +465,7 @@ def test_analyze_skips_a_bad_loss_csv_with_a_note(run, tmp_path, capsys):
     (b"lora_rank: 4\nlora_rank: 5\n", "is not valid YAML at line 2"),
 ])
 def test_analyze_refuses_a_bad_hparams_in_one_line_and_writes_nothing(run, tmp_path, capsys, data, said):
-    copy = copy_of(run, tmp_path)
+    copy = copy_run(run, tmp_path)
     (copy / "logs" / "hparams.yml").write_bytes(data)
     one_line_error(capsys, analyze.main([str(copy)]), said)
     assert not (copy / "analysis").exists()

@@ -12,10 +12,10 @@ import yaml
 
 from tlora.runs.checkpoint_state import MANIFEST_NAME, PROGRESS_NAME, RESUME_DIR, sha256
 from tlora.runs.weights import WEIGHTS_NAME
-from tlora.train.options import parse_args
 
 import train
-from conftest import one_line_error, train_args
+from conftest import one_line_error
+from helpers import copy_run, train_args
 
 FILES = (WEIGHTS_NAME, f"{RESUME_DIR}/optimizer.bin", f"{RESUME_DIR}/random_states_0.pkl",
          f"{RESUME_DIR}/{PROGRESS_NAME}", f"{RESUME_DIR}/{MANIFEST_NAME}")
@@ -32,13 +32,9 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model, image_dir, tmp_path_factory):
-    """A run of 4 steps with resume state in checkpoint-2 and checkpoint-4."""
-    from tlora.train.trainer import train as train_run
-
-    out = tmp_path_factory.mktemp("finished")
-    return train_run(parse_args(train_args(tiny_model, image_dir, out, "--num_train_epochs", "4",
-                                           "--resume_state_total_limit", "2")))
+def finished_run(trained_run):
+    """A run of 4 steps with resume state in checkpoint-2 and checkpoint-4 (shared: the tests change copies)."""
+    return trained_run(num_train_epochs=4, resume_state_total_limit=2)
 
 
 @pytest.fixture
@@ -52,16 +48,12 @@ def no_model(monkeypatch):
     monkeypatch.setattr(trainer, "load_pipeline", refuse)
 
 
-def copy_run(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "copy" / run.name))
-
-
 def tree(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-def resume(tiny_model, image_dir, target: Path, *extra: str) -> list[str]:
-    return train_args(tiny_model, image_dir, target.parent.parent, "--num_train_epochs", "6",
+def resume(tiny_sdxl, image_dir, target: Path, *extra: str) -> list[str]:
+    return train_args(tiny_sdxl, image_dir, target.parent.parent, "--num_train_epochs", "6",
                       "--resume_state_total_limit", "2", "--resume_from_checkpoint", str(target), *extra)
 
 
@@ -99,28 +91,28 @@ def test_the_payload_runs_when_unpickled_plainly(tmp_path):
 
 
 @pytest.mark.parametrize("name, forged", list(PLANTED))
-def test_a_planted_pickle_never_runs(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, name, forged):
+def test_a_planted_pickle_never_runs(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, no_model, name, forged):
     run = copy_run(finished_run, tmp_path)
     marker = tmp_path / "ran"
     torch.save({"state": Payload(marker), "param_groups": []}, run / "checkpoint-4" / name)
     if forged:
         forge_manifest(run / "checkpoint-4")
-    code = train.main(resume(tiny_model, image_dir, run / "checkpoint-4"))
+    code = train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4"))
     err = one_line_error(capsys, code, PLANTED[name, forged])
     assert str(run / "checkpoint-4" / name) in err and not marker.exists()
 
 
-def test_code_in_hparams_yml_never_runs(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model):
+def test_code_in_hparams_yml_never_runs(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, no_model):
     run = copy_run(finished_run, tmp_path)
     marker = tmp_path / "ran"
     hparams = run / "logs" / "hparams.yml"
     hparams.write_text(hparams.read_text() + f"evil: !!python/object/apply:os.system ['touch {marker}']\n")
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")), str(hparams))
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")), str(hparams))
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("name", [*FILES, RESUME_DIR])
-def test_files_of_two_checkpoints_never_mix(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, name):
+def test_files_of_two_checkpoints_never_mix(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, no_model, name):
     """Each file (and the whole resume folder) swapped between checkpoint-2 and checkpoint-4: refused, naming it."""
     run = copy_run(finished_run, tmp_path)
     a, b, spare = run / "checkpoint-2" / name, run / "checkpoint-4" / name, tmp_path / "spare"
@@ -129,7 +121,7 @@ def test_files_of_two_checkpoints_never_mix(finished_run, tiny_model, image_dir,
     spare.rename(b)
     before = tree(run)
     for target in (run / "checkpoint-4", run):
-        err = one_line_error(capsys, train.main(resume(tiny_model, image_dir, target)), "--resume_from_checkpoint: ")
+        err = one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, target)), "--resume_from_checkpoint: ")
         assert str(b if name != RESUME_DIR else b / MANIFEST_NAME) in err, err
     assert tree(run) == before  # nothing written, no finished checkpoint changed
 
@@ -143,7 +135,7 @@ def test_files_of_two_checkpoints_never_mix(finished_run, tiny_model, image_dir,
     ({"generator.0": torch.zeros(10, dtype=torch.uint8)}, {"step": "4", "taken": "[1]"},
      "is not a progress file of tlora's"),
 ])
-def test_a_forged_progress_is_refused(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, tensors,
+def test_a_forged_progress_is_refused(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, no_model, tensors,
                                       metadata, message):
     """Rewritten with its manifest to match: still refused, before any model loads, as nothing could resume it."""
     from safetensors.torch import load_file, save_file
@@ -152,11 +144,11 @@ def test_a_forged_progress_is_refused(finished_run, tiny_model, image_dir, tmp_p
     path = run / "checkpoint-4" / RESUME_DIR / PROGRESS_NAME
     save_file(tensors or load_file(str(path)), str(path), metadata=metadata)
     forge_manifest(run / "checkpoint-4")
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")), f"{path} {message}")
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")), f"{path} {message}")
 
 
 @pytest.mark.parametrize("change", ["torch_manual_seed", "numpy_random_seed", "random_state"])
-def test_forged_rng_states_are_refused(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, change):
+def test_forged_rng_states_are_refused(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, no_model, change):
     """accelerate skips RNG states it cannot set without a word (an inexact resume): checked before loading."""
     from accelerate.utils import load
 
@@ -166,37 +158,37 @@ def test_forged_rng_states_are_refused(finished_run, tiny_model, image_dir, tmp_
     states[change] = torch.zeros(10, dtype=torch.uint8) if change == "torch_manual_seed" else (1, 2)
     torch.save(states, path)
     forge_manifest(run / "checkpoint-4")
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")),
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")),
                    f"{path} does not hold the RNG states accelerate saves")
 
 
 @pytest.mark.slow
-def test_a_loss_log_cut_short_resumes(finished_run, tiny_model, image_dir, tmp_path):
+def test_a_loss_log_cut_short_resumes(finished_run, tiny_sdxl, image_dir, tmp_path):
     """A row torn by a full disk at the end of loss.csv is left out; the resumed log is whole."""
     run = copy_run(finished_run, tmp_path)
     loss = run / "logs" / "loss.csv"
     loss.write_text(loss.read_text() + "5,0.3")
-    assert train.main(resume(tiny_model, image_dir, run / "checkpoint-4")) == 0
+    assert train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")) == 0
     rows = loss.read_text().splitlines()
     assert rows[0] == "step,loss" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
 
 
-def test_an_older_checkpoint_is_never_resumed_over_a_newer_one(finished_run, tiny_model, image_dir, tmp_path, capsys,
+def test_an_older_checkpoint_is_never_resumed_over_a_newer_one(finished_run, tiny_sdxl, image_dir, tmp_path, capsys,
                                                                no_model):
     """Resuming checkpoint-2 would write checkpoint-4 again: refused, whether checkpoint-4 can be resumed or not."""
     run = copy_run(finished_run, tmp_path)
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-2")),
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-2")),
                    f"checkpoint-4 of {run} is newer; resume from it")
     shutil.rmtree(run / "checkpoint-4" / RESUME_DIR)
-    err = one_line_error(capsys, train.main(resume(tiny_model, image_dir, run)),
+    err = one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run)),
                          f"{run / 'checkpoint-4'} has no resume state")
     assert f"move checkpoint-4 out of {run} to resume from checkpoint-2" in err
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-2")),
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-2")),
                    "resuming checkpoint-2 would write checkpoint-4 again: move checkpoint-4 out of the run folder")
 
 
 @pytest.mark.slow
-def test_a_checkpoint_that_appears_while_training_is_kept(finished_run, tiny_model, image_dir, tmp_path, capsys,
+def test_a_checkpoint_that_appears_while_training_is_kept(finished_run, tiny_sdxl, image_dir, tmp_path, capsys,
                                                           monkeypatch):
     from tlora.train import checkpointing
 
@@ -210,7 +202,7 @@ def test_a_checkpoint_that_appears_while_training_is_kept(finished_run, tiny_mod
         return original(self, step)
 
     monkeypatch.setattr(checkpointing.Checkpointer, "save", save)
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")),
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")),
                    "checkpoint-6 appeared in", exit_code=1)
     assert [p.name for p in (run / "checkpoint-6").iterdir()] == ["mine.txt"]
 
@@ -224,22 +216,22 @@ def test_a_checkpoint_that_appears_while_training_is_kept(finished_run, tiny_mod
     (lambda c: (c.parent / "logs" / "loss.csv").write_text("step,loss\n1,0.5\ntwo,x\n3,0.4\n"), "is not a loss log"),
     (lambda c: (c.parent / "logs" / "loss.csv").write_bytes(b"step,loss\n1,\xff\n"), "is not UTF-8 text"),
 ])
-def test_damaged_run_files_are_one_line(finished_run, tiny_model, image_dir, tmp_path, capsys, no_model, change,
+def test_damaged_run_files_are_one_line(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, no_model, change,
                                         message):
     run = copy_run(finished_run, tmp_path)
     change(run / "checkpoint-4")
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")), message)
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")), message)
 
 
-def test_resume_with_another_process_count_is_refused(finished_run, tiny_model, image_dir, tmp_path, capsys,
+def test_resume_with_another_process_count_is_refused(finished_run, tiny_sdxl, image_dir, tmp_path, capsys,
                                                       monkeypatch, no_model):
     monkeypatch.setenv("WORLD_SIZE", "2")
     run = copy_run(finished_run, tmp_path)
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")),
-                   "was trained with 1 processes, not 2; resume with as many")
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")),
+                   "was trained with 1 processes, not 2; resume with 1 processes")
 
 
-def test_a_run_folder_that_cannot_be_written(finished_run, tiny_model, image_dir, tmp_path, capsys, monkeypatch,
+def test_a_run_folder_that_cannot_be_written(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, monkeypatch,
                                             no_model):
     """A read-only run folder (or disk): one line naming the folder, as the system tells it (as root, permissions
     are not enforced, so the system's answer is stood in for)."""
@@ -247,11 +239,11 @@ def test_a_run_folder_that_cannot_be_written(finished_run, tiny_model, image_dir
 
     run = copy_run(finished_run, tmp_path)
     monkeypatch.setattr(resume_module.os, "access", lambda path, mode: Path(path) != run)
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")),
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")),
                    f"--resume_from_checkpoint: cannot write in {run}; make it writable")
 
 
-def test_a_lock_that_cannot_be_made_is_one_line(finished_run, tiny_model, image_dir, tmp_path, capsys, monkeypatch):
+def test_a_lock_that_cannot_be_made_is_one_line(finished_run, tiny_sdxl, image_dir, tmp_path, capsys, monkeypatch):
     """The folder turned read-only between the checks and the lock: one line, nothing raised at exit."""
     from tlora.runs import run_folder
 
@@ -261,7 +253,7 @@ def test_a_lock_that_cannot_be_made_is_one_line(finished_run, tiny_model, image_
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(run_folder.os, "open", read_only)
-    one_line_error(capsys, train.main(resume(tiny_model, image_dir, run / "checkpoint-4")),
+    one_line_error(capsys, train.main(resume(tiny_sdxl, image_dir, run / "checkpoint-4")),
                    f"--resume_from_checkpoint: cannot write in {run} (Permission denied); make it writable")
 
 
