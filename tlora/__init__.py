@@ -13,7 +13,7 @@ class _TorchvisionFallbackNotice(logging.Filter):
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
 
-from tlora.common.errors import AssumedSetting
+from tlora.common.messages import AssumedSetting
 from tlora.generate.api import load, set_scale, unload
 from tlora.generate.scheduled import scheduled
 from tlora.method.adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, rank_mask

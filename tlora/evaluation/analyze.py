@@ -21,16 +21,17 @@ from PIL import Image, ImageDraw
 
 from tlora import families
 from tlora.common.commands import run_command
-from tlora.common.errors import UsageError, note
+from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write, check_writable
+from tlora.common.flags import Parser
 from tlora.common.images import open_rgb
-from tlora.common.usage import Parser
+from tlora.common.messages import note
 from tlora.generate.generation import existing_images
 from tlora.method.adapters import branches, factors
 from tlora.method.settings import TLoRASettings
 from tlora.runs.keys import group
-from tlora.runs.reading import newest_checkpoint, read
-from tlora.runs.run_folder import moved_from, read_hparams
+from tlora.runs.reading import read
+from tlora.runs.run_folder import RunFolder, resolve
 from tlora.train.loss_log import read_loss_log
 
 THRESHOLD = 0.95
@@ -54,17 +55,16 @@ def layer_updates(weights: dict[str, torch.Tensor], trainer_type: str) -> dict[s
     return updates
 
 
-def resolve(target: Path) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint folder or None) for a run or checkpoint path: a run's newest usable checkpoint
-    (a newer one passed over is said in a note), None when it has none yet; a checkpoint named is used as is."""
+def run_and_checkpoint(target: Path) -> tuple[RunFolder, Path | None]:
+    """(run, checkpoint folder or None) for a run folder (its newest usable checkpoint; None when it has none yet)
+    or one of its checkpoint-N folders (used as is)."""
     if target.is_file():
         raise UsageError(f"{target} is a file; pass its run folder or one of the run's checkpoint-N folders")
-    if (target / "logs" / "hparams.yml").is_file():
-        weights = newest_checkpoint(target)
-        return target, (weights.parent if weights is not None else None)
-    if (target.parent / "logs" / "hparams.yml").is_file():
-        return target.parent, target
-    raise UsageError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints; pass one")
+    run = RunFolder.holding(target)
+    if run is None:
+        raise UsageError(f"{target} is neither a run folder (with logs/hparams.yml) nor one of its checkpoints; pass "
+                         "one")
+    return run, resolve(target).checkpoint
 
 
 def pyplot():
@@ -170,22 +170,21 @@ def analyze(target: str | Path) -> Path:
     the analysis folder (inside `target`, wherever the run was written). Everything is read and checked before
     anything is written."""
     target = Path(target)
-    run, checkpoint = resolve(target)
-    hparams_path = run / "logs" / "hparams.yml"
-    hparams = read_hparams(hparams_path)
+    run, checkpoint = run_and_checkpoint(target)
+    hparams_path = run.hparams_path
+    hparams = run.hparams()
     ckpt = read(checkpoint, hparams_path, fix=f"add {{key}} to {hparams_path}") if checkpoint is not None else None
     settings = ckpt.settings if ckpt is not None else TLoRASettings.from_hparams(hparams, str(hparams_path))
     weights = ckpt.tensors() if ckpt is not None else None
-    loss_csv = run / "logs" / "loss.csv"
     try:
-        loss = read_loss_log(loss_csv, "training writes it; delete it to analyse without it")
+        loss = read_loss_log(run.loss_log, "training writes it; delete it to analyse without it")
     except UsageError as err:
         note(f"no loss.png: {err}")
         loss = None
     out = target / "analysis"
     check_writable(out, str(target), "copy the run to a folder you can write to")
-    if old := moved_from(run, hparams):  # said once the input is known to be good
-        note(f"{run.name} was written in {old}; reading it where it is, {run}")
+    if old := run.moved_from(hparams):  # said once the input is known to be good
+        note(f"{run.name} was written in {old}; reading it where it is, {run.path}")
     out.mkdir(exist_ok=True)
     if ckpt is not None:
         layers = analyse_updates(weights, settings)
@@ -195,12 +194,12 @@ def analyze(target: str | Path) -> Path:
         if not (versions and samples_grid(versions[0], out / "samples_grid.png")):
             note(f"no samples_grid.png: {checkpoint} has no samples (inference.py writes them)")
     else:
-        note(f"no effective_rank.png or samples_grid.png: {run} has no checkpoint yet")
+        note(f"no effective_rank.png or samples_grid.png: {run.path} has no checkpoint yet")
     plot_rank_schedule(settings, out / "rank_schedule.png")
     if loss:
         plot_loss(loss, out / "loss.png")
     elif loss is not None:
-        note(f"no loss.png: {loss_csv} is missing or empty")
+        note(f"no loss.png: {run.loss_log} is missing or empty")
     return out
 
 

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from tlora.common.hub import model_load_error
 from tlora.common.mapped import FilePages
-from tlora.common.usage import model_load_error
 
 
 class Layer(NamedTuple):
@@ -138,9 +138,10 @@ class Family:
         return {}
 
     @classmethod
-    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]], down: str, up: str
+                     ) -> dict[str, dict[str, torch.Tensor]]:
         """A checkpoint's adapters (key prefix -> parameters) as the authors' code writes them (every adapter their
-        loader expects)."""
+        loader expects); `down` and `up` name a Vanilla adapter's two parameters."""
         return dict(adapters)
 
     @classmethod

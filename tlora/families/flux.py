@@ -14,9 +14,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
-from tlora.common.usage import typed_value
+from tlora.common.values import typed_value
 from tlora.families.base import Family, Layer, Target
-from tlora.method.adapters import PARAMS
 
 DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
 SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")
@@ -99,10 +98,11 @@ class FLUX(Family):
             widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", lambda inner: int(inner * MLP_RATIO))
 
     @classmethod
-    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]], down: str, up: str
+                     ) -> dict[str, dict[str, torch.Tensor]]:
         """Their lora.pt: seven Vanilla layers per attention processor, in their order; the single blocks'
-        unused four (their strict loader wants them) as zeros of their shapes."""
-        down, up = PARAMS["lora"]
+        unused four (their strict loader wants them) as zeros of their shapes. `down` and `up` name the two
+        parameters of a Vanilla adapter."""
         out = {}
         processors = {prefix.rpartition(".")[0] for prefix in adapters}  # <attention>.processor
         order = lambda p: (p.startswith("single_"), int(p.split(".")[1]))  # their processors' order
@@ -135,10 +135,8 @@ class FLUX(Family):
 
     @classmethod
     def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        """The T5 prompt length and the image size as trained (FluxPipeline's own default is 1024 px whatever
-        the model)."""
-        size = hparams.get("resolution") or 1024
-        return {"max_sequence_length": hparams.get("max_sequence_length") or 512, "height": size, "width": size}
+        """The T5 prompt length as trained (the image size is the pipeline's default, as the authors sample)."""
+        return {"max_sequence_length": hparams.get("max_sequence_length") or 512}
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:

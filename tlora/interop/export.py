@@ -38,11 +38,13 @@ from safetensors.torch import save
 
 from tlora import families
 from tlora.common.commands import run_command
-from tlora.common.errors import RunFailed, UsageError, note
+from tlora.common.errors import RunFailed, UsageError
 from tlora.common.files import atomic_write, check_writable, is_write_failure, write_failure
-from tlora.common.usage import Parser, shown
+from tlora.common.flags import Parser
+from tlora.common.messages import NEW_PATH, note
+from tlora.common.values import shown
 from tlora.families.base import Target
-from tlora.method.adapters import branches, factors
+from tlora.method.adapters import PARAMS, branches, factors
 from tlora.method.settings import TLoRASettings
 from tlora.runs.keys import flatten, group
 from tlora.runs.reading import LYCORIS_REFUSAL, Checkpoint, read
@@ -302,7 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.active_at is not None and args.active_at > 999:
         raise UsageError(f"--mask timestep:{args.active_at}: T must be in 0..999")
     if args.rank is not None and args.rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {args.rank}")
+        raise UsageError(f"--rank must be at least 1, got {args.rank}; pass 1 or more")
     if args.format in ("authors", "diffusers-scheduled") and (args.rank is not None or args.mask != "full"):
         raise UsageError(f"--format {args.format} keeps the T-LoRA whole: drop --mask and --rank")
     args.ckpt = read(args.checkpoint, args.config_path, quiet=True, trainer_class=args.trainer_class,
@@ -329,7 +331,7 @@ def _check_out_path(args: argparse.Namespace) -> None:
     if out.exists() and (out.is_dir() != (args.format == "diffusers-scheduled")):
         raise UsageError(f"--out: {out} exists and is a {'folder' if out.is_dir() else 'file'}; pass a new path")
     if out.exists() and not args.overwrite:
-        raise UsageError(f"--out: {args.out} exists; pass a new path, or --overwrite to replace it")
+        raise UsageError(f"--out: {args.out} exists; {NEW_PATH}")
     check_writable(out.parent, f"--out {args.out}", "pass a path in a folder you can write to")
 
 
@@ -350,7 +352,7 @@ def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) 
     """The authors' file: every key their loader expects (Family.authors_file), as safetensors with `format: pt`
     as the only metadata, or (a .pt file) a plain torch.save of tensors."""
     family = families.get(ckpt.settings.family)
-    tensors = flatten(family.authors_file(group(weights)))
+    tensors = flatten(family.authors_file(group(weights), *PARAMS["lora"]))
     if out.suffix == ".pt":
         save_pickle(tensors, out)
     else:

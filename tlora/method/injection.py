@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tlora.common.errors import UsageError
+from tlora.common.messages import ALREADY_ATTACHED
 from tlora.families import Family, of_model
 from tlora.families.base import get_module
 from tlora.method.adapters import as_saved, draw_base, make_adapter, orthogonal_starts
@@ -211,7 +212,7 @@ def attach(
     """
     model = of_model(model).model(model)
     if attached(model) is not None:
-        raise ValueError("this model already has T-LoRA adapters; call unload() first")
+        raise ValueError(f"{ALREADY_ATTACHED}")
     settings = settings.for_family(of_model(model).name).validate()
     adapters: dict[str, tuple[str, nn.Module]] = {}
     width = None
@@ -246,7 +247,7 @@ def attach_adapters(unet: nn.Module, settings: TLoRASettings, adapters: dict[str
     """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `unet`, adapter); `rows` names
     the output rows of the adapters that adapt part of a fused Linear (RowAdapters)."""
     if attached(unet) is not None:
-        raise ValueError("this model already has T-LoRA adapters; call unload() first")
+        raise ValueError(f"{ALREADY_ATTACHED}")
     device, rows = next(unet.parameters()).device, rows or {}
     layers: dict[str, tuple[str, nn.Linear]] = {}
     on_linear: dict[int, list[str]] = {}

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from tlora.common.errors import UsageError
-from tlora.common.usage import shown, typed_value
+from tlora.common.messages import PASS_HPARAMS
+from tlora.common.values import shown, typed_value
 from tlora.families import FAMILIES
 from tlora.method import adapters
 from tlora.method.adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
@@ -94,9 +95,10 @@ class TLoRASettings:
         for key in ("lora_rank", "min_rank", "num_train_timesteps"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name(key)} must be a whole number of at least 1, got {value!r}")
+                raise UsageError(f"{name(key)} must be a whole number of at least 1, got {value!r}; pass 1 or more")
         if self.min_rank > self.lora_rank:
-            raise UsageError(f"{name('min_rank')} ({self.min_rank}) must not exceed {name('lora_rank')} ({self.lora_rank})")
+            raise UsageError(f"{name('min_rank')} ({self.min_rank}) must not exceed {name('lora_rank')} ({self.lora_rank}); "
+                             f"pass a {name('min_rank')} of at most {self.lora_rank}")
         alpha = self.alpha_rank_scale
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
             raise UsageError(f"{name('alpha_rank_scale')} must be a finite number > 0, got {alpha!r}")
@@ -131,7 +133,7 @@ class TLoRASettings:
         known = known_from_hparams(values, where)
         missing = [k for k in ("trainer_type", "lora_rank") if k not in known]
         if missing:
-            raise UsageError(f"{where} has no {missing[0]}; pass a run's logs/hparams.yml")
+            raise UsageError(f"{where} has no {missing[0]}; {PASS_HPARAMS}")
         return cls.from_known(known, flags)
 
     @classmethod

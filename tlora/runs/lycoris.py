@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tlora.common.errors import UsageError
-from tlora.common.usage import shown
+from tlora.common.values import shown
 from tlora.method.adapters import OrthoLoRAAdapter
 from tlora.method.injection import TLoRA, attach_adapters
 from tlora.method.settings import TLoRASettings

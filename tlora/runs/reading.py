@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from tlora import families
-from tlora.common.errors import AssumedSetting, CheckpointError, first_line, note
-from tlora.common.usage import parse_json, shown
+from tlora.common.errors import CheckpointError
+from tlora.common.messages import AssumedSetting
+from tlora.common.text_files import parse_json
+from tlora.common.values import shown
 from tlora.method.settings import (
     RESULT_FIELDS,
     TLoRASettings,
@@ -43,8 +43,8 @@ from tlora.method.settings import (
     known_from_overrides,
 )
 from tlora.runs import keys, lycoris
-from tlora.runs.run_folder import CHECKPOINT, checkpoints, read_hparams, run_of
-from tlora.runs.weights import AUTHORS_FLUX_NAME, WEIGHTS_NAME, WEIGHTS_NAMES
+from tlora.runs.run_folder import RunFolder, find_weights, read_hparams
+from tlora.runs.weights import DAMAGED, check_finite_tensors, read_header, read_tensors
 
 DEFAULT = "default"
 TENSORS = "the tensors"
@@ -87,7 +87,7 @@ class Checkpoint:
     def describe(self) -> str:
         """One line per setting: value and source (the mask as the authors' trainer_class)."""
         values = self.settings.as_dict()
-        name = lambda key: "trainer_class" if key == "timestep_dependent" else key  # noqa: E731
+        name = lambda key: "trainer_class" if key == "timestep_dependent" else key
         return "\n".join(f"{name(k)}: {values[name(k)]} ({source})" for k, source in self.sources.items())
 
 
@@ -98,161 +98,6 @@ def _outside_tlora() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
-
-
-# -- finding files ----------------------------------------------------------------------------------
-DAMAGED = "copy it again or use another checkpoint"
-
-
-def weights_file(folder: str | Path) -> Path | None:
-    """The weights file a checkpoint folder holds (ours or the authors' FLUX lora.pt), if any."""
-    return next((Path(folder) / n for n in WEIGHTS_NAMES if (Path(folder) / n).is_file()), None)
-
-
-def _what_it_is(path: Path) -> str:
-    """What a path that is not a regular file is, in words."""
-    if path.is_dir():
-        return "a folder"
-    if path.is_symlink() and not path.exists():
-        return "a link to nothing"
-    return "not a regular file (a device, pipe or socket)"
-
-
-def folder_weights(folder: Path) -> Path:
-    """The weights file of one checkpoint folder (or of a run folder that holds its weights itself), which must
-    be a regular file: one line (CheckpointError) naming it otherwise. Never another folder's."""
-    for name in WEIGHTS_NAMES:
-        path = folder / name
-        if path.is_file():
-            return path
-        if path.exists() or path.is_symlink():
-            raise CheckpointError(f"{path} is {_what_it_is(path)}, not a weights file; {DAMAGED}")
-    raise CheckpointError(f"no T-LoRA weights in {folder}: pass a run folder, a checkpoint-N folder, or its "
-                          f"{WEIGHTS_NAME} (the authors' FLUX runs: {AUTHORS_FLUX_NAME})")
-
-
-def usable_weights(folder: Path) -> Path:
-    """folder_weights, with its header read and checked (a damaged file is one line)."""
-    weights = folder_weights(folder)
-    read_header(weights)
-    return weights
-
-
-def newest_checkpoint(run: Path) -> Path | None:
-    """The weights of a run's newest usable checkpoint-N (weights present, a regular file, a readable header);
-    a newer one passed over is said in a note naming why. None when the run has no checkpoint-N folder; one line
-    (CheckpointError) when it has some but none is usable."""
-    passed: list[tuple[Path, str]] = []
-    for _, folder in reversed(checkpoints(run)):
-        try:
-            weights = usable_weights(folder)
-        except CheckpointError as err:
-            passed.append((folder, str(err)))
-            continue
-        if passed:
-            newer, why = passed[0]
-            others = f" (and {len(passed) - 1} more)" if len(passed) > 1 else ""
-            note(f"{run}: using {folder.name}, the newest usable checkpoint; passed over {newer.name}{others}: {why}")
-        return weights
-    if passed:
-        raise CheckpointError(f"no usable checkpoint in {run}: the newest, {passed[0][0].name}: {passed[0][1]}")
-    return None
-
-
-def find_weights(path: str | Path) -> Path:
-    """The weights file of a file, a checkpoint folder, or a run folder (its newest usable checkpoint, see
-    newest_checkpoint). A file or checkpoint folder named is used or refused, never replaced by another."""
-    path = Path(path)
-    try:
-        return _find_weights(path)
-    except OSError as err:  # a name too long for the system, a loop of links, a folder that cannot be listed
-        raise CheckpointError(f"cannot read {shown(str(path))} ({err.strerror}); pass a run folder, a checkpoint-N "
-                              "folder or a weights file") from None
-
-
-def _find_weights(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if not path.is_dir() and (path.exists() or path.is_symlink()):
-        raise CheckpointError(f"{path} is {_what_it_is(path)}; pass a run folder, a checkpoint-N folder or a weights "
-                              "file")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} does not exist; pass a run folder, a checkpoint-N folder or a weights file")
-    holds = any((path / n).exists() or (path / n).is_symlink() for n in WEIGHTS_NAMES)
-    if holds or CHECKPOINT.match(path.name):
-        return folder_weights(path)
-    found = newest_checkpoint(path)
-    if found is None:
-        return folder_weights(path)  # says that there are no weights
-    return found
-
-
-def find_hparams(weights: Path) -> Path | None:
-    """logs/hparams.yml of the run that holds a weights file (in the run folder or in one of its checkpoints)."""
-    run = run_of(weights.parent)
-    return run / "logs" / "hparams.yml" if run is not None else None
-
-
-# -- reading files ----------------------------------------------------------------------------------
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """The authors' lora.pt: torch.load with weights_only (tensors and plain containers; never code)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # damaged, or a pickle that holds more than tensors (torch's words would advise loading it)
-        raise CheckpointError(f"{path} is not a readable tensor file: damaged, or a pickle holding more than tensors "
-                              f"(never loaded: it could run code); {DAMAGED}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise CheckpointError(f"{path} does not hold a flat dict of named tensors; pass a T-LoRA checkpoint")
-    return state
-
-
-# the floating point dtypes, by safetensors' names
-FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
-
-
-def check_floating(path: Path, dtypes: dict[str, str]) -> None:
-    """Every tensor floating point (dtypes by safetensors' names): one line naming the file and a tensor otherwise."""
-    for key, dtype in dtypes.items():
-        if dtype not in FLOATS.values():
-            raise CheckpointError(f"{path}: tensor {shown(key)} is {dtype}, not floating point, so this is not a "
-                                  f"T-LoRA checkpoint; {DAMAGED}")
-
-
-def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(key -> shape, metadata) from a file's header only (no tensor is read; a lora.pt is memory-mapped); every
-    tensor must be floating point."""
-    if path.suffix == ".pt":
-        state = _read_pickle(path)
-        check_floating(path, {k: FLOATS.get(v.dtype, str(v.dtype)) for k, v in state.items()})
-        return {k: tuple(v.shape) for k, v in state.items()}, {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            slices = {k: f.get_slice(k) for k in f.keys()}
-            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
-            dtypes, metadata = {k: s.get_dtype() for k, s in slices.items()}, f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error type for damaged files
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {first_line(err)}); "
-                              f"{DAMAGED}") from None
-    check_floating(path, dtypes)
-    return shapes, metadata
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".pt":
-        return {k: v.clone() for k, v in _read_pickle(path).items()}
-    try:
-        return load_file(str(path))
-    except Exception as err:
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {first_line(err)}); "
-                              f"{DAMAGED}") from None
-
-
-def check_finite_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Every value a finite number: a checkpoint holding NaN or inf is one line naming the file."""
-    for key, value in tensors.items():
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{path}: tensor {shown(key)} holds NaN or inf values (a diverged run?); use an "
-                                  "older checkpoint, or train again with a lower learning rate")
 
 
 # -- what the tensors show --------------------------------------------------------------------------
@@ -343,7 +188,8 @@ def _hparams(given: dict | str | Path | None, weights: Path) -> tuple[dict, str 
     """(values, source label, path) of the run's hparams.yml: the one given, else the one beside the run."""
     if isinstance(given, dict):
         return dict(given), "the hparams given", None
-    path = Path(given) if given is not None else find_hparams(weights)
+    run = RunFolder.holding(weights.parent)
+    path = Path(given) if given is not None else (run.hparams_path if run else None)
     if path is None:
         return {}, None, None
     values = read_hparams(path)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 from tlora.common.errors import CheckpointError, first_line
 from tlora.common.files import atomic_write
 from tlora.common.values import shown
+from tlora.method.adapters import as_saved
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 AUTHORS_FLUX_NAME = "lora.pt"  # the authors' FLUX checkpoints: a pickled dict of tensors
@@ -28,7 +29,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], folder: str | Path, metada
     """Write `folder/pytorch_lora_weights.safetensors` (float32) with string metadata."""
     meta = {"format": "pt"}
     meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    tensors = as_saved(state_dict)
     path = Path(folder) / WEIGHTS_NAME
     atomic_write(path, save(tensors, metadata=meta))
     return path
@@ -37,7 +38,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], folder: str | Path, metada
 def save_pickle(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """The authors' FLUX lora.pt: torch.save of a plain dict of float32 tensors, written atomically."""
     buffer = io.BytesIO()
-    torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, buffer)
+    torch.save(as_saved(tensors), buffer)
     atomic_write(path, buffer.getvalue())
 
 
