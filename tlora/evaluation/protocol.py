@@ -8,13 +8,13 @@ jobs are spread over the processes (one GPU each).
 
 Manifest (YAML):
 
-    output_dir: bench                      # required
+    output_dir: protocol_runs              # required
     pretrained_model_name_or_path: stabilityai/stable-diffusion-xl-base-1.0
     placeholder_token: sks
     images: {contextual: 5, complex: 5, base: 15}   # images per prompt; keys left out keep these defaults
     num_prompts: {contextual: 25, complex: 6}       # fewer for a quick look
-    num_inference_steps: 25               # default: the model family's (SDXL 25, FLUX 28)
-    guidance_scale: 5.0                   # default: the model family's (SDXL 5.0, FLUX 3.5)
+    num_inference_steps: 25               # default: the model family's (inference.py's)
+    guidance_scale: 5.0                   # default: the model family's (inference.py's)
     evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}  # mask_dir: too
     report_to: none                        # or wandb
     concepts:

@@ -1,5 +1,5 @@
-"""Model families: what differs between SDXL, FLUX.1 and FLUX.2 [klein] (see base.Family); everything else is
-shared."""
+"""Model families: what differs between one model family and another (see base.Family; the list is FAMILIES);
+everything else is shared."""
 
 from __future__ import annotations
 

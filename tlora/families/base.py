@@ -213,8 +213,8 @@ class Family:
 
     @classmethod
     def encoders(cls, pipe) -> list[nn.Module | None]:
-        """Parts only needed to encode prompts and images (moved off the GPU once all is cached);
-        both families have two text encoders and a VAE (None: a part this model lacks)."""
+        """Parts only needed to encode prompts and images (moved off the GPU once all is cached); by default two
+        text encoders and the VAE's encoder (None: a part this model lacks)."""
         return [pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder, pipe.vae.quant_conv]
 
     # -- conditioning and loss -----------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The public API: attach a trained T-LoRA to any diffusers SDXL, FLUX.1 or FLUX.2 [klein] pipeline (or its UNet /
-transformer), scale it, unload it.
+"""The public API: attach a trained T-LoRA to a diffusers pipeline of any family tlora knows (or to its denoiser, a
+UNet or transformer), scale it, unload it.
 
     pipe = StableDiffusionXLPipeline.from_pretrained(..., dtype=torch.float16).to("cuda")   # or FluxPipeline
     tlora.load(pipe, "RUN/checkpoint-800")      # settings from the file, or the run's logs/hparams.yml
@@ -19,7 +19,6 @@ from inspect import signature
 from pathlib import Path
 from typing import Any
 
-from torch import nn
 
 from tlora import families
 from tlora.common.errors import CheckpointError, UsageError
@@ -30,17 +29,13 @@ from tlora.runs.lycoris import load_lycoris
 from tlora.runs.reading import DEFAULT, Checkpoint, read
 
 
-def _unet(pipe_or_unet: Any) -> nn.Module:
-    return families.denoiser(pipe_or_unet)
-
-
 def load(
-    pipe_or_unet: Any, checkpoint: str | Path | Checkpoint, hparams: dict | str | Path | None = None, scale: float = 1.0,
-    **overrides: Any,
+    pipe_or_denoiser: Any, checkpoint: str | Path | Checkpoint, hparams: dict | str | Path | None = None,
+    scale: float = 1.0, **overrides: Any,
 ) -> TLoRA:
     """Attach the T-LoRA in `checkpoint` (a run folder, a checkpoint folder, its .safetensors file, the authors'
-    FLUX lora.pt, a SimpleTuner / LyCORIS file, or a `tlora.read` result) to an SDXL, FLUX.1 or klein pipeline, UNet
-    or transformer.
+    FLUX lora.pt, a SimpleTuner / LyCORIS file, or a `tlora.read` result) to a pipeline of any family tlora knows, or
+    to its denoiser (UNet or transformer).
 
     Settings are read as `tlora.read` reads them: keyword overrides (trainer_class, min_rank,
     alpha_rank_scale, ...), then the file's metadata, then `hparams` (a hparams.yml path or a dict; by
@@ -50,8 +45,8 @@ def load(
     """
     check_scale(scale)
     check_keywords(overrides)
-    model, family = _unet(pipe_or_unet), families.of_model(pipe_or_unet).name
-    scheduler = getattr(pipe_or_unet, "scheduler", None)
+    model, family = families.denoiser(pipe_or_denoiser), families.of_model(pipe_or_denoiser).name
+    scheduler = getattr(pipe_or_denoiser, "scheduler", None)
     timesteps = scheduler.config.num_train_timesteps if scheduler is not None else None
     if isinstance(checkpoint, Checkpoint):
         if hparams is not None or overrides:
@@ -99,19 +94,19 @@ def check_scale(scale: float) -> None:
         raise UsageError(f"scale must be a finite number, got {scale!r}")
 
 
-def _require(pipe_or_unet: Any) -> TLoRA:
-    tlora = attached(_unet(pipe_or_unet))
+def _require(pipe_or_denoiser: Any) -> TLoRA:
+    tlora = attached(families.denoiser(pipe_or_denoiser))
     if tlora is None:
         raise ValueError("no T-LoRA is attached to this pipeline or UNet")
     return tlora
 
 
-def set_scale(pipe_or_unet: Any, scale: float) -> None:
+def set_scale(pipe_or_denoiser: Any, scale: float) -> None:
     """Scale the adapters' output (1 = as trained, 0 = the base model)."""
     check_scale(scale)
-    _require(pipe_or_unet).set_scale(scale)
+    _require(pipe_or_denoiser).set_scale(scale)
 
 
-def unload(pipe_or_unet: Any) -> None:
+def unload(pipe_or_denoiser: Any) -> None:
     """Remove the T-LoRA: the model's modules and outputs are exactly as before `load`."""
-    _require(pipe_or_unet).unload()
+    _require(pipe_or_denoiser).unload()

@@ -121,15 +121,15 @@ class _AddAdapter:
 class TLoRA:
     """The adapters attached to one denoiser: their settings, parameters, checkpoint keys, scale, and `unload()`."""
 
-    def __init__(self, unet: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]]) -> None:
-        self.unet, self.state, self.layers = unet, state, layers
-        self.family: type[Family] = of_model(unet)
-        self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(unet, path))}.values())
+    def __init__(self, denoiser: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]]) -> None:
+        self.denoiser, self.state, self.layers = denoiser, state, layers
+        self.family: type[Family] = of_model(denoiser)
+        self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(denoiser, path))}.values())
         self.check_usable()
-        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+        self._hook = denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
         add = _AddAdapter(state)
         self._layer_hooks = [linear.register_forward_hook(add) for linear in self.linears]
-        unet._tlora = self
+        denoiser._tlora = self
 
     @property
     def settings(self) -> TLoRASettings:
@@ -148,7 +148,7 @@ class TLoRA:
         if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(first, ADAPTER, first).modules()):
             raise UsageError(OFFLOADED)
 
-    def _on_unet_call(self, unet: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_denoiser_call(self, denoiser: nn.Module, args: tuple, kwargs: dict) -> None:
         self.check_usable()
         name, position = self.family.timestep_arg
         timestep = kwargs[name] if name in kwargs else args[position]
@@ -189,13 +189,13 @@ class TLoRA:
         for linear in self.linears:
             delattr(linear, ADAPTER)
         self._hook.remove()
-        del self.unet._tlora
-        return self.unet
+        del self.denoiser._tlora
+        return self.denoiser
 
 
-def attached(unet: nn.Module) -> TLoRA | None:
-    """The TLoRA attached to `unet` (or to the model a torch.compile wrapper holds), if any."""
-    return getattr(getattr(unet, "_orig_mod", unet), "_tlora", None)
+def attached(denoiser: nn.Module) -> TLoRA | None:
+    """The TLoRA attached to `denoiser` (or to the model a torch.compile wrapper holds), if any."""
+    return getattr(getattr(denoiser, "_orig_mod", denoiser), "_tlora", None)
 
 
 def attach(
@@ -242,17 +242,17 @@ def attach(
     return attach_adapters(model, settings, adapters, rows)
 
 
-def attach_adapters(unet: nn.Module, settings: TLoRASettings, adapters: dict[str, tuple[str, nn.Module]],
+def attach_adapters(denoiser: nn.Module, settings: TLoRASettings, adapters: dict[str, tuple[str, nn.Module]],
                     rows: dict[str, tuple[int, int]] | None = None) -> TLoRA:
-    """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `unet`, adapter); `rows` names
+    """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `denoiser`, adapter); `rows` names
     the output rows of the adapters that adapt part of a fused Linear (RowAdapters)."""
-    if attached(unet) is not None:
+    if attached(denoiser) is not None:
         raise ValueError(f"{ALREADY_ATTACHED}")
-    device, rows = next(unet.parameters()).device, rows or {}
+    device, rows = next(denoiser.parameters()).device, rows or {}
     layers: dict[str, tuple[str, nn.Linear]] = {}
     on_linear: dict[int, list[str]] = {}
     for prefix, (path, _) in adapters.items():
-        linear = base_linear(get_module(unet, path))
+        linear = base_linear(get_module(denoiser, path))
         layers[prefix] = (path, linear)
         on_linear.setdefault(id(linear), []).append(prefix)
     for prefixes in on_linear.values():
@@ -265,7 +265,7 @@ def attach_adapters(unet: nn.Module, settings: TLoRASettings, adapters: dict[str
             adapter = RowAdapters(linear.out_features, {p: (rows[p], adapters[p][1]) for p in prefixes})
         linear.add_module(ADAPTER, adapter.to(device))
     try:
-        return TLoRA(unet, MaskState(settings), layers)
+        return TLoRA(denoiser, MaskState(settings), layers)
     except UsageError:
         for linear in {id(linear): linear for _, linear in layers.values()}.values():
             delattr(linear, ADAPTER)

@@ -106,12 +106,12 @@ def _without_full_collections():
         module.gc = original
 
 
-def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings,
+def load_lycoris(denoiser: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings,
                  where: str = "this LyCORIS file") -> TLoRA:
     """Attach a LyCORIS T-LoRA (its tensors, and the settings tlora.runs.reading read from its lycoris_config) to
-    `unet`: any of its Linear layers that the file names. `where` names the file in errors."""
-    paths = {PREFIX + name.replace(".", "_"): name for name, m in unet.named_modules() if isinstance(m, nn.Linear)}
-    modules = dict(unet.named_modules())
+    `denoiser`: any of its Linear layers that the file names. `where` names the file in errors."""
+    paths = {PREFIX + name.replace(".", "_"): name for name, m in denoiser.named_modules() if isinstance(m, nn.Linear)}
+    modules = dict(denoiser.named_modules())
     groups = _groups(weights, where)
     for prefix, params in groups.items():
         if prefix not in paths or set(params) != set(PARAMS):
@@ -121,4 +121,4 @@ def load_lycoris(unet: nn.Module, weights: dict[str, torch.Tensor], settings: TL
     with _without_full_collections():
         adapters = {prefix: (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
                     for prefix, params in groups.items()}
-    return attach_adapters(unet, settings, adapters)
+    return attach_adapters(denoiser, settings, adapters)
