@@ -29,12 +29,12 @@ class Layer(NamedTuple):
 
 
 class Target(NamedTuple):
-    """One layer of an exported LoRA file: its name there (a module path, or a kohya key), its output rows, and
-    where the T-LoRA's projections sit in it (module path -> first row). Several projections make one target
-    where the file's model fuses them (BFL's qkv and linear1, FLUX.2's to_qkv_mlp_proj)."""
+    """One layer of an exported LoRA file: its name there (a module path, or a kohya key), its number of outputs,
+    and where the T-LoRA's projections sit in it (module path -> first output row). Several projections make one
+    target where the file's model fuses them (BFL's qkv and linear1, FLUX.2's to_qkv_mlp_proj)."""
 
     name: str
-    rows: int
+    out_features: int
     parts: dict[str, int]
 
 
@@ -126,11 +126,11 @@ class Family:
 
     @classmethod
     def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
-        """The layers of a `diffusers` or `kohya` file for the projections in `widths` (module path -> output
-        rows); `meta` is the checkpoint's metadata. By default each projection is one layer, named by its
+        """The layers of a `diffusers` or `kohya` file for the projections in `widths` (module path -> number of
+        outputs); `meta` is the checkpoint's metadata. By default each projection is one layer, named by its
         module path (diffusers) or kohya_keys (kohya)."""
         names = cls.kohya_keys(list(widths)) if fmt == "kohya" else {m: m for m in widths}
-        return [Target(names[m], rows, {m: 0}) for m, rows in widths.items()]
+        return [Target(names[m], width, {m: 0}) for m, width in widths.items()]
 
     @classmethod
     def model_metadata(cls, model: nn.Module) -> dict[str, str]:

@@ -90,7 +90,7 @@ def fuse(factors: Factors, targets: list[Target]) -> Factors:
     for target in targets:
         members = [(row, *factors[module]) for module, row in target.parts.items()]
         down = torch.cat([d for _, d, _ in members])
-        up = torch.zeros(target.rows, down.shape[0], dtype=down.dtype)
+        up = torch.zeros(target.out_features, down.shape[0], dtype=down.dtype)
         column = 0
         for row, d, u in members:
             up[row:row + u.shape[0], column:column + d.shape[0]] = u
