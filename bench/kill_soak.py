@@ -5,8 +5,8 @@
 Trains the tiny model with a checkpoint every 3 steps and `--resume_from_checkpoint latest`, kills the
 process with SIGKILL after a random 4.5-9 s (model loading takes about 4 s on a 2-core CPU), and after each
 kill checks: every checkpoint-N has a readable weights file, every resume/ folder passes the resume checks (its
-manifest, digests and plain-tensor files: runs.checkpoint_state.damage), and loss.csv has each step once (a last
-row cut short by the kill aside). Prints a line per kill; exits 1 on a fault.
+manifest, digests and plain-tensor files: runs.checkpoint_state.why_not_resumable), and loss.csv has each step once
+(a last row cut short by the kill aside). Prints a line per kill; exits 1 on a fault.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from PIL import Image
 
 import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
 from tlora.families.tiny import build_tiny_sdxl
-from tlora.runs.checkpoint_state import RESUME_DIR, damage
+from tlora.runs.checkpoint_state import RESUME_DIR, why_not_resumable
 from tlora.runs.reading import read
 from tlora.train.loss_log import read_loss_log
 
@@ -40,7 +40,7 @@ def check(out: Path) -> tuple[list[int], int]:
         for checkpoint in run.glob("checkpoint-*"):
             read(checkpoint, quiet=True).tensors()  # raises on a missing or partial file
             if (checkpoint / RESUME_DIR).is_dir():
-                problem = damage(checkpoint)
+                problem = why_not_resumable(checkpoint)
                 assert problem is None, problem
             steps.append(int(checkpoint.name.split("-")[1]))
         logged = [step for step, _ in read_loss_log(run / "logs" / "loss.csv")]

@@ -69,7 +69,7 @@ class Progress:
         atomic_write(folder / PROGRESS_NAME, save(tensors, metadata=metadata))
 
     def load(self, folder: Path) -> None:
-        """This process's data order and the step from a checked progress.safetensors (see `damage`)."""
+        """This process's data order and the step from a checked progress.safetensors (see `why_not_resumable`)."""
         step, orders = read_progress(folder / PROGRESS_NAME)
         self.step = step
         self.order.load_state_dict(orders[self.accelerator.process_index])
@@ -278,7 +278,7 @@ def _check_state(checkpoint: Path, weights: Path) -> None:
             raise UsageError(f"{state / f'random_states_{i}.pkl'} is missing")
 
 
-def damage(checkpoint: Path) -> str | None:
+def why_not_resumable(checkpoint: Path) -> str | None:
     """What keeps a checkpoint from being resumed exactly (its weights, or resume state that is missing, damaged,
     of another checkpoint or able to run code), read without loading any model; None when it can be."""
     try:

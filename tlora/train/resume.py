@@ -1,6 +1,6 @@
 """Which checkpoint to resume from (`--resume_from_checkpoint` PATH or latest), and whether it may be: the newest of
-its run (see `resumable`), whole (runs.checkpoint_state.damage), trained with as many processes on the same data,
-and the run's settings unchanged where they matter. All before any model loads.
+its run (see `resumable`), whole (runs.checkpoint_state.why_not_resumable), trained with as many processes on the
+same data, and the run's settings unchanged where they matter. All before any model loads.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from tlora.common.errors import UsageError
 from tlora.common.messages import note
 from tlora.common.values import shown
-from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, damage, read_progress
+from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, read_progress, why_not_resumable
 from tlora.runs.run_folder import RUN_INDEX, RunFolder, checkpoint_step
 from tlora.train.checks import training_items
 from tlora.train.loss_log import read_loss_log
@@ -71,16 +71,16 @@ def resumable(checkpoint: Path) -> Path:
     run = RunFolder(checkpoint.parent)
     newest = run.checkpoints()[-1][1]
     if newest != checkpoint:
-        why = damage(newest)
+        why = why_not_resumable(newest)
         if why is None:
             raise UsageError(f"--resume_from_checkpoint: {newest.name} of {run} is newer; resume from it (or from the "
                              "run folder), or start a new run")
         raise UsageError(f"--resume_from_checkpoint: {newest.name} of {run} is newer but cannot be resumed ({why}); "
                          f"resuming {checkpoint.name} would write {newest.name} again: move {newest.name} out of the "
                          "run folder, then resume")
-    problem = damage(checkpoint)
+    problem = why_not_resumable(checkpoint)
     if problem is not None:
-        older = next((p for _, p in reversed(run.checkpoints()[:-1]) if damage(p) is None), None)
+        older = next((p for _, p in reversed(run.checkpoints()[:-1]) if why_not_resumable(p) is None), None)
         fix = (f"move {checkpoint.name} out of {run} to resume from {older.name}, or start a new run" if older
                else "no other checkpoint of this run can be resumed: start a new run")
         raise UsageError(f"--resume_from_checkpoint: {problem}; {fix}")
@@ -144,7 +144,7 @@ def check(args: argparse.Namespace) -> None:
     run = RunFolder(args.resume_checkpoint.parent)
     run.lock.check()
     if not os.access(run.path, os.W_OK | os.X_OK):
-        raise UsageError(f"--resume_from_checkpoint: cannot write in {run.path}; make it writable (or copy the run to a "
+        raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; make it writable (or copy the run to a "
                          "folder you can write to) and resume there")
     progress = args.resume_checkpoint / RESUME_DIR / PROGRESS_NAME
     _, orders = read_progress(progress)

@@ -184,7 +184,7 @@ class Trainer:
 
     def restore(self) -> None:
         """When resuming: accelerate's state (optimizer, RNGs), the progress and loss.csv up to the checkpoint
-        (every file checked before the model loaded: runs.checkpoint_state.damage)."""
+        (every file checked before the model loaded: runs.checkpoint_state.why_not_resumable)."""
         if self.resume_from is not None:
             self.accelerator.load_state(str(self.resume_from / RESUME_DIR))
             self.progress.load(self.resume_from / RESUME_DIR)
