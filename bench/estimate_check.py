@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tlora.families.pipelines import DTYPES, load_pipeline  # noqa: E402
-from tlora.train.estimate import parse_args, trace_step  # noqa: E402
+from tlora.train.estimator import parse_args, trace_step  # noqa: E402
 
 GB = 2**30
 
@@ -38,7 +38,7 @@ def main() -> None:
     opts = p.parse_args()
     model = opts.model
     if model == "tiny":
-        from tlora.families.tiny import build_tiny_sdxl
+        from tlora.families.tiny_models import build_tiny_sdxl
 
         model = str(build_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny"))
     print("| configuration | traced on meta (GB) | real CPU step, tracked (GB) | ratio | activations meta / real (GB) |")

@@ -33,8 +33,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 from accelerate.state import AcceleratorState  # noqa: E402
 
-from tlora.train.estimate import estimate  # noqa: E402
-from tlora.train.estimate import parse_args as estimate_args
+from tlora.train.estimator import estimate  # noqa: E402
+from tlora.train.estimator import parse_args as estimate_args
 from tlora.train.options import parse_args  # noqa: E402
 from tlora.train.trainer import Trainer  # noqa: E402
 
@@ -56,7 +56,7 @@ def models(scratch: Path, smoke: bool) -> dict[str, tuple[str, str, object]]:
     from tlora.families.pipelines import load_pipeline
 
     if smoke:
-        from tlora.families.tiny import build_tiny_flux, build_tiny_sdxl
+        from tlora.families.tiny_models import build_tiny_flux, build_tiny_sdxl
 
         sdxl, flux = str(build_tiny_sdxl(scratch / "sdxl")), str(build_tiny_flux(scratch / "flux"))
         return {"sdxl": (sdxl, sdxl, load_pipeline(sdxl, "none")), "flux": (flux, flux, None)}
@@ -126,7 +126,7 @@ def train_case(name: str, flags: list[str], estimate_name: str, steps: int, pipe
 
 
 def _source(name: str) -> str:
-    from tlora.train.estimate import model_source
+    from tlora.train.estimator import model_source
 
     return model_source(name, None)
 
@@ -206,7 +206,7 @@ def main(argv_: list[str] | None = None) -> int:
                            "--gradient_checkpointing", "--use_8bit_adam"]))
     rows = [train_case(name, flags, est, opts.steps, pipe) for name, flags, est, pipe in cases]
     rows.append(inference_case(folders["sdxl"][2], res, 2 if opts.smoke else 25))
-    tiny = folders["sdxl"][0] if opts.smoke else str(__import__("tlora.families.tiny", fromlist=["x"])
+    tiny = folders["sdxl"][0] if opts.smoke else str(__import__("tlora.families.tiny_models", fromlist=["x"])
                                                      .build_tiny_sdxl(scratch / "tiny"))
     rows.append(resume_case(argv(tiny, data, scratch / "resume", 64, SDXL[:4] + ["--lora_rank", "4", "--min_rank",
                                                                                    "2"]), scratch / "resume"))

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
-from tlora.families.tiny import build_tiny_sdxl
+from tlora.families.tiny_models import build_tiny_sdxl
 from tlora.runs.checkpoint_state import RESUME_DIR, why_not_resumable
 from tlora.runs.reading import read
 from tlora.train.loss_log import read_loss_log

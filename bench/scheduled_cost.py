@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
-from tlora.interop.export import main as export
+from tlora.interop.exporting import main as export
 from tlora.runs.weights import save_weights
 
 
@@ -27,7 +27,7 @@ def build(model: str, scratch: Path):
     from tlora.families.pipelines import load_pipeline
 
     if model == "tiny":
-        from tlora.families.tiny import build_tiny_sdxl
+        from tlora.families.tiny_models import build_tiny_sdxl
 
         return load_pipeline(str(build_tiny_sdxl(scratch / "tiny")), "none"), 8, 4
     from sdxl_architecture import build_sdxl_architecture

@@ -74,7 +74,7 @@ def sync(device: torch.device) -> None:
 
 def build_model(opts, scratch: Path):
     if opts.model in ("tiny", "tiny-flux"):
-        from tlora.families.tiny import build_tiny_flux, build_tiny_sdxl
+        from tlora.families.tiny_models import build_tiny_flux, build_tiny_sdxl
 
         build = build_tiny_flux if opts.model == "tiny-flux" else build_tiny_sdxl
         return load_pipeline(str(build(scratch / "tiny")), "none")

@@ -1,8 +1,8 @@
-"""`python -m tlora.analyze`: the command of `tlora.evaluation.analyze` (see there)."""
+"""`python -m tlora.analyze`: the command of `tlora.evaluation.analysis` (see there)."""
 
 import sys
 
-from tlora.evaluation.analyze import main
+from tlora.evaluation.analysis import main
 
 if __name__ == "__main__":
     sys.exit(main())

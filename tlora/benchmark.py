@@ -1,8 +1,8 @@
-"""`python -m tlora.benchmark`: the command of `tlora.evaluation.protocol` (see there)."""
+"""`python -m tlora.benchmark`: the old name of `python -m tlora.protocol` (the paper's evaluation protocol)."""
 
 import sys
 
-from tlora.evaluation.protocol import main
+from tlora.protocol import main
 
 if __name__ == "__main__":
     sys.exit(main())

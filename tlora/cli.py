@@ -3,7 +3,8 @@
 
     tlora train ...        (= train.py)           tlora evaluate ...   (= python -m tlora.evaluate)
     tlora generate ...     (= inference.py)       tlora analyze ...    (= python -m tlora.analyze)
-    tlora export ...       (= python -m tlora.export)     tlora estimate, benchmark, demo, tiny likewise
+    tlora export ...       (= python -m tlora.export)     tlora estimate, protocol (old name: benchmark), demo,
+                                                          tiny likewise
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def inference_main(argv: list[str] | None = None) -> int:
 
 COMMANDS = {
     "train": train_main, "generate": inference_main, "inference": inference_main,
-    "export": "tlora.interop.export", "evaluate": "tlora.evaluation.evaluate", "analyze": "tlora.evaluation.analyze",
-    "benchmark": "tlora.evaluation.protocol", "demo": "tlora.demo", "tiny": "tlora.families.tiny",
-    "estimate": "tlora.train.estimate",
+    "export": "tlora.interop.exporting", "evaluate": "tlora.evaluation.scoring", "analyze": "tlora.evaluation.analysis",
+    "protocol": "tlora.evaluation.paper_protocol", "benchmark": "tlora.evaluation.paper_protocol",  # its old name
+    "demo": "tlora.demo", "tiny": "tlora.families.tiny_models",
+    "estimate": "tlora.train.estimator",
 }
 
 

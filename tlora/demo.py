@@ -39,7 +39,7 @@ def training_folder(output_dir: Path) -> Path:
 
 def tiny_model(output_dir: Path) -> Path:
     """The demo's tiny SDXL in output_dir (built once, then reused)."""
-    from tlora.families.tiny import build_tiny_sdxl
+    from tlora.families.tiny_models import build_tiny_sdxl
 
     folder = output_dir / "tiny-sdxl"
     if not (folder / "model_index.json").is_file():

@@ -1,8 +1,8 @@
-"""`python -m tlora.export`: the command of `tlora.interop.export` (see there)."""
+"""`python -m tlora.export`: the command of `tlora.interop.exporting` (see there)."""
 
 import sys
 
-from tlora.interop.export import main
+from tlora.interop.exporting import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -77,7 +77,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_yaml(text: str, where: str, fix: str = "fix the file") -> object:
-    """A user's YAML file (a --config, a hparams.yml, a benchmark manifest): safe types only, no key given twice;
+    """A user's YAML file (a --config, a hparams.yml, a protocol manifest): safe types only, no key given twice;
     errors are one line naming the file, the line and `fix`."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)

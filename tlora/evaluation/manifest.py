@@ -1,4 +1,4 @@
-"""The benchmark manifest, typed: the concepts, the methods and the generation and evaluation settings of the
+"""The protocol manifest, typed: the concepts, the methods and the generation and evaluation settings of the
 paper's protocol, read and checked from YAML (paths relative to the manifest, names made safe folder names)."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ FIX = "fix the manifest"
 TEXT = ("output_dir", "placeholder_token", "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path",
         "report_to", "project_name")
 REQUIRED_TEXT = ("output_dir", "placeholder_token", "report_to", "project_name")  # the others may be null
-REPORT_TO = ("none", "wandb", "tensorboard")  # train.py's --report_to (the benchmark's own table: wandb only)
+REPORT_TO = ("none", "wandb", "tensorboard")  # train.py's --report_to (the protocol's own table: wandb only)
 EVALUATION_KEYS = ("clip_model", "dino_model", "mask_dir")
 # train.py flags each job gets from the manifest (a method's overrides would break the protocol's layout)
-SET_BY_BENCHMARK = ("config", "train_data_dir", "instance_data_dir", "one_image", "output_dir", "class_name",
+SET_BY_PROTOCOL = ("config", "train_data_dir", "instance_data_dir", "one_image", "output_dir", "class_name",
                     "placeholder_token", "resume_from_checkpoint")
 
 
@@ -148,7 +148,7 @@ def _entries(where: str, key: str, items, kind: type) -> list:
 
 
 def _overrides(where: str, method: Method) -> None:
-    """A method's train.py flags: a mapping of flag names to single values, none of those the benchmark sets."""
+    """A method's train.py flags: a mapping of flag names to single values, none of those the protocol sets."""
     given = method.overrides if method.overrides is not None else {}
     if not isinstance(given, dict):
         raise UsageError(f"{where}: method {shown(method.name)}: overrides must be a mapping of train.py flag names "
@@ -157,9 +157,9 @@ def _overrides(where: str, method: Method) -> None:
         if not isinstance(flag, str):
             raise UsageError(f"{where}: method {shown(method.name)}: overrides key {shown(flag)} is not a flag "
                              f"name; {FIX}")
-        if flag.lstrip("-") in SET_BY_BENCHMARK:
+        if flag.lstrip("-") in SET_BY_PROTOCOL:
             raise UsageError(f"{where}: method {shown(method.name)}: overrides cannot set {flag}, which the "
-                             f"benchmark sets for every job ({', '.join(SET_BY_BENCHMARK)}); remove it")
+                             f"protocol sets for every job ({', '.join(SET_BY_PROTOCOL)}); remove it")
         if isinstance(value, (list, dict)):
             raise UsageError(f"{where}: method {shown(method.name)}: overrides {flag} must be a single value, got "
                              f"{shown(value)}; {FIX}")

@@ -1,4 +1,4 @@
-"""The benchmark's results: one JSON row per finished job, results.csv, results.md (mean ± std per method),
+"""The protocol's results: one JSON row per finished job, results.csv, results.md (mean ± std per method),
 is_vs_ts.png and, when asked, a W&B table."""
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ def collect(m: Manifest, write: bool = True) -> list[dict]:
 
 
 def read_row(path: Path) -> dict:
-    """One finished job's row (the benchmark wrote it; a hand-edited or damaged one is one line naming it)."""
+    """One finished job's row (the protocol wrote it; a hand-edited or damaged one is one line naming it)."""
     fix = "delete it to run that job again"
-    text = read_text(path, "benchmark result", fix)
+    text = read_text(path, "protocol result", fix)
     try:
         row = parse_json(text)
     except ValueError:  # not JSON
         row = None
     if not isinstance(row, dict) or any(k not in row for k in COLUMNS) or not all(
             row[k] is None or (isinstance(row[k], (int, float)) and not isinstance(row[k], bool)) for k in METRICS):
-        raise UsageError(f"benchmark result {path} is not a row the benchmark writes (JSON with {', '.join(COLUMNS)}); "
+        raise UsageError(f"protocol result {path} is not a row the protocol writes (JSON with {', '.join(COLUMNS)}); "
                          f"{fix}")
     return row
 
@@ -59,7 +59,7 @@ def summary(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
 
 def write_report(m: Manifest, rows: list[dict]) -> tuple[Path, Path]:
     """results.md (mean ± std per method) and is_vs_ts.png (one point per method)."""
-    from tlora.evaluation.analyze import pyplot
+    from tlora.evaluation.analysis import pyplot
 
     plt = pyplot()
     stats = summary(rows)
@@ -86,12 +86,12 @@ def write_report(m: Manifest, rows: list[dict]) -> tuple[Path, Path]:
 
 
 def log_report(m: Manifest, png: Path, rows: list[dict]) -> None:
-    """The rows and the plot as one W&B run named `benchmark`, when the manifest reports to wandb."""
+    """The rows and the plot as one W&B run named `protocol`, when the manifest reports to wandb."""
     if m.report_to != "wandb":
         return
     import wandb
 
-    run = wandb.init(project=m.project_name, name="benchmark", dir=str(m.output_dir))
+    run = wandb.init(project=m.project_name, name="protocol", dir=str(m.output_dir))
     run.log({"results": wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows]),
              "is_vs_ts": wandb.Image(str(png))})
     run.finish()

@@ -16,7 +16,7 @@ from tlora.common.hub import check_model_source
 from tlora.common.messages import PASS_HPARAMS, note
 from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.values import check_at_least, check_device, check_guidance, check_seed, shown
-from tlora.families.checks import check_vae, long_prompts
+from tlora.families.model_checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load

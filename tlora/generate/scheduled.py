@@ -24,7 +24,7 @@ from tlora import families
 from tlora.common.errors import UsageError
 from tlora.common.text_files import parse_json, read_text
 from tlora.common.values import check_finite, shown
-from tlora.interop.export import SCHEDULE_NAME
+from tlora.interop.exporting import SCHEDULE_NAME
 from tlora.method.settings import TLoRASettings, known_from_ours
 
 

@@ -16,7 +16,7 @@ from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, 
 from tlora.common.messages import WRITABLE_FOLDER, note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.values import check_at_least, check_finite, check_guidance, check_seed, shown
-from tlora.families.checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
+from tlora.families.model_checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
 from tlora.generate.generation import image_size
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
 from tlora.train.options import TrainOptions

@@ -1,4 +1,4 @@
-"""Section timers for the training step: exclusive wall time per named section, for the benchmark.
+"""Section timers for the training step: exclusive wall time per named section, for the speed benchmarks (bench/).
 
 The trainer always runs its step inside these sections; with `NULL_TIMER` (the default) they cost a few
 hundred nanoseconds and never synchronise the device.

@@ -62,7 +62,7 @@ class Trainer:
     """One training run from parsed, checked options (a new run, or `opts.resume_checkpoint`'s run).
 
     `cache=False` re-encodes image and prompt every step with a new data iterator, as the authors' loop
-    does; `pipe`, `adapter_state` and `timer` let the benchmark reuse a built model and time sections.
+    does; `pipe`, `adapter_state` and `timer` let the speed benchmarks (bench/) reuse a built model and time sections.
     """
 
     def __init__(self, opts: TrainOptions, cache: bool = True, pipe=None,

@@ -148,7 +148,7 @@ def check_embedders(clip_flag: str, clip: str, dino_flag: str, dino: str) -> Non
     """The CLIP and DINO models can be had (a folder, or the cache when offline) and their config.json, where it
     can be read without the network, is a JSON object; CLIP's says it is a CLIP model."""
     from tlora.common.text_files import read_json
-    from tlora.families.checks import cached_file
+    from tlora.families.model_checks import cached_file
 
     for flag, name in ((clip_flag, clip), (dino_flag, dino)):
         check_model_source(flag, name, "config.json")

@@ -30,7 +30,7 @@ from tlora.common.messages import DIFFUSERS_LAYOUT
 from tlora.common.text_files import read_json
 from tlora.common.values import check_finite, check_seed, shown
 from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
-from tlora.families.checks import cached_file
+from tlora.families.model_checks import cached_file
 from tlora.families.pipelines import DTYPES
 from tlora.method.injection import attach
 from tlora.method.settings import TLoRASettings

@@ -1,8 +1,8 @@
-"""`python -m tlora.benchmark MANIFEST.yaml`: the paper's protocol as one command.
+"""`python -m tlora.protocol MANIFEST.yaml`: the paper's evaluation protocol as one command.
 
 For every concept x method of the manifest: train (train.py in a subprocess), generate the protocol's
 prompts (25 contextual x 5, 6 complex x 5, the base prompt x 15), evaluate IS, DINO-IS and TS, and record
-the row. Work already done is skipped, so an interrupted benchmark resumes. At the end: `results.csv`,
+the row. Work already done is skipped, so an interrupted protocol run resumes. At the end: `results.csv`,
 `results.md` (mean and std per method) and `is_vs_ts.png`. With `accelerate launch --num_processes N`, the
 jobs are spread over the processes (one GPU each).
 
@@ -107,7 +107,7 @@ def train_job(m: Manifest, concept: Concept, method: Method) -> Path:
 
 
 def _pipeline(pipes: dict, hp: dict, family, device: str):
-    """One pipeline per base model for the whole benchmark (kept on the CPU between jobs)."""
+    """One pipeline per base model for the whole protocol run (kept on the CPU between jobs)."""
     from tlora.families.pipelines import DTYPES, load_pipeline
 
     key = (hp["pretrained_model_name_or_path"], hp.get("pretrained_vae_model_name_or_path"), hp.get("revision"))
@@ -146,7 +146,7 @@ def generate_job(
 
 
 def run_job(m: Manifest, concept: Concept, method: Method, embedders, device: str, pipes: dict) -> dict:
-    from tlora.evaluation.evaluate import evaluate_samples
+    from tlora.evaluation.scoring import evaluate_samples
     from tlora.evaluation.metrics import reference_images
 
     checkpoint = train_job(m, concept, method)
@@ -162,11 +162,11 @@ def parse_args(argv: list[str] | None = None) -> Manifest:
     from tlora.train.options import parse_args as train_args
 
     p = Parser(description=__doc__.splitlines()[0], epilog="Manifest format: see the module docstring "
-               "(python -c 'import tlora.evaluation.protocol as p; print(p.__doc__)') or README.md.")
+               "(python -c 'import tlora.evaluation.paper_protocol as p; print(p.__doc__)') or README.md.")
     p.add_argument("manifest", help="YAML file: output_dir, concepts, methods, and generation settings.")
     path = p.parse_args(argv).manifest
     m = Manifest.read(path)
-    from tlora.evaluation.evaluate import check_embedders
+    from tlora.evaluation.scoring import check_embedders
     from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
     check_embedders(f"manifest {path}: evaluation.clip_model", m.evaluation.get("clip_model", DEFAULT_CLIP),
