@@ -34,13 +34,25 @@ def check_finite(flag: str, value: float, low: float | None = None, high: float 
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        raise UsageError(f"{flag} must be a finite number in {span}, got {shown(value)}; pass one in that range")
+        raise out_of_range(flag, f"a finite number in {span}", value)
+
+
+def out_of_range(flag: str, allowed: str, value: Any) -> UsageError:
+    """`flag must be <allowed>, got <value>; pass one in that range`."""
+    return UsageError(f"{flag} must be {allowed}, got {shown(value)}; pass one in that range")
 
 
 def check_at_least(flag: str, value: int, low: int = 1) -> None:
     """A count of at least `low`."""
     if value < low:
         raise UsageError(f"{flag} must be at least {low}, got {value}; pass {low} or more")
+
+
+def check_count(where: str, value: Any, fix: str = "pass 1 or more") -> None:
+    """A whole number of at least 1 (not a bool, not a float, not text); `where` names the flag or key, `fix` is
+    the message's last clause."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{where} must be a whole number of at least 1, got {shown(value)}; {fix}")
 
 
 MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too)
@@ -52,7 +64,7 @@ def check_seed(flag: str, value: int, processes: int = 1) -> None:
     with seed + its index)."""
     high = MAX_SEED - (processes - 1)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
-        raise UsageError(f"{flag} must be a whole number from 0 to {high}, got {shown(value)}; pass one in that range")
+        raise out_of_range(flag, f"a whole number from 0 to {high}", value)
 
 
 def check_guidance(flag: str, value: float) -> None:

@@ -12,7 +12,7 @@ from tlora.common.errors import UsageError
 from tlora.common.images import IMAGE_EXTENSIONS
 from tlora.common.safe_names import safe_component
 from tlora.common.text_files import load_yaml, read_text
-from tlora.common.values import check_guidance, check_seed, shown
+from tlora.common.values import check_count, check_guidance, check_seed, shown
 
 IMAGES = {"contextual": 5, "complex": 5, "base": 15}  # images per prompt of each group (the paper's)
 NUM_PROMPTS = {"contextual": 25, "complex": 6}
@@ -172,10 +172,8 @@ def _numbers(where: str, values: dict) -> None:
         check_seed(f"{where}: seed", values["seed"])
     else:
         values.pop("seed", None)
-    steps = values.get("num_inference_steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise UsageError(f"{where}: num_inference_steps must be a whole number of at least 1, got {shown(steps)}; "
-                         f"{FIX}")
+    if values.get("num_inference_steps") is not None:
+        check_count(f"{where}: num_inference_steps", values["num_inference_steps"], FIX)
     if values.get("guidance_scale") is not None:
         try:
             check_guidance(f"{where}: guidance_scale", values["guidance_scale"])
@@ -189,8 +187,7 @@ def _counts(where: str, key: str, given, defaults: dict[str, int]) -> dict[str, 
         raise UsageError(f"{where}: {key} must be a mapping with keys among {', '.join(defaults)}, got "
                          f"{shown(given)}; {FIX}")
     for name, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{where}: {key}.{name} must be a whole number of at least 1, got {shown(value)}; {FIX}")
+        check_count(f"{where}: {key}.{name}", value, FIX)
         if key == "num_prompts" and value > defaults[name]:
             raise UsageError(f"{where}: num_prompts.{name} is {value}, but the protocol has {defaults[name]} {name} "
                              f"prompts; pass at most {defaults[name]}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from tlora import families
 from tlora.common.errors import UsageError
 from tlora.common.text_files import parse_json, read_text
-from tlora.common.values import check_finite, shown
+from tlora.common.values import check_count, check_finite
 from tlora.interop.exporting import SCHEDULE_NAME
 from tlora.method.settings import TLoRASettings, known_from_ours
 
@@ -96,9 +96,8 @@ class ScheduledTLoRA:
 
 
 def check_steps(num_inference_steps: int, strength: float) -> None:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise UsageError(f"tlora.scheduled: num_inference_steps must be a whole number of at least 1, got "
-                         f"{shown(num_inference_steps)}; pass the steps the pipeline call will use")
+    check_count("tlora.scheduled: num_inference_steps", num_inference_steps,
+                "pass the steps the pipeline call will use")
     check_finite("tlora.scheduled: strength", strength, 0, 1, low_open=True)
 
 

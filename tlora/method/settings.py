@@ -25,7 +25,7 @@ import torch
 
 from tlora.common.errors import UsageError
 from tlora.common.messages import PASS_HPARAMS
-from tlora.common.values import shown, typed_value
+from tlora.common.values import check_count, shown, typed_value
 from tlora.families import FAMILIES
 from tlora.method import adapters
 from tlora.method.adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
@@ -93,9 +93,7 @@ class TLoRASettings:
             if getattr(self, key) not in allowed:
                 raise UsageError(f"{name(key)} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
         for key in ("lora_rank", "min_rank", "num_train_timesteps"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name(key)} must be a whole number of at least 1, got {value!r}; pass 1 or more")
+            check_count(name(key), getattr(self, key))
         if self.min_rank > self.lora_rank:
             raise UsageError(f"{name('min_rank')} ({self.min_rank}) must not exceed {name('lora_rank')} ({self.lora_rank}); "
                              f"pass a {name('min_rank')} of at most {self.lora_rank}")
