@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from tlora.common.errors import UsageError, first_line
-from tlora.common.messages import DIFFUSERS_LAYOUT
+from tlora.common.messages import DIFFUSERS_LAYOUT, HUB_FIX
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -39,5 +39,4 @@ def check_model_source(flag: str, name: str, needs: str = "model_index.json", re
 
 def model_load_error(flag: str, name: str, err: Exception) -> UsageError:
     """One line for a model that could not be loaded (not found, no network, no access)."""
-    return UsageError(f"{flag}: could not load {name} ({first_line(err)}); pass a local folder or check the name and "
-                      "network")
+    return UsageError(f"{flag}: could not load {name} ({first_line(err)}); {HUB_FIX}")

@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from tlora.common.errors import UsageError, first_line
+from tlora.common.messages import UNREADABLE_IMAGE, note
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -69,14 +72,10 @@ def _open_rgb(path: str | Path) -> tuple[Image.Image, int]:
 def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> tuple[int, int]:
     """Open and decode a training image; one-line UsageError naming the file when it cannot be used, a note when
     it is animated (its first frame is used). Returns its size (EXIF orientation applied)."""
-    from tlora.common.errors import UsageError, first_line
-    from tlora.common.messages import note
-
     try:
         image, frames = _open_rgb(path)
     except Exception as err:  # PIL raises many types for bad files
-        raise UsageError(f"{flag}: {path.name} is not a readable image ({first_line(err)}); remove or replace "
-                         "it") from None
+        raise unreadable(flag, path.name, err) from None
     if min(image.size) < min_side:
         raise UsageError(f"{flag}: {path.name} is {image.width}x{image.height}; images need at least {min_side} px on "
                          "each side, remove or replace it")
@@ -84,6 +83,12 @@ def check_image(path: Path, flag: str, min_side: int = MIN_SIDE) -> tuple[int, i
         note(f"{flag}: {path.name} is animated ({frames} frames); its first frame is used (save that frame alone "
              "to make it so)")
     return image.size
+
+
+def unreadable(flag: str, name: str | Path, err: Exception) -> UsageError:
+    """The one line for an image file that cannot be read: `name` is how the message shows it (a file name, or a
+    path)."""
+    return UsageError(f"{flag}: {name} {UNREADABLE_IMAGE} ({first_line(err)}); remove or replace it")
 
 
 def broken_links(folder: str | Path) -> list[Path]:

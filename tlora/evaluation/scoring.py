@@ -19,11 +19,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tlora.common.commands import run_command
-from tlora.common.errors import UsageError, first_line
+from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
 from tlora.common.flags import Parser
 from tlora.common.hub import check_model_source
-from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb
+from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb, unreadable
 from tlora.common.messages import NEW_PATH
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text
 from tlora.common.values import check_device, shown
@@ -48,12 +48,20 @@ def prompt_folders(samples: Path, placeholder_token: str) -> dict[str, Path]:
     return folders
 
 
+def sample_folders(samples: Path, placeholder_token: str) -> dict[str, Path]:
+    """`prompt_folders` of a samples folder, which must have one: one line naming it otherwise."""
+    folders = prompt_folders(samples, placeholder_token)
+    if not folders:
+        raise UsageError(f"--samples: no prompt folders with images in {samples}; run inference.py first")
+    return folders
+
+
 def _open(path: Path, flag: str):
     """An image the metrics read, as RGB; one line naming it when it cannot be read."""
     try:
         return open_rgb(path)
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
-        raise UsageError(f"{flag}: {path} is not a readable image ({first_line(err)}); remove or replace it") from None
+        raise unreadable(flag, path, err) from None
 
 
 def evaluate_samples(
@@ -65,9 +73,7 @@ def evaluate_samples(
     groups: dict[str, list[str]] | None = None,
 ) -> dict:
     """Metrics of one samples folder; `groups` (name -> templates) adds a TS per group (e.g. contextual)."""
-    folders = prompt_folders(Path(samples), placeholder_token)
-    if not folders:
-        raise ValueError(f"no prompt folders with images in {samples}")
+    folders = sample_folders(Path(samples), placeholder_token)
     base = folders.get(BASE_PROMPT)
     is_images = [_open(p, "--samples") for p in existing_images(base)] if base else []
     result: dict = {"samples": str(samples), "class_name": class_name, "ts_text": TS_TEXT, "base_prompt": BASE_PROMPT}
@@ -98,6 +104,10 @@ def table(result: dict) -> str:
         f"{result[k]:.4f}" for k in keys) + " |"
 
 
+HUB_OR_FOLDER = "hub id or local folder"
+REFERENCE_FIX = "pass an image or a folder of images"
+
+
 def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", required=True, help="Reference image or folder of images.")
@@ -105,8 +115,8 @@ def build_parser() -> Parser:
     p.add_argument("--class_name", required=True)
     p.add_argument("--placeholder_token", required=True)
     p.add_argument("--mask_dir", default=None, help="Subject masks named like the reference images.")
-    p.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP model: hub id or local folder.")
-    p.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT model: hub id or local folder.")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP, help=f"CLIP model: {HUB_OR_FOLDER}.")
+    p.add_argument("--dino_model", default=DEFAULT_DINO, help=f"DINO ViT model: {HUB_OR_FOLDER}.")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default=None)
     p.add_argument("--output", default=None, help="JSON file (default: metrics.json in --samples, rewritten on each "
@@ -122,10 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--samples: {args.samples} is a file; pass the version folder that holds it")
     if not Path(args.samples).is_dir():
         raise UsageError(f"--samples: {args.samples} is not a folder; pass a version folder written by inference.py")
-    if not prompt_folders(Path(args.samples), args.placeholder_token):
-        raise UsageError(f"--samples: no prompt folders with images in {args.samples}; run inference.py first")
+    folders = sample_folders(Path(args.samples), args.placeholder_token)
     if not Path(args.reference).exists():
-        raise UsageError(f"--reference: {args.reference} does not exist; pass an image or a folder of images")
+        raise UsageError(f"--reference: {args.reference} does not exist; {REFERENCE_FIX}")
     if args.mask_dir and not Path(args.mask_dir).is_dir():
         raise UsageError(f"--mask_dir: {args.mask_dir} is not a folder; pass the folder of the reference images' masks")
     if args.output and Path(args.output).exists() and not args.overwrite:
@@ -136,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}; pass a whole number of at least 1")
     check_device(args.device)
-    for folder in prompt_folders(Path(args.samples), args.placeholder_token).values():
+    for folder in folders.values():
         for image in existing_images(folder):
             check_readable(image, "--samples")
     args.references = _references(args.reference, args.mask_dir)
@@ -177,7 +186,7 @@ def check_readable(path: Path, flag: str) -> None:
         with Image.open(path) as image:
             image.verify()
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
-        raise UsageError(f"{flag}: {path} is not a readable image ({first_line(err)}); remove or replace it") from None
+        raise unreadable(flag, path, err) from None
 
 
 def _references(reference: str, mask_dir: str | None) -> list:
@@ -185,8 +194,7 @@ def _references(reference: str, mask_dir: str | None) -> list:
     path = Path(reference)
     paths = list_images(path) if path.is_dir() else [path]
     if not paths:
-        raise UsageError(f"--reference: no images (.jpg, .jpeg, .png, .webp, .bmp) in {reference}; pass an image or a "
-                         "folder of images")
+        raise UsageError(f"--reference: no images ({', '.join(IMAGE_EXTENSIONS)}) in {reference}; {REFERENCE_FIX}")
     for image in paths:
         check_image(image, "--reference", min_side=1)
         if mask_dir:
