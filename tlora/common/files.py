@@ -69,6 +69,17 @@ def write_failure(err: BaseException, folder: str | Path) -> str:
     return f"cannot write in {folder} (the write failed)"
 
 
+def check_folder(flag: str, path: str | Path | None, fix: str) -> None:
+    """`path` is a folder that exists: one line naming it otherwise (a file where the folder should be, or
+    nothing there), ending in `fix`."""
+    from tlora.common.errors import UsageError
+
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag}: {path} is a file, not a folder; {fix}")
+    if not path or not Path(path).is_dir():
+        raise UsageError(f"{flag}: folder {path} does not exist; {fix}")
+
+
 def check_writable(folder: str | Path, what: str, fix: str) -> None:
     """Refuse, in one line, a folder that cannot be made or written in (read-only, under /proc, a file in the
     way), found by making a temporary file in the nearest folder above it that exists."""

@@ -8,6 +8,8 @@ from tlora.common.errors import UsageError
 
 BASE_PROMPT = "a photo of {0}"
 
+PROMPTS_HELP = "'#'-separated prompts; {0} = '<token> <class>'."  # the help of train's and inference's prompt flags
+
 MAX_PROMPT_LENGTH = 1000
 
 MAX_WORD_LENGTH = 64

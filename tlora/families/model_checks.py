@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tlora.common.errors import UsageError
+from tlora.common.files import check_folder
 from tlora.common.hub import HUB_ID
 from tlora.common.text_files import parse_json, read_json
 from tlora.common.values import shown
@@ -61,8 +62,10 @@ def check_vae(flag: str, vae: str | None, model: str, revision: str | None) -> N
         return
     path = Path(vae).expanduser()
     fix = "pass a VAE folder in diffusers layout (with config.json) or a hub id, or none for the model's own"
-    if path.exists() and not (path.is_dir() and (path / "config.json").is_file()):
-        raise UsageError(f"{flag}: {vae} {'has no config.json' if path.is_dir() else 'is a file, not a folder'}; {fix}")
+    if path.exists():
+        check_folder(flag, path, fix)
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{flag}: {vae} has no config.json; {fix}")
     if not path.exists() and not HUB_ID.match(vae):
         raise UsageError(f"{flag}: {vae} does not exist; {fix}")
     vae_config_path = cached_file(vae, "config.json")

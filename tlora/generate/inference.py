@@ -14,8 +14,8 @@ from tlora.common.files import check_writable, write_failure
 from tlora.common.flags import Parser
 from tlora.common.hub import check_model_source
 from tlora.common.messages import PASS_HPARAMS, note
-from tlora.common.prompts import MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.values import check_at_least, check_device, check_guidance, check_seed, shown
+from tlora.common.prompts import MAX_WORD_LENGTH, PROMPTS_HELP, check_templates, check_text, split_prompts
+from tlora.common.values import check_at_least, check_count, check_device, check_guidance, check_seed, shown
 from tlora.families.model_checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config_path", type=str, required=True, help="The run's logs/hparams.yml.")
     a("--checkpoint_idx", type=str, default=None, help="N of checkpoint-N; absent = the run folder holds the weights.")
-    a("--prompts", type=str, required=True, help="'#'-separated prompts; {0} = '<token> <class>'.")
+    a("--prompts", type=str, required=True, help=PROMPTS_HELP)
     a("--num_images_per_prompt", type=int, default=5)
     a("--batch_size", type=int, default=1)
     a("--num_inference_steps", type=int, default=None, help=by_family("inference_steps"))
@@ -75,18 +75,21 @@ def run_folder(config_path: Path, hparams: dict) -> tuple[RunFolder, bool]:
     return RunFolder(Path(recorded)), True
 
 
+PASS_CHECKPOINT = "pass the N of one of the run's checkpoint-N folders"
+
+
 def checkpoint_folder(run: RunFolder, checkpoint_idx: str | None) -> Path:
     """checkpoint-N of the run (or the run folder itself), which must hold weights (that they are a regular file is
     read's check): one line naming the path otherwise, never another folder's weights."""
     if checkpoint_idx is not None and not checkpoint_idx.isdigit():
         raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}; "
-                         "pass the N of one of the run's checkpoint-N folders")
+                         f"{PASS_CHECKPOINT}")
     folder = run.checkpoint(checkpoint_idx) if checkpoint_idx is not None else run.path
     if not any(os.path.lexists(folder / name) for name in WEIGHTS_NAMES):
         flag = "--checkpoint_idx is not given and" if checkpoint_idx is None else f"--checkpoint_idx {checkpoint_idx}:"
         what = f"{flag} no T-LoRA weights ({' or '.join(WEIGHTS_NAMES)}) are in {folder}"
         have = ", ".join(str(step) for step, _ in run.checkpoints())
-        raise UsageError(f"{what}; pass the N of one of the run's checkpoint-N folders ({have or 'it has none'})")
+        raise UsageError(f"{what}; {PASS_CHECKPOINT} ({have or 'it has none'})")
     return folder
 
 
@@ -95,18 +98,18 @@ TEXT_KEYS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path
 COUNT_KEYS = ("max_sequence_length",)  # FLUX sampling reads it
 
 
+HPARAMS_FIX = "fix it, or pass the run's own logs/hparams.yml"
+
+
 def check_hparams(hparams: dict, path: Path) -> None:
     """The keys inference reads from a hparams.yml have the right type (text; whole numbers >= 1), or are absent."""
     for key in TEXT_KEYS:
         value = hparams.get(key)
         if value is not None and not isinstance(value, str):
-            raise UsageError(f"--config_path: {key} in {path} must be text, got {shown(value)}; fix it, or pass the "
-                             "run's own logs/hparams.yml")
+            raise UsageError(f"--config_path: {key} in {path} must be text, got {shown(value)}; {HPARAMS_FIX}")
     for key in COUNT_KEYS:
-        value = hparams.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"--config_path: {key} in {path} must be a whole number of at least 1, got "
-                             f"{shown(value)}; fix it, or pass the run's own logs/hparams.yml")
+        if hparams.get(key) is not None:
+            check_count(f"--config_path: {key} in {path}", hparams[key], HPARAMS_FIX)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

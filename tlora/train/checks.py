@@ -11,11 +11,21 @@ from pathlib import Path
 
 from tlora import families
 from tlora.common.errors import UsageError
+from tlora.common.files import check_folder
 from tlora.common.hub import check_model_source
-from tlora.common.images import MIN_SIDE, broken_links, check_image, find_mask, list_images, load_mask, training_images
+from tlora.common.images import (
+    IMAGE_EXTENSIONS,
+    MIN_SIDE,
+    broken_links,
+    check_image,
+    find_mask,
+    list_images,
+    load_mask,
+    training_images,
+)
 from tlora.common.messages import WRITABLE_FOLDER, note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.values import check_at_least, check_finite, check_guidance, check_seed, shown
+from tlora.common.values import check_at_least, check_finite, check_guidance, check_seed, out_of_range, shown
 from tlora.families.model_checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
 from tlora.generate.generation import image_size
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
@@ -81,8 +91,8 @@ def _check_numbers(opts: TrainOptions) -> None:
     if opts.guidance_scale is not None:
         check_guidance("--guidance_scale", opts.guidance_scale)
     if opts.max_sequence_length is not None and not 1 <= opts.max_sequence_length <= MAX_SEQUENCE_LENGTH:
-        raise UsageError(f"--max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} (the FLUX pipelines' "
-                         f"limit), got {opts.max_sequence_length}; pass one in that range")
+        raise out_of_range("--max_sequence_length", f"between 1 and {MAX_SEQUENCE_LENGTH} (the FLUX pipelines' limit)",
+                           opts.max_sequence_length)
     for name in AT_LEAST_ONE:
         check_at_least(f"--{name}", getattr(opts, name))
     if opts.checkpoints_total_limit is not None:
@@ -187,23 +197,17 @@ def _fit_batch(opts: TrainOptions) -> None:
 
 
 def _check_image_folder(flag: str, folder: str | None) -> None:
-    if folder and Path(folder).is_file():
-        raise UsageError(f"{flag}: {folder} is a file, not a folder; pass the folder that holds the images")
-    if not folder or not Path(folder).is_dir():
-        raise UsageError(f"{flag}: folder {folder} does not exist; pass a folder that holds the images")
+    check_folder(flag, folder, "pass the folder that holds the images")
     for link in broken_links(folder):
         raise UsageError(f"{flag}: {link.name} in {folder} is a link to nothing ({os.readlink(link)} is gone); remove "
                          "it or restore its target")
     if not list_images(folder):
-        raise UsageError(f"{flag}: no images (.jpg, .jpeg, .png, .webp, .bmp) in {folder}; add at least one")
+        raise UsageError(f"{flag}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; add at least one")
 
 
 def _check_masks(opts: TrainOptions) -> list[tuple[str, Path]]:
     """Every training image has its mask in --mask_dir; returns (flag, mask) pairs for the image checks."""
-    if Path(opts.mask_dir).is_file():
-        raise UsageError(f"--mask_dir: {opts.mask_dir} is a file, not a folder; pass the folder of masks")
-    if not Path(opts.mask_dir).is_dir():
-        raise UsageError(f"--mask_dir: folder {opts.mask_dir} does not exist; pass the folder of masks (or drop the flag)")
+    check_folder("--mask_dir", opts.mask_dir, "pass the folder of masks (or drop the flag)")
     pairs = []
     for image in training_images(opts.train_data_dir, opts.one_image):
         mask = find_mask(opts.mask_dir, image)

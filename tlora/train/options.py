@@ -25,6 +25,7 @@ from tlora import families
 from tlora.common.errors import UsageError
 from tlora.common.flags import Parser, check_utf8
 from tlora.common.hub import check_model_source
+from tlora.common.prompts import PROMPTS_HELP
 from tlora.common.redaction import REDACTED, SECRET_KEYS, redact_argv
 from tlora.common.text_files import load_yaml, read_text
 from tlora.common.values import shown
@@ -42,6 +43,10 @@ def flag(default: Any = None, help: str = "", *aliases: str, choices: tuple | No
     model family sets (Family.train_defaults), `lower` a value taken case-insensitively."""
     meta = {"help": help, "aliases": aliases, "choices": choices, "kind": kind, "by_family": by_family, "lower": lower}
     return field(default=default, metadata={"flag": meta})
+
+
+def _validation_side(side: str) -> str:
+    return f"Validation image {side} in pixels. Default: the pipeline's own, as inference.py."
 
 
 def internal(default: Any = None) -> Any:
@@ -91,12 +96,10 @@ class TrainOptions:
     with_prior_preservation: bool = flag(False)
     class_name: str | None = flag(None, "Class word, e.g. dog. Required.")
     placeholder_token: str | None = flag(None, "Concept token, e.g. sks. Required on SDXL.", by_family=True)
-    validation_prompts: str | None = flag(None, "'#'-separated prompts; {0} = '<token> <class>'.", "--validation_prompt")
+    validation_prompts: str | None = flag(None, PROMPTS_HELP, "--validation_prompt")
     num_val_imgs_per_prompt: int | None = flag(None, "", "--num_validation_images", by_family=True)
-    validation_height: int | None = flag(None, "Validation image height in pixels. Default: the pipeline's own, as "
-                                         "inference.py.")
-    validation_width: int | None = flag(None, "Validation image width in pixels. Default: the pipeline's own, as "
-                                        "inference.py.")
+    validation_height: int | None = flag(None, _validation_side("height"))
+    validation_width: int | None = flag(None, _validation_side("width"))
     lora_rank: int | None = flag(None, "", "--rank", by_family=True)
     min_rank: int | None = flag(None, "", by_family=True)
     sig_type: str = flag("last", "", choices=SIG_TYPES)
@@ -168,9 +171,9 @@ def _family_default(name: str) -> str:
 
 def read_config(path: str) -> dict:
     """The flag values of a --config YAML file (flag names or their aliases), each checked like its flag."""
-    if not Path(path).is_file():
-        raise UsageError(f"--config: file {path} does not exist; pass a YAML file of flag values")
     fix = "pass a YAML file of flag values"
+    if not Path(path).is_file():
+        raise UsageError(f"--config: file {path} does not exist; {fix}")
     values = load_yaml(read_text(path, "--config", fix), f"--config: {path}") or {}
     if not isinstance(values, dict):
         raise UsageError(f"--config: {path} must hold a mapping of flag names to values; {fix}")
