@@ -18,7 +18,7 @@ import yaml
 
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.files import atomic_write
-from tlora.common.messages import PASS_HPARAMS, WRITABLE_FOLDER, note
+from tlora.common.messages import PASS_HPARAMS, RUN_WRITABLE, WRITABLE_FOLDER, note
 from tlora.common.redaction import redact_value, secret_values
 from tlora.common.safe_names import safe_component
 from tlora.common.text_files import load_yaml, read_text
@@ -334,8 +334,8 @@ class RunLock:
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             except OSError as err:  # a read-only folder or disk
-                raise UsageError(f"{flag}: cannot write in {self.path.parent} ({err.strerror or err}); make it "
-                                 "writable (or copy the run to a folder you can write to)") from None
+                raise UsageError(f"{flag}: cannot write in {self.path.parent} ({err.strerror or err}); "
+                                 f"{RUN_WRITABLE}") from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.held = True

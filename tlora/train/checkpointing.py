@@ -9,7 +9,7 @@ import torch
 
 from tlora.common.errors import Diverged, RunFailed
 from tlora.common.files import is_write_failure, write_failure
-from tlora.common.messages import DIVERGED_FIX
+from tlora.common.messages import DIVERGED_FIX, resume_with
 from tlora.runs.checkpoint_state import CheckpointExists, FailedElsewhere, prune, write_checkpoint
 from tlora.runs.run_folder import RunFolder, checkpoint_name, weights_file
 from tlora.runs.weights import save_weights
@@ -32,20 +32,23 @@ class Checkpointer:
             folder = write_checkpoint(self.accelerator, self.progress, RunFolder(self.folder).checkpoint(step),
                                       lambda staging: save_weights(self.tlora.state_dict(), staging, meta))
         except FailedElsewhere as err:
-            raise RunFailed(f"could not write {name} (another process says why); every finished checkpoint "
-                            f"is whole: resume with --resume_from_checkpoint {self.folder}") from err
+            raise RunFailed(f"could not write {name} (another process says why); {self.kept_whole()}") from err
         except CheckpointExists as err:
             raise RunFailed(f"{name} appeared in {self.folder} while training and is kept as it is; move "
-                            f"it out of the run folder and resume with --resume_from_checkpoint {self.folder}") from err
+                            f"it out of the run folder and {resume_with(self.folder)}") from err
         except (OSError, RuntimeError) as err:  # a full disk (torch.save says "file write failed"), a folder gone
             if not is_write_failure(err):
                 raise
-            raise RunFailed(f"could not write {name}: {write_failure(err, self.folder)}; every finished "
-                            f"checkpoint is whole: free some space and resume with --resume_from_checkpoint "
-                            f"{self.folder}") from err
+            raise RunFailed(f"could not write {name}: {write_failure(err, self.folder)}; "
+                            f"{self.kept_whole('free some space and ')}") from err
         if self.accelerator.is_main_process:
             prune(self.folder, self.opts.checkpoints_total_limit, self.opts.resume_state_total_limit)
         return folder
+
+    def kept_whole(self, first: str = "") -> str:
+        """The end of a message for a checkpoint not written: the others are whole, so resuming is the fix (after
+        `first`, e.g. "free some space and ")."""
+        return f"every finished checkpoint is whole: {first}{resume_with(self.folder)}"
 
     def last_good(self) -> str:
         return last_good(self.folder)

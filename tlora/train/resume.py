@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from tlora.common.errors import UsageError
-from tlora.common.messages import note
+from tlora.common.messages import RUN_WRITABLE, note
 from tlora.common.values import shown
 from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, read_progress, why_not_resumable
 from tlora.runs.run_folder import RUN_INDEX, RunFolder, checkpoint_step
@@ -65,6 +65,11 @@ def changed_setting(recorded: dict, args: argparse.Namespace) -> tuple[str, obje
     return None
 
 
+def or_new_run(fix: str) -> str:
+    """A fix for a run that cannot be resumed as asked, with the other way out: starting over."""
+    return f"{fix}, or start a new run"
+
+
 def resumable(checkpoint: Path) -> Path:
     """`checkpoint` when it is the newest checkpoint of its run and can be resumed exactly; else one line. Resuming
     an older checkpoint would write the newer ones again, so a finished checkpoint is never replaced."""
@@ -73,15 +78,15 @@ def resumable(checkpoint: Path) -> Path:
     if newest != checkpoint:
         why = why_not_resumable(newest)
         if why is None:
-            raise UsageError(f"--resume_from_checkpoint: {newest.name} of {run} is newer; resume from it (or from the "
-                             "run folder), or start a new run")
+            raise UsageError(f"--resume_from_checkpoint: {newest.name} of {run} is newer; "
+                             f"{or_new_run('resume from it (or from the run folder)')}")
         raise UsageError(f"--resume_from_checkpoint: {newest.name} of {run} is newer but cannot be resumed ({why}); "
                          f"resuming {checkpoint.name} would write {newest.name} again: move {newest.name} out of the "
                          "run folder, then resume")
     problem = why_not_resumable(checkpoint)
     if problem is not None:
         older = next((p for _, p in reversed(run.checkpoints()[:-1]) if why_not_resumable(p) is None), None)
-        fix = (f"move {checkpoint.name} out of {run} to resume from {older.name}, or start a new run" if older
+        fix = (or_new_run(f"move {checkpoint.name} out of {run} to resume from {older.name}") if older
                else "no other checkpoint of this run can be resumed: start a new run")
         raise UsageError(f"--resume_from_checkpoint: {problem}; {fix}")
     return checkpoint
@@ -144,8 +149,7 @@ def check(args: argparse.Namespace) -> None:
     run = RunFolder(args.resume_checkpoint.parent)
     run.lock.check()
     if not os.access(run.path, os.W_OK | os.X_OK):
-        raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; make it writable (or copy the run to a "
-                         "folder you can write to) and resume there")
+        raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; {RUN_WRITABLE} and resume there")
     progress = args.resume_checkpoint / RESUME_DIR / PROGRESS_NAME
     _, orders = read_progress(progress)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -154,16 +158,17 @@ def check(args: argparse.Namespace) -> None:
                          f"{world}; resume with {len(orders)} processes")
     per_pass = -(-training_items(args) // args.train_batch_size)
     if any(order["taken"] > per_pass for order in orders):
+        fix = or_new_run("resume with the run's data")
         raise UsageError(f"--resume_from_checkpoint: {progress} counts more batches than a pass over the data has "
-                         f"({per_pass}); resume with the run's data, or start a new run")
+                         f"({per_pass}); {fix}")
     read_loss_log(run.loss_log)  # readable, before any model loads
     change = changed_setting(run.hparams(), args)
     if change is not None:
         key, recorded, current = change
+        fix = or_new_run("resume with the run's settings (only the step count, checkpointing, validation and "
+                         "tracking may change)")
         raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {key} = {shown(recorded)}, not "
-                         f"{shown(current)}; "
-                         "resume with the run's settings (only the step count, checkpointing, validation and "
-                         "tracking may change) or start a new run")
+                         f"{shown(current)}; {fix}")
     step = checkpoint_step(args.resume_checkpoint)
     if args.num_train_epochs < step:
         raise UsageError(f"--num_train_epochs ({args.num_train_epochs}) is below the step of "
