@@ -106,7 +106,11 @@ def branches(params: Mapping[str, torch.Tensor], trainer_type: str) -> list[Bran
     if trainer_type == "ortho_lora":
         return [Branch(params["q_layer.weight"], params["lambda_layer"], params["p_layer.weight"], 1),
                 Branch(params["base_q.weight"], params["base_lambda"], params["base_p.weight"], -1)]
-    raise ValueError(f"--trainer_type must be one of {TRAINER_TYPES}, got {trainer_type!r}")
+    raise unknown_trainer_type(trainer_type)
+
+
+def unknown_trainer_type(trainer_type: str) -> ValueError:
+    return ValueError(f"--trainer_type must be one of {TRAINER_TYPES}, got {trainer_type!r}")
 
 
 def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -251,4 +255,4 @@ def make_adapter(trainer_type: str, in_features: int, out_features: int, rank: i
         return LoRAAdapter(in_features, out_features, rank, init=init)
     if trainer_type == "ortho_lora":
         return OrthoLoRAAdapter(in_features, out_features, rank)
-    raise ValueError(f"--trainer_type must be one of {TRAINER_TYPES}, got {trainer_type!r}")
+    raise unknown_trainer_type(trainer_type)

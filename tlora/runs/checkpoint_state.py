@@ -192,7 +192,7 @@ def read_progress(path: Path) -> tuple[int, list[dict]]:
         for order in orders:
             torch.Generator().set_state(order["generator"])
     except Exception:  # safetensors' own error type, a missing key, a state no generator takes
-        raise UsageError(f"{path} is not a progress file of tlora's") from None
+        step, orders = -1, []  # refused just below, as a bad count is
     if step < 0 or not orders or any(type(o["taken"]) is not int or o["taken"] < 0 for o in orders):
         raise UsageError(f"{path} is not a progress file of tlora's")
     return step, orders

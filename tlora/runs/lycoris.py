@@ -27,6 +27,8 @@ from tlora.method.injection import TLoRA, attach_adapters
 from tlora.method.settings import TLoRASettings
 
 PREFIX = "lycoris_"
+OTHER_MODEL_FIX = "load it on the base model it was trained on"  # a file made for another model
+RESAVE = "save it again with SimpleTuner"  # a file SimpleTuner would not have written
 PARAMS = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha")  # LyCORIS TLoraModule's, as it saves them
 Q, P, LAMBDA, ALPHA = PARAMS
 
@@ -71,10 +73,10 @@ def check_module(where: str, prefix: str, linear: nn.Linear, params: dict[str, t
         if tuple(params[param].shape) != shape or not 1 <= rank <= min(linear.in_features, linear.out_features):
             raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has {param} of shape "
                              f"{tuple(params[param].shape)}, where this model's layer takes {shape}; it was made for "
-                             "another model: load it on the base model it was trained on")
+                             f"another model: {OTHER_MODEL_FIX}")
     if params[ALPHA].numel() != 1:
         raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has {params[ALPHA].numel()} alpha values, not "
-                         "one; save it again with SimpleTuner")
+                         f"one; {RESAVE}")
 
 
 def adapter_from_lycoris(name: str, linear: nn.Linear, params: dict[str, torch.Tensor]) -> OrthoLoRAAdapter:
@@ -116,7 +118,7 @@ def load_lycoris(denoiser: nn.Module, weights: dict[str, torch.Tensor], settings
     for prefix, params in groups.items():
         if prefix not in paths or set(params) != set(PARAMS):
             raise UsageError(f"{where}: LyCORIS module {shown(prefix)} has no Linear layer in this model (or misses "
-                             "tensors); load it on the base model it was trained on")
+                             f"tensors); {OTHER_MODEL_FIX}")
         check_module(where, prefix, modules[paths[prefix]], params)
     with _without_full_collections():
         adapters = {prefix: (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))

@@ -259,7 +259,7 @@ def read(
 def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family: str | None,
                   num_train_timesteps: int | None, given: dict[str, Any]) -> Checkpoint:
     """A SimpleTuner / LyCORIS T-LoRA: settings given, else from its lycoris_config with SimpleTuner's defaults."""
-    fix = "save it again with SimpleTuner (its lycoris_config is a JSON mapping of settings)"
+    fix = f"{lycoris.RESAVE} (its lycoris_config is a JSON mapping of settings)"
     try:
         config = parse_json(metadata.get("lycoris_config") or "{}")
     except ValueError:

@@ -92,8 +92,7 @@ def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]
             shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
             dtypes, metadata = {k: s.get_dtype() for k, s in slices.items()}, f.metadata() or {}
     except Exception as err:  # safetensors raises its own error type for damaged files
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {first_line(err)}); "
-                              f"{DAMAGED}") from None
+        raise damaged(path, err) from None
     check_floating(path, dtypes)
     return shapes, metadata
 
@@ -104,8 +103,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:
-        raise CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {first_line(err)}); "
-                              f"{DAMAGED}") from None
+        raise damaged(path, err) from None
+
+
+def damaged(path: Path, err: Exception) -> CheckpointError:
+    """The one line for a weights file safetensors cannot read (`err`: what it said)."""
+    return CheckpointError(f"{path} is damaged (truncated or not a safetensors file: {first_line(err)}); {DAMAGED}")
 
 
 def check_finite_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
