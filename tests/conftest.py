@@ -9,12 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import left_as_found, make_image, train_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One thread, here and in the processes the tests start: the tiny models gain nothing from more, and on a shared
+# 2-core machine two threads spin against each other (the fast tests took 90-160 s with two, 18-22 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # A one-line error names what is wrong (a --flag, a file or folder, the manifest) and says the fix: a clause that
@@ -66,9 +71,8 @@ def one_line_error(capsys, code: int, message: str, exit_code: int = 2) -> str:
 # -- each family's tiny model: tiny_<family> (its folder), <family>_pipe (loaded once, shared by the session) and
 # borrowed_<family>_pipe (the shared one for a test that puts adapters or LoRAs on it: taken off when it ends) --------
 def _tiny_families() -> tuple[str, ...]:
-    from tlora.families.tiny import BUILDERS  # imported here: after the settings above, as diffusers reads them
+    from tlora.families.tiny_models import BUILDERS  # imported here: after the settings above, as diffusers reads them
     return tuple(BUILDERS)
-
 
 
 TINY_FAMILIES = _tiny_families()  # sdxl, flux, klein
@@ -76,7 +80,7 @@ TINY_FAMILIES = _tiny_families()  # sdxl, flux, klein
 
 def _family_fixtures(family: str) -> None:
     def folder(tmp_path_factory) -> Path:
-        from tlora.families.tiny import BUILDERS
+        from tlora.families.tiny_models import BUILDERS
 
         return BUILDERS[family](tmp_path_factory.mktemp(f"tiny-{family}"))
 
@@ -120,11 +124,11 @@ def class_dir(tmp_path_factory) -> Path:
         make_image(folder / f"{i}.png", seed=10 + i)
     return folder
 
+
 @pytest.fixture
 def unet(borrowed_sdxl_pipe):
     """The session's tiny SDXL UNet (frozen), for a test that attaches adapters to it: unloaded when it ends."""
     return borrowed_sdxl_pipe.unet
-
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +140,7 @@ def trained_run(tiny_sdxl, image_dir, tmp_path_factory) -> Callable[..., Path]:
     from tlora.train.trainer import train
 
     runs: dict[tuple, Path] = {}
+
     def run(**flags) -> Path:
         key = tuple(sorted((name, str(value)) for name, value in flags.items()))
         if key not in runs:
@@ -143,7 +148,6 @@ def trained_run(tiny_sdxl, image_dir, tmp_path_factory) -> Callable[..., Path]:
                      for item in ((f"--{name}",) if value == "True" else (f"--{name}", value))]
             runs[key] = train(parse_args(train_args(tiny_sdxl, image_dir, tmp_path_factory.mktemp("run"), *extra)))
         return runs[key]
-
 
     return run
 
@@ -162,7 +166,7 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
         ViTModel,
     )
 
-    from tlora.families.tiny import write_tokenizer
+    from tlora.families.tiny_models import write_tokenizer
 
     root = tmp_path_factory.mktemp("embedders")
     __import__("torch").manual_seed(0)
