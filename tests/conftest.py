@@ -23,15 +23,14 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # A one-line error names what is wrong (a --flag, a file or folder, the manifest) and says the fix: a clause that
-# starts with an imperative verb (after the start, `;`, `:`, `,`, `(`, or `or`/`and`/`then`/`else`) and names the
-# flag, file, value or command to use. "must", "check" and a bare "set" or "run" are no fix.
+# starts with an imperative verb (after the start, `;`, `:`, `,`, `(`, or `or`/`and`/`then`/`else`) and says what to
+# do it with (the flag, file, value or command). "must", "check", "needs" and a bare "set" or "run" are no fix.
 NAMES = re.compile(r"--\w|/|\w\.\w{2,}|manifest|tlora\.load")
-FIX_VERBS = (r"pass|add|drop|remove|use|start|resume|install|fix|delete|free|lower|raise|replace|download|wait|"
-             r"choose|give|write|call|load|rename|save|include|shorten|copy|move|make|train|export|re-export|keep|"
-             r"retry|update|convert|upgrade|set(?= --| \w+=)|run(?= the| it| again| python| tlora| \w+\.py| `)")
+FIX_VERBS = (r"pass|add|drop|remove|use|start|resume|install|pip install|fix|delete|free|lower|raise|replace|download|"
+             r"wait|choose|give|write|call|load|rename|save|include|shorten|copy|move|make|train|export|re-export|keep|"
+             r"retry|update|convert|upgrade|set(?= --| \w+=)|run(?= the| it| again| with| python| tlora| \w+\.py| `)")
 FIX = re.compile(rf"(?:^|[;:,(]|\b(?:or|and|then|else)\b)\s*(?:{FIX_VERBS})\b(?P<rest>[^;]*)")
-OBJECT = re.compile(r"--\w|/|\w\.\w{2,}|\w=|\w\(\)|\d|'[^']+'|`[^`]+`|\b(a|an|the|it|them|one|another|some|"
-                    r"again|first|once|more|fewer|less)\b")
+OBJECT = re.compile(r"\s*[\w'`{(-]")  # the verb is followed by what to pass, use, run...
 
 
 # An internal exception's class name (KeyError, UnicodeDecodeError, SafetensorError, ...) or a traceback means a

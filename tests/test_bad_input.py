@@ -65,6 +65,8 @@ def config(tmp_path, text):
     (lambda t, d: ("--validation_prompts", "x" * 1001), "has 1001 characters; the limit is 1000"),
     (lambda t, d: ("--placeholder_token", "s" * 65), "has 65 characters; the limit is 64"),
     (lambda t, d: ("--checkpoints_total_limit", "0"), "--checkpoints_total_limit must be at least 1"),
+    (lambda t, d: ("--validation_prompts", "a {0}", "--validation_height", "65"),
+     "--validation_height must be a positive multiple of 16 pixels, got 65; pass e.g. 64"),
     (lambda t, d: ("--resume_from_checkpoint", str(t)),
      "is neither a checkpoint-N folder of a run, a run folder nor 'latest'"),
     (lambda t, d: ("--lora_r", "8"), "unrecognized arguments: --lora_r 8"),  # no abbreviations
@@ -138,6 +140,8 @@ def infer_argv(run, *extra):
     (("--checkpoint_idx", "../1"), "--checkpoint_idx must be a step number"),
     (("--prompts", "a {1}"), "has the field {1}"),
     (("--num_inference_steps", "0"), "--num_inference_steps must be at least 1"),
+    (("--height", "100"), "--height must be a positive multiple of 16 pixels, got 100; pass e.g. 96"),
+    (("--width", "0"), "--width must be a positive multiple of 16 pixels, got 0; pass e.g. 16"),
     (("--pretrained_vae_model_name_or_path", "madebyollin/sdxl-vae-fp16-fix"), "is not in the Hugging Face cache"),
 ])
 def test_inference_rejects(run_folder, capsys, extra, message):
@@ -189,7 +193,7 @@ def test_api_checks_its_settings(sdxl_pipe, run_folder):
 
 
 def test_evaluate_checks_inputs_before_loading_models(tmp_path, capsys):
-    from tlora.evaluation.evaluate import main
+    from tlora.evaluation.scoring import main
 
     samples = tmp_path / "samples" / "a photo of sks"
     samples.mkdir(parents=True)
@@ -204,10 +208,10 @@ def test_evaluate_checks_inputs_before_loading_models(tmp_path, capsys):
 
 
 def test_analyze_and_benchmark_and_demo_lines(tmp_path, capsys):
-    from tlora.evaluation import analyze
-    from tlora.evaluation import protocol as benchmark
+    from tlora.evaluation import analysis
+    from tlora.evaluation import paper_protocol as benchmark
 
-    one_line_error(capsys, analyze.main([str(tmp_path)]), "is neither a run folder")
+    one_line_error(capsys, analysis.main([str(tmp_path)]), "is neither a run folder")
     with pytest.raises(SystemExit) as done:
         benchmark.main(["--help"])
     assert done.value.code == 0 and "manifest" in capsys.readouterr().out

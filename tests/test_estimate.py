@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tlora.families.pipelines import load_pipeline
-from tlora.train.estimate import main, parse_args, trace_step
+from tlora.train.estimator import main, parse_args, trace_step
 
 FLAGS = ["--resolution", "64", "--lora_rank", "4", "--min_rank", "2", "--trainer_type", "ortho_lora"]
 

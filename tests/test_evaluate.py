@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from tlora.evaluation import protocol as benchmark
-from tlora.evaluation.analyze import analyse_updates, analyze, effective_rank
-from tlora.evaluation.evaluate import evaluate_samples
+from tlora.evaluation import paper_protocol as benchmark
+from tlora.evaluation.analysis import analyse_updates, analyze, effective_rank
+from tlora.evaluation.scoring import evaluate_samples
 from tlora.evaluation.manifest import Concept, Manifest
 from tlora.evaluation.metrics import mask_background, reference_images
 from tlora.evaluation.report import collect
@@ -62,7 +62,7 @@ def test_text_similarity_equals_a_hand_computed_cosine(tiny_embedders, tmp_path)
 
 
 def test_evaluate_command(tiny_embedder_dir, tmp_path, capsys):
-    from tlora.evaluation.evaluate import main
+    from tlora.evaluation.scoring import main
 
     ref = random_image(0)
     ref.save(tmp_path / "ref.png")
@@ -215,7 +215,7 @@ def test_manifest_counts_merge_with_their_defaults_and_paths_are_the_manifests(t
 
 
 def test_an_empty_prompts_yaml_is_no_record(tmp_path):
-    from tlora.evaluation.evaluate import prompt_folders
+    from tlora.evaluation.scoring import prompt_folders
     from tlora.generate.generation import read_record
 
     folder = tmp_path / "version_0"
@@ -230,7 +230,7 @@ def test_an_empty_prompts_yaml_is_no_record(tmp_path):
 
 @pytest.mark.parametrize("rank, min_rank", [(4, 2), (8, 1), (64, 32)])
 def test_rank_schedule_ticks_are_whole_ranks(tmp_path, rank, min_rank):
-    from tlora.evaluation.analyze import plot_rank_schedule
+    from tlora.evaluation.analysis import plot_rank_schedule
 
     ticks = plot_rank_schedule(TLoRASettings("lora", rank, min_rank, family="sdxl"), tmp_path / "r.png")
     assert ticks and all(t == int(t) for t in ticks) and (tmp_path / "r.png").is_file()

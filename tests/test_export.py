@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import tlora
 from tlora.families.sdxl import sgm_path
-from tlora.interop.export import best_rank, main
+from tlora.interop.exporting import best_rank, main
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
 from helpers import perturb, read_weights, sdxl_inputs
@@ -154,7 +154,7 @@ def test_a_schedule_round_trips_through_the_settings(tmp_path, settings):
     import json
 
     from tlora.generate.scheduled import read_schedule
-    from tlora.interop.export import SCHEDULE_NAME, schedule_chunks, schedule_of
+    from tlora.interop.exporting import SCHEDULE_NAME, schedule_chunks, schedule_of
 
     chunks = [{"adapter": f"c{i}", "file": f"c{i}.safetensors", "components": [a, b], "on_below": on}
               for i, (a, b, on) in enumerate(schedule_chunks(settings))]
@@ -173,7 +173,7 @@ def test_a_schedule_that_does_not_check_is_one_line(tmp_path, change, said):
 
     from tlora.common.errors import UsageError
     from tlora.generate.scheduled import read_schedule
-    from tlora.interop.export import SCHEDULE_NAME, schedule_of
+    from tlora.interop.exporting import SCHEDULE_NAME, schedule_of
 
     from conftest import assert_helpful
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tlora
-from tlora.evaluation.analyze import analyse_updates
+from tlora.evaluation.analysis import analyse_updates
 from tlora.families import FAMILIES
 from tlora.method.adapters import active_rank, rank_mask
 from tlora.method.injection import ADAPTER
@@ -125,14 +125,14 @@ def test_analyze_names_each_kind_of_layer(case):
 def test_the_scheduled_export_is_the_exact_tlora_in_the_stock_pipeline(case, tmp_path):
     """`--format diffusers-scheduled` + tlora.scheduled: stock load_lora_weights and set_adapters give the images
     tlora.load gives, on every family's pipeline (flow-matching ones start at t = T, sigma 1)."""
-    from tlora.interop import export
+    from tlora.interop import exporting
 
     adapters = tlora.attach(case.model, tlora.TLoRASettings("ortho_lora", 4, 1))
     perturb(adapters, seed=5)
     save_weights(adapters.state_dict(), tmp_path / "checkpoint-1",
                  adapters.settings.to_metadata() | case.family.model_metadata(case.model))
     tlora.unload(case.pipe)
-    assert export.main([str(tmp_path / "checkpoint-1"), "--format", "diffusers-scheduled", "--out",
+    assert exporting.main([str(tmp_path / "checkpoint-1"), "--format", "diffusers-scheduled", "--out",
                         str(tmp_path / "scheduled")]) == 0
 
     def images(callback=None):

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from tlora.common.messages import Note
-from tlora.interop import export
+from tlora.interop import exporting
 from tlora.runs.checkpoint_state import RESUME_DIR
 from tlora.runs.run_folder import LOCK_NAME
 from tlora.train.options import parse_args
@@ -100,7 +100,7 @@ def test_damaged_resume_state_is_one_line_before_anything_loads(state_run, tiny_
 
 @pytest.mark.slow
 def test_a_moved_run_is_resumed_and_analysed_where_it_is(state_run, tiny_sdxl, image_dir, tmp_path, capsys):
-    from tlora.evaluation.analyze import analyze
+    from tlora.evaluation.analysis import analyze
     from tlora.train.trainer import train as train_run
 
     before = sorted(state_run.rglob("*"))
@@ -241,14 +241,14 @@ def test_export_never_overwrites_what_it_did_not_make(state_run, tmp_path, capsy
     checkpoint = state_run / "checkpoint-4"
     out = tmp_path / "lora.safetensors"
     out.write_bytes(b"someone else's file")
-    one_line_error(capsys, export.main([str(checkpoint), "--format", "kohya", "--out", str(out)]),
+    one_line_error(capsys, exporting.main([str(checkpoint), "--format", "kohya", "--out", str(out)]),
                    "exists; pass a new path, or --overwrite to replace it")
     assert out.read_bytes() == b"someone else's file"
-    assert export.main([str(checkpoint), "--format", "kohya", "--out", str(out), "--overwrite"]) == 0
+    assert exporting.main([str(checkpoint), "--format", "kohya", "--out", str(out), "--overwrite"]) == 0
     weights = checkpoint / "pytorch_lora_weights.safetensors"
     data = weights.read_bytes()
     for target in (weights, checkpoint):
         fmt = "diffusers-scheduled" if target.is_dir() else "authors"
-        one_line_error(capsys, export.main([str(checkpoint), "--format", fmt, "--out", str(target), "--overwrite"]),
+        one_line_error(capsys, exporting.main([str(checkpoint), "--format", fmt, "--out", str(target), "--overwrite"]),
                        "is (or holds) the checkpoint being exported; pass another path")
     assert weights.read_bytes() == data

@@ -203,15 +203,17 @@ def test_the_authors_flux_run_is_read_from_its_folder(authors_run, flux_pipe):
 
 @pytest.mark.slow
 def test_inference_and_analyze_on_the_authors_flux_run(authors_run, tmp_path):
-    from tlora.evaluation.analyze import analyze
+    from tlora.evaluation.analysis import analyze
 
     import inference
 
     run, _ = authors_run
     argv = ["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "10", "--prompts",
-            "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2"]
+            "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "1"]
     assert inference.main(argv) == 0  # their hparams.yml names no family, VAE or lora_rank
-    assert (run / "checkpoint-10/samples/ns2gs3.5/version_0/a sks riding a bike/0.png").is_file()  # their layout
+    image = run / "checkpoint-10/samples/ns1gs3.5/version_0/a sks riding a bike/0.png"  # their layout
+    # their size: FluxPipeline's default (1024 px here too), whatever the run was trained at (64 px)
+    assert Image.open(image).size == (1024, 1024)
     layers = json.loads((analyze(run) / "effective_rank.json").read_text())
     kinds = {v["kind"] for v in layers.values()}
     assert kinds == {"double-image", "double-text", "single"} and len(layers) == 2 * 7 + 2 * 3
@@ -219,28 +221,28 @@ def test_inference_and_analyze_on_the_authors_flux_run(authors_run, tmp_path):
 
 def test_export_authors_format_on_flux(authors_run, flux_pipe, tmp_path):
     """Their run, and our file of it, both export to a lora.pt with every key their strict loader wants."""
-    from tlora.interop import export
+    from tlora.interop import exporting
 
     run, state = authors_run
     out = tmp_path / "checkpoint-10" / "lora.pt"
-    assert export.main([str(run), "--format", "authors", "--out", str(out)]) == 0
+    assert exporting.main([str(run), "--format", "authors", "--out", str(out)]) == 0
     written = torch.load(out, weights_only=True)
     assert list(written) == list(state) and all(written[k].shape == state[k].shape for k in state)
     used = tlora.read(run).tensors()
     assert all(torch.equal(written[k], v) for k, v in used.items())
-    assert export.main([str(run), "--format", "authors", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert exporting.main([str(run), "--format", "authors", "--out", str(tmp_path / "x.safetensors")]) == 2
 
 
 @pytest.mark.parametrize("t", [999, 500, 0])
 def test_the_authors_flux_run_exports_to_diffusers_and_kohya(authors_run, flux_pipe, tmp_path, t):
     """Their run at a fixed mask: a diffusers file that a stock FluxPipeline loads and that equals their T-LoRA, and
     a kohya file holding exactly the same updates under BFL's names, q, k, v fused (linear1's MLP rows zero)."""
-    from tlora.interop import export
+    from tlora.interop import exporting
 
     run, state = authors_run
     transformer, diffusers_file, kohya_file = flux_pipe.transformer, tmp_path / "d.safetensors", tmp_path / "k.safetensors"
-    assert export.main([str(run), "--format", "diffusers", "--out", str(diffusers_file), "--mask", f"timestep:{t}"]) == 0
-    assert export.main([str(run), "--format", "kohya", "--out", str(kohya_file), "--mask", f"timestep:{t}"]) == 0
+    assert exporting.main([str(run), "--format", "diffusers", "--out", str(diffusers_file), "--mask", f"timestep:{t}"]) == 0
+    assert exporting.main([str(run), "--format", "kohya", "--out", str(kohya_file), "--mask", f"timestep:{t}"]) == 0
     expected = authors.their_flux_forward(transformer, state, torch.tensor([float(t)]), 8, 3, **_batch(1, 3))
     flux_pipe.load_lora_weights(str(diffusers_file), adapter_name="export")
     try:
@@ -283,7 +285,8 @@ def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe
     for image in ("00.png", "01.jpg"):  # each its image's size
         Image.new("L", Image.open(image_dir / image).size, 255).save(masks / Path(image).with_suffix(".png").name)
     run("train.py", *flux_train_args(tiny_flux, image_dir, tmp_path / "out", "--mask_dir", str(masks),
-                                     "--validation_prompt", "a {0} on the beach", "--num_validation_images", "1"))
+                                     "--validation_prompt", "a {0} on the beach", "--num_validation_images", "1",
+                                     "--validation_height", "64", "--validation_width", "32"))
     (folder,) = (tmp_path / "out").iterdir()
     assert folder.name.endswith(f"{image_dir.name}_tlora4")
     hp = yaml.safe_load((folder / "logs" / "hparams.yml").read_text())
@@ -297,22 +300,24 @@ def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(".up.weight"))  # it trained
     assert (folder / "checkpoint-2/samples/ns28gs3.5/version_0/a sks on the beach/0.png").is_file()
     run("inference.py", "--config_path", str(folder / "logs/hparams.yml"), "--checkpoint_idx", "2",
-        "--prompts", "a {0} riding a bike", "--num_images_per_prompt", "2", "--num_inference_steps", "3")
+        "--prompts", "a {0} riding a bike", "--num_images_per_prompt", "2", "--num_inference_steps", "3",
+        "--height", "64", "--width", "48")
     samples = folder / "checkpoint-2/samples/ns3gs3.5/version_0"
     images = sorted((samples / "a sks riding a bike").glob("?.png"))
-    assert [Image.open(p).size for p in images] == [(64, 64), (64, 64)]
-    from tlora.evaluation import evaluate
-    from tlora.interop import export
+    assert [Image.open(p).size for p in images] == [(48, 64), (48, 64)]
+    assert Image.open(folder / "checkpoint-2/samples/ns28gs3.5/version_0/a sks on the beach/0.png").size == (32, 64)
+    from tlora.evaluation import scoring
+    from tlora.interop import exporting
 
     # --format authors: the lora.pt their run_inference.py loads from checkpoint-N, strictly (every key they make)
     out = folder / "checkpoint-2" / "lora.pt"
-    assert export.main([str(folder / "checkpoint-2"), "--format", "authors", "--out", str(out)]) == 0
+    assert exporting.main([str(folder / "checkpoint-2"), "--format", "authors", "--out", str(out)]) == 0
     theirs = torch.load(out, weights_only=True)
     start = authors.flux_start(flux_pipe.transformer, 4)
     assert list(theirs) == list(start) and all(theirs[k].shape == start[k].shape for k in start)
     assert all(torch.equal(theirs[k], v) for k, v in weights.items())
 
-    assert evaluate.main(["--samples", str(samples), "--reference", str(image_dir / "00.png"), "--class_name", "dog",
+    assert scoring.main(["--samples", str(samples), "--reference", str(image_dir / "00.png"), "--class_name", "dog",
                           "--placeholder_token", "sks", "--clip_model", str(tiny_embedder_dir / "clip"),
                           "--dino_model", str(tiny_embedder_dir / "dino"), "--device", "cpu"]) == 0
     metrics = yaml.safe_load((samples / "metrics.json").read_text())

@@ -123,7 +123,7 @@ def test_exports_load_in_flux2_klein_and_equal_the_tlora(klein_checkpoint, tmp_p
     """On the tiny klein and on the other one, whose fused layer is 3 x 24 + 2 x 60 rows (MLP ratio 2.5, from the
     checkpoint's metadata): the export fuses q, k, v into to_qkv_mlp_proj (kohya: linear1) exactly, and
     Flux2KleinPipeline.load_lora_weights reads both layouts."""
-    from tlora.interop.export import main
+    from tlora.interop.exporting import main
 
     pipe, checkpoint = klein_checkpoint
     transformer, inputs = pipe.transformer, klein_inputs(pipe.transformer, 1, 0)
@@ -216,12 +216,13 @@ def test_the_flux_command_line_trains_klein_and_inference_samples_it(tiny_klein,
     assert (meta["family"], meta["mlp_ratio"]) == ("klein", "3.0") and len(weights) == 2 * (2 * 7 + 2 * 3)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(".up.weight"))  # it trained
     assert inference.main(["--config_path", str(folder / "logs/hparams.yml"), "--checkpoint_idx", "2", "--prompts",
-                           "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2"]) == 0
+                           "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+                           "--height", "64", "--width", "64"]) == 0
     assert (folder / "checkpoint-2/samples/ns2gs4.0/version_0/a sks riding a bike/0.png").is_file()
 
 
 def test_no_authors_format_for_klein(klein_checkpoint, tmp_path, capsys):
-    from tlora.interop.export import main
+    from tlora.interop.exporting import main
 
     _, checkpoint = klein_checkpoint
     out = tmp_path / "pytorch_lora_weights.safetensors"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tlora
-from tlora.interop import export
+from tlora.interop import exporting
 
 from helpers import sdxl_inputs
 
@@ -60,5 +60,5 @@ def test_lycoris_tlora_gives_lycoris_output(tiny_sdxl, tmp_path, capsys, monkeyp
     tlora.unload(fresh)
     with torch.no_grad():
         assert torch.equal(fresh(timestep=600, **inputs).sample, base)
-    assert export.main([str(path), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
+    assert exporting.main([str(path), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 2
     assert "load it with tlora.load" in capsys.readouterr().err  # exports need our or the authors' keys

@@ -11,7 +11,7 @@ from helpers import REPO
 # The stages, lowest first: a module imports only from its own stage or the ones before it (anywhere in the file,
 # lazy imports included); the top-level modules (the package API and the commands) may import any stage.
 STAGES = ("common", "families", "method", "runs", "interop", "generate", "train", "evaluation")
-ENTRY_POINTS = ("analyze", "benchmark", "cli", "demo", "evaluate", "export", "tiny")  # python -m tlora.X
+ENTRY_POINTS = ("analyze", "benchmark", "cli", "demo", "estimate", "evaluate", "export", "protocol", "tiny")  # python -m tlora.X
 
 
 def test_torch_pin_admits_no_torch_without_fused_cpu_adamw():
@@ -60,7 +60,7 @@ def test_import_tlora_loads_no_entry_point():
             todo += imports(module, top_level_only=True)  # imports inside functions are lazy
     assert {"tlora.runs.reading", "tlora.method.settings"} <= loaded
     assert not loaded & {f"tlora.{name}" for name in ENTRY_POINTS}
-    assert "tlora.interop.export" in imports("tlora.export")  # the shim names its command's module
+    assert "tlora.interop.exporting" in imports("tlora.export")  # the shim names its command's module
 
 
 def test_console_script_names_each_command_and_its_module(capsys, monkeypatch):
@@ -77,3 +77,21 @@ def test_console_script_names_each_command_and_its_module(capsys, monkeypatch):
     with pytest.raises(SystemExit, match="0"):
         cli.main()
     assert capsys.readouterr().out.startswith("usage: tlora export ")  # argparse names the subcommand
+
+
+def test_no_two_modules_share_a_name():
+    """A command's shim (tlora/export.py) and the module that holds it must not both be called `export`."""
+    names = [p.stem for p in (REPO / "tlora").rglob("*.py") if p.stem != "__init__"]
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []
+
+
+def test_the_protocol_command_and_its_old_name(capsys):
+    from tlora import cli
+    from tlora.benchmark import main as old_name
+    from tlora.protocol import main
+
+    assert cli.COMMANDS["protocol"] == cli.COMMANDS["benchmark"] == "tlora.evaluation.paper_protocol"
+    assert old_name is main
+    with pytest.raises(SystemExit, match="0"):
+        main(["--help"])
+    assert "manifest" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import tlora
 from tlora.common.errors import CheckpointError
-from tlora.interop import export
+from tlora.interop import exporting
 from tlora.runs.run_folder import find_weights
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
@@ -121,22 +121,22 @@ def test_files_of_another_family_or_settings_are_refused(our_run, flux_pipe):
 def test_export_never_builds_a_timestep_mask_on_a_guess(our_run, tmp_path, capsys):
     folder = authors_file(our_run, tmp_path / "alone")
     out = tmp_path / "lora.safetensors"
-    assert export.main([str(folder), "--format", "kohya", "--out", str(out), "--mask", "timestep:700"]) == 2
+    assert exporting.main([str(folder), "--format", "kohya", "--out", str(out), "--mask", "timestep:700"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--mask timestep:700 is built on min_rank, which" in err
     assert "pass --min_rank or --config_path RUN/logs/hparams.yml" in err and not out.exists()
-    assert export.main([str(folder), "--format", "diffusers-scheduled", "--out", str(tmp_path / "s")]) == 2
+    assert exporting.main([str(folder), "--format", "diffusers-scheduled", "--out", str(tmp_path / "s")]) == 2
     assert "--format diffusers-scheduled is built on min_rank" in capsys.readouterr().err
-    assert export.main([str(folder), "--format", "kohya", "--out", str(out)]) == 0  # --mask full: no setting used
+    assert exporting.main([str(folder), "--format", "kohya", "--out", str(out)]) == 0  # --mask full: no setting used
     assert "note: " not in capsys.readouterr().err
     fixed = tmp_path / "fixed.safetensors"
-    assert export.main([str(folder), "--format", "kohya", "--out", str(fixed), "--mask", "timestep:700",
+    assert exporting.main([str(folder), "--format", "kohya", "--out", str(fixed), "--mask", "timestep:700",
                         "--min_rank", "4"]) == 0
     notes = capsys.readouterr().err.splitlines()  # the other assumptions are said
     assert len(notes) == 2 and all(line.startswith("note: ") for line in notes)
     assert "assuming trainer_class sdxl_tlora" in notes[0] and "pass --trainer_class or --config_path" in notes[0]
     ours = tmp_path / "ours.safetensors"
-    assert export.main([str(our_run), "--format", "kohya", "--out", str(ours), "--mask", "timestep:700"]) == 0
+    assert exporting.main([str(our_run), "--format", "kohya", "--out", str(ours), "--mask", "timestep:700"]) == 0
     a, b = read_weights(fixed)[0], read_weights(ours)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     downs = {v.shape[0] for k, v in a.items() if k.endswith(".lora_down.weight")}
@@ -146,7 +146,7 @@ def test_export_never_builds_a_timestep_mask_on_a_guess(our_run, tmp_path, capsy
 def test_a_checkpoint_copied_alone_exports_as_inside_its_run(our_run, tmp_path):
     alone = shutil.copytree(our_run / "checkpoint-10", tmp_path / "empty" / "checkpoint-10")
     for source, name in ((our_run / "checkpoint-10", "inside"), (alone, "alone")):
-        assert export.main([str(source), "--format", "diffusers", "--out", str(tmp_path / f"{name}.safetensors"),
+        assert exporting.main([str(source), "--format", "diffusers", "--out", str(tmp_path / f"{name}.safetensors"),
                             "--mask", "timestep:300"]) == 0
     (a, meta_a), (b, meta_b) = read_weights(tmp_path / "inside.safetensors"), read_weights(tmp_path / "alone.safetensors")
     assert meta_a == meta_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

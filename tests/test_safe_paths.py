@@ -58,7 +58,7 @@ def test_prompts_and_token_never_write_outside_the_run(tiny_sdxl, image_dir, tmp
 
 def test_benchmark_job_folders_stay_in_output_dir(tmp_path):
     from tlora.evaluation.manifest import Concept, Manifest, Method
-    from tlora.evaluation.protocol import job_dir
+    from tlora.evaluation.paper_protocol import job_dir
     from tlora.evaluation.report import result_path
 
     m = Manifest(output_dir=tmp_path / "bench", concepts=[], methods=[])

@@ -184,7 +184,7 @@ def test_trains_on_the_authors_dog_photos(tiny_sdxl, tmp_path):
 def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
     """The newcomer's chain from README: demo, then inference.py and analyze on its run."""
     from tlora import demo
-    from tlora.evaluation import analyze
+    from tlora.evaluation import analysis
 
     import inference
 
@@ -197,7 +197,7 @@ def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
                            "--prompts", "a {0} riding a bike", "--num_images_per_prompt", "1",
                            "--num_inference_steps", "2"]) == 0
     assert (run / "checkpoint-2" / "samples" / "ns2_gs5.0" / "version_0" / "a sks riding a bike" / "0.png").is_file()
-    assert analyze.main([str(run)]) == 0
+    assert analysis.main([str(run)]) == 0
     assert (run / "analysis" / "rank_schedule.png").is_file()
     assert demo.main(["--steps", "0"]) == 2 and "--steps must be at least 1" in capsys.readouterr().err
 

@@ -12,11 +12,11 @@ import yaml
 
 from tlora.common.commands import run_command
 from tlora.common.messages import Note, note
-from tlora.common.usage import shown
-from tlora.evaluation import evaluate
-from tlora.evaluation import protocol as benchmark
-from tlora.families.checks import check_vae, long_prompts
-from tlora.train import estimate
+from tlora.common.values import shown
+from tlora.evaluation import scoring
+from tlora.evaluation import paper_protocol as benchmark
+from tlora.families.model_checks import check_vae, long_prompts
+from tlora.train import estimator
 
 from conftest import one_line_error
 from helpers import make_image
@@ -51,7 +51,7 @@ def edit_json(path, change):
     (["--seed", str(2**32)], "--seed must be a whole number from 0 to 4294967295"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_estimate_numbers(capsys, flags, message):
-    one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", "sdxl", *flags]), message)
+    one_line_error(capsys, estimator.main(["--pretrained_model_name_or_path", "sdxl", *flags]), message)
 
 
 def _no_unet_config(folder):
@@ -99,7 +99,7 @@ def test_estimate_model_folders(tiny_sdxl, tmp_path, capsys, damage, message):
     """A local folder whose configs the estimator cannot build from is one line naming it, never a traceback."""
     folder = configs_of(tiny_sdxl, tmp_path / "model")
     damage(folder)
-    err = one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64"]),
+    err = one_line_error(capsys, estimator.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64"]),
                          message)
     assert "--pretrained_model_name_or_path" in err and str(folder) in err
 
@@ -107,7 +107,7 @@ def test_estimate_model_folders(tiny_sdxl, tmp_path, capsys, damage, message):
 def test_estimate_flux_folder_without_transformer(tiny_flux, tmp_path, capsys):
     folder = configs_of(tiny_flux, tmp_path / "flux")
     shutil.rmtree(folder / "transformer")
-    one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64"]),
+    one_line_error(capsys, estimator.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64"]),
                    "has no transformer/config.json (or model_index.json does not name transformer), which its flux")
 
 
@@ -116,7 +116,7 @@ def test_estimate_reads_a_folder_of_configs_only(tiny_sdxl, tmp_path, capsys):
     """The estimator needs configs only: the same folder without weights answers (the checks refuse nothing
     that is whole)."""
     folder = configs_of(tiny_sdxl, tmp_path / "model")
-    assert estimate.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64", "--lora_rank", "4",
+    assert estimator.main(["--pretrained_model_name_or_path", str(folder), "--resolution", "64", "--lora_rank", "4",
                           "--min_rank", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["peak_gb"] > 0
 
@@ -125,11 +125,11 @@ def test_estimate_reads_a_cached_hub_models_configs(tiny_sdxl, fake_cache, capsy
     """A hub id (offline, in the cache): its model_index.json and configs are checked as a folder's are."""
     files = {str(p.relative_to(tiny_sdxl)): p.read_text() for p in tiny_sdxl.glob("*/*.json")}
     fake_cache("someone/sdxl", files | {"model_index.json": b"\xff\xfe"})
-    one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
+    one_line_error(capsys, estimator.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
                    "/model_index.json is not UTF-8 text; pass a model folder in diffusers layout")
     fake_cache("someone/sdxl", {"model_index.json": (tiny_sdxl / "model_index.json").read_text(),
                                 "unet/config.json": "{"})
-    one_line_error(capsys, estimate.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
+    one_line_error(capsys, estimator.main(["--pretrained_model_name_or_path", "someone/sdxl"]),
                    "unet/config.json is not valid JSON at line 1; pass a model folder in diffusers layout")
 
 
@@ -210,7 +210,7 @@ def test_manifest_files(tmp_path, capsys, content, message):
     ({"methods": [{"name": "T-LoRA", "config": "tl.yaml", "overrides": ["--lora_rank", 4]}]},
      "method 'T-LoRA': overrides must be a mapping of train.py flag names to values, not a list"),
     ({"methods": [{"name": "T-LoRA", "config": "tl.yaml", "overrides": {"output_dir": "x"}}]},
-     "overrides cannot set output_dir, which the benchmark sets for every job"),
+     "overrides cannot set output_dir, which the protocol sets for every job"),
     ({"methods": [{"name": "T-LoRA", "config": "tl.yaml", "overrides": {"lora_rank": [4]}}]},
      "overrides lora_rank must be a single value, got [4]"),
     ({"methods": [{"name": "T-LoRA", "config": "tl.yaml", "overrides": {"learning_rate": float("nan")}}]},
@@ -242,7 +242,7 @@ def test_a_damaged_result_row_is_one_line(tmp_path, capsys, manifest):
                  '"IS": "high", "DINO_IS": null, "TS_contextual": null, "TS_complex": null, "checkpoint": "x"}'):
         row.write_text(text)
         code = run_command(lambda argv: collect(m, write=False), lambda rows: None, None, [])
-        one_line_error(capsys, code, f"benchmark result {row} is not a row the benchmark writes")
+        one_line_error(capsys, code, f"protocol result {row} is not a row the protocol writes")
     row.write_bytes(b"\xff\xfe")
     one_line_error(capsys, run_command(lambda argv: collect(m, write=False), lambda rows: None, None, []),
                    "is not UTF-8 text; delete it to run that job again")
@@ -265,7 +265,7 @@ def _flag(args, flag, value):
 
 def test_evaluate_inputs(tmp_path, capsys, samples):
     """The models named do not exist: each refusal below comes before the model check, so before any load."""
-    main = evaluate.main
+    main = scoring.main
     one_line_error(capsys, main([*samples, "--batch_size", "0"]), "--batch_size must be at least 1, got 0; pass")
     one_line_error(capsys, main([*samples, "--device", "gpu!"]), "--device: 'gpu!' is not a device; pass cpu")
     one_line_error(capsys, main([*samples, "--device", "meta"]),
@@ -298,14 +298,14 @@ def test_evaluate_inputs(tmp_path, capsys, samples):
 def test_evaluate_samples_that_cannot_be_read(tmp_path, capsys, samples):
     broken = tmp_path / "samples" / "a sks swimming" / "1.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    one_line_error(capsys, evaluate.main(samples), f"--samples: {broken} is not a readable image")
+    one_line_error(capsys, scoring.main(samples), f"--samples: {broken} is not a readable image")
     broken.unlink()
     record = tmp_path / "samples" / "prompts.yaml"
     record.write_text(yaml.safe_dump({"a sks swimming": {"prompt": ["a {0} swimming"]}}))
-    one_line_error(capsys, evaluate.main(samples), "gives the prompt of a sks swimming as ['a {0} swimming'], not text;"
+    one_line_error(capsys, scoring.main(samples), "gives the prompt of a sks swimming as ['a {0} swimming'], not text;"
                                                    " delete or fix it")
     record.write_text(yaml.safe_dump({"a sks swimming": {"prompt": "a {1} swimming"}}))
-    one_line_error(capsys, evaluate.main(samples), "'a {1} swimming' has the field {1}; only {0}")
+    one_line_error(capsys, scoring.main(samples), "'a {1} swimming' has the field {1}; only {0}")
 
 
 # -- check_vae ----------------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 import tlora
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.messages import Note
-from tlora.evaluation import analyze
+from tlora.evaluation import analysis
 from tlora.generate import generation
-from tlora.interop import export
+from tlora.interop import exporting
 from tlora.runs.weights import WEIGHTS_NAME
 
 import inference
@@ -150,21 +150,21 @@ def test_a_broken_newest_checkpoint_is_passed_over_with_a_note(run, tmp_path, ca
         tlora.read(copy / "checkpoint-4")  # named: refused, never replaced
     assert_helpful(str(refused.value))
 
-    assert analyze.main([str(copy)]) == 0
+    assert analysis.main([str(copy)]) == 0
     err = capsys.readouterr().err
     assert f"note: {copy}: using checkpoint-2, the newest usable checkpoint; passed over checkpoint-4" in err
     assert (copy / "analysis" / "effective_rank.png").is_file()
     out = tmp_path / "k.safetensors"
-    assert export.main([str(copy), "--format", "kohya", "--out", str(out)]) == 0
+    assert exporting.main([str(copy), "--format", "kohya", "--out", str(out)]) == 0
     assert "passed over checkpoint-4" in capsys.readouterr().err and out.is_file()
-    one_line_error(capsys, export.main([str(copy / "checkpoint-4"), "--format", "kohya", "--out", str(tmp_path / "n")]),
+    one_line_error(capsys, exporting.main([str(copy / "checkpoint-4"), "--format", "kohya", "--out", str(tmp_path / "n")]),
                    f"{weights_of(copy)} is damaged")
 
     weights_of(copy, 2).unlink()
     weights_of(copy, 2).mkdir()
     with pytest.raises(CheckpointError, match=f"no usable checkpoint in {copy}: the newest, checkpoint-4: "):
         tlora.read(copy)
-    one_line_error(capsys, analyze.main([str(copy)]), "no usable checkpoint in")
+    one_line_error(capsys, analysis.main([str(copy)]), "no usable checkpoint in")
 
 
 # -- 3. distinct prompt folders for distinct prompts --------------------------------------------------------------
@@ -247,11 +247,11 @@ def test_weights_that_are_not_floats_or_not_finite_are_refused_before_the_model(
     copy = copy_run(run, tmp_path)
     weights = rewrite(run, copy, _integers)
     one_line_error(capsys, inference.main(infer_argv(copy)), f"{weights}: tensor ")
-    one_line_error(capsys, export.main([str(weights), "--format", "kohya", "--out", str(tmp_path / "k")]),
+    one_line_error(capsys, exporting.main([str(weights), "--format", "kohya", "--out", str(tmp_path / "k")]),
                    "is I64, not floating point, so this is not a T-LoRA checkpoint")
     rewrite(run, copy, _nan)
     one_line_error(capsys, inference.main(infer_argv(copy)), "holds NaN or inf values (a diverged run?); use an older")
-    one_line_error(capsys, export.main([str(weights), "--format", "authors", "--out", str(tmp_path / WEIGHTS_NAME)]),
+    one_line_error(capsys, exporting.main([str(weights), "--format", "authors", "--out", str(tmp_path / WEIGHTS_NAME)]),
                    f"{weights}: tensor ")
     assert not (tmp_path / WEIGHTS_NAME).exists()
 
@@ -363,15 +363,15 @@ def test_a_full_disk_while_sampling_is_one_line(run, tmp_path, capsys, monkeypat
 # -- 7. export's --out ------------------------------------------------------------------------------------------------
 def test_export_refuses_an_out_it_cannot_write(run, tmp_path, capsys):
     checkpoint = str(run / "checkpoint-4")
-    one_line_error(capsys, export.main([checkpoint, "--format", "kohya", "--out", "/proc/tlora.safetensors"]),
+    one_line_error(capsys, exporting.main([checkpoint, "--format", "kohya", "--out", "/proc/tlora.safetensors"]),
                    "--out /proc/tlora.safetensors: cannot write in /proc (No such file or directory); pass a path in a "
                    "folder")
     (tmp_path / "file").write_text("x")
-    one_line_error(capsys, export.main([checkpoint, "--format", "kohya", "--out", str(tmp_path / "file" / "k")]),
+    one_line_error(capsys, exporting.main([checkpoint, "--format", "kohya", "--out", str(tmp_path / "file" / "k")]),
                    f"{tmp_path / 'file'} is not a folder; pass a path in a folder you can write to")
     (tmp_path / "ro").mkdir(mode=0o555)
     if not os.access(tmp_path / "ro", os.W_OK):  # root writes anyway
-        one_line_error(capsys, export.main([checkpoint, "--format", "kohya", "--out", str(tmp_path / "ro" / "k")]),
+        one_line_error(capsys, exporting.main([checkpoint, "--format", "kohya", "--out", str(tmp_path / "ro" / "k")]),
                        "(Permission denied); pass a path in a folder you can write to")
 
 
@@ -384,10 +384,10 @@ def test_a_full_disk_while_exporting_is_one_line_and_leaves_nothing(run, tmp_pat
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    monkeypatch.setattr(export, "atomic_write", lambda path, data: full_disk())
+    monkeypatch.setattr(exporting, "atomic_write", lambda path, data: full_disk())
     out = tmp_path / "out" / "export"
     (tmp_path / "out").mkdir()
-    code = export.main([str(run / "checkpoint-4"), "--format", fmt, "--out", str(out)])
+    code = exporting.main([str(run / "checkpoint-4"), "--format", fmt, "--out", str(out)])
     one_line_error(capsys, code, f"--out {out}: the disk holding {out.parent} is full; free some space or pass another "
                    "--out", exit_code=1)
     assert list((tmp_path / "out").iterdir()) == []  # no half-written file or folder left
@@ -395,10 +395,10 @@ def test_a_full_disk_while_exporting_is_one_line_and_leaves_nothing(run, tmp_pat
 
 def test_a_failed_scheduled_export_keeps_the_one_it_was_to_replace(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "scheduled"
-    assert export.main([str(run / "checkpoint-4"), "--format", "diffusers-scheduled", "--out", str(out)]) == 0
+    assert exporting.main([str(run / "checkpoint-4"), "--format", "diffusers-scheduled", "--out", str(out)]) == 0
     before = snapshot(out)
-    monkeypatch.setattr(export, "atomic_write", lambda path, data: full_disk())
-    code = export.main([str(run / "checkpoint-4"), "--format", "diffusers-scheduled", "--out", str(out), "--overwrite"])
+    monkeypatch.setattr(exporting, "atomic_write", lambda path, data: full_disk())
+    code = exporting.main([str(run / "checkpoint-4"), "--format", "diffusers-scheduled", "--out", str(out), "--overwrite"])
     one_line_error(capsys, code, "is full", exit_code=1)
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["scheduled"]
 
@@ -429,7 +429,7 @@ GOOD_CONFIG = json.dumps({"algo": "tlora", "linear_dim": 2, "linear_alpha": 2, "
 ])
 def test_lycoris_files_that_are_not_t_loras_are_one_line(unet, tmp_path, capsys, config, dtype, said):
     path = lycoris_file(tmp_path / "l.safetensors", config, unet, dtype=dtype)
-    one_line_error(capsys, export.main([str(path), "--format", "kohya", "--out", str(tmp_path / "k")]), said)
+    one_line_error(capsys, exporting.main([str(path), "--format", "kohya", "--out", str(tmp_path / "k")]), said)
     with pytest.raises(CheckpointError, match="lycoris_config|floating"):
         tlora.load(unet, path)
 
@@ -453,7 +453,7 @@ def test_analyze_skips_a_bad_loss_csv_with_a_note(run, tmp_path, capsys):
                        (b"time,value\n1,0.5\n",
                         f"note: no loss.png: {loss} is not a loss log (a row reads 'time,value')")):
         loss.write_bytes(data)
-        assert analyze.main([str(copy)]) == 0
+        assert analysis.main([str(copy)]) == 0
         assert said in capsys.readouterr().err
         assert not (copy / "analysis" / "loss.png").exists() and (copy / "analysis" / "rank_schedule.png").is_file()
 
@@ -467,5 +467,5 @@ def test_analyze_skips_a_bad_loss_csv_with_a_note(run, tmp_path, capsys):
 def test_analyze_refuses_a_bad_hparams_in_one_line_and_writes_nothing(run, tmp_path, capsys, data, said):
     copy = copy_run(run, tmp_path)
     (copy / "logs" / "hparams.yml").write_bytes(data)
-    one_line_error(capsys, analyze.main([str(copy)]), said)
+    one_line_error(capsys, analysis.main([str(copy)]), said)
     assert not (copy / "analysis").exists()
