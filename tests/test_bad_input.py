@@ -64,9 +64,9 @@ def config(tmp_path, text):
     (lambda t, d: ("--validation_prompts", "a {0}\nb"), "holds a control character"),
     (lambda t, d: ("--validation_prompts", "x" * 1001), "has 1001 characters; the limit is 1000"),
     (lambda t, d: ("--placeholder_token", "s" * 65), "has 65 characters; the limit is 64"),
-    (lambda t, d: ("--checkpoints_total_limit", "0"), "--checkpoints_total_limit must be at least 1"),
+    (lambda t, d: ("--checkpoints_total_limit", "0"), "--checkpoints_total_limit must be a whole number of at least 1"),
     (lambda t, d: ("--validation_prompts", "a {0}", "--validation_height", "65"),
-     "--validation_height must be a positive multiple of 16 pixels, got 65; pass e.g. 64"),
+     "--validation_height must be a positive multiple of 8 pixels for this model, got 65; pass e.g. 64"),
     (lambda t, d: ("--resume_from_checkpoint", str(t)),
      "is neither a checkpoint-N folder of a run, a run folder nor 'latest'"),
     (lambda t, d: ("--lora_r", "8"), "unrecognized arguments: --lora_r 8"),  # no abbreviations
@@ -139,9 +139,9 @@ def infer_argv(run, *extra):
     (("--device", "gpu0"), "--device: 'gpu0' is not a device"),
     (("--checkpoint_idx", "../1"), "--checkpoint_idx must be a step number"),
     (("--prompts", "a {1}"), "has the field {1}"),
-    (("--num_inference_steps", "0"), "--num_inference_steps must be at least 1"),
-    (("--height", "100"), "--height must be a positive multiple of 16 pixels, got 100; pass e.g. 96"),
-    (("--width", "0"), "--width must be a positive multiple of 16 pixels, got 0; pass e.g. 16"),
+    (("--num_inference_steps", "0"), "--num_inference_steps must be a whole number of at least 1"),
+    (("--height", "100"), "--height must be a positive multiple of 8 pixels for this model, got 100; pass e.g. 96"),
+    (("--width", "0"), "--width must be a positive multiple of 8 pixels for this model, got 0; pass e.g. 8"),
     (("--pretrained_vae_model_name_or_path", "madebyollin/sdxl-vae-fp16-fix"), "is not in the Hugging Face cache"),
 ])
 def test_inference_rejects(run_folder, capsys, extra, message):
@@ -429,6 +429,16 @@ def test_the_error_check_fails_on_an_internal_exception(line):
     "error: --config c.yaml is not a mapping; check",  # "check" is no fix
     "error: --output_dir /x is not writable; set",  # a verb without an object
     "error: the manifest lists model.safetensors twice",
+    "error: /run/model.safetensors: load error",  # a verb of the list used as a noun...
+    "error: /x.yml: copy failed",
+    "error: --x /p: download failed",
+    "error: /run/logs/loss.csv: train loss is NaN at step 5",
+    "error: --resolution: start value is too big",
+    "error: /p: use of a removed key",
+    "error: --lora_rank: keep in mind it is 0",  # ...or with no object
+    "error: --seed: give up",
+    "error: (resume state written by another tool)",
+    "error: the share is 0.95; pass a smaller one",  # a decimal is no file name
 ])
 def test_the_error_check_fails_on_a_message_without_a_fix(line):
     from conftest import assert_helpful
@@ -442,6 +452,10 @@ def test_the_error_check_fails_on_a_message_without_a_fix(line):
     "error: /tmp/x.yml: duplicate key seed; remove one of them",
     "error: --resume_from_checkpoint: run.lock is held; wait for it to end (or delete /r/.tlora.lock)",
     "error: training diverged at step 3; lower --learning_rate (or set --max_grad_norm) and start a new run",
+    "error: /x.png is not a readable image; remove or replace it",  # the object after a second verb
+    "error: --device gpu is not a device; pass cpu, cuda or cuda:N",
+    "error: --optimizer prodigy needs prodigyopt: pip install prodigyopt",
+    "error: --utilization 0.01 is too small; pass a share of at least 0.05, such as 0.4",
 ])
 def test_the_error_check_passes_a_message_with_a_fix(line):
     from conftest import assert_helpful

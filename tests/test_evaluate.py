@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from tlora.evaluation import paper_protocol as benchmark
+from tlora.evaluation import paper_protocol as protocol
 from tlora.evaluation.analysis import analyse_updates, analyze, effective_rank
 from tlora.evaluation.scoring import evaluate_samples
 from tlora.evaluation.manifest import Concept, Manifest
@@ -125,7 +125,7 @@ def test_analyze_writes_its_pictures(tiny_sdxl, image_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_runner_end_to_end_and_resume(tiny_sdxl, tiny_embedders, tiny_embedder_dir, tmp_path,
+def test_protocol_runner_end_to_end_and_resume(tiny_sdxl, tiny_embedders, tiny_embedder_dir, tmp_path,
                                                 monkeypatch):
     for i in range(2):
         make_image(tmp_path / f"concept{i}.png", seed=i)
@@ -144,7 +144,7 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_sdxl, tiny_embedders, tiny_
     }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
     monkeypatch.setattr("tlora.evaluation.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
-    rows = benchmark.run(benchmark.parse_args([str(tmp_path / "m.yaml")]))
+    rows = protocol.run(protocol.parse_args([str(tmp_path / "m.yaml")]))
     out = tmp_path / "bench"
     assert [(r["concept"], r["method"]) for r in rows] == [("pet", "T-LoRA"), ("pet", "Vanilla"),
                                                           ("thing", "T-LoRA"), ("thing", "Vanilla")]
@@ -164,15 +164,15 @@ def test_benchmark_runner_end_to_end_and_resume(tiny_sdxl, tiny_embedders, tiny_
     def no_training(*a, **k):
         raise AssertionError("a finished job was run again")
 
-    monkeypatch.setattr(benchmark, "run_job", no_training)
-    assert benchmark.main([str(tmp_path / "m.yaml")]) == 0
-    again = collect(benchmark.parse_args([str(tmp_path / "m.yaml")]))
+    monkeypatch.setattr(protocol, "run_job", no_training)
+    assert protocol.main([str(tmp_path / "m.yaml")]) == 0
+    again = collect(protocol.parse_args([str(tmp_path / "m.yaml")]))
     assert again == rows
     assert work() == before  # nothing trained, generated or evaluated again
 
 
 @pytest.mark.slow
-def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tiny_embedder_dir, tmp_path, monkeypatch):
+def test_protocol_runner_on_flux(tiny_flux, tiny_embedders, tiny_embedder_dir, tmp_path, monkeypatch):
     make_image(tmp_path / "concept.png", seed=3)
     (tmp_path / "flux.yaml").write_text(yaml.safe_dump({  # the authors' FLUX flag names
         "tlora": True, "rank": 4, "min_rank": 1, "max_train_steps": 1, "checkpointing_steps": 1, "resolution": 64,
@@ -182,14 +182,15 @@ def test_benchmark_runner_on_flux(tiny_flux, tiny_embedders, tiny_embedder_dir, 
         "images": {"contextual": 1, "complex": 1, "base": 1}, "num_prompts": {"contextual": 1, "complex": 1},
         "num_inference_steps": 2, "concepts": [{"name": "pet", "image": "concept.png", "class_name": "dog"}],
         "evaluation": {"clip_model": str(tiny_embedder_dir / "clip"), "dino_model": str(tiny_embedder_dir / "dino")},
-        "methods": [{"name": "Vanilla T-LoRA", "config": "flux.yaml"}],
+        "methods": [{"name": "Vanilla T-LoRA", "config": "flux.yaml"}], "height": 64, "width": 48,
     }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
     monkeypatch.setattr("tlora.evaluation.metrics.Embedders.load", classmethod(lambda cls, *a, **k: tiny_embedders))
-    (row,) = benchmark.run(benchmark.parse_args([str(tmp_path / "m.yaml")]))
+    (row,) = protocol.run(protocol.parse_args([str(tmp_path / "m.yaml")]))
     assert row["method"] == "Vanilla T-LoRA" and 0 < row["IS"] <= 1.0 + 1e-6
     version = next((tmp_path / "bench").glob("runs/pet/Vanilla T-LoRA/*/checkpoint-1/samples/ns2gs3.5/version_0"))
-    assert len(list((version / "a photo of sks").glob("[0-9].png"))) == 1
+    (image,) = (version / "a photo of sks").glob("[0-9].png")
+    assert Image.open(image).size == (48, 64)  # the manifest's size (else FluxPipeline's own, 1024 px)
 
 
 def test_manifest_counts_merge_with_their_defaults_and_paths_are_the_manifests(tmp_path):

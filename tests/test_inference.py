@@ -1,11 +1,15 @@
 """inference.py and the public API on runs trained by train.py (tiny SDXL, CPU)."""
 
+import re
+
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from tlora.common.errors import UsageError
+from tlora.generate.inference import parse_args as parse_inference
 from tlora.runs.weights import WEIGHTS_NAME
 
 import inference
@@ -57,6 +61,17 @@ def test_inference_tree_skip_replace_and_seeds(two_step_run):
     infer(two_step_run, "--version", "1")
     assert np.array_equal(pixels(samples / "version_1" / "a sks riding a bike" / "2.png"), first)
 
+    # the pipeline's own size unless told, and recorded: a version folder never mixes sizes
+    assert (record["a sks riding a bike"]["height"], record["a sks riding a bike"]["width"]) == (None, None)
+    small = infer(two_step_run, "--version", "2", "--height", "32", "--width", "48") / "version_2"
+    assert Image.open(small / "a sks riding a bike" / "0.png").size == (48, 32)
+    argv = ["--config_path", str(two_step_run / "logs" / "hparams.yml"), "--checkpoint_idx", "2", "--prompts", PROMPTS,
+            "--num_inference_steps", "3", "--height", "32"]
+    made = "were made at height the pipeline's own, width the pipeline's own, not height 32, width the pipeline's own"
+    with pytest.raises(UsageError, match=re.escape(made + "; pass another --version")):
+        parse_inference(argv)
+    parse_inference(argv + ["--replace_inference_output"])  # or make them again
+
 
 def test_inference_bad_input(two_step_run, capsys):
     assert inference.main(["--config_path", "/no/hparams.yml", "--prompts", "a {0}"]) == 2
@@ -101,3 +116,32 @@ def test_a_copied_run_is_read_where_it_is(two_step_run, tmp_path):
         infer(copy, "--version", "3", "--num_images_per_prompt", "1")
     assert (copy / "checkpoint-2/samples/ns3_gs5.0/version_3/a sks swimming/0.png").is_file()
     assert sorted(two_step_run.rglob("*")) == before and under(paths, two_step_run) == []  # the original: not even read
+
+
+def test_a_config_beside_hparams_in_logs_reads_its_own_run(two_step_run, tmp_path):
+    """A hparams.yml kept under another name in RUN/logs/ means RUN, not the output_dir it records."""
+    import shutil
+
+    copy = tmp_path / two_step_run.name
+    shutil.copytree(two_step_run, copy, ignore=shutil.ignore_patterns("samples"))
+    (copy / "logs" / "hparams_edited.yml").write_text((copy / "logs" / "hparams.yml").read_text())
+    args = parse_inference(["--config_path", str(copy / "logs" / "hparams_edited.yml"), "--checkpoint_idx", "2",
+                                 "--prompts", "a {0}"])
+    assert args.checkpoint == copy / "checkpoint-2"
+
+
+@pytest.mark.parametrize("step", ["²", "١٢", "02", "-2", "+2"])
+def test_checkpoint_idx_is_a_plain_step_number(two_step_run, step):
+    with pytest.raises(UsageError, match="--checkpoint_idx must be a step number"):
+        parse_inference(["--config_path", str(two_step_run / "logs" / "hparams.yml"), "--checkpoint_idx", step,
+                              "--prompts", "a {0}"])
+
+
+def test_sizes_are_multiples_of_the_familys_latent_pixels():
+    from tlora.generate.generation import image_size
+
+    assert image_size(("--height", "--width"), 72, None, 8) == {"height": 72}  # SDXL: 8 pixels per latent
+    with pytest.raises(UsageError, match="--height must be a positive multiple of 16 pixels for this model, got 72; "
+                                         "pass e.g. 64"):
+        image_size(("--height", "--width"), 72, None, 16)  # FLUX, klein: 8 times the 2 x 2 packing
+    assert image_size(("--height", "--width"), None, None, 16) == {}  # the pipeline's own

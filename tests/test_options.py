@@ -49,7 +49,7 @@ def args_with(image_dir, tmp_path, *extra):
         (("--lora_rank", "0"), "--lora_rank must be a whole number of at least 1, got 0"),
         (("--resolution", "100"), "--resolution must be a multiple of 8 for sdxl, at least 64, got 100"),
         (("--with_prior_preservation",), "--class_data_dir: folder None does not exist"),
-        (("--num_train_epochs", "0"), "--num_train_epochs must be at least 1"),
+        (("--num_train_epochs", "0"), "--num_train_epochs must be a whole number of at least 1"),
     ],
 )
 def test_bad_input_fails_before_loading(image_dir, tmp_path, capsys, change, message):

@@ -199,7 +199,7 @@ def test_cpu_demo_then_inference_and_analyze(tmp_path, capsys):
     assert (run / "checkpoint-2" / "samples" / "ns2_gs5.0" / "version_0" / "a sks riding a bike" / "0.png").is_file()
     assert analysis.main([str(run)]) == 0
     assert (run / "analysis" / "rank_schedule.png").is_file()
-    assert demo.main(["--steps", "0"]) == 2 and "--steps must be at least 1" in capsys.readouterr().err
+    assert demo.main(["--steps", "0"]) == 2 and "--steps must be a whole number of at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

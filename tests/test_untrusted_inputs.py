@@ -266,7 +266,7 @@ def _flag(args, flag, value):
 def test_evaluate_inputs(tmp_path, capsys, samples):
     """The models named do not exist: each refusal below comes before the model check, so before any load."""
     main = scoring.main
-    one_line_error(capsys, main([*samples, "--batch_size", "0"]), "--batch_size must be at least 1, got 0; pass")
+    one_line_error(capsys, main([*samples, "--batch_size", "0"]), "--batch_size must be a whole number of at least 1, got 0; pass")
     one_line_error(capsys, main([*samples, "--device", "gpu!"]), "--device: 'gpu!' is not a device; pass cpu")
     one_line_error(capsys, main([*samples, "--device", "meta"]),
                    "--device 'meta': tlora runs on cpu, cuda, mps; pass one of them")

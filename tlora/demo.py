@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 from tlora.common.commands import run_command
-from tlora.common.errors import UsageError
 from tlora.common.flags import Parser
 from tlora.common.images import list_images
+from tlora.common.values import check_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def parse(argv):
         opts = parser.parse_args(argv)
-        if opts.steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {opts.steps}; pass 1 or more")
+        check_count("--steps", opts.steps)
         return opts
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

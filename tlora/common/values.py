@@ -42,12 +42,6 @@ def out_of_range(flag: str, allowed: str, value: Any) -> UsageError:
     return UsageError(f"{flag} must be {allowed}, got {shown(value)}; pass one in that range")
 
 
-def check_at_least(flag: str, value: int, low: int = 1) -> None:
-    """A count of at least `low`."""
-    if value < low:
-        raise UsageError(f"{flag} must be at least {low}, got {value}; pass {low} or more")
-
-
 def check_count(where: str, value: Any, fix: str = "pass 1 or more") -> None:
     """A whole number of at least 1 (not a bool, not a float, not text); `where` names the flag or key, `fix` is
     the message's last clause."""

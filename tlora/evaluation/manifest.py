@@ -72,6 +72,8 @@ class Manifest:
     num_prompts: dict = field(default_factory=lambda: dict(NUM_PROMPTS))
     num_inference_steps: int | None = None  # None: the model family's default
     guidance_scale: float | None = None
+    height: int | None = None  # None: the pipeline's own, as inference.py
+    width: int | None = None
     seed: int = 0
     evaluation: dict = field(default_factory=dict)  # clip_model, dino_model, mask_dir
     report_to: str = "none"
@@ -167,13 +169,15 @@ def _overrides(where: str, method: Method) -> None:
 
 
 def _numbers(where: str, values: dict) -> None:
-    """seed, num_inference_steps and guidance_scale: whole numbers and finite numbers in their ranges."""
+    """seed, num_inference_steps, guidance_scale, height and width: whole numbers and finite numbers in their
+    ranges (a size's multiple is the model family's, checked with each job's flags)."""
     if values.get("seed") is not None:
         check_seed(f"{where}: seed", values["seed"])
     else:
         values.pop("seed", None)
-    if values.get("num_inference_steps") is not None:
-        check_count(f"{where}: num_inference_steps", values["num_inference_steps"], FIX)
+    for key in ("num_inference_steps", "height", "width"):
+        if values.get(key) is not None:
+            check_count(f"{where}: {key}", values[key], FIX)
     if values.get("guidance_scale") is not None:
         try:
             check_guidance(f"{where}: guidance_scale", values["guidance_scale"])

@@ -15,6 +15,7 @@ Manifest (YAML):
     num_prompts: {contextual: 25, complex: 6}       # fewer for a quick look
     num_inference_steps: 25               # default: the model family's (inference.py's)
     guidance_scale: 5.0                   # default: the model family's (inference.py's)
+    height: 1024                          # and width: default the pipeline's own (inference.py's)
     evaluation: {clip_model: openai/clip-vit-base-patch32, dino_model: facebook/dino-vits16}  # mask_dir: too
     report_to: none                        # or wandb
     concepts:
@@ -136,8 +137,10 @@ def generate_job(
     api.load(pipe, ckpt)
     try:
         for name, templates in {"base": [BASE_PROMPT], **groups}.items():
+            size = generation.image_size(("height", "width"), m.height, m.width, family.resolution_multiple)
+            generation.check_same_size(folder, size)  # a resumed protocol run whose manifest changed the size
             cfg = generation.Sampling(m.placeholder_token, concept.class_name, folder, m.images[name], 1, steps,
-                                      guidance, m.seed, call_kwargs=family.call_kwargs(hp))
+                                      guidance, m.seed, call_kwargs=family.call_kwargs(hp) | size)
             generation.run(pipe, templates, cfg, str(checkpoint))
     finally:
         api.unload(pipe)
@@ -146,8 +149,8 @@ def generate_job(
 
 
 def run_job(m: Manifest, concept: Concept, method: Method, embedders, device: str, pipes: dict) -> dict:
-    from tlora.evaluation.scoring import evaluate_samples
     from tlora.evaluation.metrics import reference_images
+    from tlora.evaluation.scoring import evaluate_samples
 
     checkpoint = train_job(m, concept, method)
     samples, groups = generate_job(m, concept, checkpoint, device, pipes)
@@ -159,21 +162,24 @@ def run_job(m: Manifest, concept: Concept, method: Method, embedders, device: st
 
 def parse_args(argv: list[str] | None = None) -> Manifest:
     """The manifest, with every job's train.py flags checked before anything is trained or loaded."""
+    from tlora import families
+    from tlora.generate.generation import image_size
     from tlora.train.options import parse_args as train_args
 
     p = Parser(description=__doc__.splitlines()[0], epilog="Manifest format: see the module docstring "
-               "(python -c 'import tlora.evaluation.paper_protocol as p; print(p.__doc__)') or README.md.")
+               "(python -c 'import tlora.evaluation.paper_protocol as p; print(p.__doc__)') or docs/evaluate.md.")
     p.add_argument("manifest", help="YAML file: output_dir, concepts, methods, and generation settings.")
     path = p.parse_args(argv).manifest
     m = Manifest.read(path)
-    from tlora.evaluation.scoring import check_embedders
     from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
+    from tlora.evaluation.scoring import check_embedders
 
     check_embedders(f"manifest {path}: evaluation.clip_model", m.evaluation.get("clip_model", DEFAULT_CLIP),
                     f"manifest {path}: evaluation.dino_model", m.evaluation.get("dino_model", DEFAULT_DINO))
     for concept, method in m.jobs():
         try:
-            train_args(train_flags(m, concept, method))
+            opts = train_args(train_flags(m, concept, method))
+            image_size(("height", "width"), m.height, m.width, families.get(opts.family).resolution_multiple)
         except UsageError as err:
             raise UsageError(f"manifest: {concept.name} x {method.name}: {err}") from None
     return m

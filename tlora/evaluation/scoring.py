@@ -26,7 +26,7 @@ from tlora.common.hub import check_model_source
 from tlora.common.images import IMAGE_EXTENSIONS, check_image, list_images, open_rgb, unreadable
 from tlora.common.messages import NEW_PATH
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text
-from tlora.common.values import check_device, shown
+from tlora.common.values import check_count, check_device, shown
 from tlora.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Embedders, mean_cosine, reference_images
 from tlora.generate.generation import existing_images, read_record
 
@@ -142,8 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _check_output(Path(args.output or Path(args.samples) / "metrics.json"), "--output" if args.output else "--samples")
     check_text("--class_name", args.class_name, MAX_WORD_LENGTH)
     check_text("--placeholder_token", args.placeholder_token, MAX_WORD_LENGTH)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}; pass a whole number of at least 1")
+    check_count("--batch_size", args.batch_size)
     check_device(args.device)
     for folder in folders.values():
         for image in existing_images(folder):

@@ -22,7 +22,7 @@ PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux", "Flux2
 
 def get(name: str) -> type[Family]:
     if name not in FAMILIES:
-        raise UsageError(f"model family must be one of {', '.join(FAMILIES)}, got {name!r}")
+        raise UsageError(f"model family must be one of {', '.join(FAMILIES)}, got {name!r}; pass one of them")
     return FAMILIES[name]
 
 

@@ -135,7 +135,7 @@ class FLUX(Family):
 
     @classmethod
     def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        """The T5 prompt length as trained (the image size is the pipeline's default, as the authors sample)."""
+        """The prompt length as trained (the image size is the pipeline's default, as the authors sample)."""
         return {"max_sequence_length": hparams.get("max_sequence_length") or 512}
 
     @classmethod

@@ -23,18 +23,37 @@ from tlora.common.safe_names import is_safe, safe_component
 from tlora.common.text_files import load_yaml, read_text
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
-SIZE_MULTIPLE = 16  # SDXL's latents need 8 pixels per side, FLUX's packed 2x2 latents 16
+SIDES = ("height", "width")
 
 
-def image_size(flags: tuple[str, str], height: int | None, width: int | None) -> dict[str, int]:
-    """The pipeline-call size arguments for the sizes given, each a positive multiple of SIZE_MULTIPLE; a size not
-    given is left to the pipeline's default, as the authors' tools sample (FluxPipeline: 1024 px whatever the run
-    was trained at)."""
+def image_size(flags: tuple[str, str], height: int | None, width: int | None, multiple: int) -> dict[str, int]:
+    """The pipeline-call size arguments for the sizes given, each a positive multiple of `multiple` (the family's
+    pixels per latent: SDXL 8, FLUX 16); a size not given is left to the pipeline's default, as the authors' tools
+    sample (FluxPipeline: 1024 px whatever the run was trained at)."""
     for flag, value in zip(flags, (height, width)):
-        if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
-            raise UsageError(f"{flag} must be a positive multiple of {SIZE_MULTIPLE} pixels, got {value}; pass e.g. "
-                             f"{max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)}")
-    return {key: value for key, value in (("height", height), ("width", width)) if value is not None}
+        if value is not None and (value < multiple or value % multiple):
+            raise UsageError(f"{flag} must be a positive multiple of {multiple} pixels for this model, got {value}; "
+                             f"pass e.g. {max(multiple, value // multiple * multiple)}")
+    return {key: value for key, value in zip(SIDES, (height, width)) if value is not None}
+
+
+def check_same_size(folder: Path, size: dict[str, int]) -> None:
+    """The samples already in a version folder were made at the size asked for (a side not given: the pipeline's
+    own); one line otherwise, before any model loads, so that a folder never mixes sizes."""
+    asked = {side: size.get(side) for side in SIDES}
+    for name, entry in read_record(folder).items():
+        made = {side: entry.get(side) for side in SIDES}
+        if made != asked:
+            raise UsageError(f"--height/--width: the samples in {folder / name} were made at {_size_text(made)}, not "
+                             f"{_size_text(asked)}; pass another --version, or --replace_inference_output to make "
+                             "them again")
+
+
+def _size_text(size: dict[str, int | None]) -> str:
+    return ", ".join(f"{side} {size[side] or PIPELINE_OWN}" for side in SIDES)
+
+
+PIPELINE_OWN = "the pipeline's own"
 
 
 def prompt_seed(template: str, batch_index: int, seed: int) -> int:
@@ -55,7 +74,7 @@ class Sampling:
     guidance_scale: float = 5.0
     seed: int = 0
     replace: bool = False
-    call_kwargs: dict = field(default_factory=dict)  # more pipeline arguments (height, width; FLUX: max_sequence_length)
+    call_kwargs: dict = field(default_factory=dict)  # more pipeline arguments: height, width, max_sequence_length
 
     def text(self, template: str) -> str:
         return template.format(f"{self.placeholder_token} {self.class_name}")
@@ -165,7 +184,7 @@ def run(pipe, templates: list[str], cfg: Sampling, checkpoint: str = "", progres
         record[folder.name] = {
             "prompt": template, "text": cfg.text(template), "seeds": seeds, "num_images": len(images),
             "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(checkpoint), **{side: cfg.call_kwargs.get(side) for side in SIDES},
         }
         atomic_write(record_path, yaml.safe_dump(record, sort_keys=False, allow_unicode=True).encode())
         if progress is not None:

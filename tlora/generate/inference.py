@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -15,12 +16,12 @@ from tlora.common.flags import Parser
 from tlora.common.hub import check_model_source
 from tlora.common.messages import PASS_HPARAMS, note
 from tlora.common.prompts import MAX_WORD_LENGTH, PROMPTS_HELP, check_templates, check_text, split_prompts
-from tlora.common.values import check_at_least, check_count, check_device, check_guidance, check_seed, shown
+from tlora.common.values import check_count, check_device, check_guidance, check_seed, shown
 from tlora.families.model_checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
-from tlora.generate.generation import SIZE_MULTIPLE, image_size
+from tlora.generate.generation import check_same_size, image_size
 from tlora.runs.reading import read
 from tlora.runs.run_folder import RunFolder, read_hparams
 from tlora.runs.weights import WEIGHTS_NAMES
@@ -43,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_inference_steps", type=int, default=None, help=by_family("inference_steps"))
     a("--guidance_scale", type=float, default=None, help=by_family("inference_guidance"))
     for side in ("height", "width"):
-        a(f"--{side}", type=int, default=None, help=f"Image {side} in pixels, a multiple of {SIZE_MULTIPLE}. Default: "
-          "the pipeline's own (1024 on the published SDXL and FLUX models, whatever size the run was trained at), as "
-          "the authors' tools sample.")
+        a(f"--{side}", type=int, default=None, help=f"Image {side} in pixels, a multiple of 8 (SDXL) or 16 (FLUX, "
+          "klein). Default: the pipeline's own (1024 on the published models, whatever size the run was trained at), "
+          "as the authors' tools sample.")
     a("--version", type=int, default=0)
     a("--seed", type=int, default=0)
     a("--replace_inference_output", action="store_true", default=False)
@@ -58,12 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_folder(config_path: Path, hparams: dict) -> tuple[RunFolder, bool]:
+def run_of_config(config_path: Path, hparams: dict) -> tuple[RunFolder, bool]:
     """(the run, whether it was found by its recorded output_dir): for `<run>/logs/hparams.yml` the run is `<run>` and
     nothing else is looked at (a moved or copied run is read, and written to, where it is); only a loose hparams.yml
     (not in a logs/ folder) names its run by the output_dir it records, as the authors' tool reads it."""
     config = Path(os.path.abspath(config_path))
-    if config == RunFolder(config.parent.parent).hparams_path:
+    if config.parent.name == "logs":  # RUN/logs/hparams.yml, or another file kept beside it
         return RunFolder(config.parent.parent), False
     recorded = hparams.get("output_dir")
     if not recorded or not Path(recorded).is_dir():
@@ -75,21 +76,21 @@ def run_folder(config_path: Path, hparams: dict) -> tuple[RunFolder, bool]:
     return RunFolder(Path(recorded)), True
 
 
-PASS_CHECKPOINT = "pass the N of one of the run's checkpoint-N folders"
+PASS_STEP = "pass the N of one of the run's checkpoint-N folders"
 
 
 def checkpoint_folder(run: RunFolder, checkpoint_idx: str | None) -> Path:
     """checkpoint-N of the run (or the run folder itself), which must hold weights (that they are a regular file is
     read's check): one line naming the path otherwise, never another folder's weights."""
-    if checkpoint_idx is not None and not checkpoint_idx.isdigit():
+    if checkpoint_idx is not None and not re.fullmatch(r"0|[1-9][0-9]*", checkpoint_idx):
         raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}; "
-                         f"{PASS_CHECKPOINT}")
+                         f"{PASS_STEP}")
     folder = run.checkpoint(checkpoint_idx) if checkpoint_idx is not None else run.path
     if not any(os.path.lexists(folder / name) for name in WEIGHTS_NAMES):
         flag = "--checkpoint_idx is not given and" if checkpoint_idx is None else f"--checkpoint_idx {checkpoint_idx}:"
         what = f"{flag} no T-LoRA weights ({' or '.join(WEIGHTS_NAMES)}) are in {folder}"
         have = ", ".join(str(step) for step, _ in run.checkpoints())
-        raise UsageError(f"{what}; {PASS_CHECKPOINT} ({have or 'it has none'})")
+        raise UsageError(f"{what}; {PASS_STEP} ({have or 'it has none'})")
     return folder
 
 
@@ -122,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "logs/hparams.yml")
     hparams = read_hparams(config_path)
     check_hparams(hparams, config_path)
-    run, loose = run_folder(config_path, hparams)
+    run, loose = run_of_config(config_path, hparams)
     args.checkpoint = checkpoint_folder(run, args.checkpoint_idx)
     args.ckpt = read(args.checkpoint, config_path, fix=f"add {{key}} to {config_path}")  # that folder's weights only
     args.ckpt.tensors()  # read and checked (finite) now; kept for loading
@@ -144,11 +145,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--prompts: give at least one prompt ('#' separates prompts)")
     check_templates("--prompts", args.templates)
     for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
-        check_at_least(f"--{name}", getattr(args, name))
+        check_count(f"--{name}", getattr(args, name))
     if args.version < 0:
-        raise UsageError(f"--version must be 0 or more, got {args.version}")
+        raise UsageError(f"--version must be 0 or more, got {args.version}; pass 0 for the first version folder")
     check_guidance("--guidance_scale", args.guidance_scale)
-    args.size = image_size(("--height", "--width"), args.height, args.width)
+    args.size = image_size(("--height", "--width"), args.height, args.width, family.resolution_multiple)
     check_seed("--seed", args.seed)
     args.device = check_device(args.device)
     args.dtype = args.dtype or (family.gpu_dtype if args.device.startswith("cuda") else "fp32")
@@ -160,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_model_source("--pretrained_vae_model_name_or_path", vae, "config.json")
         check_vae("--pretrained_vae_model_name_or_path", vae, hp["pretrained_model_name_or_path"], hp["revision"])
     args.samples = family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version)
+    if not args.replace_inference_output:
+        check_same_size(args.samples, args.size)
     check_writable(args.samples, "--config_path", f"the samples of {args.checkpoint} go to {args.samples}: make it "
                    "writable, or copy the run to a folder you can write to")
     if not loose and (old := run.moved_from(hparams)):  # said once the input is known to be good

@@ -212,7 +212,7 @@ def attach(
     """
     model = of_model(model).model(model)
     if attached(model) is not None:
-        raise ValueError(f"{ALREADY_ATTACHED}")
+        raise ValueError(ALREADY_ATTACHED)
     settings = settings.for_family(of_model(model).name).validate()
     adapters: dict[str, tuple[str, nn.Module]] = {}
     width = None
@@ -247,7 +247,7 @@ def attach_adapters(denoiser: nn.Module, settings: TLoRASettings, adapters: dict
     """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `denoiser`, adapter); `rows` names
     the output rows of the adapters that adapt part of a fused Linear (RowAdapters)."""
     if attached(denoiser) is not None:
-        raise ValueError(f"{ALREADY_ATTACHED}")
+        raise ValueError(ALREADY_ATTACHED)
     device, rows = next(denoiser.parameters()).device, rows or {}
     layers: dict[str, tuple[str, nn.Linear]] = {}
     on_linear: dict[int, list[str]] = {}

@@ -37,26 +37,27 @@ def is_lycoris(keys) -> bool:
     return any(k.startswith(PREFIX) for k in keys)
 
 
-def split_key(key: str) -> tuple[str, str]:
+def split_lycoris_key(key: str) -> tuple[str, str]:
     """(LyCORIS module name, tensor name)."""
     module, _, param = key.partition(".")
     return module, param
 
 
-def matrices(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def lycoris_matrices(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Key -> shape of Q and P, which must be matrices."""
-    return {k: tuple(v) for k, v in shapes.items() if split_key(k)[1] in (Q, P)}
+    return {k: tuple(v) for k, v in shapes.items() if split_lycoris_key(k)[1] in (Q, P)}
 
 
 def lycoris_rank(shapes: dict[str, tuple[int, ...]]) -> int:
-    """The largest module rank (rows of Q) in a LyCORIS file's shapes (checked by `matrices` first); 1 if none."""
-    return max((s[0] for k, s in matrices(shapes).items() if split_key(k)[1] == Q), default=1)
+    """The largest module rank (rows of Q) in a LyCORIS file's shapes (checked by `lycoris_matrices` first);
+    1 if none."""
+    return max((s[0] for k, s in lycoris_matrices(shapes).items() if split_lycoris_key(k)[1] == Q), default=1)
 
 
 def _groups(weights: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
-        prefix, param = split_key(key)
+        prefix, param = split_lycoris_key(key)
         if param not in PARAMS:
             raise UsageError(f"{where}: LyCORIS tensor {shown(key)} is not a T-LoRA parameter ({', '.join(PARAMS)}); "
                              "pass a SimpleTuner / LyCORIS T-LoRA file")

@@ -267,10 +267,10 @@ def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family:
     if not isinstance(config, dict):
         raise CheckpointError(f"{weights}: its lycoris_config metadata is {shown(config)}, not a mapping of settings; "
                               f"{fix}")
-    check_matrices(lycoris.matrices(shapes), weights)
+    check_matrices(lycoris.lycoris_matrices(shapes), weights)
     known = known_from_lycoris(config, lycoris.lycoris_rank(shapes), str(weights))
     known["family"] = family or (families.of_keys(shapes) or [None])[0]
-    known["num_train_timesteps"] = num_train_timesteps or 1000
+    known["num_train_timesteps"] = num_train_timesteps or SETTING_DEFAULTS["num_train_timesteps"]
     sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
     sources |= dict.fromkeys(given, GIVEN)
     return Checkpoint(weights, TLoRASettings.from_known(known | given), sources, metadata, shapes, lycoris=True)

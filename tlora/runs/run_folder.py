@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -26,8 +27,8 @@ from tlora.common.values import shown
 from tlora.method.settings import TLoRASettings
 from tlora.runs.weights import AUTHORS_FLUX_NAME, DAMAGED, WEIGHTS_NAME, WEIGHTS_NAMES, read_header, what_it_is
 
-RUN_INDEX = re.compile(r"^(\d+)-")
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_INDEX = re.compile(r"^([0-9]+)-")
+CHECKPOINT = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")  # as training names them: no sign, no leading 0
 INTERNAL = ("resume_checkpoint",)  # set while parsing, not an option: never recorded
 LOCK_NAME = ".tlora.lock"
 
@@ -69,8 +70,9 @@ class RunFolder:
     def loss_log(self) -> Path:
         return self.logs / "loss.csv"
 
-    @property
+    @cached_property
     def lock(self) -> RunLock:
+        """The run's lock (one per RunFolder value, so that it knows whether this process holds it)."""
         return RunLock(self.path)
 
     def checkpoint(self, step: int | str) -> Path:
@@ -98,11 +100,12 @@ class RunFolder:
             if passed:
                 newer, why = passed[0]
                 others = f" (and {len(passed) - 1} more)" if len(passed) > 1 else ""
-                note(f"{self.path}: using {folder.name}, the newest usable checkpoint; passed over {newer.name}{others}: "
-                     f"{why}")
+                note(f"{self.path}: using {folder.name}, the newest usable checkpoint; passed over "
+                     f"{newer.name}{others}: {why}")
             return weights
         if passed:
-            raise CheckpointError(f"no usable checkpoint in {self.path}: the newest, {passed[0][0].name}: {passed[0][1]}")
+            newest, why = passed[0]
+            raise CheckpointError(f"no usable checkpoint in {self.path}: the newest, {newest.name}: {why}")
         return None
 
     def moved_from(self, hparams: dict) -> str | None:
@@ -248,7 +251,7 @@ def create_run_folder(args: argparse.Namespace) -> Path:
 
 def remove_run_folder(folder: Path) -> None:
     """Remove a run folder that a failure left before its first step (never one that holds a checkpoint)."""
-    if folder.is_dir() and not any(folder.glob("checkpoint-*")):
+    if folder.is_dir() and not RunFolder(folder).checkpoints():
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -276,7 +279,7 @@ def write_hparams(args: argparse.Namespace, folder: Path) -> Path:
     """Record the run: every option plus exp_name, output_dir (= the run folder), logging_dir, argv."""
     args.exp_name = folder.name
     args.output_dir = str(folder)
-    args.logging_dir = str(folder / "logs")
+    args.logging_dir = str(RunFolder(folder).logs)
     path = RunFolder(folder).hparams_path
     atomic_write(path, yaml.safe_dump(public_hparams(args), sort_keys=True).encode())
     return path

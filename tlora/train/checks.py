@@ -25,7 +25,7 @@ from tlora.common.images import (
 )
 from tlora.common.messages import WRITABLE_FOLDER, note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
-from tlora.common.values import check_at_least, check_finite, check_guidance, check_seed, out_of_range, shown
+from tlora.common.values import check_count, check_finite, check_guidance, check_seed, out_of_range, shown
 from tlora.families.model_checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
 from tlora.generate.generation import image_size
 from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
@@ -54,7 +54,8 @@ def validate(opts: TrainOptions) -> None:
             raise UsageError(f"--validation_prompts {shown(opts.validation_prompts)} holds no prompt ('#' separates "
                              "prompts); give at least one, or drop the flag for no validation images")
         check_templates("--validation_prompts", split_prompts(opts.validation_prompts))
-    image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width)
+    image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width,
+               families.get(opts.family).resolution_multiple)
     if opts.mask_dir and opts.alpha_mask:
         raise UsageError("--alpha_mask and --mask_dir both give loss masks; drop one of them")
     if opts.optimizer == "prodigy" and opts.use_8bit_adam:
@@ -94,9 +95,9 @@ def _check_numbers(opts: TrainOptions) -> None:
         raise out_of_range("--max_sequence_length", f"between 1 and {MAX_SEQUENCE_LENGTH} (the FLUX pipelines' limit)",
                            opts.max_sequence_length)
     for name in AT_LEAST_ONE:
-        check_at_least(f"--{name}", getattr(opts, name))
+        check_count(f"--{name}", getattr(opts, name))
     if opts.checkpoints_total_limit is not None:
-        check_at_least("--checkpoints_total_limit", opts.checkpoints_total_limit)
+        check_count("--checkpoints_total_limit", opts.checkpoints_total_limit)
     if opts.dataloader_num_workers < 0:
         raise UsageError("--dataloader_num_workers must be 0 or more; pass 0 to load data in the training process")
 
@@ -249,7 +250,8 @@ def announce_unused(opts: TrainOptions, given: set[str]) -> None:
                      "pass --trainer_type ortho_lora to use it"),
     }
     for name in ("num_val_imgs_per_prompt", "validation_height", "validation_width"):
-        unused[name] = (not opts.validation_prompts, "without --validation_prompts", "add --validation_prompts to use it")
+        unused[name] = (not opts.validation_prompts, "without --validation_prompts",
+                        "add --validation_prompts to use it")
     for name in sorted(given & set(unused)):
         idle, why, fix = unused[name]
         if idle:

@@ -262,7 +262,8 @@ class Trainer:
             opts.placeholder_token, opts.class_name, family.samples_folder(checkpoint, steps, guidance, 0),
             num_images_per_prompt=opts.num_val_imgs_per_prompt, num_inference_steps=steps, guidance_scale=guidance,
             replace=True, call_kwargs=family.call_kwargs(vars(opts))
-            | image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width),
+            | image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width,
+                         family.resolution_multiple),
         )
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
