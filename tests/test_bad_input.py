@@ -150,7 +150,9 @@ def test_inference_rejects(run_folder, capsys, extra, message):
     one_line_error(capsys, inference.main(infer_argv(run_folder, *extra)), message)
 
 
-def copy_run(run_folder, tmp_path, weights, hparams_changes=None):
+def run_with_weights(run_folder, tmp_path, weights, hparams_changes=None):
+    """A run like `run_folder` whose checkpoint-1 holds `weights` (bytes, or tensors) and whose hparams.yml has
+    `hparams_changes`."""
     run = tmp_path / run_folder.name
     (run / "checkpoint-1").mkdir(parents=True)
     (run / "logs").mkdir()
@@ -165,10 +167,10 @@ def copy_run(run_folder, tmp_path, weights, hparams_changes=None):
 
 def test_inference_rejects_damaged_and_foreign_checkpoints(run_folder, tmp_path, capsys):
     data = (run_folder / "checkpoint-1" / WEIGHTS_NAME).read_bytes()
-    truncated = copy_run(run_folder, tmp_path / "t", data[: len(data) // 2])
+    truncated = run_with_weights(run_folder, tmp_path / "t", data[: len(data) // 2])
     one_line_error(capsys, inference.main(infer_argv(truncated)), "is damaged (truncated or not a safetensors file")
-    other = copy_run(run_folder, tmp_path / "o", read_weights(run_folder / "checkpoint-1")[0],
-                     {"trainer_type": "lora", "lora_rank": 8})
+    other = run_with_weights(run_folder, tmp_path / "o", read_weights(run_folder / "checkpoint-1")[0],
+                             {"trainer_type": "lora", "lora_rank": 8})
     one_line_error(capsys, inference.main(infer_argv(other)),
                    "this is a ortho_lora checkpoint, rank 4, but the settings say trainer_type lora, lora_rank 8")
 
