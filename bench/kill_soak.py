@@ -28,6 +28,7 @@ import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
 from tlora.families.tiny_models import build_tiny_sdxl
 from tlora.runs.checkpoint_state import RESUME_DIR, why_not_resumable
 from tlora.runs.reading import read
+from tlora.runs.run_folder import RunFolder
 from tlora.train.loss_log import read_loss_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 def check(out: Path) -> tuple[list[int], int]:
     """(checkpoint steps, loss rows) after a kill; raises on anything partial."""
     steps, rows = [], 0
-    for run in out.iterdir():
-        for checkpoint in run.glob("checkpoint-*"):
+    for run in map(RunFolder, out.iterdir()):
+        for step, checkpoint in run.checkpoints():
             read(checkpoint, quiet=True).tensors()  # raises on a missing or partial file
             if (checkpoint / RESUME_DIR).is_dir():
                 problem = why_not_resumable(checkpoint)
                 assert problem is None, problem
-            steps.append(int(checkpoint.name.split("-")[1]))
-        logged = [step for step, _ in read_loss_log(run / "logs" / "loss.csv")]
+            steps.append(step)
+        logged = [step for step, _ in read_loss_log(run.loss_log)]
         assert logged == list(range(1, len(logged) + 1)), "loss.csv has a gap or a repeated step"
         rows = len(logged) or rows
     return sorted(steps), rows
