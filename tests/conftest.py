@@ -23,14 +23,23 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # A one-line error names what is wrong (a --flag, a file or folder, the manifest) and says the fix: a clause that
-# starts with an imperative verb (after the start, `;`, `:`, `,`, `(`, or `or`/`and`/`then`/`else`) and says what to
-# do it with (the flag, file, value or command). "must", "check", "needs" and a bare "set" or "run" are no fix.
-NAMES = re.compile(r"--\w|/|\w\.\w{2,}|manifest|tlora\.load")
+# starts with an imperative verb (after the start, `;`, `:`, `,`, `(`, or `or`/`and`/`then`/`else`) and goes on with
+# what to do it with: a flag, a path, a quoted or code-like value (x.py, checkpoint-4, unload(), 0.95, None), a
+# value such as auto or cpu, or a noun phrase that starts with an article or a pronoun ("a new run", "the file", "it
+# again", "one of them"), maybe after a preposition ("with --x", "for it to end") or a second verb ("remove or
+# replace it"). So a verb used as a noun ("load error", "copy failed", "use of", "train loss is NaN"), a verb with
+# no object ("give up", "keep in mind") and "must", "check", "needs", a bare "set" or "run" are no fix.
+NAMES = re.compile(r"--\w|/|\w\.[A-Za-z]\w+|manifest|tlora\.load")  # a file name's extension starts with a letter
 FIX_VERBS = (r"pass|add|drop|remove|use|start|resume|install|pip install|fix|delete|free|lower|raise|replace|download|"
              r"wait|choose|give|write|call|load|rename|save|include|shorten|copy|move|make|train|export|re-export|keep|"
              r"retry|update|convert|upgrade|set(?= --| \w+=)|run(?= the| it| again| with| python| tlora| \w+\.py| `)")
-FIX = re.compile(rf"(?:^|[;:,(]|\b(?:or|and|then|else)\b)\s*(?:{FIX_VERBS})\b(?P<rest>[^;]*)")
-OBJECT = re.compile(r"\s*[\w'`{(-]")  # the verb is followed by what to pass, use, run...
+FIX = re.compile(rf"(?:^|[;:,(]|\b(?:or|and|then|else)\b)\s*(?P<verb>{FIX_VERBS})\b(?=(?P<rest>[^;]*))")
+STARTS = (r"a|an|the|it|its|them|their|this|that|these|those|one|another|other|some|all|each|every|both|any|more|"
+          r"fewer|less|no|your|at least|at most|again")  # the words a noun phrase (or "it again") starts with
+VALUES = r"auto|cpu|cuda|mps|none|latest|full"  # a value said as a bare word
+THING = rf"(?:--?[\w{{]|[/~.'\"`{{(\[<\d]|[\w-]*[\d=.(:/_]|[A-Z]\w*|(?:{STARTS}|{VALUES})\b)"
+PREPOSITIONS = r"with|for|from|to|into|in|on|under|as|by|after|until|out of"
+OBJECT = re.compile(rf"\s+(?:(?:{PREPOSITIONS})\s+)?{THING}")  # the verb is followed by what to pass, use, run...
 
 
 # An internal exception's class name (KeyError, UnicodeDecodeError, SafetensorError, ...) or a traceback means a
@@ -42,8 +51,9 @@ def fix_clause(line: str) -> str | None:
     """The first clause of `line` that says what to do: an imperative verb with an object (a flag, a file, a value,
     a command, "a new run", "again")."""
     for found in FIX.finditer(line.removeprefix("error: ")):
-        if OBJECT.search(found.group("rest")):
-            return found.group(0).strip(" ;:,(")
+        rest = found.group("rest")
+        if OBJECT.match(rest) or (found.group("verb") == "pip install" and rest.strip()):  # any package name
+            return (found.group(0) + rest).strip(" ;:,(")
     return None
 
 

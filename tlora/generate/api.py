@@ -50,7 +50,7 @@ def load(
     timesteps = scheduler.config.num_train_timesteps if scheduler is not None else None
     if isinstance(checkpoint, Checkpoint):
         if hparams is not None or overrides:
-            raise UsageError("tlora.load: give hparams and settings to tlora.read, not beside what it returned")
+            raise UsageError("tlora.load: give the hparams and settings to tlora.read, not beside what it returned")
         ckpt, settings = checkpoint, checkpoint.settings.for_family(family)
         if timesteps is not None and ckpt.sources.get("num_train_timesteps") == DEFAULT:
             settings = replace(settings, num_train_timesteps=timesteps)
@@ -91,13 +91,14 @@ def check_keywords(overrides: dict[str, Any]) -> None:
 
 def check_scale(scale: float) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise UsageError(f"scale must be a finite number, got {scale!r}")
+        raise UsageError(f"scale must be a finite number, got {scale!r}; pass one such as 1.0 (as trained) or 0 (off)")
 
 
 def _require(pipe_or_denoiser: Any) -> TLoRA:
     tlora = attached(families.denoiser(pipe_or_denoiser))
     if tlora is None:
-        raise ValueError("no T-LoRA is attached to this pipeline or UNet")
+        raise ValueError("no T-LoRA is attached to this pipeline or denoiser; load one with tlora.load(pipe, ...) "
+                         "first")
     return tlora
 
 

@@ -27,6 +27,8 @@ from tlora.common.values import check_count, check_finite
 from tlora.interop.exporting import SCHEDULE_NAME
 from tlora.method.settings import TLoRASettings, known_from_ours
 
+REEXPORT = "export the T-LoRA again with python -m tlora.export --format diffusers-scheduled"
+
 
 class _NoTextEncoderKeys(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -107,18 +109,17 @@ def read_schedule(folder: Path) -> tuple[list[dict], TLoRASettings]:
     path = folder / SCHEDULE_NAME
     text = read_text(path, "tlora.scheduled", "pass a folder written by python -m tlora.export --format "
                                               "diffusers-scheduled")
-    fix = "export the T-LoRA again with python -m tlora.export --format diffusers-scheduled"
     try:
         schedule = parse_json(text)
     except ValueError:
-        raise UsageError(f"{path} is not JSON; {fix}") from None
+        raise UsageError(f"{path} is not JSON; {REEXPORT}") from None
     if not _is_schedule(schedule):
         raise UsageError(f"{path} is not a T-LoRA schedule (num_train_timesteps, settings, chunks of plain file "
-                         f"names); {fix}")
+                         f"names); {REEXPORT}")
     try:
         return schedule["chunks"], _settings(schedule, str(path))
     except UsageError as err:  # what is wrong, without the fix of a setting given by hand: the fix is to re-export
-        raise UsageError(f"{path}: {str(err).removeprefix(f'{path}: ').partition('; ')[0]}; {fix}") from None
+        raise UsageError(f"{path}: {str(err).removeprefix(f'{path}: ').partition('; ')[0]}; {REEXPORT}") from None
 
 
 def _settings(schedule: dict, where: str) -> TLoRASettings:
@@ -126,7 +127,7 @@ def _settings(schedule: dict, where: str) -> TLoRASettings:
     known = known_from_ours(schedule["settings"], where)
     missing = [k for k in ("family", "trainer_type", "lora_rank") if k not in known]
     if missing:
-        raise UsageError(f"its settings have no {missing[0]}")
+        raise UsageError(f"its settings have no {missing[0]}; {REEXPORT}")
     return TLoRASettings.from_known(known | {"num_train_timesteps": schedule["num_train_timesteps"]})
 
 
@@ -159,7 +160,8 @@ def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength:
                          "pipeline of its family")
     if not hasattr(pipe.scheduler, "step_index"):
         raise UsageError(f"tlora.scheduled needs a scheduler that counts its steps (Euler, DPM-Solver, flow matching); "
-                         f"{type(pipe.scheduler).__name__} does not")
+                         f"{type(pipe.scheduler).__name__} does not: use one of those, e.g. pipe.scheduler = "
+                         "EulerDiscreteScheduler.from_config(pipe.scheduler.config)")
     loaded = set(pipe.get_list_adapters().get(family.model_attr, []))
     with warnings.catch_warnings(), _quiet_text_encoder_notice():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # many adapters: the point

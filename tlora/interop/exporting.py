@@ -238,7 +238,8 @@ def parse_mask(value: str) -> int | None:
         return None
     if value.startswith("timestep:") and value[len("timestep:"):].isdigit():
         return int(value[len("timestep:"):])
-    raise UsageError(f"--mask must be 'full' or 'timestep:T' with T in 0..999, got {value!r}")
+    raise UsageError(f"--mask must be 'full' or 'timestep:T' with T in 0..999, got {value!r}; pass --mask full, or "
+                     "--mask timestep:T for the components active at timestep T")
 
 
 def build_parser() -> Parser:
@@ -273,7 +274,7 @@ def _check_settings(args: argparse.Namespace) -> None:
     """What the export is built on is known: a timestep mask or schedule never rests on a guessed setting."""
     ckpt: Checkpoint = args.ckpt
     if ckpt.lycoris:
-        raise UsageError(f"{ckpt.path} {LYCORIS_REFUSAL}; exports take tlora's or the authors' checkpoints")
+        raise UsageError(f"{ckpt.path} {LYCORIS_REFUSAL}; to export, pass a checkpoint of tlora's or the authors'")
     family = ckpt.settings.family
     formats = families.get(family).export_formats
     if args.format not in formats:
@@ -302,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.active_at = parse_mask(args.mask)
     if args.active_at is not None and args.active_at > 999:
-        raise UsageError(f"--mask timestep:{args.active_at}: T must be in 0..999")
+        raise UsageError(f"--mask timestep:{args.active_at}: T must be in 0..999; pass a T from 0 to 999")
     if args.rank is not None and args.rank < 1:
         raise UsageError(f"--rank must be at least 1, got {args.rank}; pass 1 or more")
     if args.format in ("authors", "diffusers-scheduled") and (args.rank is not None or args.mask != "full"):
@@ -383,7 +384,8 @@ def fixed_mask_export(args: argparse.Namespace):
     active = None if args.active_at is None else s.active_rank(args.active_at)
     factors = fixed_mask_factors(weights, s, active)
     if not factors:
-        raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?); nothing to export")
+        raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?), so there is nothing "
+                         "to export; export a trained checkpoint, or pass another --mask")
     factors = layout(factors, s.family, args.format, ckpt.metadata)
     if args.rank is not None:
         factors, errors = truncate(factors, args.rank)

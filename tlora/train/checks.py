@@ -43,7 +43,7 @@ def validate(opts: TrainOptions) -> None:
     """Every check of the values themselves (no file is read)."""
     for name in REQUIRED:
         if getattr(opts, name) in (None, ""):
-            raise UsageError(f"--{name} is required (on the command line or in --config)")
+            raise UsageError(f"--{name} is required; pass it on the command line or in --config")
     _check_family(opts)
     _check_numbers(opts)
     TLoRASettings.from_hparams(vars(opts), "train.py", flags=True)  # ranks, alpha, trainer type
@@ -108,15 +108,15 @@ def check_inputs(opts: TrainOptions) -> None:
     opts.data_sha256 = _check_data(opts)
     _fit_batch(opts)
     if opts.optimizer == "prodigy":
-        _require("--optimizer prodigy", "prodigyopt", "pip install prodigyopt", "or --optimizer adamw")
+        _require("--optimizer prodigy", "prodigyopt", "pip install prodigyopt (or pass --optimizer adamw)")
     if opts.base_model_precision != "auto":
         package = "bitsandbytes" if opts.base_model_precision.endswith("bnb") else "torchao"
-        _require(f"--base_model_precision {opts.base_model_precision}", package, f"pip install {package}",
-                 "or --base_model_precision auto" if package == "torchao" else "pass auto or a torchao precision",
-                 cuda=package == "bitsandbytes")
+        instead = "pass --base_model_precision auto" + (" or a torchao precision" if package == "bitsandbytes" else "")
+        _require(f"--base_model_precision {opts.base_model_precision}", package, f"pip install {package} ({instead})",
+                 cuda_fix=instead if package == "bitsandbytes" else None)
     if opts.use_8bit_adam:
-        _require("--use_8bit_adam", "bitsandbytes", "pip install -e '.[bnb]'",
-                 "drop the flag to train with torch's AdamW", cuda=True)
+        instead = "drop the flag to train with torch's AdamW"
+        _require("--use_8bit_adam", "bitsandbytes", f"pip install -e '.[bnb]' (or {instead})", cuda_fix=instead)
     if opts.report_to == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise UsageError("--report_to tensorboard needs tensorboard: pip install -e '.[tensorboard]' (or --report_to none)")
     _check_output_dir(opts.output_dir)
@@ -227,14 +227,15 @@ def _check_output_dir(folder: str) -> None:
         raise UsageError(f"--output_dir: cannot write in {existing}; {WRITABLE_FOLDER}")
 
 
-def _require(flag: str, package: str, install: str, instead: str, cuda: bool = False) -> None:
-    """`flag` needs `package` installed (and a CUDA GPU when `cuda`): one line naming the fix otherwise."""
+def _require(flag: str, package: str, fix: str, cuda_fix: str | None = None) -> None:
+    """`flag` needs `package` installed (and a CUDA GPU when `cuda_fix` is given): one line ending in the fix
+    otherwise."""
     import torch
 
     if importlib.util.find_spec(package) is None:
-        raise UsageError(f"{flag} needs {package}: {install} ({instead})")
-    if cuda and not torch.cuda.is_available():
-        raise UsageError(f"{flag} needs a CUDA GPU; {instead}")
+        raise UsageError(f"{flag} needs {package}: {fix}")
+    if cuda_fix and not torch.cuda.is_available():
+        raise UsageError(f"{flag} needs a CUDA GPU; {cuda_fix}")
 
 
 def announce_unused(opts: TrainOptions, given: set[str]) -> None:

@@ -313,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     check_seed("--seed", opts.seed)
     name = opts.pretrained_model_name_or_path
     if not name:
-        raise UsageError("--pretrained_model_name_or_path is required: a model folder, or one of "
+        raise UsageError("--pretrained_model_name_or_path is required; pass a model folder, or one of "
                          f"{', '.join(ARCHITECTURES)}")
     if name not in ARCHITECTURES:
         check_model_folder(name, opts.revision)
