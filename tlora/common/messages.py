@@ -63,6 +63,7 @@ DIVERGED_FIX = "lower --learning_rate (or set --max_grad_norm) and start a new r
 HUB_FIX = "pass a local folder or check the name and network"
 DIFFUSERS_LAYOUT = "pass a model folder in diffusers layout"
 UNREADABLE_IMAGE = "is not a readable image"
+OWN_FAMILY = "load it on a pipeline of the family it was trained on"
 RUN_WRITABLE = "make it writable (or copy the run to a folder you can write to)"
 
 

@@ -19,9 +19,9 @@ from inspect import signature
 from pathlib import Path
 from typing import Any
 
-
 from tlora import families
 from tlora.common.errors import CheckpointError, UsageError
+from tlora.common.messages import OWN_FAMILY
 from tlora.common.values import shown
 from tlora.method.injection import TLoRA, attach, attached
 from tlora.method.settings import known_from_overrides
@@ -81,7 +81,7 @@ def check_keywords(overrides: dict[str, Any]) -> None:
     own parameters (quiet, fix, num_train_timesteps, ...) are set by tlora.load itself."""
     if "family" in overrides:
         raise UsageError(f"tlora.load: family={shown(overrides['family'])} is not a setting here: the family is the "
-                         "model's; drop it (and load the T-LoRA on a pipeline of the family it was trained on)")
+                         f"model's; drop it (and {OWN_FAMILY})")
     internal = [key for key in overrides if key in READ_PARAMETERS]
     if internal:
         raise UsageError(f"tlora.load: {internal[0]}= is not a T-LoRA setting (tlora.load sets it itself); drop it, "

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tlora.common.errors import UsageError
-from tlora.common.messages import PASS_HPARAMS
+from tlora.common.messages import OWN_FAMILY, PASS_HPARAMS
 from tlora.common.values import check_count, shown, typed_value
 from tlora.families import FAMILIES
 from tlora.method import adapters
@@ -91,22 +91,24 @@ class TLoRASettings:
         for key, allowed in (("trainer_type", TRAINER_TYPES), ("sig_type", SIG_TYPES),
                              ("family", tuple(FAMILIES) + (None,)), ("rank_rule", tuple(RANK_RULES) + (None,))):
             if getattr(self, key) not in allowed:
-                raise UsageError(f"{name(key)} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
+                raise UsageError(f"{name(key)} must be one of {', '.join(map(str, allowed))}, got "
+                                 f"{getattr(self, key)!r}; pass one of them")
         for key in ("lora_rank", "min_rank", "num_train_timesteps"):
             check_count(name(key), getattr(self, key))
         if self.min_rank > self.lora_rank:
-            raise UsageError(f"{name('min_rank')} ({self.min_rank}) must not exceed {name('lora_rank')} ({self.lora_rank}); "
-                             f"pass a {name('min_rank')} of at most {self.lora_rank}")
+            raise UsageError(f"{name('min_rank')} ({self.min_rank}) must not exceed {name('lora_rank')} "
+                             f"({self.lora_rank}); pass a {name('min_rank')} of at most {self.lora_rank}")
         alpha = self.alpha_rank_scale
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-            raise UsageError(f"{name('alpha_rank_scale')} must be a finite number > 0, got {alpha!r}")
+            raise UsageError(f"{name('alpha_rank_scale')} must be a finite number > 0, got {alpha!r}; pass e.g. 1.0 "
+                             "(the paper's)")
         return self
 
     def for_family(self, family: str) -> TLoRASettings:
         """These settings on a model of `family` (filled in when unknown; refused when another)."""
         if self.family not in (None, family):
             raise UsageError(f"trainer_class {self.trainer_class}: this T-LoRA was trained on {self.family}; "
-                             f"this is a {family} model")
+                             f"this is a {family} model: {OWN_FAMILY}")
         return replace(self, family=family)
 
     # -- our files -------------------------------------------------------------------------------
@@ -147,7 +149,8 @@ class TLoRASettings:
 def split_trainer_class(where: str, value: Any) -> dict[str, Any]:
     """'flux_tlora' -> family flux, timestep_dependent True."""
     if value not in TRAINER_CLASSES:
-        raise UsageError(f"{where}: trainer_class must be one of {', '.join(TRAINER_CLASSES)}, got {value!r}")
+        raise UsageError(f"{where}: trainer_class must be one of {', '.join(TRAINER_CLASSES)}, got {value!r}; pass one "
+                         "of them")
     family, kind = str(value).split("_", 1)
     return {"family": family, "timestep_dependent": kind == "tlora"}
 
@@ -163,7 +166,8 @@ def known_from_ours(values: dict[str, Any], where: str) -> dict[str, Any]:
     if values.get("trainer_class") is not None:
         split = split_trainer_class(where, values["trainer_class"])
         if known.get("family", split["family"]) != split["family"]:
-            raise UsageError(f"{where}: trainer_class {values['trainer_class']} does not match family {known['family']}")
+            raise UsageError(f"{where}: trainer_class {values['trainer_class']} does not match family "
+                             f"{known['family']}; fix one of them")
         known |= split
     return known
 
@@ -205,7 +209,8 @@ def known_from_overrides(overrides: dict[str, Any], where: str = "tlora.load") -
 def known_from_lycoris(config: dict[str, Any], rank: int, where: str) -> dict[str, Any]:
     """SimpleTuner's mask settings from a lycoris_config, with LyCORIS's defaults (as SimpleTuner reads them)."""
     if config.get("algo", "tlora") != "tlora":
-        raise UsageError(f"{where} holds LyCORIS algo {config.get('algo')!r}, not a T-LoRA (algo tlora)")
+        raise UsageError(f"{where} holds LyCORIS algo {config.get('algo')!r}, not a T-LoRA (algo tlora); pass a "
+                         "LyCORIS file with algo tlora")
     return {"trainer_type": "ortho_lora", "timestep_dependent": True, "rank_rule": "lycoris",
             "lora_rank": typed_value(where, "linear_dim", config.get("linear_dim") or rank, int),
             "min_rank": typed_value(where, "tlora_min_rank", config.get("tlora_min_rank", 1), int),

@@ -179,9 +179,13 @@ def prune(run: Path, keep_checkpoints: int | None, keep_states: int) -> None:
         remove(folder / RESUME_DIR)
 
 
-# -- checking, before any model loads --------------------------------------------------------------------
+# -- checking, before any model loads ------------------------------------------------------------------------------
+class NotResumable(Exception):
+    """Why a checkpoint's resume state cannot be used: a reason only; the caller says what to do about it."""
+
+
 def read_progress(path: Path) -> tuple[int, list[dict]]:
-    """(step, every process's data order) from progress.safetensors; UsageError when it is not one (each generator
+    """(step, every process's data order) from progress.safetensors; NotResumable when it is not one (each generator
     state is one a torch.Generator takes, each count of batches taken a whole number >= 0)."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -194,16 +198,16 @@ def read_progress(path: Path) -> tuple[int, list[dict]]:
     except Exception:  # safetensors' own error type, a missing key, a state no generator takes
         step, orders = -1, []  # refused just below, as a bad count is
     if step < 0 or not orders or any(type(o["taken"]) is not int or o["taken"] < 0 for o in orders):
-        raise UsageError(f"{path} is not a progress file of tlora's")
+        raise NotResumable(f"{path} is not a progress file of tlora's")
     return step, orders
 
 
 def read_manifest(state: Path) -> dict:
     path = state / MANIFEST_NAME
     if not path.is_file():
-        raise UsageError(f"{path} is missing (resume state written by an older tlora or another tool)")
+        raise NotResumable(f"{path} is missing (resume state written by an older tlora or another tool)")
     try:
-        manifest = read_json(path, "resume state", "")
+        manifest = read_json(path, "resume state", "start a new run")  # its words are replaced below
         files, weights = manifest["files"], manifest["weights"]
         ok = (manifest["format"] == MANIFEST_FORMAT and type(manifest["step"]) is int and isinstance(files, dict)
               and isinstance(weights["sha256"], str) and isinstance(weights["file"], str)
@@ -211,7 +215,7 @@ def read_manifest(state: Path) -> dict:
     except (UsageError, KeyError, TypeError):  # not UTF-8 JSON, not an object, keys missing or of other types
         ok = False
     if not ok:
-        raise UsageError(f"{path} is not a manifest of tlora's resume state")
+        raise NotResumable(f"{path} is not a manifest of tlora's resume state")
     return manifest
 
 
@@ -222,7 +226,7 @@ def _loads_safely(path: Path) -> object:
     try:
         return load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # the unpickler refuses anything but tensors and plain containers
-        raise UsageError(f"{path} is not a torch file of tensors and plain values (damaged, or a pickle that could "
+        raise NotResumable(f"{path} is not a torch file of tensors and plain values (damaged, or a pickle that could "
                          "run code, which is never loaded)") from None
 
 
@@ -238,7 +242,7 @@ def _check_rng_states(path: Path, states: object) -> None:
         np.random.RandomState().set_state(states["numpy_random_seed"])
         torch.Generator().set_state(states["torch_manual_seed"])
     except Exception:  # a missing key, a state of another shape or type
-        raise UsageError(f"{path} does not hold the RNG states accelerate saves") from None
+        raise NotResumable(f"{path} does not hold the RNG states accelerate saves") from None
 
 
 def _check_state(checkpoint: Path, weights: Path) -> None:
@@ -247,21 +251,21 @@ def _check_state(checkpoint: Path, weights: Path) -> None:
     state, step = checkpoint / RESUME_DIR, checkpoint_step(checkpoint)
     manifest = read_manifest(state)
     if manifest["weights"]["file"] != weights.name:
-        raise UsageError(f"{state / MANIFEST_NAME} is of a checkpoint whose weights are "
+        raise NotResumable(f"{state / MANIFEST_NAME} is of a checkpoint whose weights are "
                          f"{shown(manifest['weights']['file'])}, not {weights.name}")
     if manifest["step"] != step:
-        raise UsageError(f"{state / MANIFEST_NAME} is step {manifest['step']}'s, not {checkpoint.name}'s")
+        raise NotResumable(f"{state / MANIFEST_NAME} is step {manifest['step']}'s, not {checkpoint.name}'s")
     if manifest["weights"]["sha256"] != sha256(weights):
-        raise UsageError(f"{weights} is not the weights {state} was saved with (its digest differs)")
+        raise NotResumable(f"{weights} is not the weights {state} was saved with (its digest differs)")
     present = {p.name for p in state.iterdir()} - {MANIFEST_NAME}
     for name in sorted(present - set(manifest["files"])):
-        raise UsageError(f"{state / name} is not one of the checkpoint's files (its manifest does not list it)")
+        raise NotResumable(f"{state / name} is not one of the checkpoint's files (its manifest does not list it)")
     for name, digest in sorted(manifest["files"].items()):
         path = state / name
         if Path(name).name != name or not path.is_file():
-            raise UsageError(f"{path} is missing")
+            raise NotResumable(f"{path} is missing")
         if sha256(path) != digest:
-            raise UsageError(f"{path} is not the file {checkpoint.name} saved (damaged, or another checkpoint's: its "
+            raise NotResumable(f"{path} is not the file {checkpoint.name} saved (damaged, or another checkpoint's: its "
                              "digest differs from its manifest's)")
     for name in sorted(manifest["files"]):
         if name.endswith(PICKLES):
@@ -269,13 +273,13 @@ def _check_state(checkpoint: Path, weights: Path) -> None:
             if name.startswith("random_states_"):
                 _check_rng_states(state / name, loaded)
     if PROGRESS_NAME not in manifest["files"]:
-        raise UsageError(f"{state / PROGRESS_NAME} is missing")
+        raise NotResumable(f"{state / PROGRESS_NAME} is missing")
     saved, orders = read_progress(state / PROGRESS_NAME)
     if saved != step:
-        raise UsageError(f"{state / PROGRESS_NAME} is of step {saved}, not {step}")
+        raise NotResumable(f"{state / PROGRESS_NAME} is of step {saved}, not {step}")
     for i in range(len(orders)):
         if f"random_states_{i}.pkl" not in manifest["files"]:
-            raise UsageError(f"{state / f'random_states_{i}.pkl'} is missing")
+            raise NotResumable(f"{state / f'random_states_{i}.pkl'} is missing")
 
 
 def why_not_resumable(checkpoint: Path) -> str | None:
@@ -290,7 +294,7 @@ def why_not_resumable(checkpoint: Path) -> str | None:
             return f"{checkpoint} has no resume state ({RESUME_DIR}/)"
         _check_state(checkpoint, weights)
         ckpt.tensors()  # floating point and finite
-    except UsageError as err:
+    except (UsageError, NotResumable) as err:
         return str(err)
     except OSError as err:
         return f"{checkpoint} cannot be read ({err.strerror or err})"

@@ -30,7 +30,7 @@ import torch
 
 from tlora import families
 from tlora.common.errors import CheckpointError
-from tlora.common.messages import AssumedSetting
+from tlora.common.messages import OWN_FAMILY, AssumedSetting
 from tlora.common.text_files import parse_json
 from tlora.common.values import shown
 from tlora.method.settings import (
@@ -223,7 +223,8 @@ def read(
     candidates = file_families(shapes, weights)
     sure = families.known_from_keys(shapes)  # None: FLUX.1's and FLUX.2's double blocks are named alike
     if family is not None and (family not in candidates or sure not in (None, family)):
-        raise CheckpointError(f"{weights} was trained on {sure or candidates[0]}; this is a {family} model")
+        raise CheckpointError(f"{weights} was trained on {sure or candidates[0]}; this is a {family} model: "
+                              f"{OWN_FAMILY}")
     fam = family or candidates[0]
     shapes = keys.without_adapters(shapes, families.get(fam).unused_adapter)
     check_shapes(shapes, weights)
@@ -241,7 +242,7 @@ def read(
     merged, sources = _merge(layers)
     if merged.get("family", fam) not in candidates:
         raise CheckpointError(f"{weights}: {sources['family']} says family {merged['family']}, but its keys are "
-                              f"{candidates[0]}'s")
+                              f"{candidates[0]}'s; {FIX.format(key='family')}")
     assumed = {}
     if "family" not in merged:
         merged["family"], sources["family"] = fam, DEFAULT

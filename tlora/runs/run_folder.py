@@ -105,7 +105,8 @@ class RunFolder:
             return weights
         if passed:
             newest, why = passed[0]
-            raise CheckpointError(f"no usable checkpoint in {self.path}: the newest, {newest.name}: {why}")
+            raise CheckpointError(f"no usable checkpoint in {self.path}: the newest, {newest.name}: {why} (or pass an "
+                                  "older checkpoint-N folder)")
         return None
 
     def moved_from(self, hparams: dict) -> str | None:

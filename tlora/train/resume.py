@@ -12,7 +12,7 @@ from pathlib import Path
 from tlora.common.errors import UsageError
 from tlora.common.messages import RUN_WRITABLE, note
 from tlora.common.values import shown
-from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, read_progress, why_not_resumable
+from tlora.runs.checkpoint_state import PROGRESS_NAME, RESUME_DIR, NotResumable, read_progress, why_not_resumable
 from tlora.runs.run_folder import RUN_INDEX, RunFolder, checkpoint_step
 from tlora.train.checks import training_items
 from tlora.train.loss_log import read_loss_log
@@ -151,7 +151,10 @@ def check(args: argparse.Namespace) -> None:
     if not os.access(run.path, os.W_OK | os.X_OK):
         raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; {RUN_WRITABLE} and resume there")
     progress = args.resume_checkpoint / RESUME_DIR / PROGRESS_NAME
-    _, orders = read_progress(progress)
+    try:
+        _, orders = read_progress(progress)
+    except NotResumable as err:  # checked by find(); read again here for its counts
+        raise UsageError(f"--resume_from_checkpoint: {err}; {or_new_run('resume from another checkpoint')}") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(orders) != world:
         raise UsageError(f"--resume_from_checkpoint: {run.name} was trained with {len(orders)} processes, not "

@@ -29,7 +29,7 @@ from tlora.common.commands import save_traceback
 from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line
 from tlora.common.files import write_failure
 from tlora.common.images import find_mask, list_images, training_images
-from tlora.common.messages import WRITABLE_FOLDER, note
+from tlora.common.messages import WRITABLE_FOLDER, note, resume_with
 from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
 from tlora.generate import generation
@@ -339,5 +339,6 @@ def _ended_early(trainer: Trainer, err: BaseException) -> BaseException:
         return Stopped(f"stopped at once at step {trainer.step_done}; {newest}; resume with "
                        f"--resume_from_checkpoint {trainer.folder}", signum)
     path = save_traceback(err, trainer.run.logs / "error.txt" if started else None)
+    fix = resume_with(trainer.folder) if started else "run the command again"
     return RunFailed(f"training failed at step {trainer.step_done}: {type(err).__name__}: {first_line(err)} "
-                     f"(traceback in {path}); {newest}")
+                     f"(traceback in {path}); {newest}; fix the cause, then {fix}")
