@@ -19,7 +19,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # One thread, here and in the processes the tests start: the tiny models gain nothing from more, and on a shared
 # 2-core machine two threads spin against each other (the fast tests took 90-160 s with two, 18-22 s with one).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"].split(",")[0] or 1))  # OpenMP also takes "4,2" (nested)
 
 
 # A one-line error names what is wrong (a --flag, a file or folder, the manifest) and says the fix: a clause that
