@@ -1,4 +1,4 @@
-"""The three CPU costs of issue 18, on SDXL's real architecture (random weights), printed as one JSON line each:
+"""The three CPU costs of the adapters, on SDXL's real architecture (random weights), printed as one JSON line each:
 
     python bench/adapter_cost.py step --resolution 128 --rank 64 --min_rank 32   # adapters' share of fwd+bwd
     python bench/adapter_cost.py compare --resolution 128 --steps 5             # the same, before and after in turn
@@ -89,7 +89,7 @@ def step(opts) -> dict:
 
 
 def before_apply(parts, x, mask):
-    """adapters.apply as it was before issue 18 (467e35b): one stacked down-projection, x converted to float32
+    """adapters.apply as it was in commit 467e35b: one stacked down-projection, x converted to float32
     first, the full mask."""
     from tlora.method.adapters import _gate_rank
 
@@ -109,7 +109,7 @@ def before_apply(parts, x, mask):
 
 def compare(opts) -> dict:
     """Before and after in one process, step by step in turn on the same timesteps: the frozen UNet, the
-    adapters as before issue 18 (`before_apply`, full mask), as now (`adapters.apply`, the mask cut at the last
+    adapters as in 467e35b (`before_apply`, full mask), as now (`adapters.apply`, the mask cut at the last
     active component on the CPU), and as now with the whole mask (what a GPU computes)."""
     import tlora.method.adapters as adapters
     from tlora.method.injection import MaskState, attach

@@ -237,7 +237,7 @@ def test_checkpoint_files_respect_the_umask(tmp_path):
     assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o600
 
 
-# -- issue 22: every bad value refused up front, every change to what was asked said -----------------------------
+# -- every bad value refused up front, every change to what was asked said --------------------------------------
 def write(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data if isinstance(data, bytes) else data.encode())

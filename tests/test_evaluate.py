@@ -11,10 +11,10 @@ from PIL import Image
 
 from tlora.evaluation import paper_protocol as protocol
 from tlora.evaluation.analysis import analyse_updates, analyze, effective_rank
-from tlora.evaluation.scoring import evaluate_samples
 from tlora.evaluation.manifest import Concept, Manifest
 from tlora.evaluation.metrics import mask_background, reference_images
 from tlora.evaluation.report import collect
+from tlora.evaluation.scoring import evaluate_samples
 from tlora.method.settings import TLoRASettings
 
 from helpers import make_image

@@ -1,6 +1,5 @@
 """inference.py and the public API on runs trained by train.py (tiny SDXL, CPU)."""
 
-import re
 
 import numpy as np
 import pytest
@@ -37,7 +36,7 @@ def pixels(path):
 
 
 @pytest.mark.slow
-def test_inference_tree_skip_replace_and_seeds(two_step_run):
+def test_inference_tree_skip_replace_and_seeds(two_step_run, capsys):
     samples = infer(two_step_run)
     version = samples / "version_0"
     assert sorted(p.name for p in version.iterdir()) == ["a sks riding a bike", "a sks swimming", "prompts.yaml"]
@@ -61,16 +60,18 @@ def test_inference_tree_skip_replace_and_seeds(two_step_run):
     infer(two_step_run, "--version", "1")
     assert np.array_equal(pixels(samples / "version_1" / "a sks riding a bike" / "2.png"), first)
 
-    # the pipeline's own size unless told, and recorded: a version folder never mixes sizes
-    assert (record["a sks riding a bike"]["height"], record["a sks riding a bike"]["width"]) == (None, None)
+    # the pipeline's own size unless told (64 px for the tiny SDXL), recorded; a prompt already done is kept, with a note
+    assert record["a sks riding a bike"]["size"] == [64, 64]
     small = infer(two_step_run, "--version", "2", "--height", "32", "--width", "48") / "version_2"
     assert Image.open(small / "a sks riding a bike" / "0.png").size == (48, 32)
-    argv = ["--config_path", str(two_step_run / "logs" / "hparams.yml"), "--checkpoint_idx", "2", "--prompts", PROMPTS,
-            "--num_inference_steps", "3", "--height", "32"]
-    made = "were made at height the pipeline's own, width the pipeline's own, not height 32, width the pipeline's own"
-    with pytest.raises(UsageError, match=re.escape(made + "; pass another --version")):
-        parse_inference(argv)
-    parse_inference(argv + ["--replace_inference_output"])  # or make them again
+    before = {p: p.stat().st_mtime_ns for p in bike.iterdir()}
+    capsys.readouterr()
+    infer(two_step_run, "--height", "32")
+    assert (f"note: {bike} is done and kept as it is, at 64x64; pass --replace_inference_output (or another "
+            "--version)") in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in bike.iterdir()} == before
+    infer(two_step_run, "--height", "64")  # the size it was made at: done, no note
+    assert "is done and kept" not in capsys.readouterr().err
 
 
 def test_inference_bad_input(two_step_run, capsys):
@@ -130,11 +131,12 @@ def test_a_config_beside_hparams_in_logs_reads_its_own_run(two_step_run, tmp_pat
     assert args.checkpoint == copy / "checkpoint-2"
 
 
-@pytest.mark.parametrize("step", ["²", "١٢", "02", "-2", "+2"])
+@pytest.mark.parametrize("step", ["²", "١٢", "-2", "+2", "2.0"])
 def test_checkpoint_idx_is_a_plain_step_number(two_step_run, step):
+    argv = ["--config_path", str(two_step_run / "logs" / "hparams.yml"), "--prompts", "a {0}"]
     with pytest.raises(UsageError, match="--checkpoint_idx must be a step number"):
-        parse_inference(["--config_path", str(two_step_run / "logs" / "hparams.yml"), "--checkpoint_idx", step,
-                              "--prompts", "a {0}"])
+        parse_inference(argv + ["--checkpoint_idx", step])
+    assert parse_inference(argv + ["--checkpoint_idx", "02"]).checkpoint == two_step_run / "checkpoint-2"
 
 
 def test_sizes_are_multiples_of_the_familys_latent_pixels():
@@ -145,3 +147,13 @@ def test_sizes_are_multiples_of_the_familys_latent_pixels():
                                          "pass e.g. 64"):
         image_size(("--height", "--width"), 72, None, 16)  # FLUX, klein: 8 times the 2 x 2 packing
     assert image_size(("--height", "--width"), None, None, 16) == {}  # the pipeline's own
+
+
+def test_a_loose_config_in_a_folder_named_logs_uses_its_recorded_run(two_step_run, tmp_path):
+    """Only a run's own logs/ folder means that run: a folder named logs elsewhere holds loose configs."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "dog.yml").write_text((two_step_run / "logs" / "hparams.yml").read_text())
+    with pytest.warns(UserWarning, match="is not in a run's logs/ folder: reading the run its output_dir records"):
+        args = parse_inference(["--config_path", str(tmp_path / "logs" / "dog.yml"), "--checkpoint_idx", "2",
+                                "--prompts", "a {0}"])
+    assert args.checkpoint == two_step_run / "checkpoint-2"

@@ -102,7 +102,7 @@ class Messages:
         such parameter's default."""
         for name, defs in self.functions.items():
             for module, func in defs:
-                fixes = [arg.arg for arg in func.args.args if FIX_PARAMETER.fullmatch(arg.arg)]
+                fixes = [arg.arg for arg in func.args.args + func.args.kwonlyargs if FIX_PARAMETER.fullmatch(arg.arg)]
                 if not fixes:
                     continue
                 defaults = _defaults(func)
@@ -214,7 +214,8 @@ def _file(dotted: str, trees: dict) -> str | None:
 def _defaults(func: ast.FunctionDef) -> dict[str, ast.expr]:
     """`func`'s parameters that have a default, with it."""
     params, defaults = [arg.arg for arg in func.args.args], func.args.defaults
-    return dict(zip(params[len(params) - len(defaults):], defaults))
+    keyword_only = {arg.arg: value for arg, value in zip(func.args.kwonlyargs, func.args.kw_defaults) if value}
+    return dict(zip(params[len(params) - len(defaults):], defaults)) | keyword_only
 
 
 def _bind(call: ast.Call, func: ast.FunctionDef) -> dict[str, ast.expr]:

@@ -1,4 +1,4 @@
-"""Every bad value is refused up front (issue 22): the estimator's numbers and model folders, the benchmark's
+"""Every bad value is refused up front: the estimator's numbers and model folders, the protocol's
 manifest, the evaluate command's inputs, and the checks train.py and inference.py run before any model loads
 (a VAE of another family, prompts a text encoder cuts). Each error is one helpful line (conftest.one_line_error)."""
 
@@ -13,8 +13,8 @@ import yaml
 from tlora.common.commands import run_command
 from tlora.common.messages import Note, note
 from tlora.common.values import shown
+from tlora.evaluation import paper_protocol as protocol
 from tlora.evaluation import scoring
-from tlora.evaluation import paper_protocol as benchmark
 from tlora.families.model_checks import check_vae, long_prompts
 from tlora.train import estimator
 
@@ -133,7 +133,7 @@ def test_estimate_reads_a_cached_hub_models_configs(tiny_sdxl, fake_cache, capsy
                    "unet/config.json is not valid JSON at line 1; pass a model folder in diffusers layout")
 
 
-# -- python -m tlora.benchmark: the manifest -----------------------------------------------------------------
+# -- python -m tlora.protocol: the manifest -------------------------------------------------------------------
 @pytest.fixture
 def manifest(tmp_path, tiny_sdxl):
     """A whole manifest (dict), with its concept image, method config and evaluation models (folders with a
@@ -158,7 +158,7 @@ def run_manifest(tmp_path, content) -> int:
         path.write_bytes(content)
     else:
         path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
-    return benchmark.main([str(path)])
+    return protocol.main([str(path)])
 
 
 @pytest.mark.parametrize("content, message", [

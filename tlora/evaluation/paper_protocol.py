@@ -138,7 +138,6 @@ def generate_job(
     try:
         for name, templates in {"base": [BASE_PROMPT], **groups}.items():
             size = generation.image_size(("height", "width"), m.height, m.width, family.resolution_multiple)
-            generation.check_same_size(folder, size)  # a resumed protocol run whose manifest changed the size
             cfg = generation.Sampling(m.placeholder_token, concept.class_name, folder, m.images[name], 1, steps,
                                       guidance, m.seed, call_kwargs=family.call_kwargs(hp) | size)
             generation.run(pipe, templates, cfg, str(checkpoint))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write
+from tlora.common.messages import note
 from tlora.common.safe_names import is_safe, safe_component
 from tlora.common.text_files import load_yaml, read_text
 
@@ -37,23 +38,16 @@ def image_size(flags: tuple[str, str], height: int | None, width: int | None, mu
     return {key: value for key, value in zip(SIDES, (height, width)) if value is not None}
 
 
-def check_same_size(folder: Path, size: dict[str, int]) -> None:
-    """The samples already in a version folder were made at the size asked for (a side not given: the pipeline's
-    own); one line otherwise, before any model loads, so that a folder never mixes sizes."""
-    asked = {side: size.get(side) for side in SIDES}
-    for name, entry in read_record(folder).items():
-        made = {side: entry.get(side) for side in SIDES}
-        if made != asked:
-            raise UsageError(f"--height/--width: the samples in {folder / name} were made at {_size_text(made)}, not "
-                             f"{_size_text(asked)}; pass another --version, or --replace_inference_output to make "
-                             "them again")
-
-
-def _size_text(size: dict[str, int | None]) -> str:
-    return ", ".join(f"{side} {size[side] or PIPELINE_OWN}" for side in SIDES)
-
-
-PIPELINE_OWN = "the pipeline's own"
+def other_size(entry: dict, size: dict[str, int]) -> str | None:
+    """"WxH" of a prompt folder's images when its record says they were made at another size than the one asked
+    for (only a size asked for explicitly is compared: the pipeline's own is known once it has run)."""
+    made = entry.get("size")
+    if not (isinstance(made, list) and len(made) == 2) or not size:
+        return None
+    width, height = made
+    if size.get("width", width) == width and size.get("height", height) == height:
+        return None
+    return f"{width}x{height}"
 
 
 def prompt_seed(template: str, batch_index: int, seed: int) -> int:
@@ -175,6 +169,9 @@ def run(pipe, templates: list[str], cfg: Sampling, checkpoint: str = "", progres
     record = read_record(cfg.folder)
     for template, folder in cfg.prompt_folders(templates, record).items():
         if not cfg.replace and is_done(folder, template, record, cfg.num_images_per_prompt):
+            if made := other_size(record.get(folder.name, {}), {k: v for k, v in cfg.call_kwargs.items() if k in SIDES}):
+                note(f"{folder} is done and kept as it is, at {made}; pass --replace_inference_output (or another "
+                     "--version) to make it at the size asked for")
             if progress is not None:
                 progress.update(cfg.num_images_per_prompt)
             continue
@@ -184,7 +181,7 @@ def run(pipe, templates: list[str], cfg: Sampling, checkpoint: str = "", progres
         record[folder.name] = {
             "prompt": template, "text": cfg.text(template), "seeds": seeds, "num_images": len(images),
             "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-            "checkpoint": str(checkpoint), **{side: cfg.call_kwargs.get(side) for side in SIDES},
+            "checkpoint": str(checkpoint), "size": list(images[0].size),
         }
         atomic_write(record_path, yaml.safe_dump(record, sort_keys=False, allow_unicode=True).encode())
         if progress is not None:

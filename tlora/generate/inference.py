@@ -21,7 +21,7 @@ from tlora.families.model_checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
-from tlora.generate.generation import check_same_size, image_size
+from tlora.generate.generation import image_size
 from tlora.runs.reading import read
 from tlora.runs.run_folder import RunFolder, read_hparams
 from tlora.runs.weights import WEIGHTS_NAMES
@@ -64,8 +64,9 @@ def run_of_config(config_path: Path, hparams: dict) -> tuple[RunFolder, bool]:
     nothing else is looked at (a moved or copied run is read, and written to, where it is); only a loose hparams.yml
     (not in a logs/ folder) names its run by the output_dir it records, as the authors' tool reads it."""
     config = Path(os.path.abspath(config_path))
-    if config.parent.name == "logs":  # RUN/logs/hparams.yml, or another file kept beside it
-        return RunFolder(config.parent.parent), False
+    run = RunFolder(config.parent.parent)
+    if config.parent.name == "logs" and (RunFolder.at(run.path) or run.checkpoints()):  # a run's logs/ folder
+        return run, False
     recorded = hparams.get("output_dir")
     if not recorded or not Path(recorded).is_dir():
         what = f"the output_dir it records, {recorded}, is not a folder" if recorded else "it records no output_dir"
@@ -82,7 +83,7 @@ PASS_STEP = "pass the N of one of the run's checkpoint-N folders"
 def checkpoint_folder(run: RunFolder, checkpoint_idx: str | None) -> Path:
     """checkpoint-N of the run (or the run folder itself), which must hold weights (that they are a regular file is
     read's check): one line naming the path otherwise, never another folder's weights."""
-    if checkpoint_idx is not None and not re.fullmatch(r"0|[1-9][0-9]*", checkpoint_idx):
+    if checkpoint_idx is not None and not re.fullmatch(r"[0-9]+", checkpoint_idx):  # ASCII digits: checkpoint-int(N)
         raise UsageError(f"--checkpoint_idx must be a step number (N of checkpoint-N), got {shown(checkpoint_idx)}; "
                          f"{PASS_STEP}")
     folder = run.checkpoint(checkpoint_idx) if checkpoint_idx is not None else run.path
@@ -161,8 +162,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_model_source("--pretrained_vae_model_name_or_path", vae, "config.json")
         check_vae("--pretrained_vae_model_name_or_path", vae, hp["pretrained_model_name_or_path"], hp["revision"])
     args.samples = family.samples_folder(args.checkpoint, args.num_inference_steps, args.guidance_scale, args.version)
-    if not args.replace_inference_output:
-        check_same_size(args.samples, args.size)
     check_writable(args.samples, "--config_path", f"the samples of {args.checkpoint} go to {args.samples}: make it "
                    "writable, or copy the run to a folder you can write to")
     if not loose and (old := run.moved_from(hparams)):  # said once the input is known to be good

@@ -42,7 +42,7 @@ from tlora.common.errors import RunFailed, UsageError
 from tlora.common.files import atomic_write, check_writable, is_write_failure, write_failure
 from tlora.common.flags import Parser
 from tlora.common.messages import NEW_PATH, note
-from tlora.common.values import shown
+from tlora.common.values import check_count, shown
 from tlora.families.base import Target
 from tlora.method.adapters import PARAMS, branches, factors
 from tlora.method.settings import TLoRASettings
@@ -304,8 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.active_at = parse_mask(args.mask)
     if args.active_at is not None and args.active_at > 999:
         raise UsageError(f"--mask timestep:{args.active_at}: T must be in 0..999; pass a T from 0 to 999")
-    if args.rank is not None and args.rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {args.rank}; pass 1 or more")
+    if args.rank is not None:
+        check_count("--rank", args.rank)
     if args.format in ("authors", "diffusers-scheduled") and (args.rank is not None or args.mask != "full"):
         raise UsageError(f"--format {args.format} keeps the T-LoRA whole: drop --mask and --rank")
     args.ckpt = read(args.checkpoint, args.config_path, quiet=True, trainer_class=args.trainer_class,

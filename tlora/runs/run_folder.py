@@ -12,7 +12,6 @@ import secrets
 import shutil
 import socket
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -70,9 +69,8 @@ class RunFolder:
     def loss_log(self) -> Path:
         return self.logs / "loss.csv"
 
-    @cached_property
     def lock(self) -> RunLock:
-        """The run's lock (one per RunFolder value, so that it knows whether this process holds it)."""
+        """A new lock object for the run (it knows whether it holds the lock once it has acquired it)."""
         return RunLock(self.path)
 
     def checkpoint(self, step: int | str) -> Path:

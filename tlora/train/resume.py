@@ -147,7 +147,7 @@ def check(args: argparse.Namespace) -> None:
     if args.resume_checkpoint is None:
         return
     run = RunFolder(args.resume_checkpoint.parent)
-    run.lock.check()
+    run.lock().check()
     if not os.access(run.path, os.W_OK | os.X_OK):
         raise UsageError(f"--resume_from_checkpoint: cannot write in {run}; {RUN_WRITABLE} and resume there")
     progress = args.resume_checkpoint / RESUME_DIR / PROGRESS_NAME

@@ -280,7 +280,7 @@ def open_run(opts: TrainOptions, accelerator: Accelerator, resume_from: Path | N
     if accelerator.is_main_process:
         folder = [create_run_folder(opts) if resume_from is None else resume_from.parent]
         run = RunFolder(folder[0])
-        lock = run.lock.acquire()
+        lock = run.lock().acquire()
         try:
             if resume_from is not None and (old := run.moved_from(run.hparams())):
                 note(f"{folder[0].name} was written in {old}; resuming it where it is, {folder[0]}")
