@@ -67,7 +67,7 @@ def fwd_bwd(model, dtype: torch.dtype, resolution: int, adapters: bool, tlora) -
 
 
 def step(opts) -> dict:
-    from tlora.method.injection import attach
+    from tlora.families import attach
 
     out = {}
     for name in opts.precisions.split(","):
@@ -112,7 +112,8 @@ def compare(opts) -> dict:
     adapters as in 467e35b (`before_apply`, full mask), as now (`adapters.apply`, the mask cut at the last
     active component on the CPU), and as now with the whole mask (what a GPU computes)."""
     import tlora.method.adapters as adapters
-    from tlora.method.injection import MaskState, attach
+    from tlora.families import attach
+    from tlora.method.injection import MaskState
 
     current, set_timestep = adapters.apply, MaskState.set_timestep
     variants = {"before": (before_apply, False), "after": (current, True), "after_whole_mask": (current, False)}
@@ -149,7 +150,7 @@ def _uncut(set_timestep):
 
 
 def init(opts) -> dict:
-    from tlora.method.injection import attach
+    from tlora.families import attach
 
     model = unet(torch.float32)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from sdxl_architecture import UNET
 
 import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
-from tlora.method.injection import attach
+from tlora.families import attach
 from tlora.method.settings import TLoRASettings
 
 

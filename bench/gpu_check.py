@@ -133,7 +133,7 @@ def _source(name: str) -> str:
 
 def inference_case(pipe, resolution: int, steps: int) -> dict:
     """A T-LoRA attached to the SDXL pipeline (fp16 on a GPU), one image at `resolution`, `steps` denoising steps."""
-    from tlora.method.injection import attach
+    from tlora.families import attach
     from tlora.method.settings import TLoRASettings
 
     pipe.to("cuda" if CUDA else "cpu", torch.float16 if CUDA else torch.float32)

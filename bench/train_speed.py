@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from tlora import families  # noqa: E402
+from tlora.families import attach  # noqa: E402
 from tlora.families.pipelines import DTYPES, load_pipeline  # noqa: E402
-from tlora.method.injection import attach  # noqa: E402
 from tlora.method.settings import TLoRASettings  # noqa: E402
 from tlora.train.options import parse_args  # noqa: E402
 from tlora.train.timing import SectionTimer  # noqa: E402

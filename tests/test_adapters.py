@@ -198,16 +198,14 @@ def test_batched_orthogonal_starts_equal_one_svd_each_and_attach_draws_in_order(
         assert torch.equal(q, u[start[0]:start[0] + 4]) and torch.equal(p, vh[:, start[1]:start[1] + 4])
         assert torch.equal(lam, s[None, start[2]:start[2] + 4])
 
-    from tlora.families import SDXL
-    from tlora.families.base import get_module
-    from tlora.method.injection import attach
+    from tlora.families import SDXL, attach
     from tlora.method.settings import TLoRASettings
 
     torch.manual_seed(3)
     state = attach(unet, TLoRASettings("ortho_lora", 4, 2, family="sdxl")).state_dict()
     torch.manual_seed(3)
     for layer in SDXL.layers(unet):
-        linear = get_module(unet, layer.path)
+        linear = unet.get_submodule(layer.path)
         rank = min(4, linear.in_features, linear.out_features)
         one = started(linear.in_features, linear.out_features, rank)
         for name, value in one.state_dict().items():

@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tlora.method.injection import attach
+from tlora.families import attach
 from tlora.method.settings import TLoRASettings
 from tlora.runs.keys import infer_rank, infer_trainer_type
 from tlora.runs.weights import WEIGHTS_NAME, save_weights

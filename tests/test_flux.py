@@ -15,7 +15,7 @@ from PIL import Image
 
 import tlora
 from tlora.common.errors import CheckpointError
-from tlora.method.injection import attach
+from tlora.families import attach
 from tlora.method.settings import TLoRASettings
 from tlora.train.conditioning import Conditioning
 from tlora.train.trainer import diffusion_loss

@@ -10,7 +10,10 @@ from helpers import REPO
 
 # The stages, lowest first: a module imports only from its own stage or the ones before it (anywhere in the file,
 # lazy imports included); the top-level modules (the package API and the commands) may import any stage.
-STAGES = ("common", "families", "method", "runs", "interop", "generate", "train", "evaluation")
+STAGES = ("common", "method", "families", "runs", "interop", "generate", "train", "evaluation")
+# The one import left that points up: the settings type still asks the families for their rounding rule, their
+# trainer_class names and their authors' hparams keys (to move out of the method with the families' formats).
+KNOWN_UPWARD = {"tlora.method.settings -> tlora.families"}
 ENTRY_POINTS = ("analyze", "benchmark", "cli", "demo", "estimate", "evaluate", "export", "protocol", "tiny")  # python -m tlora.X
 
 
@@ -46,8 +49,8 @@ def stage(module: str) -> int:
 def test_imports_only_point_down():
     modules = [str(p.relative_to(REPO))[:-3].replace("/", ".").removesuffix(".__init__")
                for p in (REPO / "tlora").rglob("*.py")]
-    upward = [f"{m} -> {t}" for m in modules for t in imports(m) if stage(t) > stage(m)]
-    assert len(modules) > 40 and upward == []
+    upward = {f"{m} -> {t}" for m in modules for t in imports(m) if stage(t) > stage(m)}
+    assert len(modules) > 40 and upward == KNOWN_UPWARD  # the method knows no model, but for KNOWN_UPWARD
 
 
 def test_import_tlora_loads_no_entry_point():

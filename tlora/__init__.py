@@ -14,10 +14,11 @@ class _TorchvisionFallbackNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
 
 from tlora.common.messages import AssumedSetting
+from tlora.families import attach
 from tlora.generate.api import load, set_scale, unload
 from tlora.generate.scheduled import scheduled
 from tlora.method.adapters import LoRAAdapter, OrthoLoRAAdapter, active_rank, rank_mask
-from tlora.method.injection import TLoRA, attach, attached
+from tlora.method.injection import TLoRA, attached
 from tlora.method.settings import TLoRASettings
 from tlora.runs.reading import Checkpoint, read
 

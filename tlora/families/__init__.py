@@ -52,6 +52,11 @@ def known_from_keys(keys) -> str | None:
     return owners[0] if len(owners) == 1 else distinct[0] if len(distinct) == 1 else None
 
 
+def attach(pipe_or_model: Any, settings, init: bool = True, svd_device=None):
+    """A fresh T-LoRA on a pipeline's denoiser (or the denoiser itself), of whichever family it is (tlora.attach)."""
+    return of_model(pipe_or_model).attach(pipe_or_model, settings, init, svd_device)
+
+
 def denoiser(pipe_or_model: Any) -> nn.Module:
     """The UNet or transformer of a pipeline (or the denoiser itself)."""
     return of_model(pipe_or_model).model(pipe_or_model)

@@ -16,16 +16,7 @@ from torch import nn
 
 from tlora.common.hub import model_load_error
 from tlora.common.mapped import FilePages
-
-
-class Layer(NamedTuple):
-    """One adapter of a family: its checkpoint key prefix, the Linear it adapts, and which of that Linear's
-    output rows (None: all; (start, stop): one projection inside a fused layer, e.g. FLUX.2's q, k, v in
-    `to_qkv_mlp_proj`). path None marks an adapter the authors create (drawing random numbers) but never use."""
-
-    prefix: str
-    path: str | None
-    rows: tuple[int, int] | None = None
+from tlora.method.denoiser import DenoiserSpec, Layer, projections_fused
 
 
 class Target(NamedTuple):
@@ -93,7 +84,21 @@ class Family:
     def fused(cls, attention: nn.Module) -> bool:
         """Whether an attention module computes q, k, v through a fused layer (diffusers'
         fuse_qkv_projections), bypassing the separate projections that the adapters are hooked on."""
-        return bool(getattr(attention, "fused_projections", False))
+        return projections_fused(attention)
+
+    @classmethod
+    def describe(cls, model: nn.Module) -> DenoiserSpec:
+        """This family's denoiser `model` as the method is told about it."""
+        return DenoiserSpec(tuple(cls.layers(model)), cls.timestep_arg, cls.diffusion_t, cls.fused)
+
+    @classmethod
+    def attach(cls, pipe_or_model: Any, settings, init: bool = True, svd_device: torch.device | str | None = None):
+        """A fresh T-LoRA on this family's denoiser (of a pipeline, or the denoiser itself): method.injection.attach
+        told which layers and how the timestep maps to t."""
+        from tlora.method.injection import attach
+
+        model = cls.model(pipe_or_model)
+        return attach(model, settings.for_family(cls.name), cls.describe(model), init, svd_device)
 
     # -- settings and files of this family's other tools -------------------------------------------------
     @classmethod
@@ -286,12 +291,6 @@ def load_vae(name: str | None, dtype: torch.dtype):
         return AutoencoderKL.from_pretrained(name, dtype=dtype)
     except OSError as err:  # not found, no network, no access: the user's input, not a bug
         raise model_load_error("--pretrained_vae_model_name_or_path", name, err) from None
-
-
-def get_module(root: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
 
 
 @contextmanager

@@ -15,7 +15,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from torch import nn
 
 from tlora.common.values import typed_value
-from tlora.families.base import Family, Layer, Target
+from tlora.families.base import Family, Target
+from tlora.method.denoiser import Layer
 
 DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
 SINGLE = re.compile(r"^single_transformer_blocks\.\d+\.attn$")

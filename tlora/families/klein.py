@@ -19,8 +19,8 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from torch import nn
 
-from tlora.families.base import Layer
 from tlora.families.flux import FLUX, QKV, Target, bfl_double_targets, flow_matching_noisy, fused_single_targets
+from tlora.method.denoiser import Layer
 
 FUSED = "to_qkv_mlp_proj"
 IN_FUSED = {proj: f"to_qkv_mlp_{proj[-1]}_lora" for proj in QKV}  # to_q -> to_qkv_mlp_q_lora

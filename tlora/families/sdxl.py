@@ -9,7 +9,8 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from tlora.families.base import Family, Layer
+from tlora.families.base import Family
+from tlora.method.denoiser import Layer
 
 PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
 

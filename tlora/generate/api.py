@@ -23,7 +23,7 @@ from tlora import families
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.messages import OWN_FAMILY
 from tlora.common.values import shown
-from tlora.method.injection import TLoRA, attach, attached
+from tlora.method.injection import TLoRA, attached
 from tlora.method.settings import known_from_overrides
 from tlora.runs.lycoris import load_lycoris
 from tlora.runs.reading import DEFAULT, Checkpoint, read
@@ -45,7 +45,8 @@ def load(
     """
     check_scale(scale)
     check_keywords(overrides)
-    model, family = families.denoiser(pipe_or_denoiser), families.of_model(pipe_or_denoiser).name
+    recipe = families.of_model(pipe_or_denoiser)
+    model, family = recipe.model(pipe_or_denoiser), recipe.name
     scheduler = getattr(pipe_or_denoiser, "scheduler", None)
     timesteps = scheduler.config.num_train_timesteps if scheduler is not None else None
     if isinstance(checkpoint, Checkpoint):
@@ -59,9 +60,9 @@ def load(
         settings = ckpt.settings
     tensors = ckpt.tensors()  # read (and checked) before anything is attached
     if ckpt.lycoris:  # SimpleTuner / LyCORIS: LyCORIS rebuilds the frozen start from the model's weights
-        tlora = load_lycoris(model, tensors, settings, str(ckpt.path))
+        tlora = load_lycoris(model, tensors, settings, recipe.describe(model), str(ckpt.path))
     else:
-        tlora = attach(model, settings, init=False)
+        tlora = recipe.attach(model, settings, init=False)
         try:
             tlora.load_state_dict(tensors)
         except (KeyError, ValueError) as err:

@@ -1,2 +1,2 @@
 """T-LoRA itself: the rank schedule and its mask, the adapters and their update (adapters), the settings type
-(settings), and attaching adapters to a denoiser by hooks (injection)."""
+(settings), how a denoiser is described to it (denoiser), and attaching adapters to it by hooks (injection)."""

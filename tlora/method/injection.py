@@ -1,13 +1,13 @@
-"""Attaching T-LoRA adapters to a diffusers denoiser (SDXL UNet, FLUX.1 or FLUX.2 transformer) without touching its
-modules or attention processors.
+"""Attaching T-LoRA adapters to a diffusers denoiser (a UNet or a transformer) without touching its modules or
+attention processors. Which Linears, and how the timestep reaches the paper's t, the caller says (DenoiserSpec).
 
-Each adapted projection Linear (which ones: the model's family, see families/) gets the adapter as a
+Each adapted projection Linear (DenoiserSpec.layers) gets the adapter as a
 submodule (`timestep_adapter`, so that `.to()`, DDP and optimizers see it) and a forward hook that adds the
 adapter's output. Nothing is replaced, so SDPA, flash or xformers processors keep running, and other LoRAs
 loaded with diffusers/peft (before or after; their layers wrap the Linear as `base_layer`) apply alongside
 and unload on their own. A forward pre-hook on the denoiser reads the timestep it is called with, turns it
-into T-LoRA's t (the family knows the scale) and sets the rank mask for that call, so any pipeline of the
-family and any scheduler gets the right mask at every step, per sample.
+into T-LoRA's t (DenoiserSpec.paper_t) and sets the rank mask for that call, so any pipeline and any scheduler
+gets the right mask at every step, per sample.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from torch import nn
 
 from tlora.common.errors import UsageError
 from tlora.common.messages import ALREADY_ATTACHED
-from tlora.families import Family, of_model
-from tlora.families.base import get_module
 from tlora.method.adapters import as_saved, draw_base, make_adapter, orthogonal_starts
+from tlora.method.denoiser import DenoiserSpec
 from tlora.method.settings import TLoRASettings
 
 
@@ -68,7 +67,7 @@ def attention_of(model: nn.Module, path: str) -> nn.Module | None:
     """The attention module (one that can fuse its projections) holding the Linear at `path`, if any."""
     parts = path.split(".")
     for end in range(len(parts) - 1, 0, -1):
-        module = get_module(model, ".".join(parts[:end]))
+        module = model.get_submodule(".".join(parts[:end]))
         if hasattr(module, "fuse_projections"):
             return module
     return None
@@ -121,9 +120,9 @@ class _AddAdapter:
 class TLoRA:
     """The adapters attached to one denoiser: their settings, parameters, checkpoint keys, scale, and `unload()`."""
 
-    def __init__(self, denoiser: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]]) -> None:
-        self.denoiser, self.state, self.layers = denoiser, state, layers
-        self.family: type[Family] = of_model(denoiser)
+    def __init__(self, denoiser: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]],
+                 spec: DenoiserSpec) -> None:
+        self.denoiser, self.state, self.layers, self.spec = denoiser, state, layers, spec
         self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(denoiser, path))}.values())
         self.check_usable()
         self._hook = denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
@@ -142,7 +141,7 @@ class TLoRA:
 
     def check_usable(self) -> None:
         """Refuse, in one line, a model state in which part of the T-LoRA would silently not apply."""
-        if any(self.family.fused(a) for a in self._attentions):
+        if any(self.spec.fused(a) for a in self._attentions):
             raise UsageError(FUSED)
         first = next(iter(self.layers.values()))[1]
         if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(first, ADAPTER, first).modules()):
@@ -150,10 +149,10 @@ class TLoRA:
 
     def _on_denoiser_call(self, denoiser: nn.Module, args: tuple, kwargs: dict) -> None:
         self.check_usable()
-        name, position = self.family.timestep_arg
+        name, position = self.spec.timestep_arg
         timestep = kwargs[name] if name in kwargs else args[position]
         device = timestep.device if torch.is_tensor(timestep) else next(iter(self.layers.values()))[1].weight.device
-        self.state.set_timestep(self.family.diffusion_t(torch.as_tensor(timestep, device=device)), device)
+        self.state.set_timestep(self.spec.paper_t(torch.as_tensor(timestep, device=device)), device)
 
     @property
     def adapters(self) -> dict[str, nn.Module]:
@@ -199,9 +198,10 @@ def attached(denoiser: nn.Module) -> TLoRA | None:
 
 
 def attach(
-    model: nn.Module, settings: TLoRASettings, init: bool = True, svd_device: torch.device | str | None = None
+    model: nn.Module, settings: TLoRASettings, spec: DenoiserSpec, init: bool = True,
+    svd_device: torch.device | str | None = None,
 ) -> TLoRA:
-    """Give every adapted projection of `model` (its family's layers) a fresh adapter (float32, on the
+    """Give every adapted projection of the denoiser `model` (spec.layers) a fresh adapter (float32, on the
     model's device); `init=False` leaves the start to a checkpoint. T-LoRA's random starts are drawn in order
     and decomposed together, batched by shape on `svd_device`.
 
@@ -210,20 +210,19 @@ def attach(
     authors make an adapter they never use (FLUX single blocks), a Vanilla one is made and dropped, to
     draw the same random numbers; an ortho_lora start, which they never make on FLUX, skips those.
     """
-    model = of_model(model).model(model)
     if attached(model) is not None:
         raise ValueError(ALREADY_ATTACHED)
-    settings = settings.for_family(of_model(model).name).validate()
+    settings = settings.validate()
     adapters: dict[str, tuple[str, nn.Module]] = {}
     width = None
     rows: dict[str, tuple[int, int]] = {}
     starts: list[tuple[nn.Module, torch.Tensor, int]] = []  # ortho_lora: (adapter, its random R, rank)
-    for layer in of_model(model).layers(model):
+    for layer in spec.layers:
         if layer.path is None:
             if init and settings.trainer_type == "lora" and width is not None:
                 make_adapter("lora", width, width, min(settings.lora_rank, width))
             continue
-        linear = base_linear(get_module(model, layer.path))
+        linear = base_linear(model.get_submodule(layer.path))
         width = linear.out_features if layer.rows is None else layer.rows[1] - layer.rows[0]
         rank = min(settings.lora_rank, linear.in_features, width)
         ortho = settings.trainer_type == "ortho_lora"
@@ -239,11 +238,11 @@ def attach(
         values = orthogonal_starts([b for _, b, _ in starts], [r for _, _, r in starts], settings.sig_type, svd_device)
         for (adapter, _, _), value in zip(starts, values):
             adapter.start(*value)
-    return attach_adapters(model, settings, adapters, rows)
+    return attach_adapters(model, settings, adapters, spec, rows)
 
 
 def attach_adapters(denoiser: nn.Module, settings: TLoRASettings, adapters: dict[str, tuple[str, nn.Module]],
-                    rows: dict[str, tuple[int, int]] | None = None) -> TLoRA:
+                    spec: DenoiserSpec, rows: dict[str, tuple[int, int]] | None = None) -> TLoRA:
     """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `denoiser`, adapter); `rows` names
     the output rows of the adapters that adapt part of a fused Linear (RowAdapters)."""
     if attached(denoiser) is not None:
@@ -252,7 +251,7 @@ def attach_adapters(denoiser: nn.Module, settings: TLoRASettings, adapters: dict
     layers: dict[str, tuple[str, nn.Linear]] = {}
     on_linear: dict[int, list[str]] = {}
     for prefix, (path, _) in adapters.items():
-        linear = base_linear(get_module(denoiser, path))
+        linear = base_linear(denoiser.get_submodule(path))
         layers[prefix] = (path, linear)
         on_linear.setdefault(id(linear), []).append(prefix)
     for prefixes in on_linear.values():
@@ -265,7 +264,7 @@ def attach_adapters(denoiser: nn.Module, settings: TLoRASettings, adapters: dict
             adapter = RowAdapters(linear.out_features, {p: (rows[p], adapters[p][1]) for p in prefixes})
         linear.add_module(ADAPTER, adapter.to(device))
     try:
-        return TLoRA(denoiser, MaskState(settings), layers)
+        return TLoRA(denoiser, MaskState(settings), layers, spec)
     except UsageError:
         for linear in {id(linear): linear for _, linear in layers.values()}.values():
             delattr(linear, ADAPTER)

@@ -23,6 +23,7 @@ from torch import nn
 from tlora.common.errors import UsageError
 from tlora.common.values import shown
 from tlora.method.adapters import OrthoLoRAAdapter
+from tlora.method.denoiser import DenoiserSpec
 from tlora.method.injection import TLoRA, attach_adapters
 from tlora.method.settings import TLoRASettings
 
@@ -109,10 +110,11 @@ def _without_full_collections():
         module.gc = original
 
 
-def load_lycoris(denoiser: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings,
+def load_lycoris(denoiser: nn.Module, weights: dict[str, torch.Tensor], settings: TLoRASettings, spec: DenoiserSpec,
                  where: str = "this LyCORIS file") -> TLoRA:
     """Attach a LyCORIS T-LoRA (its tensors, and the settings tlora.runs.reading read from its lycoris_config) to
-    `denoiser`: any of its Linear layers that the file names. `where` names the file in errors."""
+    `denoiser`: any of its Linear layers that the file names (spec: how its timestep reaches t). `where` names the
+    file in errors."""
     paths = {PREFIX + name.replace(".", "_"): name for name, m in denoiser.named_modules() if isinstance(m, nn.Linear)}
     modules = dict(denoiser.named_modules())
     groups = _groups(weights, where)
@@ -124,4 +126,4 @@ def load_lycoris(denoiser: nn.Module, weights: dict[str, torch.Tensor], settings
     with _without_full_collections():
         adapters = {prefix: (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
                     for prefix, params in groups.items()}
-    return attach_adapters(denoiser, settings, adapters)
+    return attach_adapters(denoiser, settings, adapters, spec)

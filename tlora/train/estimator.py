@@ -32,7 +32,6 @@ from tlora.common.values import check_finite, check_seed, shown
 from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
 from tlora.families.model_checks import cached_file
 from tlora.families.pipelines import DTYPES
-from tlora.method.injection import attach
 from tlora.method.settings import TLoRASettings
 from tlora.train.objective import diffusion_loss, make_optimizer
 from tlora.train.options import TrainOptions
@@ -121,7 +120,7 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     parts = {k: v for k, v in (pipe.components if real else vars(pipe)).items() if isinstance(v, nn.Module)}
     out: dict = {} if real else {"setup": _trace_setup(family, pipe, parts, opts)}
     autocast = dtype if opts.mixed_precision != "no" else None
-    tlora, optimizer = _train_state(opts, model, scheduler, autocast, real)
+    tlora, optimizer = _train_state(family, opts, model, scheduler, autocast, real)
     params = tlora.trainable_parameters()
     batch = conditioning(family, model, opts, dtype, torch.device("cpu" if real else "meta"))
     live = _tracked(parts, family.encoders(pipe), tlora, optimizer, batch)
@@ -172,13 +171,13 @@ def _empty_pipeline(name: str, dtype: torch.dtype, opts: TrainOptions):
                          f"{', '.join(ARCHITECTURES)}") from None
 
 
-def _train_state(opts: TrainOptions, model: nn.Module, scheduler, autocast: torch.dtype | None, real: bool):
+def _train_state(family, opts: TrainOptions, model: nn.Module, scheduler, autocast: torch.dtype | None, real: bool):
     """The adapters (no random start: the values do not matter here), gradient checkpointing as train.py sets it,
     and AdamW after one step (its moments exist in the steady state)."""
     settings = replace(TLoRASettings.from_hparams(vars(opts), "train.py"),
                        num_train_timesteps=scheduler.config.num_train_timesteps)
     with nullcontext() if real else init_empty_weights(include_buffers=False):
-        tlora = attach(model, settings, init=False)
+        tlora = family.attach(model, settings, init=False)
     params = tlora.trainable_parameters()
     if opts.gradient_checkpointing:  # diffusers' own; on meta with the kernels' mode in the recomputation too
         model.enable_gradient_checkpointing(None if real else partial(_checkpoint, autocast=autocast))

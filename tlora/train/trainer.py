@@ -34,7 +34,7 @@ from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
 from tlora.generate import generation
 from tlora.generate.generation import image_size
-from tlora.method.injection import TLoRA, attach
+from tlora.method.injection import TLoRA
 from tlora.method.settings import TLoRASettings
 from tlora.runs.checkpoint_state import RESUME_DIR, Progress
 from tlora.runs.reading import read
@@ -127,7 +127,7 @@ class Trainer:
         self.settings = replace(TLoRASettings.from_hparams(vars(opts), "train.py"),
                                 num_train_timesteps=self.scheduler.config.num_train_timesteps)
         fresh = self.adapter_state is None and self.resume_from is None
-        self.tlora: TLoRA = attach(self.family.model(self.pipe), self.settings, init=fresh, svd_device=self.device)
+        self.tlora: TLoRA = self.family.attach(self.pipe, self.settings, init=fresh, svd_device=self.device)
         if self.adapter_state is not None:
             self.tlora.load_state_dict(self.adapter_state)
         if self.resume_from is not None:
