@@ -177,7 +177,7 @@ def test_the_authors_flux_run_equals_their_tlora_at_every_timestep(flux_pipe, au
                           for i, c in enumerate(t.split(250))])
     loaded = tlora.load(flux_pipe, run / "checkpoint-10" / "lora.pt", run / "logs" / "hparams.yml")
     try:
-        assert loaded.settings.trainer_class == "flux_tlora" and loaded.settings.rule == "flux"
+        assert loaded.settings.trainer_class == "flux_tlora" and loaded.settings.rule == "multiply_first"
         with torch.no_grad():
             got = torch.cat([transformer(timestep=c / 1000, **_batch(len(c), i))[0] for i, c in enumerate(t.split(250))])
     finally:

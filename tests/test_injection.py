@@ -44,7 +44,7 @@ def test_the_method_attaches_to_any_denoiser_it_is_told_about():
         def forward(self, x, sigma):
             return self.blocks[0](x)
 
-    toy, settings = Toy(), TLoRASettings("lora", 4, 1, rank_rule="sdxl")
+    toy, settings = Toy(), TLoRASettings("lora", 4, 1, rank_rule="divide_first")
     spec = DenoiserSpec((Layer("blocks.0.proj_lora", "blocks.0"),), ("sigma", 1), lambda sigma: sigma * 1000)
     tl = attach_described(toy, settings, spec)
     assert list(tl.adapters) == ["blocks.0.proj_lora"]

@@ -45,7 +45,7 @@ def test_lycoris_tlora_gives_lycoris_output(tiny_sdxl, tmp_path, capsys, monkeyp
 
     ckpt = tlora.read(path)  # SimpleTuner's settings, read as SimpleTuner reads them
     assert ckpt.lycoris and ckpt.sources["min_rank"] == "the file's lycoris_config"
-    assert (ckpt.settings.lora_rank, ckpt.settings.min_rank, ckpt.settings.rule) == (4, 2, "lycoris")
+    assert (ckpt.settings.lora_rank, ckpt.settings.min_rank, ckpt.settings.rule) == (4, 2, "float64")
     fresh = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet").requires_grad_(False)
     with torch.no_grad():
         base = fresh(timestep=600, **inputs).sample

@@ -70,7 +70,7 @@ def test_the_hparams_files_the_authors_tools_wrote(name):
 def test_lycoris_config():
     known = known_from_lycoris({"algo": "tlora", "linear_dim": 16, "linear_alpha": 8, "tlora_min_rank": 4}, 16, "f")
     settings = TLoRASettings.from_known(known | {"family": "sdxl"})
-    assert (settings.min_rank, settings.alpha_rank_scale, settings.rule) == (4, 1.0, "lycoris")  # SimpleTuner's defaults
+    assert (settings.min_rank, settings.alpha_rank_scale, settings.rule) == (4, 1.0, "float64")  # SimpleTuner's defaults
     with pytest.raises(UsageError, match="algo 'lokr', not a T-LoRA"):
         known_from_lycoris({"algo": "lokr"}, 4, "f")
 
@@ -112,19 +112,19 @@ def test_each_tool_rounds_r_of_t_its_own_way():
     t = torch.arange(1000)
     for span in (0, 3, 31, 50, 63, 75, 127):  # 50 and 75 round differently somewhere in one of the rules
         theirs_flux = [authors.their_rank(float(x), span + 1, 1) for x in range(1000)]
-        assert active_rank(t, 1000, span + 1, 1, rule="flux").tolist() == theirs_flux
+        assert active_rank(t, 1000, span + 1, 1, rule="multiply_first").tolist() == theirs_flux
         sdxl = [int(((1000 - x) / 1000) ** 1.0 * span) + 1 for x in torch.arange(1000, dtype=torch.float32)]
-        assert active_rank(t, 1000, span + 1, 1, rule="sdxl").tolist() == sdxl  # their SDXL code, in float32
-    assert active_rank(160, 1000, 76, 1, rule="flux") == 64 != active_rank(160, 1000, 76, 1, rule="sdxl")
+        assert active_rank(t, 1000, span + 1, 1, rule="divide_first").tolist() == sdxl  # their SDXL code, in float32
+    assert active_rank(160, 1000, 76, 1, rule="multiply_first") == 64 != active_rank(160, 1000, 76, 1, rule="divide_first")
 
 
 def test_the_lycoris_rule_is_lycoris_own():
     lycoris = pytest.importorskip("lycoris.modules.tlora")
     for rank, min_rank, alpha in ((51, 1, 1.0), (64, 32, 1.0), (16, 1, 2.0)):
         expected = [int(lycoris.compute_timestep_mask(x, 1000, rank, min_rank, alpha).sum()) for x in range(1000)]
-        assert active_rank(torch.arange(1000), 1000, rank, min_rank, alpha, rule="lycoris").tolist() == expected
-    assert active_rank(420, 1000, 51, 1, rule="lycoris") != active_rank(420, 1000, 51, 1, rule="sdxl")
-    assert active_rank(999.7, 1000, 8, 1, rule="lycoris") == active_rank(999, 1000, 8, 1, rule="lycoris")  # int(t)
+        assert active_rank(torch.arange(1000), 1000, rank, min_rank, alpha, rule="float64").tolist() == expected
+    assert active_rank(420, 1000, 51, 1, rule="float64") != active_rank(420, 1000, 51, 1, rule="divide_first")
+    assert active_rank(999.7, 1000, 8, 1, rule="float64") == active_rank(999, 1000, 8, 1, rule="float64")  # int(t)
 
 
 @pytest.mark.parametrize("rule", list(RANK_RULES))

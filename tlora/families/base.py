@@ -46,7 +46,7 @@ class Family:
     gpu_dtype: str = "fp16"  # inference.py's dtype on CUDA
     # -- reading T-LoRAs of this family ---------------------------------------------------------
     key_prefixes: tuple[str, ...] = ()  # first word of its checkpoint keys (also LyCORIS's, "." -> "_")
-    rank_rule: str = "sdxl"  # how its authors round r(t) (adapters.RANK_RULES)
+    rank_rule: str = "divide_first"  # how its authors round r(t) (adapters.RANK_RULES)
     masked_by_default: bool = True  # the authors' default when nothing records the trainer_class
     masked_by_default_why: str = ""
     layer_kinds: dict[str, str] = {}  # kind of adapted layer -> label (analyze's plots)

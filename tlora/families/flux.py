@@ -50,7 +50,7 @@ class FLUX(Family):
     inference_steps, inference_guidance = 28, 3.5
     gpu_dtype = "bf16"  # as the authors' FLUX inference; FLUX overflows in fp16
     key_prefixes = ("transformer_blocks", "single_transformer_blocks")
-    rank_rule = "flux"
+    rank_rule = "multiply_first"  # the authors' FLUX code
     masked_by_default, masked_by_default_why = False, "no mask: the authors' FLUX default, without --tlora"
     layer_kinds = {"double-image": "double blocks, image stream", "double-text": "double blocks, text stream",
                    "single": "single blocks"}

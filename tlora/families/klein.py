@@ -38,7 +38,7 @@ class Klein(FLUX):
     train_defaults = {k: v for k, v in FLUX.train_defaults.items() if k != "guidance_scale"} | {
         "trainer_class": "klein_lora"}
     inference_steps, inference_guidance = 50, 4.0  # Flux2KleinPipeline's defaults (the base models)
-    rank_rule = "flux"  # one code path with FLUX.1
+    rank_rule = "multiply_first"  # one code path with FLUX.1
     masked_by_default_why = "no mask: without --tlora, as on FLUX.1"
     projections = {**FLUX.projections, **{key: proj for proj, key in IN_FUSED.items()}}
     export_formats = ("diffusers", "kohya", "diffusers-scheduled")

@@ -28,7 +28,7 @@ class SDXL(Family):
     }
     inference_steps, inference_guidance = 25, 5.0
     key_prefixes = ("down_blocks", "mid_block", "up_blocks")
-    rank_rule = "sdxl"
+    rank_rule = "divide_first"  # the authors' SDXL code
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask; the authors' SDXL runs record it"
     layer_kinds = {"self": "self-attention", "cross": "cross-attention"}
     projections = {key: proj for proj, key in PROJECTIONS.items()}

@@ -33,35 +33,36 @@ PARAMS = {
 SIG_TYPES = ("principal", "last", "middle")
 # How each tool rounds r(t); all equal the paper's formula, but float rounding makes int() differ at some t
 # (e.g. r - r_min = 75 at t = 160, r - r_min = 50 at t = 420), so each T-LoRA is masked as its tool masks it.
-RANK_RULES = {
-    "sdxl": "((T - t) / T) ** alpha * (r - r_min) in float32 (the authors' SDXL code)",
-    "flux": "(T - t) * (r - r_min) / T in float32 (the authors' FLUX code; alpha 1, else as sdxl)",
-    "lycoris": "int(t), then ((T - t) / T) ** alpha * (r - r_min) in float64, at most r (LyCORIS / SimpleTuner)",
+RANK_RULES = {  # named for their arithmetic; a family (or a file's tool) says which its T-LoRAs use
+    "divide_first": "((T - t) / T) ** alpha * (r - r_min) in float32 (the authors' SDXL code)",
+    "multiply_first": "(T - t) * (r - r_min) / T in float32 (the authors' FLUX code; alpha 1, else divide_first)",
+    "float64": "int(t), then ((T - t) / T) ** alpha * (r - r_min) in float64, at most r (LyCORIS / SimpleTuner)",
 }
+DEFAULT_RULE = "divide_first"
 
 
 def active_rank(
     timesteps: torch.Tensor | float, num_train_timesteps: int, max_rank: int, min_rank: int, alpha: float = 1.0,
-    rule: str = "sdxl",
+    rule: str = DEFAULT_RULE,
 ) -> torch.Tensor:
     """r(t) for each timestep (int64), computed exactly as the tool named by `rule` computes it (RANK_RULES)."""
     T, span = num_train_timesteps, max_rank - min_rank
     t = torch.as_tensor(timesteps)
-    if rule == "lycoris":
+    if rule == "float64":
         frac = (T - t.to(torch.float64).trunc()) / T
         ranks = ((frac if alpha == 1 else frac ** alpha) * span).to(torch.int64) + min_rank
         return ranks.clamp(max=max_rank)
     if rule not in RANK_RULES:
         raise ValueError(f"rank rule must be one of {', '.join(RANK_RULES)}, got {rule!r}")
     t = t.to(torch.float32)
-    if rule == "flux" and alpha == 1:
+    if rule == "multiply_first" and alpha == 1:
         return ((T - t) * span / T).to(torch.int64) + min_rank
     return (((T - t) / T) ** alpha * span).to(torch.int64) + min_rank
 
 
 def rank_mask(
     timesteps: torch.Tensor | float, num_train_timesteps: int, max_rank: int, min_rank: int, alpha: float = 1.0,
-    rule: str = "sdxl",
+    rule: str = DEFAULT_RULE,
 ) -> torch.Tensor:
     """0/1 float mask of shape (N, max_rank): row i keeps the first r(t_i) rank components."""
     return mask_of(active_rank(timesteps, num_train_timesteps, max_rank, min_rank, alpha, rule).reshape(-1), max_rank)

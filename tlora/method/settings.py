@@ -28,7 +28,7 @@ from tlora.common.messages import OWN_FAMILY, PASS_HPARAMS
 from tlora.common.values import check_count, shown, typed_value
 from tlora.families import FAMILIES
 from tlora.method import adapters
-from tlora.method.adapters import RANK_RULES, SIG_TYPES, TRAINER_TYPES
+from tlora.method.adapters import DEFAULT_RULE, RANK_RULES, SIG_TYPES, TRAINER_TYPES
 
 TRAINER_CLASSES = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("lora", "tlora"))
 RESULT_FIELDS = ("family", "trainer_type", "timestep_dependent", "lora_rank", "min_rank", "alpha_rank_scale")
@@ -68,7 +68,7 @@ class TLoRASettings:
     @property
     def rule(self) -> str:
         """The rounding rule of r(t): rank_rule, else the family's (its authors' code)."""
-        return self.rank_rule or (FAMILIES[self.family].rank_rule if self.family else "sdxl")
+        return self.rank_rule or (FAMILIES[self.family].rank_rule if self.family else DEFAULT_RULE)
 
     def active_rank(self, t: torch.Tensor | float) -> torch.Tensor | int:
         """r(t), how many rank components the mask keeps at timestep t, rounded as `rule` rounds it; lora_rank at
@@ -211,7 +211,7 @@ def known_from_lycoris(config: dict[str, Any], rank: int, where: str) -> dict[st
     if config.get("algo", "tlora") != "tlora":
         raise UsageError(f"{where} holds LyCORIS algo {config.get('algo')!r}, not a T-LoRA (algo tlora); pass a "
                          "LyCORIS file with algo tlora")
-    return {"trainer_type": "ortho_lora", "timestep_dependent": True, "rank_rule": "lycoris",
+    return {"trainer_type": "ortho_lora", "timestep_dependent": True, "rank_rule": "float64",
             "lora_rank": typed_value(where, "linear_dim", config.get("linear_dim") or rank, int),
             "min_rank": typed_value(where, "tlora_min_rank", config.get("tlora_min_rank", 1), int),
             "alpha_rank_scale": typed_value(where, "tlora_alpha", config.get("tlora_alpha", 1.0), float)}

@@ -5,7 +5,7 @@ from an SVD of the base model's weight (`TLoraModule.make_module_from_state_dict
 LyCORIS function on the same base layers and run the result through tlora's adapters, so the output is
 the one LyCORIS gives (to float rounding), under the mask SimpleTuner applies: max_rank = `linear_dim`,
 min_rank = `tlora_min_rank` (default 1), alpha = `tlora_alpha` (default 1), scale = linear_alpha / rank,
-and r(t) rounded as LyCORIS's compute_timestep_mask rounds it (rank rule "lycoris"). The settings are read by
+and r(t) rounded as LyCORIS's compute_timestep_mask rounds it (rank rule "float64"). The settings are read by
 tlora.runs.reading like every other file's.
 
 Keys are LyCORIS's own (a format of its own, so they are taken apart here, not in tlora.runs.keys):
