@@ -70,7 +70,8 @@ def test_the_hparams_files_the_authors_tools_wrote(name):
 def test_lycoris_config():
     known = known_from_lycoris({"algo": "tlora", "linear_dim": 16, "linear_alpha": 8, "tlora_min_rank": 4}, 16, "f")
     settings = TLoRASettings.from_known(known | {"family": "sdxl"})
-    assert (settings.min_rank, settings.alpha_rank_scale, settings.rule) == (4, 1.0, "float64")  # SimpleTuner's defaults
+    # SimpleTuner's defaults
+    assert (settings.min_rank, settings.alpha_rank_scale, settings.rule) == (4, 1.0, "float64")
     with pytest.raises(UsageError, match="algo 'lokr', not a T-LoRA"):
         known_from_lycoris({"algo": "lokr"}, 4, "f")
 
@@ -115,7 +116,8 @@ def test_each_tool_rounds_r_of_t_its_own_way():
         assert active_rank(t, 1000, span + 1, 1, rule="multiply_first").tolist() == theirs_flux
         sdxl = [int(((1000 - x) / 1000) ** 1.0 * span) + 1 for x in torch.arange(1000, dtype=torch.float32)]
         assert active_rank(t, 1000, span + 1, 1, rule="divide_first").tolist() == sdxl  # their SDXL code, in float32
-    assert active_rank(160, 1000, 76, 1, rule="multiply_first") == 64 != active_rank(160, 1000, 76, 1, rule="divide_first")
+    flux, sdxl_rule = (active_rank(160, 1000, 76, 1, rule=rule) for rule in ("multiply_first", "divide_first"))
+    assert flux == 64 != sdxl_rule
 
 
 def test_the_lycoris_rule_is_lycoris_own():
