@@ -111,7 +111,8 @@ def denoiser_seconds(trainer: Trainer, steps: int, adapters: bool) -> float:
         sync(trainer.device)
         start = time.perf_counter()
         with trainer.accelerator.autocast():
-            loss = diffusion_loss(trainer.model, trainer.pipe, trainer.scheduler, batch, trainer.weight_dtype, None)
+            loss = diffusion_loss(trainer.family, trainer.model, trainer.pipe, trainer.scheduler, batch,
+                                  trainer.weight_dtype, None)
         loss.backward()
         sync(trainer.device)
         times.append(time.perf_counter() - start)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import tlora
 from tlora.common.errors import CheckpointError
-from tlora.families import attach
+from tlora.families import FLUX, attach
 from tlora.method.settings import TLoRASettings
 from tlora.train.conditioning import Conditioning
 from tlora.train.trainer import diffusion_loss
@@ -50,14 +50,12 @@ def _transformer_inputs(transformer, seed=0):
 
 
 def test_integer_training_timesteps_come_back_exactly():
-    from tlora.families import FLUX
-
     t = torch.arange(1, 1001, dtype=torch.float32)
     assert torch.equal(FLUX.diffusion_t(t / 1000), t)
 
 
 def _conditioning(flux_pipe, image: Path, masks=None):
-    return Conditioning(flux_pipe, [image], "a photo of sks dog", 64, torch.device("cpu"), masks=masks,
+    return Conditioning(FLUX, flux_pipe, [image], "a photo of sks dog", 64, torch.device("cpu"), masks=masks,
                         max_sequence_length=16)
 
 
@@ -68,7 +66,7 @@ def test_loss_is_the_flow_matching_loss(flux_pipe, image_dir):
     batch = _conditioning(flux_pipe, image_dir / "00.png").batch({"instance": torch.tensor([0])})
     torch.manual_seed(3)
     with torch.no_grad():
-        loss = diffusion_loss(transformer, flux_pipe, scheduler, batch, torch.float32, None, guidance=1.0)
+        loss = diffusion_loss(FLUX, transformer, flux_pipe, scheduler, batch, torch.float32, None, guidance=1.0)
     torch.manual_seed(3)
     x0 = (batch["mean"] + batch["std"] * torch.randn_like(batch["mean"]) - vae.config.shift_factor) * vae.config.scaling_factor
     noise = torch.randn_like(x0)
@@ -98,7 +96,8 @@ def test_masked_loss(flux_pipe, image_dir, tmp_path):
         batch = _conditioning(flux_pipe, image_dir / "00.png", masks).batch({"instance": torch.tensor([0])})
         torch.manual_seed(1)
         with torch.no_grad():
-            losses[name] = diffusion_loss(flux_pipe.transformer, flux_pipe, scheduler, batch, torch.float32, None).item()
+            losses[name] = diffusion_loss(FLUX, flux_pipe.transformer, flux_pipe, scheduler, batch, torch.float32,
+                                          None).item()
     assert losses["white"] == losses["none"] > 0 and losses["black"] == 0
 
 

@@ -14,22 +14,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tlora import families
 from tlora.common.images import load_mask, load_pixels
 from tlora.train.timing import NULL_TIMER
 
 
 @torch.no_grad()
-def encode_prompt(pipe, prompt: str, device: torch.device, max_sequence_length: int = 512) -> dict[str, torch.Tensor]:
-    return families.of_model(pipe).encode_prompt(pipe, prompt, device, max_sequence_length)
-
-
-@torch.no_grad()
-def encode_image(pipe, path: Path, resolution: int, device: torch.device, mask: Path | None = None,
+def encode_image(family, pipe, path: Path, resolution: int, device: torch.device, mask: Path | None = None,
                  alpha: bool = False) -> dict[str, torch.Tensor]:
-    """One preprocessed image's encodings; with `mask`, its loss mask at the latents' size, (1, 1, h, w) (`alpha`:
-    the mask file's transparency)."""
-    family = families.of_model(pipe)
+    """One preprocessed image's encodings, as its `family` makes them; with `mask`, its loss mask at the latents'
+    size, (1, 1, h, w) (`alpha`: the mask file's transparency)."""
     pixels, crop = load_pixels(path, resolution, family.resize_first)
     encoded = family.encode_pixels(pipe, pixels[None], crop, resolution, device)
     if mask is not None:
@@ -43,6 +36,7 @@ class Conditioning:
 
     def __init__(
         self,
+        family,
         pipe,
         instance_images: list[Path],
         instance_prompt: str,
@@ -56,7 +50,8 @@ class Conditioning:
         max_sequence_length: int = 512,
         alpha_masks: bool = False,
     ) -> None:
-        self.pipe, self.resolution, self.device, self.cache, self.timer = pipe, resolution, device, cache, timer
+        self.family, self.pipe, self.resolution, self.device = family, pipe, resolution, device
+        self.cache, self.timer = cache, timer
         self.images = {"instance": instance_images, "class": class_images or []}
         self.masks = {"instance": masks, "class": [None] * len(class_images or []) if masks else None}
         self.prompts = {"instance": instance_prompt, "class": class_prompt}
@@ -72,14 +67,15 @@ class Conditioning:
 
     def _encode_image(self, kind: str, index: int) -> dict[str, torch.Tensor]:
         masks = self.masks[kind]
-        encoded = encode_image(self.pipe, self.images[kind][index], self.resolution, self.device,
+        encoded = encode_image(self.family, self.pipe, self.images[kind][index], self.resolution, self.device,
                                masks[index] if masks else None, self.alpha_masks)
         if masks and "mask" not in encoded:  # class images: the whole image counts
             encoded["mask"] = torch.ones_like(encoded["mean"][:, :1])
         return encoded
 
     def _encode_prompt(self, kind: str) -> dict[str, torch.Tensor]:
-        return encode_prompt(self.pipe, self.prompts[kind], self.device, self.max_sequence_length)
+        with torch.no_grad():
+            return self.family.encode_prompt(self.pipe, self.prompts[kind], self.device, self.max_sequence_length)
 
     def _image(self, kind: str, index: int) -> dict[str, torch.Tensor]:
         if self.cache:

@@ -131,7 +131,7 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     start = time.perf_counter()
     try:
         with live, kernels, counter:
-            loss = diffusion_loss(model, pipe, scheduler, batch, dtype, opts.prior_loss_weight
+            loss = diffusion_loss(family, model, pipe, scheduler, batch, dtype, opts.prior_loss_weight
                                   if opts.with_prior_preservation else None, opts.guidance_scale or 1.0)
             loss.backward()
             if opts.max_grad_norm:

@@ -5,19 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tlora import families
-
 
 def diffusion_loss(
-    model, pipe, scheduler, batch: dict[str, torch.Tensor], dtype: torch.dtype, prior_weight: float | None,
+    family, model, pipe, scheduler, batch: dict[str, torch.Tensor], dtype: torch.dtype, prior_weight: float | None,
     guidance: float = 1.0,
 ) -> torch.Tensor:
-    """MSE between the denoiser's prediction and its family's target for fresh noise and timesteps.
+    """MSE between the denoiser's prediction and its `family`'s target (families.base.Family.predict) for fresh
+    noise and timesteps.
 
     With a `mask` in the batch (--mask_dir, --alpha_mask), prediction and target are multiplied by it first.
     With `prior_weight`, the second half of the batch is class images: loss = instance + weight * class.
     """
-    pred, target = families.of_model(pipe).predict(model, pipe, scheduler, batch, dtype, guidance)
+    pred, target = family.predict(model, pipe, scheduler, batch, dtype, guidance)
     pred, target = pred.float(), target.float()
     if "mask" in batch:
         pred, target = pred * batch["mask"], target * batch["mask"]

@@ -150,7 +150,7 @@ class Trainer:
         images = training_images(opts.train_data_dir, opts.one_image)
         masks = [find_mask(opts.mask_dir, image) for image in images] if opts.mask_dir else None
         self.conditioning = Conditioning(
-            self.pipe, images, BASE_PROMPT.format(concept), opts.resolution, self.device, class_images,
+            self.family, self.pipe, images, BASE_PROMPT.format(concept), opts.resolution, self.device, class_images,
             BASE_PROMPT.format(opts.class_name), cache=self.cache, timer=self.timer,
             masks=images if opts.alpha_mask else masks, max_sequence_length=opts.max_sequence_length,
             alpha_masks=opts.alpha_mask,
@@ -204,8 +204,8 @@ class Trainer:
         prior = opts.prior_loss_weight if opts.with_prior_preservation else None
         with self.timer("denoiser"):
             with acc.autocast():
-                loss = diffusion_loss(self.model, self.pipe, self.scheduler, batch, self.weight_dtype, prior,
-                                      opts.guidance_scale)
+                loss = diffusion_loss(self.family, self.model, self.pipe, self.scheduler, batch, self.weight_dtype,
+                                      prior, opts.guidance_scale)
             acc.backward(loss)
         with self.timer("optimizer"):
             if opts.max_grad_norm:
