@@ -45,15 +45,17 @@ def load_pipeline(
     return fam.load_pipeline(model, vae, revision, dtype, quantization(base_model_precision, fam, dtype))
 
 
-def offload_encoders(pipe) -> None:
-    """Move the encoders to the CPU (a no-op there) once everything they encode is cached."""
-    for part in families.of_model(pipe).encoders(pipe):
+def offload_encoders(family, pipe) -> None:
+    """Move the encoders (those of the pipeline's `family`) to the CPU (a no-op there) once everything they encode
+    is cached."""
+    for part in family.encoders(pipe):
         if part is not None:
             part.to("cpu")
 
 
 @contextmanager
-def encoders_on(pipe, device: torch.device):
-    """Bring the encoders to `device` for a while (validation), then back where they were."""
-    with moved(families.of_model(pipe).encoders(pipe), device):
+def encoders_on(family, pipe, device: torch.device):
+    """Bring the encoders (those of the pipeline's `family`) to `device` for a while (validation), then back where
+    they were."""
+    with moved(family.encoders(pipe), device):
         yield

@@ -162,7 +162,7 @@ class Trainer:
                                  num_workers=0 if self.cache else opts.dataloader_num_workers)
         self.order = BatchOrder(self.loader, fresh=not self.cache)
         if self.cache:  # nothing encodes during training any more: free the accelerator's memory
-            offload_encoders(self.pipe)
+            offload_encoders(self.family, self.pipe)
 
     def start_tracking(self) -> None:
         """Trackers, the loss log, the resume state's extra piece (Progress) and the checkpointer."""
@@ -267,7 +267,8 @@ class Trainer:
         )
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.accelerator.autocast(), encoders_on(self.pipe, self.device):
+        encoders = encoders_on(self.family, self.pipe, self.device)
+        with torch.random.fork_rng(devices=devices), self.accelerator.autocast(), encoders:
             images = generation.run(self.pipe, split_prompts(opts.validation_prompts), cfg, str(checkpoint))
         self.model.train()
         log_images(self.accelerator, {cfg.text(t): imgs for t, imgs in images.items()}, step)
