@@ -95,7 +95,7 @@ class Family:
     def attach(cls, pipe_or_model: Any, settings, init: bool = True, svd_device: torch.device | str | None = None):
         """A fresh T-LoRA on this family's denoiser (of a pipeline, or the denoiser itself): method.injection.attach
         told which layers and how the timestep maps to t."""
-        from tlora.method.injection import attach
+        from tlora.method.injection import attach  # here: method.settings still imports the families package
 
         model = cls.model(pipe_or_model)
         return attach(model, settings.for_family(cls.name), cls.describe(model), init, svd_device)

@@ -50,9 +50,6 @@ class RunFolder:
     def __str__(self) -> str:  # in messages, a run is its path
         return str(self.path)
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     @property
     def name(self) -> str:
         return self.path.name
