@@ -38,9 +38,9 @@ def main() -> None:
     opts = p.parse_args()
     model = opts.model
     if model == "tiny":
-        from tlora.families.tiny_models import build_tiny_sdxl
+        from tlora.families.tiny_models import BUILDERS
 
-        model = str(build_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny"))
+        model = str(BUILDERS["sdxl"](Path(tempfile.mkdtemp()) / "tiny"))
     print("| configuration | traced on meta (GB) | real CPU step, tracked (GB) | ratio | activations meta / real (GB) |")
     print("|---|---|---|---|---|")
     rows = []

@@ -56,9 +56,9 @@ def models(scratch: Path, smoke: bool) -> dict[str, tuple[str, str, object]]:
     from tlora.families.pipelines import load_pipeline
 
     if smoke:
-        from tlora.families.tiny_models import build_tiny_flux, build_tiny_sdxl
+        from tlora.families.tiny_models import BUILDERS
 
-        sdxl, flux = str(build_tiny_sdxl(scratch / "sdxl")), str(build_tiny_flux(scratch / "flux"))
+        sdxl, flux = str(BUILDERS["sdxl"](scratch / "sdxl")), str(BUILDERS["flux"](scratch / "flux"))
         return {"sdxl": (sdxl, sdxl, load_pipeline(sdxl, "none")), "flux": (flux, flux, None)}
     from flux_architecture import build_flux_architecture
     from sdxl_architecture import build_sdxl_architecture
@@ -207,7 +207,7 @@ def main(argv_: list[str] | None = None) -> int:
     rows = [train_case(name, flags, est, opts.steps, pipe) for name, flags, est, pipe in cases]
     rows.append(inference_case(folders["sdxl"][2], res, 2 if opts.smoke else 25))
     tiny = folders["sdxl"][0] if opts.smoke else str(__import__("tlora.families.tiny_models", fromlist=["x"])
-                                                     .build_tiny_sdxl(scratch / "tiny"))
+                                                     .BUILDERS["sdxl"](scratch / "tiny"))
     rows.append(resume_case(argv(tiny, data, scratch / "resume", 64, SDXL[:4] + ["--lora_rank", "4", "--min_rank",
                                                                                    "2"]), scratch / "resume"))
     device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores), smoke"

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 import tlora  # noqa: F401  (first: quiets transformers' torchvision notice)
-from tlora.families.tiny_models import build_tiny_sdxl
+from tlora.families.tiny_models import BUILDERS
 from tlora.runs.checkpoint_state import RESUME_DIR, why_not_resumable
 from tlora.runs.reading import read
 from tlora.runs.run_folder import RunFolder
@@ -57,7 +57,7 @@ def main() -> int:
     opts = p.parse_args()
     random.seed(opts.seed)
     scratch = Path(tempfile.mkdtemp(prefix="tlora-soak-"))
-    model = build_tiny_sdxl(scratch / "tiny")
+    model = BUILDERS["sdxl"](scratch / "tiny")
     (scratch / "data").mkdir()
     Image.fromarray((np.random.RandomState(0).rand(80, 96, 3) * 255).astype("uint8")).save(scratch / "data" / "00.png")
     out = scratch / "out"

@@ -27,9 +27,9 @@ def build(model: str, scratch: Path):
     from tlora.families.pipelines import load_pipeline
 
     if model == "tiny":
-        from tlora.families.tiny_models import build_tiny_sdxl
+        from tlora.families.tiny_models import BUILDERS
 
-        return load_pipeline(str(build_tiny_sdxl(scratch / "tiny")), "none"), 8, 4
+        return load_pipeline(str(BUILDERS["sdxl"](scratch / "tiny")), "none"), 8, 4
     from sdxl_architecture import build_sdxl_architecture
 
     return build_sdxl_architecture(), 64, 32

@@ -74,9 +74,9 @@ def sync(device: torch.device) -> None:
 
 def build_model(opts, scratch: Path):
     if opts.model in ("tiny", "tiny-flux"):
-        from tlora.families.tiny_models import build_tiny_flux, build_tiny_sdxl
+        from tlora.families.tiny_models import BUILDERS
 
-        build = build_tiny_flux if opts.model == "tiny-flux" else build_tiny_sdxl
+        build = BUILDERS["flux" if opts.model == "tiny-flux" else "sdxl"]
         return load_pipeline(str(build(scratch / "tiny")), "none")
     if opts.model == "flux":
         from flux_architecture import build_flux_architecture

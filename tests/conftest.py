@@ -175,7 +175,7 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
         ViTModel,
     )
 
-    from tlora.families.tiny_models import write_tokenizer
+    from tlora.families.tiny_parts import write_tokenizer
 
     root = tmp_path_factory.mktemp("embedders")
     __import__("torch").manual_seed(0)

@@ -39,11 +39,11 @@ def training_folder(output_dir: Path) -> Path:
 
 def tiny_model(output_dir: Path) -> Path:
     """The demo's tiny SDXL in output_dir (built once, then reused)."""
-    from tlora.families.tiny_models import build_tiny_sdxl
+    from tlora.families.tiny_models import BUILDERS
 
     folder = output_dir / "tiny-sdxl"
     if not (folder / "model_index.json").is_file():
-        build_tiny_sdxl(folder)
+        BUILDERS["sdxl"](folder)
     return folder
 
 

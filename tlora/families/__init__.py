@@ -15,9 +15,9 @@ from tlora.families.flux import FLUX
 from tlora.families.klein import Klein
 from tlora.families.sdxl import SDXL
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "flux": FLUX, "klein": Klein}
+FAMILIES: dict[str, type[Family]] = {family.name: family for family in (SDXL, FLUX, Klein)}
 # model_index.json _class_name -> family
-PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux", "Flux2KleinPipeline": "klein"}
+PIPELINES = {pipeline: family.name for family in FAMILIES.values() for pipeline in family.pipelines}
 
 
 def get(name: str) -> type[Family]:

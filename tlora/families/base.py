@@ -56,6 +56,15 @@ class Family:
     authors_weights_name: str = "pytorch_lora_weights.safetensors"  # the file the authors' code writes
     authors_trainer_types: tuple[str, ...] = ("lora", "ortho_lora")  # what their code trains
     authors_alpha: bool = True  # whether their r(t) has alpha
+    # -- what the rest of tlora finds here (a new family fills these in and is listed in families.FAMILIES) --------
+    pipelines: tuple[str, ...] = ()  # model_index.json `_class_name`s of its models (how a model folder is detected)
+    architectures: dict[str, dict[str, Any]] = {}  # published models for the estimator: name -> {component:
+    #                                                (library, class, config)}
+    # the prompt's tokenizers, as its pipelines tokenize: (subfolder, the text encoder it feeds, how many tokens it
+    # reads: None is the tokenizer's own model_max_length, "max_sequence_length" the pipeline call's; whether the
+    # prompt goes in the chat template)
+    tokenizers: list[tuple[str, str, str | None, bool]] = []
+    fit_by_quantizing: bool = True  # whether the estimator's --fit may suggest a 4-bit base model
 
     # -- the denoiser and its adapted layers ------------------------------------------------------
     @classmethod
@@ -174,6 +183,12 @@ class Family:
         """T-LoRA's t at a scheduler timestep, as the family's pipelines pass it to the denoiser (float32)."""
         t = torch.as_tensor(timestep, dtype=torch.float32)
         return cls.diffusion_t(t / cls.timestep_divisor if cls.timestep_divisor != 1 else t)
+
+    @classmethod
+    def tiny_model(cls, folder: str | Path, seed: int = 0, wide: bool = False) -> Path:
+        """Write a tiny random model of this family (its published classes and wiring at toy sizes) to `folder`,
+        loadable by its pipeline's from_pretrained; `wide`: other widths and head counts (the tests' second build)."""
+        raise NotImplementedError
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod

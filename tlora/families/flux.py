@@ -8,14 +8,18 @@ Adapters go on every double-stream block's image and text projections (`to_q/k/v
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from torch import nn
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 from tlora.common.values import typed_value
+from tlora.families.architectures import CLIP_TEXT, FLOW, SD_VAE
 from tlora.families.base import Family, Target
+from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer, flow_scheduler, t5_tokenizer
 from tlora.method.denoiser import Layer
 
 DOUBLE = re.compile(r"^transformer_blocks\.\d+\.attn$")
@@ -31,6 +35,25 @@ ONLY_FLUX1 = re.compile(r"single_transformer_blocks[._]\d+[._]attn([._]processor
                         r"|proj_mlp")
 MLP_RATIO = 4.0  # FluxSingleTransformerBlock's (fixed in diffusers): linear1 = q, k, v, then 4 x width MLP rows
 UNUSED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")$")
+
+
+# the published model, for the estimator (keys left out take the classes' defaults, which are its values)
+PUBLISHED = {
+    "flux-dev": {
+        "transformer": ("diffusers", "FluxTransformer2DModel", dict(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=[16, 56, 56])),
+        "vae": ("diffusers", "AutoencoderKL", dict(SD_VAE, latent_channels=16, scaling_factor=0.3611,
+                                                    shift_factor=0.1159, use_quant_conv=False,
+                                                    use_post_quant_conv=False, force_upcast=True)),
+        "text_encoder": ("transformers", "CLIPTextModel", CLIP_TEXT),
+        "text_encoder_2": ("transformers", "T5EncoderModel", dict(
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", FLOW),
+    },
+}
 
 
 class FLUX(Family):
@@ -58,6 +81,10 @@ class FLUX(Family):
     authors_weights_name, authors_trainer_types, authors_alpha = "lora.pt", ("lora",), False
     export_formats = ("diffusers", "kohya", "diffusers-scheduled", "authors")
     kohya_base_model = "flux1"
+    pipelines = ("FluxPipeline",)
+    architectures = PUBLISHED
+    tokenizers = [("tokenizer", "CLIP (the pooled prompt embedding)", None, False),
+                  ("tokenizer_2", "T5", "max_sequence_length", False)]
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -195,6 +222,36 @@ class FLUX(Family):
     @classmethod
     def samples_name(cls, steps: int, guidance: float) -> str:
         return f"ns{steps}gs{guidance}"
+
+    @classmethod
+    def tiny_model(cls, folder: str | Path, seed: int = 0, wide: bool = False) -> Path:
+        """The classes and wiring of black-forest-labs/FLUX.1-dev (CLIP + T5 text encoders, a guidance-distilled
+        transformer with double- and single-stream blocks, a 16-channel VAE, its scheduler config) at toy sizes;
+        `wide`: three heads of 8, one double and three single blocks."""
+        folder = Path(folder)
+        torch.manual_seed(seed)
+        tokenizer, t5_tok = clip_tokenizer(folder / "_tok"), t5_tokenizer()
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1 if wide else 2, num_single_layers=3 if wide else 2,
+            attention_head_dim=8 if wide else 16, num_attention_heads=3 if wide else 2, joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=(2, 2, 4) if wide else (4, 4, 8),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+            force_upcast=False,
+        )
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        ))
+        pipe = FluxPipeline(
+            scheduler=flow_scheduler(), vae=vae, text_encoder=CLIPTextModel(clip_text_config(len(tokenizer), True)),
+            tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer,
+        )
+        pipe.save_pretrained(folder)
+        return folder
 
 
 BFL_DOUBLE = {"img_attn_qkv": QKV, "txt_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),

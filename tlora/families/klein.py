@@ -13,13 +13,17 @@ Exports fuse the three into one LoRA on `to_qkv_mlp_proj` (kohya: `linear1`) wit
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from torch import nn
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from tlora.families.architectures import FLOW
 from tlora.families.flux import FLUX, QKV, Target, bfl_double_targets, flow_matching_noisy, fused_single_targets
+from tlora.families.tiny_parts import flow_scheduler, qwen_tokenizer
 from tlora.method.denoiser import Layer
 
 FUSED = "to_qkv_mlp_proj"
@@ -28,6 +32,23 @@ IN_FUSED = {proj: f"to_qkv_mlp_{proj[-1]}_lora" for proj in QKV}  # to_q -> to_q
 ONLY_KLEIN = re.compile(r"to_qkv_mlp|single_transformer_blocks[._]\d+[._]attn[._]to_out"
                         r"|ff(_context)?[._]linear_(in|out)")
 MLP_RATIO = 3.0  # Flux2Transformer2DModel's default and klein's
+
+
+# the published model, for the estimator (keys left out take the classes' defaults, which are its values)
+PUBLISHED = {
+    "klein-4b": {
+        "transformer": ("diffusers", "Flux2Transformer2DModel", dict(
+            patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+            axes_dims_rope=[32, 32, 32, 32], rope_theta=2000, guidance_embeds=False)),
+        "vae": ("diffusers", "AutoencoderKLFlux2", {}),
+        "text_encoder": ("transformers", "Qwen3ForCausalLM", dict(
+            vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000,
+            tie_word_embeddings=True)),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", FLOW),
+    },
+}
 
 
 class Klein(FLUX):
@@ -44,6 +65,9 @@ class Klein(FLUX):
     export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "flux2_klein"
     authors_trainer_types = ()  # the authors released no FLUX.2 code
+    pipelines = ("Flux2KleinPipeline",)
+    architectures = PUBLISHED
+    tokenizers = [("tokenizer", "Qwen3 (the prompt in klein's chat template)", "max_sequence_length", True)]
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -122,3 +146,32 @@ class Klein(FLUX):
                 widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", mlp_rows)
         return [Target(m, w, {m: 0}) for m, w in double.items()] + fused_single_targets(
             widths, lambda block: f"single_transformer_blocks.{block}.attn.{FUSED}", mlp_rows)
+
+    @classmethod
+    def tiny_model(cls, folder: str | Path, seed: int = 0, wide: bool = False) -> Path:
+        """The classes and wiring of black-forest-labs/FLUX.2-klein-base-4B (a Qwen3 text encoder with a byte-level
+        BPE tokenizer and a chat template, a transformer without guidance embedding, AutoencoderKLFlux2 with its
+        batch-norm statistics, the flow-matching scheduler config) at toy sizes; `wide`: a wider text encoder,
+        three heads of 8, one double and three single blocks."""
+        folder = Path(folder)
+        torch.manual_seed(seed)
+        width = 24 if wide else 16  # the text encoder's; the prompt embeddings are three of its layers side by side
+        tokenizer = qwen_tokenizer()
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(  # 27 layers: the pipeline stacks hidden states 9, 18 and 27
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=27,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        vae = AutoencoderKLFlux2(
+            block_out_channels=(16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1 if wide else 2, num_single_layers=3 if wide else 2,
+            attention_head_dim=8 if wide else 16, num_attention_heads=3 if wide else 2, joint_attention_dim=3 * width,
+            timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2) if wide else (4, 4, 4, 4), guidance_embeds=False,
+        )
+        pipe = Flux2KleinPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  transformer=transformer, is_distilled=False)
+        pipe.save_pretrained(folder)
+        return folder

@@ -81,16 +81,6 @@ def check_vae(flag: str, vae: str | None, model: str, revision: str | None) -> N
 
 
 # -- prompts a text encoder cuts -------------------------------------------------------------------------
-# family -> (tokenizer subfolder, the text encoder it feeds, how many tokens it reads: None is the tokenizer's own
-# model_max_length, "max_sequence_length" the pipeline call's, and whether the prompt is put in the chat template)
-# as diffusers' pipelines tokenize (StableDiffusionXLPipeline.encode_prompt, FluxPipeline._get_clip_prompt_embeds /
-# _get_t5_prompt_embeds, Flux2KleinPipeline._get_qwen3_prompt_embeds).
-TOKENIZERS: dict[str, list[tuple[str, str, str | None, bool]]] = {
-    "sdxl": [("tokenizer", "CLIP text encoder 1", None, False), ("tokenizer_2", "CLIP text encoder 2", None, False)],
-    "flux": [("tokenizer", "CLIP (the pooled prompt embedding)", None, False),
-             ("tokenizer_2", "T5", "max_sequence_length", False)],
-    "klein": [("tokenizer", "Qwen3 (the prompt in klein's chat template)", "max_sequence_length", True)],
-}
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's and Flux2KleinPipeline's default and limit
 
 
@@ -145,11 +135,13 @@ def long_prompts(model: str, revision: str | None, family: Any, prompts: list[st
     Hugging Face cache (never the network): a tokenizer that cannot be had so is skipped. Prompts given twice
     are said once.
     """
-    name = family if isinstance(family, str) else family.name
+    from tlora.families import FAMILIES
+
+    recipe = FAMILIES[family] if isinstance(family, str) else family
     length = max_sequence_length or MAX_SEQUENCE_LENGTH
     index = _model_index(model, revision)
     readers = []
-    for subfolder, label, limit, chat in TOKENIZERS.get(name, []):
+    for subfolder, label, limit, chat in recipe.tokenizers:
         tokenizer = _tokenizer(model, revision, subfolder, index)
         if tokenizer is not None:
             readers.append((tokenizer, label, length if limit else tokenizer.model_max_length, chat))

@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import Attention
 from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from tlora.families.architectures import CLIP_TEXT, SD_VAE
 from tlora.families.base import Family
+from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer
 from tlora.method.denoiser import Layer
 
 PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+
+
+# the published model, for the estimator (keys left out take the classes' defaults, which are its values)
+PUBLISHED = {
+    "sdxl": {
+        "unet": ("diffusers", "UNet2DConditionModel", dict(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32)),
+        "vae": ("diffusers", "AutoencoderKL", SD_VAE),
+        "text_encoder": ("transformers", "CLIPTextModel", CLIP_TEXT),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", dict(
+            CLIP_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            hidden_act="gelu", projection_dim=1280)),
+        "scheduler": ("diffusers", "EulerDiscreteScheduler", dict(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)),
+    },
+}
 
 
 class SDXL(Family):
@@ -34,6 +66,10 @@ class SDXL(Family):
     projections = {key: proj for proj, key in PROJECTIONS.items()}
     export_formats = ("diffusers", "kohya", "diffusers-scheduled", "authors")
     kohya_base_model = "sdxl_base_v1-0"
+    pipelines = ("StableDiffusionXLPipeline",)
+    architectures = PUBLISHED
+    fit_by_quantizing = False  # the estimator's --fit stops before a 4-bit base: SDXL fits without one
+    tokenizers = [("tokenizer", "CLIP text encoder 1", None, False), ("tokenizer_2", "CLIP text encoder 2", None, False)]
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
@@ -113,6 +149,40 @@ class SDXL(Family):
             added_cond_kwargs={"time_ids": batch["time_ids"].to(dtype), "text_embeds": batch["pooled"].to(dtype)},
         ).sample
         return pred, target
+
+
+    @classmethod
+    def tiny_model(cls, folder: str | Path, seed: int = 0, wide: bool = False) -> Path:
+        """The classes and wiring of stabilityai/stable-diffusion-xl-base-1.0 (two CLIP text encoders, the second
+        with a projection, a `text_time` UNet, its scheduler config) at toy sizes; `wide`: other widths, head counts
+        and two layers per block."""
+        folder = Path(folder)
+        torch.manual_seed(seed)
+        tokenizer = clip_tokenizer(folder / "_tok")
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 48) if wide else (32, 64), layers_per_block=2 if wide else 1, sample_size=32,
+            in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 3) if wide else (2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2) if wide else (1, 1), projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,
+            cross_attention_dim=2 * TEXT_DIM, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=64,
+            scaling_factor=0.13025, force_upcast=False,
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=CLIPTextModel(clip_text_config(len(tokenizer), False)),
+            text_encoder_2=CLIPTextModelWithProjection(clip_text_config(len(tokenizer), True)),
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+        )
+        pipe.save_pretrained(folder)
+        return folder
 
 
 def time_ids(crop_size: int, resolution: int) -> torch.Tensor:

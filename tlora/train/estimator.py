@@ -29,7 +29,7 @@ from tlora.common.errors import UsageError, first_line
 from tlora.common.messages import DIFFUSERS_LAYOUT
 from tlora.common.text_files import read_json
 from tlora.common.values import check_finite, check_seed, shown
-from tlora.families.architectures import ARCHITECTURES, empty_pipeline, family_of
+from tlora.families.architectures import empty_pipeline, family_of, published
 from tlora.families.model_checks import cached_file
 from tlora.families.pipelines import DTYPES
 from tlora.method.settings import TLoRASettings
@@ -155,7 +155,7 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
 def _empty_pipeline(name: str, dtype: torch.dtype, opts: TrainOptions):
     """The run's pipeline built empty; a model folder whose configs do not build one of its family's pipelines
     (a class that does not exist, a value a class refuses, a denoiser of another kind) is one line naming it."""
-    if name in ARCHITECTURES:
+    if name in published():
         return empty_pipeline(name, dtype)
     try:
         pipe = empty_pipeline(name, dtype)
@@ -168,7 +168,7 @@ def _empty_pipeline(name: str, dtype: torch.dtype, opts: TrainOptions):
     except Exception as err:  # noqa: BLE001 - the folder's configs are the user's input
         raise UsageError(f"--pretrained_model_name_or_path: the configs in {name} do not build its {opts.family} "
                          f"pipeline ({first_line(err)}); {DIFFUSERS_LAYOUT}, or one of "
-                         f"{', '.join(ARCHITECTURES)}") from None
+                         f"{', '.join(published())}") from None
 
 
 def _train_state(family, opts: TrainOptions, model: nn.Module, scheduler, autocast: torch.dtype | None, real: bool):
@@ -313,8 +313,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     name = opts.pretrained_model_name_or_path
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required; pass a model folder, or one of "
-                         f"{', '.join(ARCHITECTURES)}")
-    if name not in ARCHITECTURES:
+                         f"{', '.join(published())}")
+    if name not in published():
         check_model_folder(name, opts.revision)
     opts.train_data_dir = opts.train_data_dir or NOT_READ
     opts.output_dir = opts.output_dir or NOT_READ
@@ -337,7 +337,7 @@ def check_model_folder(name: str, revision: str | None = None) -> None:
     denoiser, VAE, text encoders and scheduler), are UTF-8 JSON objects. One line naming the file otherwise. A hub
     id not cached yet is checked once its configs are downloaded (`run`)."""
     flag = "--pretrained_model_name_or_path"
-    fix = f"{DIFFUSERS_LAYOUT}, or one of {', '.join(ARCHITECTURES)}"
+    fix = f"{DIFFUSERS_LAYOUT}, or one of {', '.join(published())}"
     index_path = cached_file(name, "model_index.json", revision)
     if index_path is None:
         return  # no folder there, or not cached: resolving the family says so in its own line
@@ -370,7 +370,7 @@ def model_source(name: str, revision: str | None) -> str:
     """A shipped architecture's name or a local folder as it is; a hub model's configs (JSON files only)."""
     from pathlib import Path
 
-    if name in ARCHITECTURES:
+    if name in published():
         return name
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
@@ -380,7 +380,7 @@ def model_source(name: str, revision: str | None) -> str:
         folder = snapshot_download(name, revision=revision, allow_patterns=["*.json"])
     except Exception as err:  # noqa: BLE001 - no network, no access, no such repository
         raise UsageError(f"--pretrained_model_name_or_path {name}: its configs could not be read ({first_line(err)}); "
-                         f"pass a model folder or one of {', '.join(ARCHITECTURES)}") from None
+                         f"pass a model folder or one of {', '.join(published())}") from None
     check_model_folder(folder)
     return folder
 
@@ -395,7 +395,7 @@ def fit(opts: TrainOptions, name: str, budget_gb: float, utilization: float, tra
     steps.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
     if opts.optimizer == "adamw":
         steps.append(("--use_8bit_adam", {"use_8bit_adam": True}))
-    if opts.family != "sdxl" and opts.base_model_precision in (None, "auto"):
+    if families.get(opts.family).fit_by_quantizing and opts.base_model_precision in (None, "auto"):
         steps.append(("--base_model_precision nf4-bnb", {"base_model_precision": "nf4-bnb"}))
     changes, current = [], opts
     result = estimate(opts, name, utilization, traced)
