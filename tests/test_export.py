@@ -145,9 +145,9 @@ def test_scheduled_export_is_the_exact_tlora_in_stock_diffusers(pipe, checkpoint
 
 
 @pytest.mark.parametrize("settings", [
-    tlora.TLoRASettings("ortho_lora", 4, 2, 0.5, True, "sdxl", sig_type="middle"),
-    tlora.TLoRASettings("lora", 16, 4, 1.0, False, "flux"),
-    tlora.TLoRASettings("lora", 8, 1, 2.0, True, "klein", num_train_timesteps=500),
+    tlora.TLoRASettings("ortho_lora", 4, 2, 0.5, True, "sdxl", sig_type="middle", rank_rule="divide_first"),
+    tlora.TLoRASettings("lora", 16, 4, 1.0, False, "flux", rank_rule="multiply_first"),
+    tlora.TLoRASettings("lora", 8, 1, 2.0, True, "klein", num_train_timesteps=500, rank_rule="multiply_first"),
 ])
 def test_a_schedule_round_trips_through_the_settings(tmp_path, settings):
     """schedule.json holds the settings as TLoRASettings writes them; tlora.scheduled reads them back the same."""

@@ -12,12 +12,13 @@ from safetensors.torch import save_file
 import tlora
 from tlora.common.errors import CheckpointError
 from tlora.interop import exporting
+from tlora.runs.hparams import to_hparams
 from tlora.runs.run_folder import find_weights
 from tlora.runs.weights import WEIGHTS_NAME, save_weights
 
 from helpers import perturb, read_weights
 
-SETTINGS = tlora.TLoRASettings("lora", 8, 4, 1.0, True, "sdxl")
+SETTINGS = tlora.TLoRASettings("lora", 8, 4, 1.0, True, "sdxl", rank_rule="divide_first")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def our_run(tiny_sdxl, tmp_path_factory):
         perturb(adapters, seed=step)
         save_weights(adapters.state_dict(), run / f"checkpoint-{step}", SETTINGS.to_metadata() | {"global_step": step})
     (run / "logs").mkdir()
-    (run / "logs" / "hparams.yml").write_text(yaml.safe_dump(SETTINGS.to_hparams() | {"output_dir": str(run)}))
+    (run / "logs" / "hparams.yml").write_text(yaml.safe_dump(to_hparams(SETTINGS) | {"output_dir": str(run)}))
     return run
 
 
@@ -82,7 +83,7 @@ def test_a_bare_file_says_what_it_assumes(our_run, tmp_path, sdxl_pipe):
     with pytest.warns(tlora.AssumedSetting) as said:
         ckpt = tlora.read(folder)
     lines = [str(w.message) for w in said]
-    assert ckpt.settings == tlora.TLoRASettings("lora", 8, 1, 1.0, True, "sdxl")  # rank and type from the tensors
+    assert ckpt.settings == tlora.TLoRASettings("lora", 8, 1, 1.0, True, "sdxl", rank_rule="divide_first")  # rank and type from the tensors
     assert {k: ckpt.sources[k] for k in ("timestep_dependent", "min_rank", "alpha_rank_scale")} == dict.fromkeys(
         ("timestep_dependent", "min_rank", "alpha_rank_scale"), "default")
     assert {ckpt.sources[k] for k in ("family", "trainer_type", "lora_rank")} == {"the tensors"}

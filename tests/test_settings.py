@@ -6,43 +6,47 @@ import yaml
 
 from tlora.common.errors import UsageError
 from tlora.method.adapters import RANK_RULES, active_rank, rank_mask
-from tlora.method.settings import (
-    TLoRASettings,
+from tlora.method.settings import TLoRASettings
+from tlora.runs.hparams import (
+    from_hparams,
     hparams_kind,
     known_from_hparams,
-    known_from_lycoris,
     known_from_ours,
     known_from_overrides,
+    settings_from_known,
+    to_hparams,
 )
+from tlora.runs.lycoris import known_from_lycoris
 
 import authors
 from helpers import SHARED
 
-FLUX_TLORA = TLoRASettings("lora", 8, 4, 1.0, True, "flux")
-SDXL_TLORA = TLoRASettings("ortho_lora", 64, 32, 0.5, True, "sdxl", sig_type="middle")
+FLUX_TLORA = TLoRASettings("lora", 8, 4, 1.0, True, "flux", rank_rule="multiply_first")
+SDXL_TLORA = TLoRASettings("ortho_lora", 64, 32, 0.5, True, "sdxl", sig_type="middle", rank_rule="divide_first")
 
 
-@pytest.mark.parametrize("settings", [FLUX_TLORA, SDXL_TLORA, TLoRASettings("ortho_lora", 4, 2, 1.0, False, "flux")])
+@pytest.mark.parametrize("settings", [
+    FLUX_TLORA, SDXL_TLORA, TLoRASettings("ortho_lora", 4, 2, 1.0, False, "flux", rank_rule="multiply_first")])
 def test_metadata_and_hparams_round_trip(settings):
     meta = settings.to_metadata()
     assert all(isinstance(v, str) for v in meta.values())
     assert (meta["max_rank"], meta["alpha"]) == (str(settings.lora_rank), str(settings.alpha_rank_scale))  # ComfyUI
-    assert TLoRASettings.from_known(known_from_ours(meta, "file")) == settings
-    hparams = yaml.safe_load(yaml.safe_dump(settings.to_hparams()))
-    assert TLoRASettings.from_hparams(hparams) == settings and hparams_kind(hparams) == "tlora"
+    assert settings_from_known(known_from_ours(meta, "file")) == settings
+    hparams = yaml.safe_load(yaml.safe_dump(to_hparams(settings)))
+    assert from_hparams(hparams) == settings and hparams_kind(hparams) == "tlora"
 
 
 def test_our_flux_hparams_carry_the_authors_flux_keys():
-    hparams = FLUX_TLORA.to_hparams()
+    hparams = to_hparams(FLUX_TLORA)
     assert (hparams["tlora"], hparams["rank"], hparams["min_rank"], hparams["trainer_class"]) == (True, 8, 4, "flux_tlora")
-    assert "tlora" not in SDXL_TLORA.to_hparams() and "rank" not in SDXL_TLORA.to_hparams()
+    assert "tlora" not in to_hparams(SDXL_TLORA) and "rank" not in to_hparams(SDXL_TLORA)
 
 
 def test_the_authors_flux_hparams():
     """Their keys: tlora (mask or not), rank, min_rank; no family, trainer_type, trainer_class or alpha."""
     assert hparams_kind(authors.FLUX_HPARAMS) == "authors-flux"
-    assert TLoRASettings.from_hparams(authors.FLUX_HPARAMS) == TLoRASettings("lora", 8, 4, 1.0, True, "flux")
-    plain = TLoRASettings.from_hparams(authors.FLUX_HPARAMS | {"tlora": False, "rank": 16, "min_rank": 16})
+    assert from_hparams(authors.FLUX_HPARAMS) == FLUX_TLORA
+    plain = from_hparams(authors.FLUX_HPARAMS | {"tlora": False, "rank": 16, "min_rank": 16})
     assert (plain.trainer_class, plain.lora_rank) == ("flux_lora", 16)
 
 
@@ -50,7 +54,7 @@ def test_the_authors_sdxl_hparams():
     theirs = {"trainer_type": "ortho_lora", "trainer_class": "sdxl_tlora", "lora_rank": 8, "min_rank": 4,
               "alpha_rank_scale": 1.0, "sig_type": "last", "wandb_api_key": None}
     assert hparams_kind(theirs) == "authors-sdxl"
-    assert TLoRASettings.from_hparams(theirs) == TLoRASettings("ortho_lora", 8, 4, 1.0, True, "sdxl")
+    assert from_hparams(theirs) == TLoRASettings("ortho_lora", 8, 4, 1.0, True, "sdxl", rank_rule="divide_first")
 
 
 @pytest.mark.parametrize("name", ["flux_hparams.yml", "sdxl_hparams.yml"])
@@ -59,17 +63,17 @@ def test_the_hparams_files_the_authors_tools_wrote(name):
     if not path.is_file():
         pytest.skip("../shared/authors_runs is not here")
     values = yaml.safe_load(path.read_text())
-    settings = TLoRASettings.from_hparams(values, str(path))
+    settings = from_hparams(values, str(path))
     if name.startswith("flux"):
         assert set(values) == set(authors.FLUX_HPARAMS)  # our copy of their key set is complete
-        assert settings == TLoRASettings("lora", 8, 4, 1.0, True, "flux")
+        assert settings == FLUX_TLORA
     else:
-        assert settings == TLoRASettings("ortho_lora", 8, 4, 1.0, True, "sdxl")
+        assert settings == TLoRASettings("ortho_lora", 8, 4, 1.0, True, "sdxl", rank_rule="divide_first")
 
 
 def test_lycoris_config():
     known = known_from_lycoris({"algo": "tlora", "linear_dim": 16, "linear_alpha": 8, "tlora_min_rank": 4}, 16, "f")
-    settings = TLoRASettings.from_known(known | {"family": "sdxl"})
+    settings = settings_from_known(known | {"family": "sdxl"})
     # SimpleTuner's defaults
     assert (settings.min_rank, settings.alpha_rank_scale, settings.rule) == (4, 1.0, "float64")
     with pytest.raises(UsageError, match="algo 'lokr', not a T-LoRA"):
@@ -81,7 +85,6 @@ def test_lycoris_config():
     (TLoRASettings("lora", 0), "lora_rank must be a whole number of at least 1, got 0"),
     (TLoRASettings("dora", 4), "trainer_type must be one of lora, ortho_lora, got 'dora'"),
     (TLoRASettings("lora", 4, alpha_rank_scale=float("inf")), "alpha_rank_scale must be a finite number > 0"),
-    (TLoRASettings("lora", 4, family="sd3"), "family must be one of sdxl, flux, klein, None, got 'sd3'"),
 ])
 def test_validate_names_the_setting(settings, message):
     with pytest.raises(UsageError) as err:
@@ -95,10 +98,20 @@ def test_validate_names_the_setting(settings, message):
     ({"trainer_class": "sdxl_tlora", "family": "flux"}, "does not match family flux"),
     ({"lora_rank": "four"}, "lora_rank must be int, got 'four'"),
     ({"trainer_class": "tlora"}, "trainer_class must be one of sdxl_lora, sdxl_tlora, flux_lora, flux_tlora"),
+    ({"family": "pixart"}, "family must be one of sdxl, flux, klein"),
 ])
 def test_bad_records_are_one_line(values, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         known_from_hparams(values, "h.yml")
+
+
+def test_a_family_s_rank_rule_is_never_guessed():
+    """The rules differ by one component at some t: settings naming a family carry its rule, or refuse to mask."""
+    with pytest.raises(ValueError, match="for_family"):
+        TLoRASettings("lora", 8, 2, family="flux").rule  # noqa: B018
+    assert TLoRASettings("lora", 8, 2).for_family("flux", "multiply_first").rule == "multiply_first"
+    assert TLoRASettings("lora", 8, 2, rank_rule="float64").for_family("flux", "multiply_first").rule == "float64"
+    assert from_hparams({"trainer_class": "klein_tlora", "trainer_type": "lora", "lora_rank": 4}).rule == "multiply_first"
 
 
 def test_unknown_settings_are_refused():

@@ -29,6 +29,7 @@ from tlora.common.messages import note
 from tlora.generate.generation import existing_images
 from tlora.method.adapters import branches, factors
 from tlora.method.settings import TLoRASettings
+from tlora.runs.hparams import from_hparams
 from tlora.runs.keys import group
 from tlora.runs.reading import read
 from tlora.runs.run_folder import RunFolder, resolve
@@ -174,7 +175,7 @@ def analyze(target: str | Path) -> Path:
     hparams_path = run.hparams_path
     hparams = run.hparams()
     ckpt = read(checkpoint, hparams_path, fix=f"add {{key}} to {hparams_path}") if checkpoint is not None else None
-    settings = ckpt.settings if ckpt is not None else TLoRASettings.from_hparams(hparams, str(hparams_path))
+    settings = ckpt.settings if ckpt is not None else from_hparams(hparams, str(hparams_path))
     weights = ckpt.tensors() if ckpt is not None else None
     try:
         loss = read_loss_log(run.loss_log, "training writes it; delete it to analyse without it")

@@ -17,6 +17,7 @@ from torch import nn
 from tlora.common.hub import model_load_error
 from tlora.common.mapped import FilePages
 from tlora.method.denoiser import DenoiserSpec, Layer, projections_fused
+from tlora.method.injection import attach
 
 
 class Target(NamedTuple):
@@ -104,10 +105,8 @@ class Family:
     def attach(cls, pipe_or_model: Any, settings, init: bool = True, svd_device: torch.device | str | None = None):
         """A fresh T-LoRA on this family's denoiser (of a pipeline, or the denoiser itself): method.injection.attach
         told which layers and how the timestep maps to t."""
-        from tlora.method.injection import attach  # here: method.settings still imports the families package
-
         model = cls.model(pipe_or_model)
-        return attach(model, settings.for_family(cls.name), cls.describe(model), init, svd_device)
+        return attach(model, settings.for_family(cls.name, cls.rank_rule), cls.describe(model), init, svd_device)
 
     # -- settings and files of this family's other tools -------------------------------------------------
     @classmethod

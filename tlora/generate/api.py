@@ -24,7 +24,7 @@ from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.messages import OWN_FAMILY
 from tlora.common.values import shown
 from tlora.method.injection import TLoRA, attached
-from tlora.method.settings import known_from_overrides
+from tlora.runs.hparams import known_from_overrides
 from tlora.runs.lycoris import load_lycoris
 from tlora.runs.reading import DEFAULT, Checkpoint, read
 
@@ -52,7 +52,7 @@ def load(
     if isinstance(checkpoint, Checkpoint):
         if hparams is not None or overrides:
             raise UsageError("tlora.load: give the hparams and settings to tlora.read, not beside what it returned")
-        ckpt, settings = checkpoint, checkpoint.settings.for_family(family)
+        ckpt, settings = checkpoint, checkpoint.settings.for_family(family, recipe.rank_rule)
         if timesteps is not None and ckpt.sources.get("num_train_timesteps") == DEFAULT:
             settings = replace(settings, num_train_timesteps=timesteps)
     else:

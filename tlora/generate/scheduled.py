@@ -25,7 +25,8 @@ from tlora.common.errors import UsageError
 from tlora.common.text_files import parse_json, read_text
 from tlora.common.values import check_count, check_finite
 from tlora.interop.exporting import SCHEDULE_NAME
-from tlora.method.settings import TLoRASettings, known_from_ours
+from tlora.method.settings import TLoRASettings
+from tlora.runs.hparams import known_from_ours, settings_from_known
 
 REEXPORT = "export the T-LoRA again with python -m tlora.export --format diffusers-scheduled"
 
@@ -128,7 +129,7 @@ def _settings(schedule: dict, where: str) -> TLoRASettings:
     missing = [k for k in ("family", "trainer_type", "lora_rank") if k not in known]
     if missing:
         raise UsageError(f"its settings have no {missing[0]}; {REEXPORT}")
-    return TLoRASettings.from_known(known | {"num_train_timesteps": schedule["num_train_timesteps"]})
+    return settings_from_known(known | {"num_train_timesteps": schedule["num_train_timesteps"]})
 
 
 def _is_schedule(schedule) -> bool:

@@ -203,7 +203,7 @@ def scheduled_files(weights: dict[str, torch.Tensor], settings: TLoRASettings, m
 
 def schedule_of(settings: TLoRASettings, chunks: list[dict]) -> dict:
     """schedule.json: the chunks, and the settings as our checkpoints' metadata holds them (TLoRASettings.to_metadata;
-    tlora.scheduled reads them back with TLoRASettings.from_known) with the T they count timesteps in."""
+    tlora.scheduled reads them back with runs.hparams.settings_from_known) with the T they count timesteps in."""
     return {"num_train_timesteps": settings.num_train_timesteps, "settings": settings.to_metadata(), "chunks": chunks,
             "rule": "a chunk is active at a whole timestep t when t < on_below; at any t, when its last component "
                     "is below r(t) of `settings` (tlora.scheduled)"}

@@ -1,18 +1,9 @@
 """`TLoRASettings`: every setting a T-LoRA's output depends on beyond its tensors, in one type.
 
-Like peft's `LoraConfig` for a LoRA: one dataclass, checked by `validate()`, converted to and from every
-place settings are kept, and the one in-memory form of the rank schedule and mask (`active_rank(t)`, `mask(t)`):
-
-- our checkpoint metadata and a diffusers-scheduled export's schedule.json: trainer_type, trainer_class,
-  lora_rank, min_rank, alpha_rank_scale, sig_type, family (and ComfyUI-T-LoRA's names max_rank, alpha);
-- our hparams.yml: the same keys, and on FLUX also the authors' FLUX keys `tlora` and `rank`;
-- the authors' SDXL hparams.yml: trainer_type, trainer_class, lora_rank, min_rank, alpha_rank_scale, sig_type;
-- the authors' FLUX hparams.yml: tlora (mask or not), rank, min_rank; their code has no alpha (1) and only
-  Vanilla T-LoRA;
-- SimpleTuner / LyCORIS lycoris_config: algo tlora, linear_dim, tlora_min_rank (default 1), tlora_alpha (default 1).
-
-Partial sources (a file's metadata, a hparams.yml) give a `dict` of the fields they know (`known_from_*`);
-`tlora.runs.reading` merges them in order and records where each setting came from.
+Like peft's `LoraConfig` for a LoRA: one dataclass, checked by `validate()`, and the one in-memory form of the
+rank schedule and mask (`active_rank(t)`, `mask(t)`). The family is a name here: the family that owns the model
+fills it in with its rank rule (`for_family`). Where settings are kept (our metadata and hparams.yml, the
+authors' files, LyCORIS configs) is tlora.runs.hparams' and tlora.runs.lycoris' business.
 """
 
 from __future__ import annotations
@@ -24,13 +15,11 @@ from typing import Any
 import torch
 
 from tlora.common.errors import UsageError
-from tlora.common.messages import OWN_FAMILY, PASS_HPARAMS
-from tlora.common.values import check_count, shown, typed_value
-from tlora.families import FAMILIES
+from tlora.common.messages import OWN_FAMILY
+from tlora.common.values import check_count
 from tlora.method import adapters
 from tlora.method.adapters import DEFAULT_RULE, RANK_RULES, SIG_TYPES, TRAINER_TYPES
 
-TRAINER_CLASSES = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("lora", "tlora"))
 RESULT_FIELDS = ("family", "trainer_type", "timestep_dependent", "lora_rank", "min_rank", "alpha_rank_scale")
 
 
@@ -43,10 +32,10 @@ class TLoRASettings:
     min_rank:            r_min, the rank active at t = T.
     alpha_rank_scale:    alpha in r(t) = int(((T - t) / T) ** alpha * (r - r_min)) + r_min.
     timestep_dependent:  whether the rank mask applies (trainer_class <family>_tlora) or not (<family>_lora).
-    family:              the model family ("sdxl", "flux", "klein"); None until known (attach fills it in).
+    family:              the model family's name ("sdxl", "flux", ...); None until known (attach fills it in).
     sig_type:            which SVD components start an ortho_lora ("last", "principal", "middle"); training only.
     num_train_timesteps: T (the model's training timesteps).
-    rank_rule:           how r(t) is rounded (adapters.RANK_RULES); None: the family's authors' rule.
+    rank_rule:           how r(t) is rounded (adapters.RANK_RULES); None until the family is known (its rule).
     """
 
     trainer_type: str
@@ -67,8 +56,13 @@ class TLoRASettings:
 
     @property
     def rule(self) -> str:
-        """The rounding rule of r(t): rank_rule, else the family's (its authors' code)."""
-        return self.rank_rule or (FAMILIES[self.family].rank_rule if self.family else DEFAULT_RULE)
+        """The rounding rule of r(t): rank_rule; with no family, the default. Settings that name a family but no
+        rule were not made by that family (`for_family`): never guessed, since the rules differ by one component
+        at some t."""
+        if self.rank_rule is None and self.family is not None:
+            raise ValueError(f"settings of family {self.family} without its rank_rule: make them with "
+                             "for_family(name, rank_rule)")
+        return self.rank_rule or DEFAULT_RULE
 
     def active_rank(self, t: torch.Tensor | float) -> torch.Tensor | int:
         """r(t), how many rank components the mask keeps at timestep t, rounded as `rule` rounds it; lora_rank at
@@ -89,7 +83,7 @@ class TLoRASettings:
         """Fail with one line naming the first setting that makes no sense (as `--flag` when `flags`)."""
         name = (lambda key: f"--{key}") if flags else (lambda key: key)
         for key, allowed in (("trainer_type", TRAINER_TYPES), ("sig_type", SIG_TYPES),
-                             ("family", tuple(FAMILIES) + (None,)), ("rank_rule", tuple(RANK_RULES) + (None,))):
+                             ("rank_rule", tuple(RANK_RULES) + (None,))):
             if getattr(self, key) not in allowed:
                 raise UsageError(f"{name(key)} must be one of {', '.join(map(str, allowed))}, got "
                                  f"{getattr(self, key)!r}; pass one of them")
@@ -104,37 +98,25 @@ class TLoRASettings:
                              "(the paper's)")
         return self
 
-    def for_family(self, family: str) -> TLoRASettings:
-        """These settings on a model of `family` (filled in when unknown; refused when another)."""
+    def for_family(self, family: str, rank_rule: str) -> TLoRASettings:
+        """These settings on a model of `family`, whose T-LoRAs round r(t) by `rank_rule` unless these settings
+        say another rule (filled in when unknown; refused when another family)."""
         if self.family not in (None, family):
             raise UsageError(f"trainer_class {self.trainer_class}: this T-LoRA was trained on {self.family}; "
                              f"this is a {family} model: {OWN_FAMILY}")
-        return replace(self, family=family)
+        return replace(self, family=family, rank_rule=self.rank_rule or rank_rule)
 
     # -- our files -------------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, str]:
         """Our checkpoints' metadata (strings), with ComfyUI-T-LoRA's field names (max_rank, alpha) as well."""
-        values = self.to_hparams(authors_keys=False) | {"max_rank": self.lora_rank, "alpha": self.alpha_rank_scale}
+        values = self.our_keys() | {"max_rank": self.lora_rank, "alpha": self.alpha_rank_scale}
         return {k: str(v) for k, v in values.items()}
 
-    def to_hparams(self, authors_keys: bool = True) -> dict[str, Any]:
-        """Our hparams.yml keys; on FLUX also the keys the authors' FLUX run_inference.py reads (tlora, rank)."""
-        values = {"trainer_type": self.trainer_type, "trainer_class": self.trainer_class, "lora_rank": self.lora_rank,
-                  "min_rank": self.min_rank, "alpha_rank_scale": self.alpha_rank_scale, "sig_type": self.sig_type,
-                  "family": self.family}
-        if authors_keys and self.family:
-            values |= FAMILIES[self.family].authors_run_keys(self)
-        return values
-
-    @classmethod
-    def from_hparams(cls, values: dict[str, Any], where: str = "hparams.yml", flags: bool = False) -> TLoRASettings:
-        """Settings from a complete hparams.yml (ours, the authors' SDXL or FLUX) or train.py's options (`flags`:
-        errors name them as --flags)."""
-        known = known_from_hparams(values, where)
-        missing = [k for k in ("trainer_type", "lora_rank") if k not in known]
-        if missing:
-            raise UsageError(f"{where} has no {missing[0]}; {PASS_HPARAMS}")
-        return cls.from_known(known, flags)
+    def our_keys(self) -> dict[str, Any]:
+        """The keys of our hparams.yml and metadata (the authors' SDXL keys, and `family`)."""
+        return {"trainer_type": self.trainer_type, "trainer_class": self.trainer_class, "lora_rank": self.lora_rank,
+                "min_rank": self.min_rank, "alpha_rank_scale": self.alpha_rank_scale, "sig_type": self.sig_type,
+                "family": self.family}
 
     @classmethod
     def from_known(cls, known: dict[str, Any], flags: bool = False) -> TLoRASettings:
@@ -143,75 +125,3 @@ class TLoRASettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"trainer_class": self.trainer_class}
-
-
-# -- partial sources: each gives the fields it knows ------------------------------------------------
-def split_trainer_class(where: str, value: Any) -> dict[str, Any]:
-    """'flux_tlora' -> family flux, timestep_dependent True."""
-    if value not in TRAINER_CLASSES:
-        raise UsageError(f"{where}: trainer_class must be one of {', '.join(TRAINER_CLASSES)}, got {value!r}; pass one "
-                         "of them")
-    family, kind = str(value).split("_", 1)
-    return {"family": family, "timestep_dependent": kind == "tlora"}
-
-
-OUR_KEYS = {"trainer_type": str, "lora_rank": int, "min_rank": int, "alpha_rank_scale": float, "sig_type": str,
-            "family": str}
-
-
-def known_from_ours(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """The fields our keys give (a hparams.yml, a checkpoint's metadata, a schedule.json; also the authors' SDXL
-    hparams.yml): trainer_class is split into family and mask."""
-    known = {k: typed_value(where, k, values[k], kind) for k, kind in OUR_KEYS.items() if values.get(k) is not None}
-    if values.get("trainer_class") is not None:
-        split = split_trainer_class(where, values["trainer_class"])
-        if known.get("family", split["family"]) != split["family"]:
-            raise UsageError(f"{where}: trainer_class {values['trainer_class']} does not match family "
-                             f"{known['family']}; fix one of them")
-        known |= split
-    return known
-
-
-def hparams_kind(values: dict[str, Any]) -> str:
-    """Which tool wrote a hparams.yml: 'tlora' (ours, with family), 'authors-<family>' (the key set of that
-    family's authors' code; their SDXL keys are ours without `family`), or 'partial' (a dict of some settings)."""
-    if "family" in values and "trainer_class" in values:
-        return "tlora"
-    for family in FAMILIES.values():
-        if family.authors_hparams(values, "") is not None:
-            return f"authors-{family.name}"
-    return "authors-sdxl" if "trainer_class" in values else "partial"
-
-
-def known_from_hparams(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """The fields a hparams.yml gives, in the key set of the tool that wrote it."""
-    if "trainer_class" not in values:
-        for family in FAMILIES.values():
-            known = family.authors_hparams(values, where)
-            if known is not None:
-                return known
-    return known_from_ours(values, where)
-
-
-def known_from_overrides(overrides: dict[str, Any], where: str = "tlora.load") -> dict[str, Any]:
-    """Keyword settings (tlora.load(..., min_rank=2), export flags); None means not given."""
-    allowed = set(OUR_KEYS) | {"trainer_class", "timestep_dependent"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise UsageError(f"{where}: unknown setting {shown(unknown[0])}; pass one of {', '.join(sorted(allowed))}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    known = known_from_ours(given, where)
-    if "timestep_dependent" in given:
-        known["timestep_dependent"] = typed_value(where, "timestep_dependent", given["timestep_dependent"], bool)
-    return known
-
-
-def known_from_lycoris(config: dict[str, Any], rank: int, where: str) -> dict[str, Any]:
-    """SimpleTuner's mask settings from a lycoris_config, with LyCORIS's defaults (as SimpleTuner reads them)."""
-    if config.get("algo", "tlora") != "tlora":
-        raise UsageError(f"{where} holds LyCORIS algo {config.get('algo')!r}, not a T-LoRA (algo tlora); pass a "
-                         "LyCORIS file with algo tlora")
-    return {"trainer_type": "ortho_lora", "timestep_dependent": True, "rank_rule": "float64",
-            "lora_rank": typed_value(where, "linear_dim", config.get("linear_dim") or rank, int),
-            "min_rank": typed_value(where, "tlora_min_rank", config.get("tlora_min_rank", 1), int),
-            "alpha_rank_scale": typed_value(where, "tlora_alpha", config.get("tlora_alpha", 1.0), float)}

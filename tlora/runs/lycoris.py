@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
 
 from tlora.common.errors import UsageError
-from tlora.common.values import shown
+from tlora.common.values import shown, typed_value
 from tlora.method.adapters import OrthoLoRAAdapter
 from tlora.method.denoiser import DenoiserSpec
 from tlora.method.injection import TLoRA, attach_adapters
@@ -127,3 +128,14 @@ def load_lycoris(denoiser: nn.Module, weights: dict[str, torch.Tensor], settings
         adapters = {prefix: (paths[prefix], adapter_from_lycoris(prefix, modules[paths[prefix]], params))
                     for prefix, params in groups.items()}
     return attach_adapters(denoiser, settings, adapters, spec)
+
+
+def known_from_lycoris(config: dict[str, Any], rank: int, where: str) -> dict[str, Any]:
+    """SimpleTuner's mask settings from a lycoris_config, with LyCORIS's defaults (as SimpleTuner reads them)."""
+    if config.get("algo", "tlora") != "tlora":
+        raise UsageError(f"{where} holds LyCORIS algo {config.get('algo')!r}, not a T-LoRA (algo tlora); pass a "
+                         "LyCORIS file with algo tlora")
+    return {"trainer_type": "ortho_lora", "timestep_dependent": True, "rank_rule": "float64",
+            "lora_rank": typed_value(where, "linear_dim", config.get("linear_dim") or rank, int),
+            "min_rank": typed_value(where, "tlora_min_rank", config.get("tlora_min_rank", 1), int),
+            "alpha_rank_scale": typed_value(where, "tlora_alpha", config.get("tlora_alpha", 1.0), float)}

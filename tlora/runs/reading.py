@@ -33,16 +33,15 @@ from tlora.common.errors import CheckpointError
 from tlora.common.messages import OWN_FAMILY, AssumedSetting
 from tlora.common.text_files import parse_json
 from tlora.common.values import shown
-from tlora.method.settings import (
-    RESULT_FIELDS,
-    TLoRASettings,
+from tlora.method.settings import RESULT_FIELDS, TLoRASettings
+from tlora.runs import keys, lycoris
+from tlora.runs.hparams import (
     hparams_kind,
     known_from_hparams,
-    known_from_lycoris,
     known_from_ours,
     known_from_overrides,
+    settings_from_known,
 )
-from tlora.runs import keys, lycoris
 from tlora.runs.run_folder import RunFolder, find_weights, read_hparams
 from tlora.runs.weights import DAMAGED, check_finite_tensors, read_header, read_tensors
 
@@ -249,7 +248,7 @@ def read(
         assumed["family"] = (f"{weights}: its keys fit {' and '.join(candidates)} models and nothing records which; "
                              f"assuming {fam}")
     assumed |= _defaults(merged, sources, weights)
-    settings = TLoRASettings.from_known(merged)
+    settings = settings_from_known(merged)
     check_made_with(shapes, settings.trainer_type, settings.lora_rank, where=str(weights))
     ckpt = Checkpoint(weights, settings, sources, metadata, shapes, values, hparams_path, assumed=assumed)
     if not quiet:
@@ -269,9 +268,9 @@ def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family:
         raise CheckpointError(f"{weights}: its lycoris_config metadata is {shown(config)}, not a mapping of settings; "
                               f"{fix}")
     check_matrices(lycoris.lycoris_matrices(shapes), weights)
-    known = known_from_lycoris(config, lycoris.lycoris_rank(shapes), str(weights))
+    known = lycoris.known_from_lycoris(config, lycoris.lycoris_rank(shapes), str(weights))
     known["family"] = family or (families.of_keys(shapes) or [None])[0]
     known["num_train_timesteps"] = num_train_timesteps or SETTING_DEFAULTS["num_train_timesteps"]
     sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
     sources |= dict.fromkeys(given, GIVEN)
-    return Checkpoint(weights, TLoRASettings.from_known(known | given), sources, metadata, shapes, lycoris=True)
+    return Checkpoint(weights, settings_from_known(known | given), sources, metadata, shapes, lycoris=True)

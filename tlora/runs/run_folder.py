@@ -23,7 +23,7 @@ from tlora.common.redaction import redact_value, secret_values
 from tlora.common.safe_names import safe_component
 from tlora.common.text_files import load_yaml, read_text
 from tlora.common.values import shown
-from tlora.method.settings import TLoRASettings
+from tlora.runs.hparams import from_hparams, to_hparams
 from tlora.runs.weights import AUTHORS_FLUX_NAME, DAMAGED, WEIGHTS_NAME, WEIGHTS_NAMES, read_header, what_it_is
 
 RUN_INDEX = re.compile(r"^([0-9]+)-")
@@ -221,7 +221,7 @@ def next_run_index(output_dir: Path) -> int:
 def run_name(args: argparse.Namespace, index: int) -> str:
     """`<index>-<4 hex>-<data folder>_<t if masked><trainer type><rank>`, as the authors' SDXL tool names runs."""
     data = safe_component(os.path.basename(os.path.normpath(os.path.abspath(args.train_data_dir))), 60)
-    settings = TLoRASettings.from_hparams(vars(args), "train.py")
+    settings = from_hparams(vars(args), "train.py")
     t = "t" if settings.timestep_dependent else ""
     return f"{index:05d}-{secrets.token_hex(2)}-{data}_{t}{settings.trainer_type}{settings.lora_rank}"
 
@@ -253,10 +253,10 @@ def remove_run_folder(folder: Path) -> None:
 
 def public_hparams(args: argparse.Namespace) -> dict:
     """Every option, with secrets removed however they were given: what hparams.yml and trackers receive.
-    The T-LoRA settings are written by TLoRASettings (on FLUX with the authors' keys tlora and rank too)."""
+    The T-LoRA settings are written by runs.hparams.to_hparams (on FLUX with the authors' keys tlora and rank too)."""
     hidden = secret_values(list(getattr(args, "argv", []))) | ({args.wandb_api_key} if args.wandb_api_key else set())
     values = {k: v for k, v in vars(args).items() if k not in INTERNAL}
-    values |= TLoRASettings.from_hparams(values, "train.py").to_hparams()
+    values |= to_hparams(from_hparams(values, "train.py"))
     values["wandb_api_key"] = None
 
     def clean(value):  # by exact value: a setting that merely contains the key's characters is kept

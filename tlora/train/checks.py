@@ -28,7 +28,7 @@ from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, 
 from tlora.common.values import check_count, check_finite, check_guidance, check_seed, out_of_range, shown
 from tlora.families.model_checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
 from tlora.generate.generation import image_size
-from tlora.method.settings import TRAINER_CLASSES, TLoRASettings
+from tlora.runs.hparams import TRAINER_CLASSES, from_hparams
 from tlora.train.options import TrainOptions
 from tlora.train.tracking import tracker
 
@@ -46,7 +46,7 @@ def validate(opts: TrainOptions) -> None:
             raise UsageError(f"--{name} is required; pass it on the command line or in --config")
     _check_family(opts)
     _check_numbers(opts)
-    TLoRASettings.from_hparams(vars(opts), "train.py", flags=True)  # ranks, alpha, trainer type
+    from_hparams(vars(opts), "train.py", flags=True)  # ranks, alpha, trainer type
     check_text("--placeholder_token", opts.placeholder_token, MAX_WORD_LENGTH)
     check_text("--class_name", opts.class_name, MAX_WORD_LENGTH)
     if opts.validation_prompts is not None:
@@ -240,7 +240,7 @@ def _require(flag: str, package: str, fix: str, cuda_fix: str | None = None) -> 
 
 def announce_unused(opts: TrainOptions, given: set[str]) -> None:
     """A note for each flag given (on the command line or in --config) that has no effect with the others."""
-    masked = TLoRASettings.from_hparams(vars(opts), "train.py").timestep_dependent
+    masked = from_hparams(vars(opts), "train.py").timestep_dependent
     no_prior = (not opts.with_prior_preservation, "without --with_prior_preservation",
                 "add --with_prior_preservation to use it")
     no_mask = (not masked, f"with --trainer_class {opts.trainer_class} (no timestep mask)",

@@ -32,7 +32,7 @@ from tlora.common.values import check_finite, check_seed, shown
 from tlora.families.architectures import empty_pipeline, family_of, published
 from tlora.families.model_checks import cached_file
 from tlora.families.pipelines import DTYPES
-from tlora.method.settings import TLoRASettings
+from tlora.runs.hparams import from_hparams
 from tlora.train.objective import diffusion_loss, make_optimizer
 from tlora.train.options import TrainOptions
 from tlora.train.tracing import Flops, GPUKernels, LiveBytes
@@ -174,7 +174,7 @@ def _empty_pipeline(name: str, dtype: torch.dtype, opts: TrainOptions):
 def _train_state(family, opts: TrainOptions, model: nn.Module, scheduler, autocast: torch.dtype | None, real: bool):
     """The adapters (no random start: the values do not matter here), gradient checkpointing as train.py sets it,
     and AdamW after one step (its moments exist in the steady state)."""
-    settings = replace(TLoRASettings.from_hparams(vars(opts), "train.py"),
+    settings = replace(from_hparams(vars(opts), "train.py"),
                        num_train_timesteps=scheduler.config.num_train_timesteps)
     with nullcontext() if real else init_empty_weights(include_buffers=False):
         tlora = family.attach(model, settings, init=False)

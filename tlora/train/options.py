@@ -31,7 +31,7 @@ from tlora.common.text_files import load_yaml, read_text
 from tlora.common.values import shown
 from tlora.families.pipelines import BASE_PRECISIONS
 from tlora.method.adapters import SIG_TYPES, TRAINER_TYPES
-from tlora.method.settings import TRAINER_CLASSES
+from tlora.runs.hparams import TRAINER_CLASSES
 
 LEARNING_RATES = {"adamw": 1e-4, "prodigy": 1.0}  # --learning_rate's default for each --optimizer
 OPTIMIZERS = tuple(LEARNING_RATES)

@@ -35,8 +35,8 @@ from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload
 from tlora.generate import generation
 from tlora.generate.generation import image_size
 from tlora.method.injection import TLoRA
-from tlora.method.settings import TLoRASettings
 from tlora.runs.checkpoint_state import RESUME_DIR, Progress
+from tlora.runs.hparams import from_hparams
 from tlora.runs.reading import read
 from tlora.runs.run_folder import (
     RunFolder,
@@ -124,7 +124,7 @@ class Trainer:
         """The adapters, from the seed (the authors' random start), a given state, or the checkpoint resumed."""
         opts, acc = self.opts, self.accelerator
         set_seed(opts.seed)
-        self.settings = replace(TLoRASettings.from_hparams(vars(opts), "train.py"),
+        self.settings = replace(from_hparams(vars(opts), "train.py"),
                                 num_train_timesteps=self.scheduler.config.num_train_timesteps)
         fresh = self.adapter_state is None and self.resume_from is None
         self.tlora: TLoRA = self.family.attach(self.pipe, self.settings, init=fresh, svd_device=self.device)
