@@ -171,6 +171,7 @@ def save(opts) -> dict:
 
 
 def load(opts) -> dict:
+    from tlora.families import FAMILIES
     from tlora.families.pipelines import DTYPES, load_pipeline
 
     peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
@@ -186,7 +187,7 @@ def load(opts) -> dict:
 
     threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
-    pipe = load_pipeline(opts.folder, "none", dtype=DTYPES[opts.precision], family="sdxl")
+    pipe = load_pipeline(opts.folder, "none", dtype=DTYPES[opts.precision], family=FAMILIES["sdxl"])
     seconds = time.perf_counter() - start
     with torch.no_grad():  # read every weight once, as the first step does (a lazily mapped file is read here)
         total = sum(float(p.float().sum()) for part in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)

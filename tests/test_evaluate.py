@@ -15,6 +15,7 @@ from tlora.evaluation.manifest import Concept, Manifest
 from tlora.evaluation.metrics import mask_background, reference_images
 from tlora.evaluation.report import collect
 from tlora.evaluation.scoring import evaluate_samples
+from tlora.families import FAMILIES
 from tlora.method.settings import TLoRASettings
 
 from helpers import make_image
@@ -99,7 +100,8 @@ def test_effective_rank_by_hand():
     v, _ = torch.linalg.qr(torch.randn(10, 4, generator=g))
     s = torch.tensor([8.0, 4.0, 2.0, 1.0])  # 12/15 = 0.8, 14/15 = 0.933, 15/15: effective rank 4
     weights = {"a.attn1.processor.to_q_lora.up.weight": u * s, "a.attn1.processor.to_q_lora.down.weight": v.T}
-    layer = analyse_updates(weights, TLoRASettings("lora", 4, family="sdxl"))["a.attn1.processor.to_q_lora"]
+    settings = TLoRASettings("lora", 4, family="sdxl", rank_rule="divide_first")
+    layer = analyse_updates(FAMILIES["sdxl"], weights, settings)["a.attn1.processor.to_q_lora"]
     assert layer["effective_rank"] == 4 and layer["kind"] == "self"
     assert torch.allclose(torch.tensor(layer["singular_values"][:4], dtype=torch.float64), s.double(), atol=1e-5)
 

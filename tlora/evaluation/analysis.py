@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from tlora import families
 from tlora.common.commands import run_command
 from tlora.common.errors import UsageError
 from tlora.common.files import atomic_write, check_writable
 from tlora.common.flags import Parser
 from tlora.common.images import open_rgb
 from tlora.common.messages import note
+from tlora.families import Family
 from tlora.generate.generation import existing_images
 from tlora.method.adapters import branches, factors
 from tlora.method.settings import TLoRASettings
@@ -96,8 +96,8 @@ def plot_rank_schedule(s: TLoRASettings, path: Path) -> list[float]:
     return ticks
 
 
-def analyse_updates(weights: dict[str, torch.Tensor], settings: TLoRASettings) -> dict[str, dict]:
-    family = families.get(settings.family)
+def analyse_updates(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings
+                    ) -> dict[str, dict]:
     out = {}
     for prefix, update in layer_updates(weights, settings.trainer_type).items():
         s = torch.linalg.svdvals(update.double())
@@ -188,9 +188,9 @@ def analyze(target: str | Path) -> Path:
         note(f"{run.name} was written in {old}; reading it where it is, {run.path}")
     out.mkdir(exist_ok=True)
     if ckpt is not None:
-        layers = analyse_updates(weights, settings)
+        layers = analyse_updates(ckpt.family, weights, settings)
         atomic_write(out / "effective_rank.json", json.dumps(layers, indent=1).encode())
-        plot_effective_rank(layers, families.get(settings.family).layer_kinds, out / "effective_rank.png")
+        plot_effective_rank(layers, ckpt.family.layer_kinds, out / "effective_rank.png")
         versions = sorted(checkpoint.glob("samples/*/version_*"))
         if not (versions and samples_grid(versions[0], out / "samples_grid.png")):
             note(f"no samples_grid.png: {checkpoint} has no samples (inference.py writes them)")

@@ -114,7 +114,7 @@ def _pipeline(pipes: dict, hp: dict, family, device: str):
     key = (hp["pretrained_model_name_or_path"], hp.get("pretrained_vae_model_name_or_path"), hp.get("revision"))
     if key not in pipes:
         dtype = DTYPES[family.gpu_dtype if device.startswith("cuda") else "fp32"]
-        pipes[key] = load_pipeline(*key, dtype, family.name)
+        pipes[key] = load_pipeline(*key, dtype, family)
     return pipes[key]
 
 
@@ -122,12 +122,11 @@ def generate_job(
     m: Manifest, concept: Concept, checkpoint: Path, device: str, pipes: dict
 ) -> tuple[Path, dict[str, list[str]]]:
     """The protocol's images for one checkpoint (prompt folders already complete are skipped)."""
-    from tlora import families
     from tlora.generate import api, generation
     from tlora.runs.reading import read
 
     ckpt = read(checkpoint)
-    hp, family = ckpt.hparams, families.get(ckpt.settings.family)
+    hp, family = ckpt.hparams, ckpt.family
     steps = m.num_inference_steps or family.inference_steps
     guidance = family.inference_guidance if m.guidance_scale is None else m.guidance_scale
     contextual, complex_ = prompt_set(concept.kind)
@@ -161,7 +160,6 @@ def run_job(m: Manifest, concept: Concept, method: Method, embedders, device: st
 
 def parse_args(argv: list[str] | None = None) -> Manifest:
     """The manifest, with every job's train.py flags checked before anything is trained or loaded."""
-    from tlora import families
     from tlora.generate.generation import image_size
     from tlora.train.options import parse_args as train_args
 
@@ -178,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> Manifest:
     for concept, method in m.jobs():
         try:
             opts = train_args(train_flags(m, concept, method))
-            image_size(("height", "width"), m.height, m.width, families.get(opts.family).resolution_multiple)
+            image_size(("height", "width"), m.height, m.width, opts.recipe.resolution_multiple)
         except UsageError as err:
             raise UsageError(f"manifest: {concept.name} x {method.name}: {err}") from None
     return m

@@ -38,10 +38,10 @@ def quantization(precision: str, family: type[families.Family], dtype: torch.dty
 
 def load_pipeline(
     model: str, vae: str | None, revision: str | None = None, dtype: torch.dtype = torch.float32,
-    family: str | None = None, base_model_precision: str = "auto",
+    family: type[families.Family] | None = None, base_model_precision: str = "auto",
 ):
-    """The family's pipeline (detected from model_index.json unless given), frozen, every part in `dtype`."""
-    fam = families.get(family or families.detect(model, revision))
+    """The `family`'s pipeline (detected from model_index.json unless given), frozen, every part in `dtype`."""
+    fam = family or families.get(families.detect(model, revision))
     return fam.load_pipeline(model, vae, revision, dtype, quantization(base_model_precision, fam, dtype))
 
 

@@ -22,6 +22,7 @@ from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
 from tlora.generate.generation import image_size
+from tlora.generate.video import frames_kwargs
 from tlora.runs.reading import read
 from tlora.runs.run_folder import RunFolder, read_hparams
 from tlora.runs.weights import WEIGHTS_NAMES
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         a(f"--{side}", type=int, default=None, help=f"Image {side} in pixels, a multiple of 8 (SDXL) or 16 (FLUX, "
           "klein). Default: the pipeline's own (1024 on the published models, whatever size the run was trained at), "
           "as the authors' tools sample.")
+    a("--num_frames", type=int, default=None, help="Video models (Wan): frames per video, 4k + 1 (1: one image). "
+      "Default: the pipeline's own (81 on Wan).")
     a("--version", type=int, default=0)
     a("--seed", type=int, default=0)
     a("--replace_inference_output", action="store_true", default=False)
@@ -128,8 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkpoint = checkpoint_folder(run, args.checkpoint_idx)
     args.ckpt = read(args.checkpoint, config_path, fix=f"add {{key}} to {config_path}")  # that folder's weights only
     args.ckpt.tensors()  # read and checked (finite) now; kept for loading
-    family = families.get(args.ckpt.settings.family)
-    args.family = family.name
+    family = args.family = args.ckpt.family
     # The authors' hparams.yml have no VAE key: their SDXL tool always uses SDXL's default VAE, FLUX the model's own.
     args.hparams = {"revision": None, "pretrained_vae_model_name_or_path": family.default_vae or "none", **hparams}
     if args.pretrained_vae_model_name_or_path is not None:
@@ -151,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--version must be 0 or more, got {args.version}; pass 0 for the first version folder")
     check_guidance("--guidance_scale", args.guidance_scale)
     args.size = image_size(("--height", "--width"), args.height, args.width, family.resolution_multiple)
+    args.size |= frames_kwargs("--num_frames", args.num_frames, family)  # a call argument beside the size
     check_seed("--seed", args.seed)
     args.device = check_device(args.device)
     args.dtype = args.dtype or (family.gpu_dtype if args.device.startswith("cuda") else "fp32")
@@ -184,10 +187,10 @@ def _is_file(path: Path) -> bool:
 def run(args: argparse.Namespace) -> Path:
     """Load the base model and the T-LoRA, generate every prompt not already done; returns the version folder."""
     hp = args.hparams
-    family = families.get(args.family)
+    family = args.family
     pipe = load_pipeline(
         hp["pretrained_model_name_or_path"], hp["pretrained_vae_model_name_or_path"], hp["revision"], DTYPES[args.dtype],
-        family.name,
+        family,
     ).to(args.device)
     load(pipe, args.ckpt)
     cfg = generation.Sampling(

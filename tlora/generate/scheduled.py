@@ -71,10 +71,10 @@ def next_timestep(scheduler) -> float | None:
 class ScheduledTLoRA:
     """`callback_on_step_end` that turns on exactly the chunks the T-LoRA mask has on at the next timestep."""
 
-    def __init__(self, pipe, chunks: list[dict], settings: TLoRASettings, first: float, others: dict[str, float]
-                 ) -> None:
+    def __init__(self, pipe, family: type[families.Family], chunks: list[dict], settings: TLoRASettings, first: float,
+                 others: dict[str, float]) -> None:
         self.pipe, self.chunks, self.settings, self.first, self.others = pipe, chunks, settings, first, others
-        self.family = families.of_model(pipe)
+        self.family = family
         self.on = self.active(first)
         self.apply(self.on)
 
@@ -170,4 +170,4 @@ def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength:
             if chunk["adapter"] not in loaded:
                 pipe.load_lora_weights(str(folder), weight_name=chunk["file"], adapter_name=chunk["adapter"])
     first = first_timestep(pipe, num_inference_steps, strength)
-    return ScheduledTLoRA(pipe, chunks, settings, first, other_adapters or {})
+    return ScheduledTLoRA(pipe, family, chunks, settings, first, other_adapters or {})

@@ -36,14 +36,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save
 
-from tlora import families
 from tlora.common.commands import run_command
 from tlora.common.errors import RunFailed, UsageError
 from tlora.common.files import atomic_write, check_writable, is_write_failure, write_failure
 from tlora.common.flags import Parser
 from tlora.common.messages import NEW_PATH, note
 from tlora.common.values import check_count, shown
-from tlora.families.base import Target
+from tlora.families.base import Family, Target
 from tlora.method.adapters import PARAMS, branches, factors
 from tlora.method.settings import TLoRASettings
 from tlora.runs.keys import flatten, group
@@ -64,10 +63,11 @@ def components(params: dict[str, torch.Tensor], trainer_type: str) -> tuple[torc
     return factors(branches({name: v.double() for name, v in params.items()}, trainer_type))
 
 
-def select(weights: dict[str, torch.Tensor], settings: TLoRASettings, first: int, end: int, drop_zero: bool) -> Factors:
-    """Every layer's LoRA factors (by module path) for rank components first..end-1 (ortho_lora: of both paths),
-    float32; `drop_zero` drops components that are exactly zero (and layers left with none)."""
-    family, trainer_type = families.get(settings.family), settings.trainer_type
+def select(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings, first: int, end: int,
+           drop_zero: bool) -> Factors:
+    """Every layer's LoRA factors (by the `family` denoiser's module path) for rank components first..end-1
+    (ortho_lora: of both paths), float32; `drop_zero` drops components that are exactly zero (and layers left with none)."""
+    trainer_type = settings.trainer_type
     out: Factors = {}
     for prefix, params in sorted(group(weights).items()):
         down, up = components(params, trainer_type)
@@ -99,16 +99,17 @@ def fuse(factors: Factors, targets: list[Target]) -> Factors:
     return out
 
 
-def layout(factors: Factors, family: str, fmt: str, meta: dict[str, str]) -> Factors:
+def layout(factors: Factors, family: type[Family], fmt: str, meta: dict[str, str]) -> Factors:
     """The projections' factors as the layers of a `diffusers` or `kohya` file of the family (Family.export_targets)."""
     widths = {module: up.shape[0] for module, (_, up) in factors.items()}
-    return fuse(factors, families.get(family).export_targets(fmt, widths, meta))
+    return fuse(factors, family.export_targets(fmt, widths, meta))
 
 
-def fixed_mask_factors(weights: dict[str, torch.Tensor], settings: TLoRASettings, active: int | None) -> Factors:
+def fixed_mask_factors(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings,
+                       active: int | None) -> Factors:
     """Every layer's update under a fixed mask (the first `active` components; None = all) as exact LoRA
     factors, components that are exactly zero dropped."""
-    return select(weights, settings, 0, settings.lora_rank if active is None else active, drop_zero=True)
+    return select(family, weights, settings, 0, settings.lora_rank if active is None else active, drop_zero=True)
 
 
 def best_rank(down: torch.Tensor, up: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -147,16 +148,15 @@ def diffusers_lora(factors: Factors) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_diffusers(factors: Factors, family: str, out: Path) -> None:
+def save_diffusers(factors: Factors, family: type[Family], out: Path) -> None:
     """A LoRA file as the family pipeline's own save_lora_weights writes it (`unet.` / `transformer.` keys and
     the adapter metadata)."""
-    fam = families.get(family)
     tensors, metadata = diffusers_lora(factors)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # diffusers writes in place: rename when complete
     try:
-        fam.pipeline_class.save_lora_weights(out.parent, weight_name=tmp.name, **{
-            f"{fam.model_attr}_lora_layers": tensors, f"{fam.model_attr}_lora_adapter_metadata": metadata})
+        family.pipeline_class.save_lora_weights(out.parent, weight_name=tmp.name, **{
+            f"{family.model_attr}_lora_layers": tensors, f"{family.model_attr}_lora_adapter_metadata": metadata})
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -190,13 +190,13 @@ def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
     return chunks
 
 
-def scheduled_files(weights: dict[str, torch.Tensor], settings: TLoRASettings, meta: dict[str, str]
-                    ) -> tuple[dict[str, Factors], dict]:
+def scheduled_files(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings,
+                    meta: dict[str, str]) -> tuple[dict[str, Factors], dict]:
     """One standard diffusers LoRA per chunk of rank components (file name -> factors), and the schedule."""
     files, entries = {}, []
     for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
         name = f"chunk_{i:03d}.safetensors"
-        files[name] = layout(select(weights, settings, first, end, drop_zero=False), settings.family, "diffusers", meta)
+        files[name] = layout(select(family, weights, settings, first, end, drop_zero=False), family, "diffusers", meta)
         entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
     return files, schedule_of(settings, entries)
 
@@ -209,16 +209,17 @@ def schedule_of(settings: TLoRASettings, chunks: list[dict]) -> dict:
                     "is below r(t) of `settings` (tlora.scheduled)"}
 
 
-def save_scheduled(weights: dict[str, torch.Tensor], settings: TLoRASettings, meta: dict[str, str], out: Path) -> None:
+def save_scheduled(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings,
+                   meta: dict[str, str], out: Path) -> None:
     """The chunks and schedule.json, written in a new folder beside `out` and renamed to it when complete (an
     existing `out` is replaced only then)."""
-    files, schedule = scheduled_files(weights, settings, meta)
+    files, schedule = scheduled_files(family, weights, settings, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = (out.with_name(f".{out.name}.{secrets.token_hex(4)}.{what}") for what in ("tmp", "old"))
     tmp.mkdir()
     try:
         for name, factors in files.items():
-            save_diffusers(factors, settings.family, tmp / name)
+            save_diffusers(factors, family, tmp / name)
         atomic_write(tmp / SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
         if out.exists():
             os.replace(out, old)
@@ -275,8 +276,8 @@ def _check_settings(args: argparse.Namespace) -> None:
     ckpt: Checkpoint = args.ckpt
     if ckpt.lycoris:
         raise UsageError(f"{ckpt.path} {LYCORIS_REFUSAL}; to export, pass a checkpoint of tlora's or the authors'")
-    family = ckpt.settings.family
-    formats = families.get(family).export_formats
+    fam, family = ckpt.family, ckpt.settings.family
+    formats = fam.export_formats
     if args.format not in formats:
         why = "the authors released no code for it" if args.format == "authors" else "it has no such file"
         raise UsageError(f"{ckpt.path} is a {family} T-LoRA: no --format {args.format}, {why}; "
@@ -287,7 +288,6 @@ def _check_settings(args: argparse.Namespace) -> None:
         what = f"--mask {args.mask}" if args.active_at is not None else f"--format {args.format}"
         raise UsageError(f"{what} is built on {guessed[0]}, which {ckpt.path} does not record; "
                          f"{FIX.format(key=guessed[0])}")
-    fam = families.get(family)
     if args.format == "authors":
         if ckpt.settings.trainer_type not in fam.authors_trainer_types:
             raise UsageError(f"{ckpt.path} is an {ckpt.settings.trainer_type} T-LoRA: the authors' {family} code has "
@@ -352,7 +352,7 @@ def written(out: Path):
 def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:
     """The authors' file: every key their loader expects (Family.authors_file), as safetensors with `format: pt`
     as the only metadata, or (a .pt file) a plain torch.save of tensors."""
-    family = families.get(ckpt.settings.family)
+    family = ckpt.family
     tensors = flatten(family.authors_file(group(weights), *PARAMS["lora"]))
     if out.suffix == ".pt":
         save_pickle(tensors, out)
@@ -371,7 +371,7 @@ def export(args: argparse.Namespace) -> Path:
         if args.format == "authors":
             save_authors(ckpt, ckpt.tensors(), out)
         elif args.format == "diffusers-scheduled":
-            save_scheduled(ckpt.tensors(), ckpt.settings, ckpt.metadata, out)
+            save_scheduled(ckpt.family, ckpt.tensors(), ckpt.settings, ckpt.metadata, out)
         else:
             write(out)
     return out
@@ -382,17 +382,17 @@ def fixed_mask_export(args: argparse.Namespace):
     ckpt: Checkpoint = args.ckpt
     weights, s = ckpt.tensors(), ckpt.settings
     active = None if args.active_at is None else s.active_rank(args.active_at)
-    factors = fixed_mask_factors(weights, s, active)
+    factors = fixed_mask_factors(ckpt.family, weights, s, active)
     if not factors:
         raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?), so there is nothing "
                          "to export; export a trained checkpoint, or pass another --mask")
-    factors = layout(factors, s.family, args.format, ckpt.metadata)
+    factors = layout(factors, ckpt.family, args.format, ckpt.metadata)
     if args.rank is not None:
         factors, errors = truncate(factors, args.rank)
         print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
     if args.format == "diffusers":
-        return lambda out: save_diffusers(factors, s.family, out)
-    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": families.get(s.family).kohya_base_model}
+        return lambda out: save_diffusers(factors, ckpt.family, out)
+    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": ckpt.family.kohya_base_model}
     tensors = kohya_lora(factors)
     return lambda out: atomic_write(out, save(tensors, metadata=meta))
 

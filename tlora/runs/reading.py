@@ -33,6 +33,7 @@ from tlora.common.errors import CheckpointError
 from tlora.common.messages import OWN_FAMILY, AssumedSetting
 from tlora.common.text_files import parse_json
 from tlora.common.values import shown
+from tlora.families import FAMILIES, Family
 from tlora.method.settings import RESULT_FIELDS, TLoRASettings
 from tlora.runs import keys, lycoris
 from tlora.runs.hparams import (
@@ -58,6 +59,7 @@ class Checkpoint:
     """A T-LoRA on disk: its weights file, settings and where each came from; tensors are read on demand."""
 
     path: Path
+    family: type[Family] | None  # the family it is for, resolved once here and carried (settings.family is its name)
     settings: TLoRASettings
     sources: dict[str, str]
     metadata: dict[str, str]
@@ -165,9 +167,9 @@ SETTING_DEFAULTS = {f.name: f.default for f in fields(TLoRASettings) if f.defaul
 DEFAULTED = ("min_rank", "alpha_rank_scale", "sig_type", "num_train_timesteps")  # after timestep_dependent: the family's
 
 
-def _defaults(merged: dict[str, Any], sources: dict[str, str], where: Path) -> dict[str, str]:
-    """Fill what no source gave with the authors' defaults; returns the lines for those that change the result."""
-    family = families.get(merged["family"])
+def _defaults(family: type[Family], merged: dict[str, Any], sources: dict[str, str], where: Path) -> dict[str, str]:
+    """Fill what no source gave with the `family` authors' defaults; returns the lines for those that change the
+    result."""
     defaults = {"timestep_dependent": family.masked_by_default} | {k: SETTING_DEFAULTS[k] for k in DEFAULTED}
     assumed = {}
     for key, value in defaults.items():
@@ -225,7 +227,7 @@ def read(
         raise CheckpointError(f"{weights} was trained on {sure or candidates[0]}; this is a {family} model: "
                               f"{OWN_FAMILY}")
     fam = family or candidates[0]
-    shapes = keys.without_adapters(shapes, families.get(fam).unused_adapter)
+    shapes = keys.without_adapters(shapes, FAMILIES[fam].unused_adapter)
     check_shapes(shapes, weights)
     values, label, hparams_path = _hparams(hparams, weights)
     layers = [(GIVEN, given), (METADATA, known_from_ours(metadata, str(weights)))]
@@ -247,10 +249,11 @@ def read(
         merged["family"], sources["family"] = fam, DEFAULT
         assumed["family"] = (f"{weights}: its keys fit {' and '.join(candidates)} models and nothing records which; "
                              f"assuming {fam}")
-    assumed |= _defaults(merged, sources, weights)
+    recipe = FAMILIES[merged["family"]]
+    assumed |= _defaults(recipe, merged, sources, weights)
     settings = settings_from_known(merged)
     check_made_with(shapes, settings.trainer_type, settings.lora_rank, where=str(weights))
-    ckpt = Checkpoint(weights, settings, sources, metadata, shapes, values, hparams_path, assumed=assumed)
+    ckpt = Checkpoint(weights, recipe, settings, sources, metadata, shapes, values, hparams_path, assumed=assumed)
     if not quiet:
         ckpt.announce(fix)
     return ckpt
@@ -273,4 +276,6 @@ def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family:
     known["num_train_timesteps"] = num_train_timesteps or SETTING_DEFAULTS["num_train_timesteps"]
     sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
     sources |= dict.fromkeys(given, GIVEN)
-    return Checkpoint(weights, settings_from_known(known | given), sources, metadata, shapes, lycoris=True)
+    settings = settings_from_known(known | given)
+    return Checkpoint(weights, FAMILIES.get(settings.family), settings, sources, metadata, shapes,
+                      lycoris=True)

@@ -9,7 +9,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-from tlora import families
 from tlora.common.errors import UsageError
 from tlora.common.files import check_folder
 from tlora.common.hub import check_model_source
@@ -55,7 +54,7 @@ def validate(opts: TrainOptions) -> None:
                              "prompts); give at least one, or drop the flag for no validation images")
         check_templates("--validation_prompts", split_prompts(opts.validation_prompts))
     image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width,
-               families.get(opts.family).resolution_multiple)
+               opts.recipe.resolution_multiple)
     if opts.mask_dir and opts.alpha_mask:
         raise UsageError("--alpha_mask and --mask_dir both give loss masks; drop one of them")
     if opts.optimizer == "prodigy" and opts.use_8bit_adam:
@@ -69,10 +68,10 @@ def validate(opts: TrainOptions) -> None:
 
 def _check_family(opts: TrainOptions) -> None:
     if opts.trainer_class in TRAINER_CLASSES and not opts.trainer_class.startswith(opts.family + "_"):
-        kind = opts.trainer_class.split("_", 1)[1]
+        kind = opts.trainer_class.rsplit("_", 1)[1]
         raise UsageError(f"--trainer_class {opts.trainer_class} is for another model family; this is a {opts.family} "
                          f"model: pass --trainer_class {opts.family}_{kind}")
-    multiple = families.get(opts.family).resolution_multiple
+    multiple = opts.recipe.resolution_multiple
     if opts.resolution % multiple or opts.resolution < max(MIN_SIDE, multiple):
         raise UsageError(f"--resolution must be a multiple of {multiple} for {opts.family}, at least {max(MIN_SIDE, multiple)}, "
                          f"got {opts.resolution}; pass one such as 1024")
@@ -166,7 +165,7 @@ def _check_mask_content(opts: TrainOptions, sizes: dict[Path, tuple[int, int]]) 
     """Each loss mask is its image's size and leaves something of the image, as cropped, to learn."""
     if not (opts.mask_dir or opts.alpha_mask):
         return
-    resize_first = families.get(opts.family).resize_first
+    resize_first = opts.recipe.resize_first
     for image in training_images(opts.train_data_dir, opts.one_image):
         mask = find_mask(opts.mask_dir, image) if opts.mask_dir else image
         if sizes[mask] != sizes[image]:

@@ -109,10 +109,10 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     dtype = DTYPES[opts.mixed_precision]
     real = pipe is not None
     pipe = pipe if real else _empty_pipeline(name, dtype, opts)
-    family = families.of_model(pipe)
-    if family.name != opts.family:
-        raise UsageError(f"--pretrained_model_name_or_path {name} is {family.name}, but the options are "
-                         f"{opts.family}; pass the options of a {family.name} model")
+    family = opts.recipe
+    if not family.owns(family.model(pipe)):
+        raise UsageError(f"--pretrained_model_name_or_path {name} is not a {family.name} model, but the options are "
+                         f"{family.name}'s; pass the options of its family")
     model = family.model(pipe)
     if not real:
         family.prepare(pipe, dtype)  # as loading does (SDXL: a VAE that needs fp32 stays fp32 under fp16)
@@ -159,7 +159,7 @@ def _empty_pipeline(name: str, dtype: torch.dtype, opts: TrainOptions):
         return empty_pipeline(name, dtype)
     try:
         pipe = empty_pipeline(name, dtype)
-        family = families.of_model(pipe)
+        family = opts.recipe
         family.conditioning_shapes(family.model(pipe), opts.resolution, opts.max_sequence_length or 512)
         family.encoders(pipe)
         return pipe
@@ -395,7 +395,7 @@ def fit(opts: TrainOptions, name: str, budget_gb: float, utilization: float, tra
     steps.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
     if opts.optimizer == "adamw":
         steps.append(("--use_8bit_adam", {"use_8bit_adam": True}))
-    if families.get(opts.family).fit_by_quantizing and opts.base_model_precision in (None, "auto"):
+    if opts.recipe.fit_by_quantizing and opts.base_model_precision in (None, "auto"):
         steps.append(("--base_model_precision nf4-bnb", {"base_model_precision": "nf4-bnb"}))
     changes, current = [], opts
     result = estimate(opts, name, utilization, traced)

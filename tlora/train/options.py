@@ -89,7 +89,8 @@ class TrainOptions:
                             "Without it, transparent pixels are composited onto white.")
     train_batch_size: int = flag(1)
     dataloader_num_workers: int = flag(1)
-    resolution: int = flag(1024)
+    resolution: int | None = flag(None, "Training image side in pixels. Default: the family's (SD 1.5: 512), else "
+                                  "1024.")
     output_dir: str | None = flag(None, "Folder that receives one run folder per run. Required.")
     class_data_dir: str | None = flag(None, "Folder of class images for prior preservation.")
     prior_loss_weight: float = flag(1.0)
@@ -132,6 +133,11 @@ class TrainOptions:
     argv: list[str] = internal()
     data_sha256: str | None = internal()  # the training images' digest: resume refuses other data
     resume_checkpoint: Path | None = internal()
+
+    @property
+    def recipe(self) -> type[families.Family]:
+        """The model's family, as resolving the options found it (`family` is its name, as hparams.yml records it)."""
+        return families.FAMILIES[self.family]
 
 
 # -- the command line, from the description -------------------------------------------------------------
@@ -265,6 +271,8 @@ def resolve_family(opts: TrainOptions, known: str | None = None) -> None:
     for name, value in family.train_defaults.items():
         if getattr(opts, name) is None:
             setattr(opts, name, value)
+    if opts.resolution is None:  # a family without a native size of its own in train_defaults
+        opts.resolution = 1024
     for name in _owned_by_another_family(family):
         if getattr(opts, name) is not None:
             raise UsageError(f"--{name} is for {_owners(name)} models; {opts.pretrained_model_name_or_path} is "

@@ -24,7 +24,6 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from tlora import families
 from tlora.common.commands import save_traceback
 from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line
 from tlora.common.files import write_failure
@@ -113,8 +112,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         if self.pipe is None:
             self.pipe = load_pipeline(opts.pretrained_model_name_or_path, opts.pretrained_vae_model_name_or_path,
-                                      opts.revision, self.weight_dtype, opts.family, opts.base_model_precision)
-        self.family = families.of_model(self.pipe)
+                                      opts.revision, self.weight_dtype, opts.recipe, opts.base_model_precision)
+        self.family = opts.recipe
         for name, part in self.pipe.components.items():
             if isinstance(part, torch.nn.Module) and (opts.base_model_precision == "auto" or name != self.family.model_attr):
                 part.to(self.device)
