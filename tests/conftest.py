@@ -77,8 +77,9 @@ def one_line_error(capsys, code: int, message: str, exit_code: int = 2) -> str:
     return err
 
 
-# -- each family's tiny model: tiny_<family> (its folder), <family>_pipe (loaded once, shared by the session) and
-# borrowed_<family>_pipe (the shared one for a test that puts adapters or LoRAs on it: taken off when it ends) --------
+# -- each family's tiny model: tiny_<family> (its folder), <family>_pipe (loaded once, shared by the session),
+# borrowed_<family>_pipe (the shared one for a test that puts adapters or LoRAs on it: taken off when it ends), and
+# wide_<family> / wide_<family>_pipe (the same family built with other widths and head counts) ---------------------
 def _tiny_families() -> tuple[str, ...]:
     from tlora.families.tiny_models import BUILDERS  # imported here: after the settings above, as diffusers reads them
     return tuple(BUILDERS)
@@ -103,9 +104,21 @@ def _family_fixtures(family: str) -> None:
         yield shared
         left_as_found(shared)
 
+    def wide_folder(tmp_path_factory) -> Path:
+        from tlora.families.tiny_models import BUILDERS
+
+        return BUILDERS[family](tmp_path_factory.mktemp(f"wide-{family}"), wide=True)
+
+    def wide_pipe(request):
+        from tlora.families.pipelines import load_pipeline
+
+        return load_pipeline(str(request.getfixturevalue(f"wide_{family}")), "none")
+
     globals()[f"tiny_{family}"] = pytest.fixture(scope="session", name=f"tiny_{family}")(folder)
     globals()[f"{family}_pipe"] = pytest.fixture(scope="session", name=f"{family}_pipe")(pipe)
     globals()[f"borrowed_{family}_pipe"] = pytest.fixture(name=f"borrowed_{family}_pipe")(borrowed)
+    globals()[f"wide_{family}"] = pytest.fixture(scope="session", name=f"wide_{family}")(wide_folder)
+    globals()[f"wide_{family}_pipe"] = pytest.fixture(scope="session", name=f"wide_{family}_pipe")(wide_pipe)
 
 
 for _family in TINY_FAMILIES:

@@ -13,7 +13,17 @@ from PIL import Image
 
 from tlora import families
 
-from helpers import flux_inputs, klein_inputs, sdxl_inputs
+from helpers import (
+    chroma_inputs,
+    flux_inputs,
+    klein_inputs,
+    qwen_image_inputs,
+    sd3_inputs,
+    sd15_inputs,
+    sdxl_inputs,
+    wan_inputs,
+    zimage_inputs,
+)
 
 
 @dataclass
@@ -21,9 +31,10 @@ class Spec:
     inputs: Callable  # denoiser, batch, seed -> keyword arguments but the timestep
     timestep: Callable  # diffusion t -> what the pipelines pass the denoiser
     img2img: str | None  # the family's diffusers img2img and inpainting pipeline classes (None: it has none)
-    inpaint: str
+    inpaint: str | None
     call_kwargs: dict = field(default_factory=dict)
     calls_per_step: int = 1  # denoiser calls per denoising step (2: guidance as a second call, not a bigger batch)
+    per_prompt: str = "num_images_per_prompt"  # the pipeline call's count of outputs per prompt (video: videos)
 
 
 CASES = {
@@ -33,6 +44,23 @@ CASES = {
                  {"height": 64, "width": 64, "max_sequence_length": 16}),
     "klein": Spec(klein_inputs, lambda t: t / 1000, None, "Flux2KleinInpaintPipeline",
                   {"height": 64, "width": 64, "max_sequence_length": 16}, calls_per_step=2),
+    # ChromaInpaintPipeline (diffusers 0.42.1, and main) reads transformer.config.guidance_embeds, which
+    # ChromaTransformer2DModel has not: it fails on every Chroma model, so it is not run
+    "chroma": Spec(chroma_inputs, lambda t: t / 1000, "ChromaImg2ImgPipeline", None,
+                   {"height": 64, "width": 64, "max_sequence_length": 16}, calls_per_step=2),
+    "sd15": Spec(sd15_inputs, lambda t: t, "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    "wan": Spec(wan_inputs, lambda t: t, None, None, {"height": 32, "width": 32, "num_frames": 5,
+                                                      "max_sequence_length": 16}, calls_per_step=2,
+                per_prompt="num_videos_per_prompt"),
+    "sd3": Spec(sd3_inputs, lambda t: t, "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
+                {"height": 64, "width": 64, "max_sequence_length": 16}),
+    # the transformer gets (1000 - t) / 1000; CFG is a doubled batch in one call
+    "zimage": Spec(zimage_inputs, lambda t: (1000 - t) / 1000, "ZImageImg2ImgPipeline", "ZImageInpaintPipeline",
+                   {"height": 64, "width": 64, "max_sequence_length": 32}),
+    # true CFG: the negative prompt is a second call
+    "qwen_image": Spec(qwen_image_inputs, lambda t: t / 1000, "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
+                       {"height": 64, "width": 64, "max_sequence_length": 16, "negative_prompt": " "},
+                       calls_per_step=2),
 }
 
 
@@ -58,7 +86,8 @@ class Case:
         """The denoiser's output for one sample per diffusion timestep in `t` (the same inputs for a seed)."""
         with torch.no_grad():
             inputs = self.spec.inputs(self.model, len(t), seed)
-            return self.model(timestep=self.spec.timestep(t), return_dict=False, **inputs)[0]
+            out = self.model(**{self.family.timestep_arg[0]: self.spec.timestep(t)}, return_dict=False, **inputs)[0]
+            return torch.stack(out) if isinstance(out, list) else out  # Z-Image: one tensor per sample
 
     def variant(self, kind: str):
         """The family's img2img or inpaint pipeline on the same components (so the same, hooked denoiser)."""

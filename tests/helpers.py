@@ -90,6 +90,13 @@ def sdxl_inputs(unet, batch: int = 2, seed: int = 0) -> dict:
                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}}
 
 
+def sd15_inputs(unet, batch: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    size, cross = unet.config.sample_size, unet.config.cross_attention_dim
+    return {"sample": torch.randn(batch, 4, size, size, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 77, cross, generator=g)}
+
+
 def flux_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"hidden_states": torch.randn(batch, 16, 64, generator=g),
@@ -105,6 +112,53 @@ def klein_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
     return {"hidden_states": torch.randn(batch, 16, 16, generator=g),
             "encoder_hidden_states": torch.randn(batch, 5, transformer.config.joint_attention_dim, generator=g),
             "img_ids": ids.expand(batch, -1, -1), "txt_ids": text_ids.expand(batch, -1, -1)}
+
+
+def chroma_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
+    """As ChromaPipeline calls the transformer: the text mask (the last text token padding) with the image tokens
+    appended, as floats."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.tensor([1.0, 1, 1, 1, 0]).expand(batch, -1)
+    return {"hidden_states": torch.randn(batch, 16, 64, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 5, transformer.config.joint_attention_dim, generator=g),
+            "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(5, 3),
+            "attention_mask": torch.cat([text, torch.ones(batch, 16)], 1)}
+
+
+def wan_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
+    """As WanPipeline calls the transformer: 5-D latents (b, c, frames, h, w), UMT5 embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, transformer.config.in_channels, 2, 4, 4, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 5, transformer.config.text_dim, generator=g)}
+
+
+def sd3_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
+    """As StableDiffusion3Pipeline calls the transformer: 4-D latents (the transformer patches them), the prompt's
+    embeddings and the pooled CLIP projections."""
+    g = torch.Generator().manual_seed(seed)
+    c, side = transformer.config, transformer.config.sample_size
+    return {"hidden_states": torch.randn(batch, c.in_channels, side, side, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 5, c.joint_attention_dim, generator=g),
+            "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=g)}
+
+
+def zimage_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
+    """As ZImagePipeline calls the transformer: one latent per sample with a frame dimension (c, 1, h, w) and one
+    prompt embedding per sample, of its own length (the timestep is `t`)."""
+    g = torch.Generator().manual_seed(seed)
+    c = transformer.config
+    return {"x": [torch.randn(c.in_channels, 1, 8, 8, generator=g) for _ in range(batch)],
+            "cap_feats": [torch.randn(5 + 2 * i, c.cap_feat_dim, generator=g) for i in range(batch)]}
+
+
+def qwen_image_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
+    """As QwenImagePipeline calls the transformer: packed 2x2 latent patches of a 4 x 4 grid, Qwen2.5-VL embeddings
+    (no mask: no prompt padded) and the image shapes for RoPE."""
+    g = torch.Generator().manual_seed(seed)
+    c = transformer.config
+    return {"hidden_states": torch.randn(batch, 16, c.in_channels, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 5, c.joint_attention_dim, generator=g),
+            "img_shapes": [[(1, 4, 4)]] * batch}
 
 
 def left_as_found(pipe) -> None:

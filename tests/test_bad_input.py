@@ -179,7 +179,7 @@ def test_api_checks_its_settings(sdxl_pipe, run_folder):
     checkpoint = run_folder / "checkpoint-1"
     with pytest.raises(ValueError, match=r"min_rank \(99\) must not exceed lora_rank \(4\)"):
         tlora.load(sdxl_pipe, checkpoint, min_rank=99)
-    with pytest.raises(ValueError, match="trainer_class must be one of sdxl_lora, sdxl_tlora, flux_lora, flux_tlora, klein_lora, klein_tlora, got 'nonsense'"):
+    with pytest.raises(ValueError, match="trainer_class must be one of sdxl_lora, sdxl_tlora, .* got 'nonsense'"):
         tlora.load(sdxl_pipe, checkpoint, trainer_class="nonsense")
     with pytest.raises(ValueError, match="this is a ortho_lora checkpoint, rank 4"):
         tlora.load(sdxl_pipe, checkpoint, lora_rank=8)

@@ -235,5 +235,6 @@ def test_an_empty_prompts_yaml_is_no_record(tmp_path):
 def test_rank_schedule_ticks_are_whole_ranks(tmp_path, rank, min_rank):
     from tlora.evaluation.analysis import plot_rank_schedule
 
-    ticks = plot_rank_schedule(TLoRASettings("lora", rank, min_rank, family="sdxl", rank_rule="divide_first"), tmp_path / "r.png")
+    settings = TLoRASettings("lora", rank, min_rank, family="sdxl", rank_rule="divide_first")
+    ticks = plot_rank_schedule(settings, tmp_path / "r.png")
     assert ticks and all(t == int(t) for t in ticks) and (tmp_path / "r.png").is_file()

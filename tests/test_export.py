@@ -166,7 +166,7 @@ def test_a_schedule_round_trips_through_the_settings(tmp_path, settings):
     (lambda s: s.pop("settings"), "is not a T-LoRA schedule"),
     (lambda s: s["settings"].pop("trainer_type"), "its settings have no trainer_type"),
     (lambda s: s["settings"].update(min_rank="9"), "min_rank (9) must not exceed lora_rank (4)"),
-    (lambda s: s["settings"].update(trainer_class="sd3_tlora"), "trainer_class must be one of"),
+    (lambda s: s["settings"].update(trainer_class="pixart_tlora"), "trainer_class must be one of"),
 ])
 def test_a_schedule_that_does_not_check_is_one_line(tmp_path, change, said):
     import json

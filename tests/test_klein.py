@@ -68,7 +68,7 @@ def test_keys_tell_klein_from_flux(klein_pipe, flux_pipe, tmp_path):
     tlora.unload(flux_pipe)
     assert of_keys(klein_keys)[0] == "klein" and of_keys(flux_keys)[0] == "flux"
     double_only = [k for k in klein_keys if k.startswith("transformer_blocks.")]
-    assert set(of_keys(double_only)) == {"flux", "klein"}  # the double blocks are named alike
+    assert {"flux", "klein"} <= set(of_keys(double_only))  # the double blocks are named alike (so are others')
     lycoris = ["lycoris_single_transformer_blocks_0_attn_to_qkv_mlp_proj.q_layer.weight",
                "lycoris_transformer_blocks_0_ff_linear_in.q_layer.weight"]
     assert of_keys(lycoris)[0] == "klein"
@@ -86,7 +86,8 @@ def test_keys_tell_klein_from_flux(klein_pipe, flux_pipe, tmp_path):
     save_weights(double, tmp_path / "double", {"trainer_type": "lora", "lora_rank": 4, "trainer_class": "klein_lora"})
     assert tlora.read(tmp_path / "double").settings.family == "klein"  # the record says which
     save_weights(double, tmp_path / "unsaid", {"trainer_type": "lora", "lora_rank": 4})
-    with pytest.warns(tlora.AssumedSetting, match="its keys fit flux and klein models and nothing records which"):
+    fit = "its keys fit flux, klein(, [a-z_0-9]+)* and [a-z_0-9]+ models and nothing records which"
+    with pytest.warns(tlora.AssumedSetting, match=fit):
         assert tlora.read(tmp_path / "unsaid").settings.family == "flux"
     assert tlora.read(tmp_path / "unsaid", family="klein").settings.family == "klein"  # as tlora.load on a klein
 

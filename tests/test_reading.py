@@ -83,7 +83,8 @@ def test_a_bare_file_says_what_it_assumes(our_run, tmp_path, sdxl_pipe):
     with pytest.warns(tlora.AssumedSetting) as said:
         ckpt = tlora.read(folder)
     lines = [str(w.message) for w in said]
-    assert ckpt.settings == tlora.TLoRASettings("lora", 8, 1, 1.0, True, "sdxl", rank_rule="divide_first")  # rank and type from the tensors
+    # rank and type from the tensors
+    assert ckpt.settings == tlora.TLoRASettings("lora", 8, 1, 1.0, True, "sdxl", rank_rule="divide_first")
     assert {k: ckpt.sources[k] for k in ("timestep_dependent", "min_rank", "alpha_rank_scale")} == dict.fromkeys(
         ("timestep_dependent", "min_rank", "alpha_rank_scale"), "default")
     assert {ckpt.sources[k] for k in ("family", "trainer_type", "lora_rank")} == {"the tensors"}

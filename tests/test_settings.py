@@ -111,7 +111,8 @@ def test_a_family_s_rank_rule_is_never_guessed():
         TLoRASettings("lora", 8, 2, family="flux").rule  # noqa: B018
     assert TLoRASettings("lora", 8, 2).for_family("flux", "multiply_first").rule == "multiply_first"
     assert TLoRASettings("lora", 8, 2, rank_rule="float64").for_family("flux", "multiply_first").rule == "float64"
-    assert from_hparams({"trainer_class": "klein_tlora", "trainer_type": "lora", "lora_rank": 4}).rule == "multiply_first"
+    klein = from_hparams({"trainer_class": "klein_tlora", "trainer_type": "lora", "lora_rank": 4})
+    assert klein.rule == "multiply_first"
 
 
 def test_unknown_settings_are_refused():

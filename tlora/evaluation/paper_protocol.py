@@ -138,7 +138,8 @@ def generate_job(
         for name, templates in {"base": [BASE_PROMPT], **groups}.items():
             size = generation.image_size(("height", "width"), m.height, m.width, family.resolution_multiple)
             cfg = generation.Sampling(m.placeholder_token, concept.class_name, folder, m.images[name], 1, steps,
-                                      guidance, m.seed, call_kwargs=family.call_kwargs(hp) | size)
+                                      guidance, m.seed, call_kwargs=family.call_kwargs(hp) | size,
+                                      guidance_arg=family.guidance_arg)
             generation.run(pipe, templates, cfg, str(checkpoint))
     finally:
         api.unload(pipe)

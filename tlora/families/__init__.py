@@ -11,11 +11,18 @@ from tlora.common.errors import UsageError, first_line
 from tlora.common.messages import DIFFUSERS_LAYOUT, HUB_FIX
 from tlora.common.values import shown
 from tlora.families.base import Family
+from tlora.families.chroma import Chroma
 from tlora.families.flux import FLUX
 from tlora.families.klein import Klein
+from tlora.families.qwen_image import QwenImage
+from tlora.families.sd3 import SD3
+from tlora.families.sd15 import SD15
 from tlora.families.sdxl import SDXL
+from tlora.families.wan import Wan
+from tlora.families.zimage import ZImage
 
-FAMILIES: dict[str, type[Family]] = {family.name: family for family in (SDXL, FLUX, Klein)}
+FAMILIES: dict[str, type[Family]] = {family.name: family for family in (SDXL, FLUX, Klein, Chroma, SD15, Wan, SD3,
+                                                                         ZImage, QwenImage)}
 # model_index.json _class_name -> family
 PIPELINES = {pipeline: family.name for family in FAMILIES.values() for pipeline in family.pipelines}
 
@@ -36,12 +43,13 @@ def of_model(pipe_or_model: Any) -> type[Family]:
 
 
 def of_keys(keys) -> list[str]:
-    """The families whose denoiser a checkpoint's keys may name: first those with a layer only they have (FLUX.1
-    and FLUX.2 share their double blocks' names); empty when no family owns them all."""
+    """The families whose denoiser a checkpoint's keys may name: those with a layer the other owners lack when the
+    keys name one (FLUX.1 and Chroma share their single blocks' q, k, v, which FLUX.2 fuses), else every owner
+    (FLUX.1, FLUX.2 and Chroma share their double blocks' names); empty when no family owns them all."""
     keys = list(keys)
     owners = [name for name, family in FAMILIES.items() if keys and all(family.owns_key(k) for k in keys)]
     distinct = [name for name in owners if any(FAMILIES[name].distinct_key(k) for k in keys)]
-    return distinct + [name for name in owners if name not in distinct]
+    return distinct or owners
 
 
 def known_from_keys(keys) -> str | None:

@@ -73,6 +73,7 @@ def build_empty(library: str, cls_name: str, config: dict, dtype: torch.dtype) -
             model = cls.from_config(config)
     else:
         return cls.from_config(config)
+    model.to("meta")  # buffers too: one built on the CPU (SD3's position table) would meet meta activations
     cast_as_loaded(model, dtype)  # in `dtype` as from_pretrained(dtype=...) loads it (T5's wo stays fp32 in fp16)
     return model.requires_grad_(False).eval()
 

@@ -44,6 +44,7 @@ class Family:
     resize_first: bool = False  # image preprocessing: resize then crop (else crop then resize); see data._square
     inference_steps: int = 25
     inference_guidance: float = 5.0
+    guidance_arg: str = "guidance_scale"  # the pipeline call's argument for the CFG weight that --guidance_scale sets
     gpu_dtype: str = "fp16"  # inference.py's dtype on CUDA
     # -- reading T-LoRAs of this family ---------------------------------------------------------
     key_prefixes: tuple[str, ...] = ()  # first word of its checkpoint keys (also LyCORIS's, "." -> "_")

@@ -80,6 +80,7 @@ class QwenImage(Family):
     resize_first = True  # diffusers' Qwen-Image DreamBooth data: Resize, then crop
     resolution_multiple = 16  # VAE factor 8 times the 2x2 latent packing
     inference_steps, inference_guidance = 50, 4.0  # QwenImagePipeline's num_inference_steps and true_cfg_scale
+    guidance_arg = "true_cfg_scale"  # its guidance_scale is for guidance-distilled models only
     gpu_dtype = "bf16"  # Qwen-Image's weights; ComfyUI runs it in bf16 or fp32 only
     key_prefixes = ("transformer_blocks",)
     rank_rule = "multiply_first"  # the authors' FLUX (flow-matching MM-DiT) code

@@ -69,11 +69,12 @@ class SDXL(Family):
     pipelines = ("StableDiffusionXLPipeline",)
     architectures = PUBLISHED
     fit_by_quantizing = False  # the estimator's --fit stops before a 4-bit base: SDXL fits without one
-    tokenizers = [("tokenizer", "CLIP text encoder 1", None, False), ("tokenizer_2", "CLIP text encoder 2", None, False)]
+    tokenizers = [("tokenizer", "CLIP text encoder 1", None, False),
+                  ("tokenizer_2", "CLIP text encoder 2", None, False)]
 
     @classmethod
     def owns(cls, model: nn.Module) -> bool:
-        return isinstance(model, UNet2DConditionModel)
+        return isinstance(model, UNet2DConditionModel) and model.config.addition_embed_type == "text_time"
 
     @classmethod
     def layers(cls, model: nn.Module) -> list[Layer]:
@@ -164,7 +165,8 @@ class SDXL(Family):
             in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 3) if wide else (2, 4),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2) if wide else (1, 1), projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,
+            transformer_layers_per_block=(1, 2) if wide else (1, 1),
+            projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,
             cross_attention_dim=2 * TEXT_DIM, norm_num_groups=8,
         )
         vae = AutoencoderKL(

@@ -22,6 +22,7 @@ from tlora.common.files import atomic_write
 from tlora.common.messages import note
 from tlora.common.safe_names import is_safe, safe_component
 from tlora.common.text_files import load_yaml, read_text
+from tlora.generate import video
 
 RESERVED = frozenset({"prompts.yaml", "metrics.json"})  # files beside the prompt folders
 SIDES = ("height", "width")
@@ -69,6 +70,7 @@ class Sampling:
     seed: int = 0
     replace: bool = False
     call_kwargs: dict = field(default_factory=dict)  # more pipeline arguments: height, width, max_sequence_length
+    guidance_arg: str = "guidance_scale"  # the pipeline call's name for the CFG weight (Qwen-Image: true_cfg_scale)
 
     def text(self, template: str) -> str:
         return template.format(f"{self.placeholder_token} {self.class_name}")
@@ -136,6 +138,7 @@ def grid(images: list[Image.Image]) -> Image.Image:
 @torch.no_grad()
 def generate_prompt(pipe, template: str, cfg: Sampling) -> tuple[list[Image.Image], list[int]]:
     """cfg.num_images_per_prompt images for one template, in batches of cfg.batch_size."""
+    pipe = video.as_images(pipe)  # a video pipeline: each video's first frame, carrying its frames
     images, seeds = [], []
     num_batches = -(-cfg.num_images_per_prompt // cfg.batch_size)
     for i in range(num_batches):
@@ -147,7 +150,7 @@ def generate_prompt(pipe, template: str, cfg: Sampling) -> tuple[list[Image.Imag
             generator=generator,
             num_images_per_prompt=count,
             num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
+            **{cfg.guidance_arg: cfg.guidance_scale},
             **cfg.call_kwargs,
         )
         images += out.images
@@ -177,6 +180,7 @@ def run(pipe, templates: list[str], cfg: Sampling, checkpoint: str = "", progres
             continue
         images, seeds = generate_prompt(pipe, template, cfg)
         save_images(images, folder)
+        video.save_videos(images, folder)  # <k>.mp4 (or .gif and frames) and <k>_sheet.png beside <k>.png
         done[template] = images
         record[folder.name] = {
             "prompt": template, "text": cfg.text(template), "seeds": seeds, "num_images": len(images),

@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> Path:
         hp["placeholder_token"], hp["class_name"],
         args.samples,
         args.num_images_per_prompt, args.batch_size, args.num_inference_steps, args.guidance_scale, args.seed,
-        args.replace_inference_output, family.call_kwargs(hp) | args.size,
+        args.replace_inference_output, family.call_kwargs(hp) | args.size, family.guidance_arg,
     )
     with tqdm(total=len(set(args.templates)) * args.num_images_per_prompt, desc="images") as bar:
         try:

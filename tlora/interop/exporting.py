@@ -66,7 +66,8 @@ def components(params: dict[str, torch.Tensor], trainer_type: str) -> tuple[torc
 def select(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings, first: int, end: int,
            drop_zero: bool) -> Factors:
     """Every layer's LoRA factors (by the `family` denoiser's module path) for rank components first..end-1
-    (ortho_lora: of both paths), float32; `drop_zero` drops components that are exactly zero (and layers left with none)."""
+    (ortho_lora: of both paths), float32; `drop_zero` drops components that are exactly zero (and layers left with
+    none)."""
     trainer_type = settings.trainer_type
     out: Factors = {}
     for prefix, params in sorted(group(weights).items()):

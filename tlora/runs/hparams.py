@@ -53,7 +53,7 @@ def split_trainer_class(where: str, value: Any) -> dict[str, Any]:
     if value not in TRAINER_CLASSES:
         raise UsageError(f"{where}: trainer_class must be one of {', '.join(TRAINER_CLASSES)}, got {value!r}; pass one "
                          "of them")
-    family, kind = str(value).split("_", 1)
+    family, kind = str(value).rsplit("_", 1)
     return {"family": family, "timestep_dependent": kind == "tlora"}
 
 

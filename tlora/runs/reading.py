@@ -247,7 +247,8 @@ def read(
     assumed = {}
     if "family" not in merged:
         merged["family"], sources["family"] = fam, DEFAULT
-        assumed["family"] = (f"{weights}: its keys fit {' and '.join(candidates)} models and nothing records which; "
+        fit = " and ".join([", ".join(candidates[:-1]), candidates[-1]] if len(candidates) > 1 else candidates)
+        assumed["family"] = (f"{weights}: its keys fit {fit} models and nothing records which; "
                              f"assuming {fam}")
     recipe = FAMILIES[merged["family"]]
     assumed |= _defaults(recipe, merged, sources, weights)

@@ -263,6 +263,7 @@ class Trainer:
             replace=True, call_kwargs=family.call_kwargs(vars(opts))
             | image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width,
                          family.resolution_multiple),
+            guidance_arg=family.guidance_arg,
         )
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
