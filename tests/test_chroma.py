@@ -8,20 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffusers import ChromaImg2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel
 from PIL import Image
 
 import tlora
-from tlora.families import FAMILIES, of_keys
+from tlora.families import of_keys
 from tlora.families.chroma import Chroma
 from tlora.method.adapters import rank_mask
-from tlora.runs.keys import UP, split_key
 from tlora.runs.weights import save_weights
 from tlora.train.conditioning import Conditioning
 from tlora.train.objective import diffusion_loss
 
-from helpers import chroma_inputs, flux_train_args, make_image, perturb, read_weights
+from helpers import chroma_inputs, make_image, perturb, read_weights
 
 KEYS = Path(__file__).parent / "comfyui_keys"
 
@@ -265,32 +263,3 @@ def test_the_estimator_knows_chroma1_hd():
     params = sum(p.numel() for p in transformer.parameters())
     assert 8.5e9 < params < 9.0e9  # Chroma1-HD: 8.9B
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trainer_type", ["ortho_lora", "lora"])
-def test_the_command_line_trains_chroma_and_inference_samples_it(tiny_chroma, image_dir, tmp_path, trainer_type):
-    import inference
-    import train
-
-    # in this process, in fp32 (accelerate keeps one precision per process, as test_klein)
-    argv = flux_train_args(tiny_chroma, image_dir, tmp_path / "out", "--mixed_precision", "no", "--trainer_type",
-                           trainer_type)
-    assert train.main(argv) == 0
-    (folder,) = (tmp_path / "out").iterdir()
-    hp = yaml.safe_load((folder / "logs" / "hparams.yml").read_text())
-    assert (hp["family"], hp["trainer_type"], hp["trainer_class"], hp["lora_rank"], hp["optimizer"]) == (
-        "chroma", trainer_type, "chroma_tlora", 4, "adamw")
-    assert hp["learning_rate"] == 1e-4 and "rank" not in hp  # no authors' FLUX keys: they have no Chroma code
-    weights, meta = read_weights(folder / "checkpoint-2")
-    assert meta["family"] == "chroma" and FAMILIES[meta["family"]] is Chroma
-    layers = {layer.prefix for layer in Chroma.layers(ChromaPipeline.from_pretrained(str(tiny_chroma)).transformer)}
-    assert {split_key(k)[0] for k in weights} == layers and len(layers) == 2 * 7 + 2 * 3
-    if trainer_type == "lora":  # it trained (an Ortho-LoRA starts with a non-zero P, and Lambda its copy)
-        assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("." + UP[trainer_type]))
-    else:
-        assert any(not torch.equal(v, weights[k.replace("lambda_layer", "base_lambda")])
-                   for k, v in weights.items() if k.endswith(".lambda_layer"))
-    assert inference.main(["--config_path", str(folder / "logs/hparams.yml"), "--checkpoint_idx", "2", "--prompts",
-                           "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
-                           "--height", "64", "--width", "64"]) == 0
-    assert (folder / "checkpoint-2/samples/ns2_gs5.0/version_0/a sks riding a bike/0.png").is_file()

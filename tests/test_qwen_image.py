@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from accelerate import init_empty_weights
 from diffusers import QwenImageImg2ImgPipeline, QwenImageTransformer2DModel
 
@@ -16,11 +15,10 @@ import tlora
 from tlora.families import known_from_keys, of_keys
 from tlora.families.qwen_image import PUBLISHED, QwenImage, prompt_as_called
 from tlora.method.adapters import rank_mask
-from tlora.runs.keys import group
 from tlora.runs.weights import save_weights
 from tlora.train.conditioning import Conditioning
 
-from helpers import flux_train_args, perturb, qwen_image_inputs, read_weights
+from helpers import perturb, qwen_image_inputs, read_weights
 
 COMFY = Path(__file__).parent / "comfyui_keys"
 PROMPT = "a photo of sks dog"
@@ -256,27 +254,3 @@ def test_no_authors_format_for_qwen_image(qwen_checkpoint, tmp_path, capsys):
     assert main([str(checkpoint), "--format", "authors", "--out", str(out)]) == 2 and not out.exists()
     assert "the authors released no code for it" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trainer_type", ["ortho_lora", "lora"])
-def test_train_py_trains_qwen_image_and_inference_samples_it(tiny_qwen_image, image_dir, tmp_path, trainer_type):
-    import inference
-    import train
-
-    args = flux_train_args(tiny_qwen_image, image_dir, tmp_path / "out", "--trainer_type", trainer_type,
-                           "--mixed_precision", "no")
-    assert train.main(args) == 0
-    (folder,) = (tmp_path / "out").iterdir()
-    hp = yaml.safe_load((folder / "logs" / "hparams.yml").read_text())
-    assert (hp["family"], hp["trainer_type"], hp["trainer_class"], hp["lora_rank"], hp["optimizer"]) == (
-        "qwen_image", trainer_type, "qwen_image_tlora", 4, "adamw")
-    weights, meta = read_weights(folder / "checkpoint-2")
-    assert meta["family"] == "qwen_image"
-    adapters = group(weights)
-    assert len(adapters) == 2 * 7
-    assert any(p["up.weight"].any() if trainer_type == "lora" else not torch.equal(p["lambda_layer"], p["base_lambda"])
-               for p in adapters.values())  # it trained
-    assert inference.main(["--config_path", str(folder / "logs/hparams.yml"), "--checkpoint_idx", "2", "--prompts",
-                           "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
-                           "--height", "64", "--width", "64"]) == 0
-    assert (folder / "checkpoint-2/samples/ns2_gs4.0/version_0/a sks riding a bike/0.png").is_file()

@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import tlora
 from tlora.families import of_keys
 from tlora.families.pipelines import load_pipeline
 from tlora.families.zimage import ZImage
 from tlora.method.adapters import rank_mask
-from tlora.runs.keys import group
 from tlora.runs.weights import save_weights
 
-from helpers import flux_train_args, perturb, read_weights, zimage_inputs
+from helpers import perturb, read_weights, zimage_inputs
 
 KEYS = Path(__file__).parent / "comfyui_keys"
 CALL = {"height": 64, "width": 64, "max_sequence_length": 32, "generator": None}
@@ -222,27 +220,3 @@ def test_no_authors_format_for_zimage(zimage_checkpoint, tmp_path, capsys):
     assert main([str(checkpoint), "--format", "authors", "--out", str(out)]) == 2 and not out.exists()
     assert "the authors released no code for it; use --format diffusers or kohya" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trainer_type", ["ortho_lora", "lora"])
-def test_train_py_trains_zimage_and_inference_samples_it(tiny_zimage, image_dir, tmp_path, trainer_type):
-    import inference
-    import train
-
-    # in this process in fp32 (accelerate keeps one precision per process)
-    args = flux_train_args(tiny_zimage, image_dir, tmp_path / "out", "--trainer_type", trainer_type,
-                           "--mixed_precision", "no")
-    assert train.main(args) == 0
-    (folder,) = (tmp_path / "out").iterdir()
-    hp = yaml.safe_load((folder / "logs" / "hparams.yml").read_text())
-    assert (hp["family"], hp["trainer_type"], hp["trainer_class"], hp["lora_rank"], hp["optimizer"]) == (
-        "zimage", trainer_type, "zimage_tlora", 4, "adamw")
-    weights, meta = read_weights(folder / "checkpoint-2")
-    assert meta["family"] == "zimage" and len(group(weights)) == 4 * (2 * 1 + 2)  # 4 attentions of the tiny model
-    moved = [p["up.weight"].abs().sum() > 0 if trainer_type == "lora" else not torch.equal(p["p_layer.weight"],
-             p["base_p.weight"]) for p in group(weights).values()]
-    assert any(moved)  # it trained
-    assert inference.main(["--config_path", str(folder / "logs/hparams.yml"), "--checkpoint_idx", "2", "--prompts",
-                           "a {0} riding a bike", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
-                           "--height", "64", "--width", "64"]) == 0
-    assert (folder / "checkpoint-2/samples/ns2_gs5.0/version_0/a sks riding a bike/0.png").is_file()

@@ -21,15 +21,17 @@ from transformers import T5Config, T5EncoderModel
 from tlora.families.base import Family, Target
 from tlora.families.flux import (
     DOUBLE,
-    FLUX,
     IMAGE,
+    LAYER_KINDS,
     ONLY_FLUX1,
     QKV,
     SINGLE,
     TEXT,
     bfl_double_targets,
     flow_matching_noisy,
+    from_thousandths,
     fused_single_targets,
+    mmdit_layer_kind,
 )
 from tlora.families.flux import PUBLISHED as FLUX_PUBLISHED
 from tlora.families.tiny_parts import TEXT_DIM, flow_scheduler, t5_tokenizer
@@ -75,7 +77,7 @@ class Chroma(Family):
     key_prefixes = ("transformer_blocks", "single_transformer_blocks")
     rank_rule = "multiply_first"  # the flow-matching transformer families' rule
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default (no authors' Chroma runs)"
-    layer_kinds = FLUX.layer_kinds
+    layer_kinds = LAYER_KINDS
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
     export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "chroma"
@@ -105,7 +107,7 @@ class Chroma(Family):
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:
-        return FLUX.layer_kind(prefix)
+        return mmdit_layer_kind(prefix)
 
     @classmethod
     def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
@@ -125,7 +127,7 @@ class Chroma(Family):
     @classmethod
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
         """ChromaPipeline calls the transformer with t / 1000, as FluxPipeline: back to t as FLUX.1 does."""
-        return FLUX.diffusion_t(timestep)
+        return from_thousandths(timestep)
 
     @classmethod
     def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:

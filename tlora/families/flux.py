@@ -33,6 +33,8 @@ AUTHORS_ORDER = (*IMAGE.values(), *TEXT.values())  # the layers of each of their
 # Keys that name a layer FLUX.2 does not have: a single block's own q, k, v (ours, the authors', LyCORIS's).
 ONLY_FLUX1 = re.compile(r"single_transformer_blocks[._]\d+[._]attn([._]processor)?[._](to_[qkv]_lora|to_[qkv]\b)"
                         r"|proj_mlp")
+LAYER_KINDS = {"double-image": "double blocks, image stream", "double-text": "double blocks, text stream",
+               "single": "single blocks"}
 MLP_RATIO = 4.0  # FluxSingleTransformerBlock's (fixed in diffusers): linear1 = q, k, v, then 4 x width MLP rows
 UNUSED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")$")
 
@@ -75,8 +77,7 @@ class FLUX(Family):
     key_prefixes = ("transformer_blocks", "single_transformer_blocks")
     rank_rule = "multiply_first"  # the authors' FLUX code
     masked_by_default, masked_by_default_why = False, "no mask: the authors' FLUX default, without --tlora"
-    layer_kinds = {"double-image": "double blocks, image stream", "double-text": "double blocks, text stream",
-                   "single": "single blocks"}
+    layer_kinds = LAYER_KINDS
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
     authors_weights_name, authors_trainer_types, authors_alpha = "lora.pt", ("lora",), False
     export_formats = ("diffusers", "kohya", "diffusers-scheduled", "authors")
@@ -93,19 +94,13 @@ class FLUX(Family):
     @classmethod
     def layers(cls, model: nn.Module) -> list[Layer]:
         out: list[Layer] = []
-        for name, module in model.named_modules():
+        for name, _ in model.named_modules():
             if DOUBLE.match(name):
-                out += [Layer(f"{name}.processor.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
-            elif SINGLE.match(name):
-                out += cls.single_block_layers(name, module)
+                out += double_block_layers(name)
+            elif SINGLE.match(name):  # q, k, v, and the four layers the authors make there but never use
+                out += [Layer(f"{name}.processor.{IMAGE[proj]}", f"{name}.{proj}") for proj in QKV]
+                out += [Layer(f"{name}.processor.{key}", None) for key in UNUSED_IN_SINGLE]
         return out
-
-    @classmethod
-    def single_block_layers(cls, name: str, attention: nn.Module) -> list[Layer]:
-        """A single block's q, k, v (and the four layers the authors make there but never use)."""
-        prefix = f"{name}.processor"
-        return ([Layer(f"{prefix}.{IMAGE[proj]}", f"{name}.{proj}") for proj in QKV]
-                + [Layer(f"{prefix}.{key}", None) for key in UNUSED_IN_SINGLE])
 
     @classmethod
     def unused_adapter(cls, prefix: str) -> bool:
@@ -168,15 +163,12 @@ class FLUX(Family):
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:
-        if prefix.startswith("single_transformer_blocks"):
-            return "single"
-        return "double-text" if prefix.rsplit(".", 1)[-1] in TEXT.values() else "double-image"
+        return mmdit_layer_kind(prefix)
 
     @classmethod
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
-        """FluxPipeline calls the transformer with t / 1000: back to t, rounded to 1/1000 so that integer
-        training timesteps come back exactly (float32 t / 1000 * 1000 can miss by one ulp)."""
-        return torch.round(timestep.float() * 1_000_000) / 1000
+        """FluxPipeline calls the transformer with t / 1000."""
+        return from_thousandths(timestep)
 
     @classmethod
     def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
@@ -221,7 +213,7 @@ class FLUX(Family):
 
     @classmethod
     def samples_name(cls, steps: int, guidance: float) -> str:
-        return f"ns{steps}gs{guidance}"
+        return authors_samples_name(steps, guidance)
 
     @classmethod
     def tiny_model(cls, folder: str | Path, seed: int = 0, wide: bool = False) -> Path:
@@ -252,6 +244,33 @@ class FLUX(Family):
         )
         pipe.save_pretrained(folder)
         return folder
+
+
+# -- parts other families are built from -----------------------------------------------------------------------
+
+
+def double_block_layers(name: str) -> list[Layer]:
+    """An MM-DiT double block's image (to_q/k/v, to_out.0) and text (add_q/k/v_proj) adapters, with the authors'
+    FLUX keys (`<name>.processor.to_q_lora`, ..., `to_q_proj_lora` for the text stream)."""
+    return [Layer(f"{name}.processor.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
+
+
+def mmdit_layer_kind(prefix: str) -> str:
+    """The LAYER_KINDS kind of an adapter key prefix of a FLUX-like MM-DiT."""
+    if prefix.startswith("single_transformer_blocks"):
+        return "single"
+    return "double-text" if prefix.rsplit(".", 1)[-1] in TEXT.values() else "double-image"
+
+
+def from_thousandths(timestep: torch.Tensor) -> torch.Tensor:
+    """t from the t / 1000 that the FLUX-like pipelines call their transformer with, rounded to 1/1000 so that
+    integer training timesteps come back exactly (float32 t / 1000 * 1000 can miss by one ulp)."""
+    return torch.round(timestep.float() * 1_000_000) / 1000
+
+
+def authors_samples_name(steps: int, guidance: float) -> str:
+    """The samples folder name of the authors' FLUX code (`ns28gs3.5`)."""
+    return f"ns{steps}gs{guidance}"
 
 
 BFL_DOUBLE = {"img_attn_qkv": QKV, "txt_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),

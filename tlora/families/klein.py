@@ -17,12 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tlora.families.architectures import FLOW
-from tlora.families.flux import FLUX, QKV, Target, bfl_double_targets, flow_matching_noisy, fused_single_targets
+from tlora.families.base import Family, Target
+from tlora.families.flux import (
+    DOUBLE,
+    IMAGE,
+    LAYER_KINDS,
+    QKV,
+    SINGLE,
+    TEXT,
+    authors_samples_name,
+    bfl_double_targets,
+    double_block_layers,
+    flow_matching_noisy,
+    from_thousandths,
+    fused_single_targets,
+    mmdit_layer_kind,
+)
 from tlora.families.tiny_parts import flow_scheduler, qwen_tokenizer
 from tlora.method.denoiser import Layer
 
@@ -51,17 +66,30 @@ PUBLISHED = {
 }
 
 
-class Klein(FLUX):
+class Klein(Family):
+    """Built from FLUX.1's parts (its double blocks' adapters and keys, BFL's kohya names, flow matching, t / 1000),
+    with its own: the fused single blocks, the Qwen3 prompt, FLUX.2's latent space, no authors' files."""
+
     name = "klein"
     pipeline_class = Flux2KleinPipeline
+    model_attr = "transformer"
     timestep_arg = ("timestep", 2)
-    # FLUX.1's (the authors' FLUX defaults), without --guidance_scale: klein has no guidance embedding
-    train_defaults = {k: v for k, v in FLUX.train_defaults.items() if k != "guidance_scale"} | {
-        "trainer_class": "klein_lora"}
+    timestep_divisor = 1000
+    # the authors' FLUX defaults (one code path with FLUX.1), without --guidance_scale: no guidance embedding
+    train_defaults = {
+        "trainer_type": "lora", "trainer_class": "klein_lora", "lora_rank": 16, "min_rank": 16,
+        "checkpointing_steps": 100, "optimizer": "prodigy", "max_grad_norm": 1.0, "mixed_precision": "bf16",
+        "num_val_imgs_per_prompt": 4, "placeholder_token": "sks", "max_sequence_length": 512,
+    }
+    resize_first = True
+    resolution_multiple = 16  # VAE factor 8 times the 2x2 latent packing
     inference_steps, inference_guidance = 50, 4.0  # Flux2KleinPipeline's defaults (the base models)
+    gpu_dtype = "bf16"
+    key_prefixes = ("transformer_blocks", "single_transformer_blocks")
     rank_rule = "multiply_first"  # one code path with FLUX.1
-    masked_by_default_why = "no mask: without --tlora, as on FLUX.1"
-    projections = {**FLUX.projections, **{key: proj for proj, key in IN_FUSED.items()}}
+    masked_by_default, masked_by_default_why = False, "no mask: without --tlora, as on FLUX.1"
+    layer_kinds = LAYER_KINDS
+    projections = {key: proj for proj, key in (IMAGE | TEXT).items()} | {key: proj for proj, key in IN_FUSED.items()}
     export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "flux2_klein"
     authors_trainer_types = ()  # the authors released no FLUX.2 code
@@ -78,23 +106,48 @@ class Klein(FLUX):
         return ONLY_KLEIN.search(key) is not None
 
     @classmethod
-    def single_block_layers(cls, name: str, attention: nn.Module) -> list[Layer]:
-        """q, k, v: the first three blocks of rows of the fused to_qkv_mlp_proj, one adapter each."""
-        inner = attention.inner_dim
-        return [Layer(f"{name}.processor.{key}", f"{name}.{FUSED}", (i * inner, (i + 1) * inner))
-                for i, key in enumerate(IN_FUSED.values())]
+    def layers(cls, model: nn.Module) -> list[Layer]:
+        """FLUX.1's double-block adapters; a single block's q, k, v on the first three blocks of rows of its fused
+        to_qkv_mlp_proj, one adapter each."""
+        out: list[Layer] = []
+        for name, module in model.named_modules():
+            if DOUBLE.match(name):
+                out += double_block_layers(name)
+            elif SINGLE.match(name):
+                inner = module.inner_dim
+                out += [Layer(f"{name}.processor.{key}", f"{name}.{FUSED}", (i * inner, (i + 1) * inner))
+                        for i, key in enumerate(IN_FUSED.values())]
+        return out
 
     @classmethod
-    def unused_adapter(cls, prefix: str) -> bool:
-        return False
+    def layer_kind(cls, prefix: str) -> str:
+        return mmdit_layer_kind(prefix)
 
     @classmethod
-    def authors_hparams(cls, values: dict[str, Any], where: str) -> dict[str, Any] | None:
-        return None
+    def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
+        """Flux2KleinPipeline calls the transformer with t / 1000, as FluxPipeline."""
+        return from_thousandths(timestep)
 
     @classmethod
-    def authors_run_keys(cls, settings) -> dict[str, Any]:
-        return {}
+    def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The prompt length as trained."""
+        return {"max_sequence_length": hparams.get("max_sequence_length") or 512}
+
+    @classmethod
+    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
+        """The model's flow-matching scheduler; its training timesteps are 1000..1 (no shift at this point)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    @classmethod
+    def conditioning_shapes(cls, model, resolution, max_sequence_length):
+        """Latents of in_channels / 4 channels before FLUX.2's 2x2 patches, and the Qwen3 embeddings."""
+        c, side = model.config, resolution // 8
+        return {"mean": (1, c.in_channels // 4, side, side), "std": (1, c.in_channels // 4, side, side),
+                "prompt_embeds": (1, max_sequence_length, c.joint_attention_dim)}
+
+    @classmethod
+    def samples_name(cls, steps: int, guidance: float) -> str:
+        return authors_samples_name(steps, guidance)
 
     @classmethod
     def model_metadata(cls, model: nn.Module) -> dict[str, str]:

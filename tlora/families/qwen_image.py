@@ -28,7 +28,7 @@ from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from tlora.families.base import Family
-from tlora.families.flux import DOUBLE, FLUX, IMAGE, TEXT, flow_matching_noisy
+from tlora.families.flux import DOUBLE, IMAGE, TEXT, flow_matching_noisy, from_thousandths
 from tlora.families.tiny_parts import QWEN_CHAT, QWEN_SPECIAL, TEXT_DIM, qwen_tokenizer
 from tlora.method.denoiser import Layer
 
@@ -122,7 +122,7 @@ class QwenImage(Family):
     @classmethod
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
         """QwenImagePipeline calls the transformer with t / 1000: back to t as on FLUX (rounded to 1/1000)."""
-        return FLUX.diffusion_t(timestep)
+        return from_thousandths(timestep)
 
     @classmethod
     def call_kwargs(cls, hparams: dict) -> dict:
