@@ -161,6 +161,7 @@ def test_the_scheduled_export_is_the_exact_tlora_in_the_stock_pipeline(case, tmp
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_loads_what_diffusers_loads(family, dtype, request):
     """Loading in half precision goes through float32 and casts tensor by tensor, giving the checkpoint's mapped

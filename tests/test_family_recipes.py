@@ -19,7 +19,7 @@ from tlora.runs.weights import save_weights
 from families_case import CASES, Case
 from helpers import left_as_found, perturb
 
-BUILDS = ("tiny", "wide")
+BUILDS = ("tiny", pytest.param("wide", marks=pytest.mark.slow))
 
 
 @pytest.fixture(params=BUILDS)
@@ -170,3 +170,14 @@ def test_the_estimate_answers_for_a_folder_and_builds_every_published_model(fami
         shapes = recipe.conditioning_shapes(model, 1024, 512)
         assert all(all(n > 0 for n in shape) for shape in shapes.values()), name
         recipe.encoders(pipe)
+
+
+def test_a_checkpoint_of_another_family_is_refused_naming_both(family, request, tmp_path):
+    """Its metadata names its family: on this family's pipeline, one line naming both, and nothing attached."""
+    other = "flux" if family == "sdxl" else "sdxl"
+    donor = Case(other, request.getfixturevalue(f"{other}_pipe"), CASES[other])
+    checkpoint, _ = trained_checkpoint(donor, tmp_path / "checkpoint-1", rank=4)
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    with pytest.raises(ValueError, match=f"trained on {other}; this is a {family} model") as err:
+        tlora.load(pipe, checkpoint)
+    assert "\n" not in str(err.value) and tlora.attached(FAMILIES[family].model(pipe)) is None

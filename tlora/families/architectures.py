@@ -1,9 +1,7 @@
 """Models built empty (on the `meta` device: shapes, no memory, no weights) from their configs: the published
-architectures shipped here by name (`sdxl`, `flux-dev`, `klein-4b`), or any local model folder's configs.
-
-The named configs are those of stabilityai/stable-diffusion-xl-base-1.0 (with the fp16-fix VAE that training
-uses by default), black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.2-klein-base-4B; keys left out take
-the classes' defaults, which are those models' values.
+architectures each family ships by name (`Family.architectures`: `sdxl`, `flux-dev`, `klein-4b`, `qwen-image`,
+...), or any local model folder's configs. Keys a family's config leaves out take the classes' defaults, which
+are that model's values.
 """
 
 from __future__ import annotations

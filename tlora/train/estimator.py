@@ -1,7 +1,7 @@
 """What a training run will cost on a GPU, before renting one: `python -m tlora.estimate <train.py flags> [--json]`.
 
 It builds the run's model empty (the `meta` device: shapes only) from its configs, a local model folder's or a
-shipped architecture's (`sdxl`, `flux-dev`, `klein-4b`), attaches the adapters, and runs train.py's own step on
+shipped architecture's (`sdxl`, `flux-dev`, `qwen-image`, ...), attaches the adapters, and runs train.py's own step on
 it (`diffusion_loss`, backward, gradient clipping, the optimizer step) under `tracing.LiveBytes`,
 `tracing.GPUKernels` and `tracing.Flops`. Set-up (the image and prompts encoded once, every part on the
 device) is traced the same way for the VAE. What is not traced is computed from its formula and says so:
