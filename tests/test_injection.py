@@ -52,3 +52,48 @@ def test_the_method_attaches_to_any_denoiser_it_is_told_about():
         toy(torch.randn(2, 8), torch.tensor(sigma))
         assert int(tl.state.mask.sum()) == int(settings.active_rank(torch.tensor(sigma * 1000)))
     assert tl.unload() is toy and not hasattr(toy.blocks[0], ADAPTER)
+
+
+def test_each_entry_of_a_denoiser_masks_by_its_own_calls_t():
+    """Two models a pipeline calls one at a time (Wan 2.2's experts: DenoiserSpec.entries), each with its own
+    timestep: each one's adapters get the mask of its own call's t, kept until its next call (what gradient
+    checkpointing recomputes in backward), and unload removes every hook."""
+    from torch import nn
+
+    from tlora.method.denoiser import DenoiserSpec, Layer
+    from tlora.method.injection import attach as attach_described
+
+    class Expert(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, timestep):
+            return self.proj(x)
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.high, self.low = Expert(), Expert()
+
+    pair, settings = Pair(), TLoRASettings("lora", 8, 2, rank_rule="divide_first")
+    spec = DenoiserSpec((Layer("high.proj_lora", "high.proj"), Layer("low.proj_lora", "low.proj")),
+                        entries=("high", "low"))
+    tl = attach_described(pair, settings, spec)
+    seen = {}
+    taps = [getattr(pair, e).proj.register_forward_hook(lambda m, a, o, e=e: seen.__setitem__(e, tl.states[e].active))
+            for e in ("high", "low")]
+    pair.high(torch.randn(1, 8), torch.tensor([900.0]))
+    pair.low(torch.randn(2, 8), torch.tensor([100.0, 500.0]))
+    for tap in taps:
+        tap.remove()
+    assert tl.state is tl.states["high"] and tl.states["high"] is not tl.states["low"]
+    assert seen["high"].sum(1).tolist() == [float(settings.active_rank(torch.tensor(900.0)))]
+    assert seen["low"].sum(1).tolist() == [float(settings.active_rank(torch.tensor(t))) for t in (100.0, 500.0)]
+    assert int(tl.states["high"].mask.sum()) < int(tl.states["low"].mask[0].sum())  # the low call left high's alone
+    tl.set_scale(0)
+    assert all(s.scale == 0 for s in tl.states.values())
+    x = torch.randn(1, 8)
+    assert torch.equal(pair.low(x, torch.tensor([0.0])), pair.low.proj(x))
+    assert tl.unload() is pair and not pair.high._forward_pre_hooks and not pair.low._forward_pre_hooks
+    assert not hasattr(pair.high.proj, ADAPTER)

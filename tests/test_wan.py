@@ -1,5 +1,5 @@
 """Wan 2.1: what is its own (the timestep WanPipeline passes, the flow-matching target on normalised one-frame
-latents, ComfyUI's and diffusers' LoRA files, Wan 2.2's two experts refused, videos saved); what it shares with the
+latents, ComfyUI's and diffusers' LoRA files, Wan 2.2 TI2V refused, videos saved); what it shares with the
 other families is in test_families."""
 
 import importlib.util
@@ -207,11 +207,12 @@ def test_the_comfyui_fixture_is_what_its_script_derives():
     assert derive.BLOCKS == Wan.architectures["wan2.1-t2v-1.3b"]["transformer"][2]["num_layers"]
 
 
-def test_wan_2_2_two_expert_models_are_refused(wan_pipe):
-    """A WanPipeline with transformer_2 (Wan 2.2 A14B) would have only its high-noise expert adapted: refused."""
-    two = WanPipeline(**{**wan_pipe.components, "transformer_2": wan_pipe.transformer}, boundary_ratio=0.875)
-    with pytest.raises(UsageError, match="Wan 2.2") as err:
-        Wan.prepare(two, torch.float32)
+def test_wan_2_2_per_token_timestep_models_are_refused(wan_pipe):
+    """Wan 2.2 TI2V-5B's WanPipeline (expand_timesteps: a timestep per token) is refused; Wan 2.2 A14B's two experts
+    are test_wan22's."""
+    ti2v = WanPipeline(**wan_pipe.components, expand_timesteps=True)
+    with pytest.raises(UsageError, match="Wan 2.2 model with per-token timesteps") as err:
+        Wan.prepare(ti2v, torch.float32)
     assert_helpful(str(err.value))
 
 

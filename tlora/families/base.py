@@ -147,6 +147,19 @@ class Family:
         return [Target(names[m], width, {m: 0}) for m, width in widths.items()]
 
     @classmethod
+    def export_files(cls, names: list[str]) -> dict[str, str]:
+        """The files of a `diffusers` or `kohya` export (and of each diffusers-scheduled chunk) for a checkpoint's
+        layers (module paths or key prefixes): file-name suffix -> the path prefix of the layers it holds, cut off in
+        it. One file by default; a denoiser of models that load LoRAs one by one (Wan 2.2's experts) has one each."""
+        return {"": ""}
+
+    @classmethod
+    def misfit(cls, model: nn.Module, keys: list[str]) -> str | None:
+        """Why a checkpoint with these keys does not fit `model`, where the family can say more than its first
+        key that does not (tlora.load's error, after the checkpoint's path); None: nothing more to say."""
+        return None
+
+    @classmethod
     def model_metadata(cls, model: nn.Module) -> dict[str, str]:
         """What a checkpoint records about the model beyond its adapters (for exports)."""
         return {}

@@ -1,5 +1,5 @@
-"""Wan 2.1 text-to-video (1.3B, 14B): a DiT with self- and cross-attention in every block, a UMT5 text encoder,
-a causal 3-D VAE with per-channel latent statistics, flow matching with the scheduler's t passed as it is.
+"""Wan 2.1 text-to-video (1.3B, 14B) and Wan 2.2 A14B: a DiT with self- and cross-attention in every block, a UMT5
+text encoder, a causal 3-D VAE with per-channel latent statistics, flow matching with the scheduler's t passed as it is.
 
 Adapters go on every block's self-attention (`attn1`) and cross-attention (`attn2`) projections: `to_q`, `to_k`,
 `to_v`, `to_out.0`, with the keys `blocks.<i>.attn<1|2>.processor.to_{q,k,v,out}_lora` (as on the other families).
@@ -9,11 +9,20 @@ Timestep: WanPipeline calls the transformer with `t.expand(batch)` of its schedu
 sigmas: int64 `sigma * 1000`, 1000 = pure noise), so the denoiser's timestep is the paper's t itself.
 Exports: kohya keys are ComfyUI's names for WAN21 (comfy/ldm/wan/model.py: `blocks.<i>.self_attn.{q,k,v,o}`,
 `cross_attn.{q,k,v,o}`), one per projection, which diffusers' WanLoraLoaderMixin reads too (musubi-tuner's layout).
+
+Wan 2.2 A14B (WanPipeline with `transformer_2` and `boundary_ratio`): two experts of Wan 2.1 14B's architecture;
+WanPipeline runs `transformer` (high noise) at t >= boundary_ratio * 1000 and `transformer_2` (low noise) below, each
+called with the scheduler's t as 2.1's transformer is. Both are adapted in one T-LoRA whose root is WanExperts (the
+two as children, made once per pipeline): keys `transformer.blocks.<i>...` and `transformer_2.blocks.<i>...`, each
+expert's mask r(t) of the same paper t (DenoiserSpec.entries). Training sends each sample to the expert WanPipeline
+uses at its t. Exports are a file per expert (`_high_noise`, `_low_noise`), as ComfyUI loads the experts as two
+WAN21 models and diffusers' WanLoraLoaderMixin loads the second with `load_into_transformer_2=True`.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +33,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 from transformers import UMT5Config, UMT5EncoderModel
 
@@ -31,7 +41,7 @@ from tlora.common.errors import UsageError
 from tlora.families.base import Family
 from tlora.families.flux import flow_matching_noisy
 from tlora.families.tiny_parts import TEXT_DIM, t5_tokenizer
-from tlora.method.denoiser import Layer
+from tlora.method.denoiser import DenoiserSpec, Layer
 
 ATTENTION = re.compile(r"^blocks\.\d+\.attn[12]$")
 PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
@@ -41,6 +51,9 @@ COMFY_PROJECTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}
 MODULE = re.compile(r"^blocks\.(\d+)\.(attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
 VAE_SPATIAL = 8  # AutoencoderKLWan's scale_factor_spatial (Wan 2.1): pixels per latent side
 FPS = 16  # Wan 2.1's frame rate (diffusers' WanPipeline example exports at 16)
+EXPERTS = ("transformer", "transformer_2")  # Wan 2.2 A14B's high- and low-noise experts (WanPipeline's attributes)
+EXPERT_FILES = {"_high_noise": "transformer.", "_low_noise": "transformer_2."}  # export file suffix -> its keys
+A14B_BOUNDARY = 0.875  # Wan-AI/Wan2.2-T2V-A14B-Diffusers' boundary_ratio (the estimator's bare parts have no config)
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers' scheduler_config.json
 UNIPC_FLOW = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
@@ -74,6 +87,66 @@ PUBLISHED = {
                                                                if k != "flow_shift"}),
     },
 }
+# Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts of the 14B's architecture (transformer: high noise, transformer_2:
+# low noise), Wan 2.1's VAE and UMT5; boundary_ratio 0.875 is the pipeline's config, not a part the estimate builds
+PUBLISHED["wan2.2-t2v-a14b"] = {**PUBLISHED["wan2.1-t2v-14b"],
+                                "transformer_2": PUBLISHED["wan2.1-t2v-14b"]["transformer"]}
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2 A14B's two experts as one denoiser, the T-LoRA's root (the experts are its children, not copies).
+    Called as a transformer (training), each sample goes to the expert WanPipeline uses at its t: `transformer` at
+    t >= boundary, else `transformer_2`; on `meta` (the estimator: no values) the whole batch goes to `transformer`."""
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary: float) -> None:
+        super().__init__()
+        self.transformer, self.transformer_2, self.boundary = transformer, transformer_2, boundary
+
+    @property
+    def config(self):
+        """The experts' shared configuration (conditioning shapes)."""
+        return self.transformer.config
+
+    def enable_gradient_checkpointing(self, *args) -> None:
+        for name in EXPERTS:
+            getattr(self, name).enable_gradient_checkpointing(*args)
+
+    def disable_gradient_checkpointing(self) -> None:
+        for name in EXPERTS:
+            getattr(self, name).disable_gradient_checkpointing()
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                return_dict: bool = True, **kwargs):
+        flat = timestep.reshape(-1)
+        high = None if flat.is_meta else flat >= self.boundary  # (on meta: no values to route by)
+        count = len(flat) if high is None else int(high.sum())  # one host sync a step
+        if count in (0, len(flat)):  # the whole batch on one expert
+            expert = self.transformer if count else self.transformer_2
+            out = expert(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                         return_dict=False, **kwargs)[0]
+        else:  # samples on both sides: each expert on its own rows, put back in order
+            rows = [high.nonzero()[:, 0], (~high).nonzero()[:, 0]]
+            preds = [getattr(self, name)(hidden_states=hidden_states[r], timestep=timestep[r],
+                                         encoder_hidden_states=encoder_hidden_states[r], return_dict=False,
+                                         **kwargs)[0] for name, r in zip(EXPERTS, rows)]
+            out = torch.cat(preds)[torch.cat(rows).argsort()]
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def experts(pipe) -> WanExperts:
+    """A Wan 2.2 pipeline's experts as one denoiser, made once and kept on the pipeline (in a tuple: no component,
+    and no module the estimator's scan of the pipeline's parts would count again) so that tlora.attach, load,
+    set_scale and unload all find the same root; made again if the pipeline's experts were replaced."""
+    held = getattr(pipe, "_tlora_experts", ())
+    parts = [getattr(getattr(pipe, name), "_orig_mod", getattr(pipe, name)) for name in EXPERTS]
+    if held and all(getattr(held[0], name) is part for name, part in zip(EXPERTS, parts)):
+        return held[0]
+    config = getattr(pipe, "config", None)
+    ratio = config.get("boundary_ratio") if config is not None else A14B_BOUNDARY
+    boundary = float("inf") if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps  # as WanPipeline
+    made = WanExperts(*parts, boundary)
+    pipe._tlora_experts = (made,)
+    return made
 
 
 class Wan(Family):
@@ -95,7 +168,7 @@ class Wan(Family):
     inference_steps, inference_guidance = 50, 5.0  # WanPipeline.__call__'s defaults
     gpu_dtype = "bf16"  # as Wan's own code and diffusers' Wan examples run the transformer
     frames_multiple = 4  # a video's frames are 4k + 1 (the VAE's scale_factor_temporal; WanPipeline rounds to it)
-    key_prefixes = ("blocks",)
+    key_prefixes = ("blocks", *(f"{name}.blocks" for name in EXPERTS))
     rank_rule = "multiply_first"
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default (no authors' Wan runs)"
     layer_kinds = {"self": "self-attention", "cross": "cross-attention"}
@@ -108,14 +181,51 @@ class Wan(Family):
     tokenizers = [("tokenizer", "UMT5", "max_sequence_length", False)]
 
     @classmethod
+    def model(cls, pipe_or_model):
+        """The transformer; a Wan 2.2 pipeline's two experts as one (WanExperts, the same object each time)."""
+        model = getattr(pipe_or_model, "_orig_mod", pipe_or_model)
+        if isinstance(model, WanExperts):
+            return model
+        if all(getattr(pipe_or_model, name, None) is not None for name in EXPERTS):
+            return experts(pipe_or_model)
+        return super().model(pipe_or_model)
+
+    @classmethod
     def owns(cls, model: nn.Module) -> bool:
-        return isinstance(model, WanTransformer3DModel)
+        return isinstance(model, (WanTransformer3DModel, WanExperts))
 
     @classmethod
     def layers(cls, model: nn.Module) -> list[Layer]:
-        """Each block's attn1 then attn2: q, k, v, out, in module order."""
+        """Each block's attn1 then attn2: q, k, v, out, in module order; Wan 2.2: `transformer`'s, then
+        `transformer_2`'s, their keys and paths under the expert's name."""
+        if isinstance(model, WanExperts):
+            return [Layer(f"{name}.{layer.prefix}", f"{name}.{layer.path}")
+                    for name in EXPERTS for layer in cls.layers(getattr(model, name))]
         return [Layer(f"{name}.processor.{key}", f"{name}.{proj}")
                 for name, _ in model.named_modules() if ATTENTION.match(name) for proj, key in PROJECTIONS.items()]
+
+    @classmethod
+    def describe(cls, model: nn.Module) -> DenoiserSpec:
+        """Wan 2.2: the timestep comes with each expert's own call (the pipeline calls them, not WanExperts)."""
+        spec = super().describe(model)
+        return replace(spec, entries=EXPERTS) if isinstance(model, WanExperts) else spec
+
+    @classmethod
+    def export_files(cls, names: list[str]) -> dict[str, str]:
+        """Wan 2.2: a file per expert, keyed as one Wan 2.1 transformer's (ComfyUI and diffusers load them so)."""
+        return EXPERT_FILES if any(n.startswith(tuple(EXPERT_FILES.values())) for n in names) else {"": ""}
+
+    @classmethod
+    def misfit(cls, model: nn.Module, keys: list[str]) -> str | None:
+        """A Wan 2.2 T-LoRA (keys under transformer. and transformer_2.) on Wan 2.1, or the other way round."""
+        two_keys = any(k.startswith(tuple(EXPERT_FILES.values())) for k in keys)
+        if two_keys and not isinstance(model, WanExperts):
+            return ("is a Wan 2.2 A14B T-LoRA (its keys name both experts, transformer and transformer_2); this is one "
+                    "Wan transformer (Wan 2.1, or one expert alone): load it on the Wan 2.2 pipeline it was trained on")
+        if isinstance(model, WanExperts) and keys and not two_keys:
+            return ("is a Wan 2.1 T-LoRA (one transformer); this is a Wan 2.2 A14B pipeline with two experts "
+                    "(transformer and transformer_2): load it on a Wan 2.1 pipeline, or on pipe.transformer alone")
+        return None
 
     @classmethod
     def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
@@ -136,20 +246,33 @@ class Wan(Family):
         return {"max_sequence_length": hparams.get("max_sequence_length") or 512}
 
     @classmethod
+    def load_pipeline(cls, model: str, vae: str | None, revision: str | None, dtype: torch.dtype,
+                      quantization=None):
+        """Wan 2.2 A14B with a quantized base (--base_model_precision): both experts quantized, as the estimate counts
+        them (the mapping that pipelines.quantization makes names the denoiser attribute, `transformer`, only)."""
+        mapping = getattr(quantization, "quant_mapping", None)
+        if mapping and cls.model_attr in mapping:
+            from tlora.families import model_index
+
+            if model_index(model, revision).get("transformer_2", [None])[0] is not None:
+                mapping.setdefault("transformer_2", mapping[cls.model_attr])
+        return super().load_pipeline(model, vae, revision, dtype, quantization)
+
+    @classmethod
     def prepare(cls, pipe, dtype: torch.dtype) -> None:
-        """Only Wan 2.1's one-transformer text-to-video pipelines; the VAE in float32 under half precision, as
-        diffusers' Wan examples load it."""
-        if getattr(pipe, "transformer_2", None) is not None or dict(getattr(pipe, "config", {})).get(
-                "expand_timesteps"):
+        """Wan 2.1's and Wan 2.2 A14B's text-to-video pipelines (not Wan 2.2 TI2V-5B's per-token timesteps); the
+        VAE in float32 under half precision, as diffusers' Wan examples load it."""
+        if dict(getattr(pipe, "config", {})).get("expand_timesteps") or getattr(pipe, "transformer", None) is None:
             name = getattr(pipe, "name_or_path", None) or "the model"
-            raise UsageError(f"--pretrained_model_name_or_path: {name} is a Wan 2.2 model (two expert transformers or "
-                             "per-token timesteps), which tlora does not train; pass a Wan 2.1 text-to-video model "
-                             "such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+            raise UsageError(f"--pretrained_model_name_or_path: {name} is a Wan 2.2 model with per-token timesteps "
+                             "(TI2V-5B) or without its high-noise transformer, which tlora does not train; pass a Wan "
+                             "2.1 or Wan 2.2 A14B text-to-video model such as Wan-AI/Wan2.2-T2V-A14B-Diffusers")
         if dtype in (torch.float16, torch.bfloat16):
             pipe.vae.float()  # (not .to(dtype): diffusers warns on every such cast)
-        transformer = pipe.transformer
-        if next(transformer.parameters()).is_meta:  # built empty (the estimator): its rotary tables, buffers made
-            transformer.rope.to("meta")  # at init outside init_empty_weights, go where its parameters are
+        for name in EXPERTS:
+            transformer = getattr(pipe, name, None)
+            if transformer is not None and next(transformer.parameters()).is_meta:  # built empty (the estimator):
+                transformer.rope.to("meta")  # its rotary tables, made at init outside init_empty_weights, go to meta
 
     @classmethod
     def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
@@ -208,22 +331,34 @@ class Wan(Family):
         """The classes and wiring of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (a UMT5 text encoder, the transformer with
         self- and cross-attention blocks, AutoencoderKLWan with its latent statistics, UniPC with flow sigmas) at
         toy sizes; `wide`: three heads of 8 and three blocks."""
-        folder = Path(folder)
-        torch.manual_seed(seed)
-        tokenizer = t5_tokenizer()
-        text_encoder = UMT5EncoderModel(UMT5Config(
-            vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0, is_encoder_decoder=False, tie_word_embeddings=False,
-        ))
-        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=3 if wide else 2, attention_head_dim=8 if wide else 16,
-            in_channels=16, out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=48 if wide else 32,
-            num_layers=3 if wide else 2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        )
-        pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                           scheduler=UniPCMultistepScheduler(**UNIPC_FLOW))
-        pipe.save_pretrained(folder)
-        return folder
+        return tiny_pipeline(folder, seed, wide)
+
+
+def tiny_wan22(folder: str | Path, seed: int = 0) -> Path:
+    """The tiny Wan as Wan-AI/Wan2.2-T2V-A14B-Diffusers wires it: a second expert (transformer_2, other weights) and
+    boundary_ratio 0.875."""
+    return tiny_pipeline(folder, seed, experts=True)
+
+
+def tiny_pipeline(folder: str | Path, seed: int = 0, wide: bool = False, experts: bool = False) -> Path:
+    """Wan.tiny_model (experts: tiny_wan22), written to `folder`."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, is_encoder_decoder=False, tie_word_embeddings=False,
+    ))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformers = [WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=3 if wide else 2, attention_head_dim=8 if wide else 16,
+        in_channels=16, out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=48 if wide else 32,
+        num_layers=3 if wide else 2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ) for _ in EXPERTS[:2 if experts else 1]]
+    two = {"transformer_2": transformers[1], "boundary_ratio": A14B_BOUNDARY} if experts else {}
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformers[0],
+                       scheduler=UniPCMultistepScheduler(**UNIPC_FLOW), **two)
+    pipe.save_pretrained(folder)
+    return folder

@@ -10,7 +10,8 @@ chunks that r(t) keeps at the scheduler's next timestep (its step index says whi
 step the chunks for the first step again, ready for the next call. The first step's chunks are set here,
 from the step count (and img2img strength); a call whose first step needs other chunks is refused after it.
 Works with every family's pipelines (SDXL, FLUX.1, FLUX.2 [klein]) and any scheduler that counts its steps
-(Euler, DPM-Solver, flow matching).
+(Euler, DPM-Solver, flow matching). Wan 2.2 A14B: each chunk is a file per expert (`file`, and `file_2` loaded into
+transformer_2), switched together: both experts' masks follow the same t.
 """
 
 from __future__ import annotations
@@ -134,9 +135,12 @@ def _settings(schedule: dict, where: str) -> TLoRASettings:
 
 def _is_schedule(schedule) -> bool:
     """What ScheduledTLoRA reads is there, and each chunk's file is a plain name inside the folder."""
+    def plain(name) -> bool:
+        return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
     def chunk_ok(c) -> bool:
-        return (isinstance(c, dict) and isinstance(c.get("adapter"), str) and isinstance(c.get("file"), str)
-                and c["file"] not in ("", ".", "..") and Path(c["file"]).name == c["file"]
+        return (isinstance(c, dict) and isinstance(c.get("adapter"), str) and plain(c.get("file"))
+                and ("file_2" not in c or plain(c["file_2"]))
                 and isinstance(c.get("components"), list)
                 and len(c["components"]) == 2 and isinstance(c.get("on_below"), (int, float)))
 
@@ -163,11 +167,19 @@ def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength:
         raise UsageError(f"tlora.scheduled needs a scheduler that counts its steps (Euler, DPM-Solver, flow matching); "
                          f"{type(pipe.scheduler).__name__} does not: use one of those, e.g. pipe.scheduler = "
                          "EulerDiscreteScheduler.from_config(pipe.scheduler.config)")
+    two = getattr(pipe, "transformer_2", None) is not None
+    if two != all("file_2" in chunk for chunk in chunks):
+        raise UsageError(f"{folder} adapts {'one transformer' if two else 'two (transformer and transformer_2)'}; "
+                         f"this pipeline has {'two' if two else 'one'}: load it on the model it was trained on (its "
+                         "hparams.yml's pretrained_model_name_or_path)")
     loaded = set(pipe.get_list_adapters().get(family.model_attr, []))
     with warnings.catch_warnings(), _quiet_text_encoder_notice():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # many adapters: the point
         for chunk in chunks:
             if chunk["adapter"] not in loaded:
                 pipe.load_lora_weights(str(folder), weight_name=chunk["file"], adapter_name=chunk["adapter"])
+                if two:  # diffusers' WanLoraLoaderMixin: the same adapter name in the second expert
+                    pipe.load_lora_weights(str(folder), weight_name=chunk["file_2"], adapter_name=chunk["adapter"],
+                                           load_into_transformer_2=True)
     first = first_timestep(pipe, num_inference_steps, strength)
     return ScheduledTLoRA(pipe, family, chunks, settings, first, other_adapters or {})

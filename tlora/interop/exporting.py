@@ -15,7 +15,9 @@ fused as the original models fuse them), `diffusers-scheduled` (a folder of stan
 schedule that `tlora.scheduled` switches per denoising step: the exact T-LoRA), `authors` (exactly the
 authors' files: SDXL pytorch_lora_weights.safetensors, FLUX.1 lora.pt with every key their loader expects).
 Where the file's model fuses projections that the T-LoRA adapts one by one (FLUX kohya files, FLUX.2's
-single blocks), their factors are fused exactly: downs stacked, ups side by side at their rows.
+single blocks), their factors are fused exactly: downs stacked, ups side by side at their rows. A denoiser of two
+models that load LoRAs one by one (Wan 2.2 A14B's experts) gets a file each, `--out` with a suffix
+(dog.safetensors -> dog_high_noise.safetensors, dog_low_noise.safetensors; Family.export_files).
 
 Settings are read as tlora.load reads them (the file's metadata, the run's hparams.yml, --config_path, the
 flags below); a timestep mask or schedule is never built on a guessed min_rank, alpha or trainer_class.
@@ -29,8 +31,10 @@ import os
 import secrets
 import shutil
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -104,6 +108,17 @@ def layout(factors: Factors, family: type[Family], fmt: str, meta: dict[str, str
     """The projections' factors as the layers of a `diffusers` or `kohya` file of the family (Family.export_targets)."""
     widths = {module: up.shape[0] for module, (_, up) in factors.items()}
     return fuse(factors, family.export_targets(fmt, widths, meta))
+
+
+def split(factors: Factors, files: dict[str, str]) -> dict[str, Factors]:
+    """The factors of each export file (Family.export_files: suffix -> its layers' path prefix, cut off there)."""
+    return {suffix: {m.removeprefix(prefix): f for m, f in factors.items() if m.startswith(prefix)}
+            for suffix, prefix in files.items()}
+
+
+def file_name(out: Path, suffix: str) -> Path:
+    """An export file's path: `out` with its suffix before the extension (dog.safetensors -> dog_high_noise...)."""
+    return out.with_name(f"{out.stem}{suffix}{out.suffix}") if suffix else out
 
 
 def fixed_mask_factors(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings,
@@ -194,11 +209,15 @@ def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
 def scheduled_files(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings,
                     meta: dict[str, str]) -> tuple[dict[str, Factors], dict]:
     """One standard diffusers LoRA per chunk of rank components (file name -> factors), and the schedule."""
-    files, entries = {}, []
+    files, entries, parts = {}, [], family.export_files(list(weights))
     for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
-        name = f"chunk_{i:03d}.safetensors"
-        files[name] = layout(select(family, weights, settings, first, end, drop_zero=False), family, "diffusers", meta)
-        entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": name, "components": [first, end], "on_below": t_on})
+        chunk = split(select(family, weights, settings, first, end, drop_zero=False), parts)
+        names = [f"chunk_{i:03d}{suffix}.safetensors" for suffix in chunk]
+        for name, part in zip(names, chunk.values()):
+            files[name] = layout(part, family, "diffusers", meta)
+        second = {"file_2": names[1]} if len(names) > 1 else {}  # a second model's (Wan 2.2's transformer_2)
+        entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": names[0], **second, "components": [first, end],
+                        "on_below": t_on})
     return files, schedule_of(settings, entries)
 
 
@@ -257,7 +276,8 @@ def build_parser() -> Parser:
                         "exactly the authors' file (SDXL: pytorch_lora_weights.safetensors; FLUX.1: lora.pt, which "
                         "their run_inference.py loads).")
     p.add_argument("--out", required=True, help="The file to write (a folder for diffusers-scheduled); an existing one "
-                                                "only with --overwrite, and never the checkpoint itself.")
+                                                "only with --overwrite, and never the checkpoint itself. Wan 2.2 A14B: "
+                                                "a file per expert, _high_noise / _low_noise before the extension.")
     p.add_argument("--overwrite", action="store_true", default=False, help="Replace an existing --out.")
     p.add_argument("--mask", default="full", help="diffusers/kohya: 'full' (every component, as at t = 0, default) "
                                                   "or 'timestep:T' (the components active at timestep T).")
@@ -330,10 +350,13 @@ def _check_out_path(args: argparse.Namespace) -> None:
     out, source = Path(args.out).absolute(), args.ckpt.path.absolute()
     if out.resolve() == source.resolve() or (out.is_dir() and source.resolve().is_relative_to(out.resolve())):
         raise UsageError(f"--out {args.out} is (or holds) the checkpoint being exported; pass another path")
-    if out.exists() and (out.is_dir() != (args.format == "diffusers-scheduled")):
-        raise UsageError(f"--out: {out} exists and is a {'folder' if out.is_dir() else 'file'}; pass a new path")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--out: {args.out} exists; {NEW_PATH}")
+    family = args.ckpt.family
+    files = family.export_files(list(args.ckpt.shapes)) if family and args.format in ("diffusers", "kohya") else {}
+    for path in [file_name(out, suffix) for suffix in files] or [out]:
+        if path.exists() and (path.is_dir() != (args.format == "diffusers-scheduled")):
+            raise UsageError(f"--out: {path} exists and is a {'folder' if path.is_dir() else 'file'}; pass a new path")
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"--out: {path if len(files) > 1 else args.out} exists; {NEW_PATH}")
     check_writable(out.parent, f"--out {args.out}", "pass a path in a folder you can write to")
 
 
@@ -364,7 +387,8 @@ def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) 
              f"{ckpt.settings.alpha_rank_scale}")
 
 
-def export(args: argparse.Namespace) -> Path:
+def export(args: argparse.Namespace) -> Path | str:
+    """The path written (several files: their paths, joined)."""
     ckpt: Checkpoint = args.ckpt
     out = Path(args.out)
     write = fixed_mask_export(args) if args.format in ("diffusers", "kohya") else None
@@ -374,7 +398,8 @@ def export(args: argparse.Namespace) -> Path:
         elif args.format == "diffusers-scheduled":
             save_scheduled(ckpt.family, ckpt.tensors(), ckpt.settings, ckpt.metadata, out)
         else:
-            write(out)
+            paths = write(out)
+            return out if paths == [out] else " and ".join(map(str, paths))
     return out
 
 
@@ -387,15 +412,38 @@ def fixed_mask_export(args: argparse.Namespace):
     if not factors:
         raise UsageError(f"{ckpt.path}: the update is zero under this mask (an untrained lora?), so there is nothing "
                          "to export; export a trained checkpoint, or pass another --mask")
-    factors = layout(factors, ckpt.family, args.format, ckpt.metadata)
+    parts = ckpt.family.export_files(list(weights))
+    files = {suffix: layout(part, ckpt.family, args.format, ckpt.metadata)
+             for suffix, part in split(factors, parts).items()}
+    for suffix in [suffix for suffix, part in files.items() if not part]:  # one expert never trained, say
+        note(f"{ckpt.path}: the update of {parts[suffix].rstrip('.')}'s layers is zero under this mask (never "
+             f"trained?), so no {suffix.strip('_')} file is written")
+        del files[suffix]
     if args.rank is not None:
-        factors, errors = truncate(factors, args.rank)
+        errors = []
+        for suffix, part in files.items():
+            files[suffix], part_errors = truncate(part, args.rank)
+            errors += part_errors
         print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
     if args.format == "diffusers":
-        return lambda out: save_diffusers(factors, ckpt.family, out)
+        return lambda out: write_files(files, out, lambda part, path: save_diffusers(part, ckpt.family, path))
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": ckpt.family.kohya_base_model}
-    tensors = kohya_lora(factors)
-    return lambda out: atomic_write(out, save(tensors, metadata=meta))
+    tensors = {suffix: kohya_lora(part) for suffix, part in files.items()}
+    return lambda out: write_files(tensors, out, lambda part, path: atomic_write(path, save(part, metadata=meta)))
+
+
+def write_files(files: dict[str, Any], out: Path, write: Callable[[Any, Path], None]) -> list[Path]:
+    """Each file at `out` with its suffix (file_name); those written are removed again when a later one fails."""
+    done: list[Path] = []
+    try:
+        for suffix, part in files.items():
+            write(part, file_name(out, suffix))
+            done.append(file_name(out, suffix))
+    except BaseException:
+        for path in done:
+            path.unlink(missing_ok=True)
+        raise
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,10 +36,13 @@ class DenoiserSpec:
     layers:       every adapter, in the order its random start is drawn (the authors' creation order);
     timestep_arg: the denoiser's timestep argument: (keyword, position);
     paper_t:      the paper's t in [0, T) from the value the denoiser is called with (SDXL: itself; FLUX: t / 1000);
-    fused:        whether an attention module's projections run through a fused layer, around the adapters.
+    fused:        whether an attention module's projections run through a fused layer, around the adapters;
+    entries:      the module paths (from the root; "" is the root) whose forward calls carry the timestep: models
+                  that a pipeline calls one at a time (Wan 2.2's two experts), each adapter under its own entry.
     """
 
     layers: tuple[Layer, ...]
     timestep_arg: tuple[str, int] = ("timestep", 1)
     paper_t: Callable[[torch.Tensor], torch.Tensor] = lambda timestep: timestep
     fused: Callable[[nn.Module], bool] = projections_fused
+    entries: tuple[str, ...] = ("",)

@@ -7,12 +7,14 @@ adapter's output. Nothing is replaced, so SDPA, flash or xformers processors kee
 loaded with diffusers/peft (before or after; their layers wrap the Linear as `base_layer`) apply alongside
 and unload on their own. A forward pre-hook on the denoiser reads the timestep it is called with, turns it
 into T-LoRA's t (DenoiserSpec.paper_t) and sets the rank mask for that call, so any pipeline and any scheduler
-gets the right mask at every step, per sample.
+gets the right mask at every step, per sample. A denoiser made of models called one at a time (DenoiserSpec.entries:
+Wan 2.2's two experts) has that hook, and a mask of its own, on each of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -125,9 +127,16 @@ class TLoRA:
         self.denoiser, self.state, self.layers, self.spec = denoiser, state, layers, spec
         self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(denoiser, path))}.values())
         self.check_usable()
-        self._hook = denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
-        add = _AddAdapter(state)
-        self._layer_hooks = [linear.register_forward_hook(add) for linear in self.linears]
+        # a mask per entry, which its own calls set: gradient checkpointing recomputes an entry's layers in backward,
+        # after the other entries' calls, with that entry's mask
+        self.states = {entry: state if i == 0 else MaskState(state.settings) for i, entry in enumerate(spec.entries)}
+        paths = {id(linear): path for path, linear in layers.values()}
+        adds = {entry: _AddAdapter(s) for entry, s in self.states.items()}
+        under = {id(linear): adds[entry_of(paths[id(linear)], spec.entries)] for linear in self.linears}
+        self._hooks = [denoiser.get_submodule(entry).register_forward_pre_hook(partial(self._on_denoiser_call, s),
+                                                                               with_kwargs=True)
+                       for entry, s in self.states.items()]
+        self._layer_hooks = [linear.register_forward_hook(under[id(linear)]) for linear in self.linears]
         denoiser._tlora = self
 
     @property
@@ -147,12 +156,12 @@ class TLoRA:
         if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(first, ADAPTER, first).modules()):
             raise UsageError(OFFLOADED)
 
-    def _on_denoiser_call(self, denoiser: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_denoiser_call(self, state: MaskState, denoiser: nn.Module, args: tuple, kwargs: dict) -> None:
         self.check_usable()
         name, position = self.spec.timestep_arg
         timestep = kwargs[name] if name in kwargs else args[position]
         device = timestep.device if torch.is_tensor(timestep) else next(iter(self.layers.values()))[1].weight.device
-        self.state.set_timestep(self.spec.paper_t(torch.as_tensor(timestep, device=device)), device)
+        state.set_timestep(self.spec.paper_t(torch.as_tensor(timestep, device=device)), device)
 
     @property
     def adapters(self) -> dict[str, nn.Module]:
@@ -179,7 +188,8 @@ class TLoRA:
 
     def set_scale(self, scale: float) -> None:
         """Multiply every adapter's output by `scale` (0 = the base model)."""
-        self.state.scale = float(scale)
+        for state in self.states.values():
+            state.scale = float(scale)
 
     def unload(self) -> nn.Module:
         """Remove exactly what attach added (adapters and hooks); other LoRAs stay as they are."""
@@ -187,9 +197,18 @@ class TLoRA:
             hook.remove()
         for linear in self.linears:
             delattr(linear, ADAPTER)
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         del self.denoiser._tlora
         return self.denoiser
+
+
+def entry_of(path: str, entries: tuple[str, ...]) -> str:
+    """The entry (DenoiserSpec.entries) whose calls run the Linear at `path`: the deepest one holding it."""
+    holding = [e for e in entries if not e or path == e or path.startswith(f"{e}.")]
+    if not holding:
+        raise ValueError(f"the adapted layer {path} is under none of the denoiser's entries {entries}")
+    return max(holding, key=len)
 
 
 def attached(denoiser: nn.Module) -> TLoRA | None:
@@ -265,7 +284,7 @@ def attach_adapters(denoiser: nn.Module, settings: TLoRASettings, adapters: dict
         linear.add_module(ADAPTER, adapter.to(device))
     try:
         return TLoRA(denoiser, MaskState(settings), layers, spec)
-    except UsageError:
+    except (UsageError, ValueError):
         for linear in {id(linear): linear for _, linear in layers.values()}.values():
             delattr(linear, ADAPTER)
         raise

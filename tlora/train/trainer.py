@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -138,6 +138,8 @@ class Trainer:
 
     def make_optimizer(self) -> None:
         self.optimizer = make_optimizer(self.opts, self.tlora.trainable_parameters())
+        if len(self.tlora.spec.entries) > 1:  # models called one at a time (Wan 2.2's experts): a step may use one
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.model, self.optimizer = self.accelerator.prepare(self.family.model(self.pipe), self.optimizer)
         self.model.train()
 
