@@ -154,10 +154,9 @@ class Family:
         return {"": ""}
 
     @classmethod
-    def misfit(cls, model: nn.Module, keys: list[str]) -> str | None:
-        """Why a checkpoint with these keys does not fit `model`, where the family can say more than its first
-        key that does not (tlora.load's error, after the checkpoint's path); None: nothing more to say."""
-        return None
+    def check_fits(cls, model: nn.Module, keys: list[str], where: str) -> None:
+        """Refuse (CheckpointError, one line starting with `where`) a checkpoint with these keys that does not fit
+        `model`, where the family can say more than its first key that does not; by default nothing to say."""
 
     @classmethod
     def model_metadata(cls, model: nn.Module) -> dict[str, str]:

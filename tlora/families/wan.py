@@ -37,7 +37,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 from transformers import UMT5Config, UMT5EncoderModel
 
-from tlora.common.errors import UsageError
+from tlora.common.errors import CheckpointError, UsageError
 from tlora.families.base import Family
 from tlora.families.flux import flow_matching_noisy
 from tlora.families.tiny_parts import TEXT_DIM, t5_tokenizer
@@ -216,16 +216,17 @@ class Wan(Family):
         return EXPERT_FILES if any(n.startswith(tuple(EXPERT_FILES.values())) for n in names) else {"": ""}
 
     @classmethod
-    def misfit(cls, model: nn.Module, keys: list[str]) -> str | None:
+    def check_fits(cls, model: nn.Module, keys: list[str], where: str) -> None:
         """A Wan 2.2 T-LoRA (keys under transformer. and transformer_2.) on Wan 2.1, or the other way round."""
         two_keys = any(k.startswith(tuple(EXPERT_FILES.values())) for k in keys)
         if two_keys and not isinstance(model, WanExperts):
-            return ("is a Wan 2.2 A14B T-LoRA (its keys name both experts, transformer and transformer_2); this is one "
-                    "Wan transformer (Wan 2.1, or one expert alone): load it on the Wan 2.2 pipeline it was trained on")
+            raise CheckpointError(f"{where} is a Wan 2.2 A14B T-LoRA (its keys name both experts, transformer and "
+                                  "transformer_2); this is one Wan transformer (Wan 2.1, or one expert alone): load it "
+                                  "on the Wan 2.2 pipeline it was trained on")
         if isinstance(model, WanExperts) and keys and not two_keys:
-            return ("is a Wan 2.1 T-LoRA (one transformer); this is a Wan 2.2 A14B pipeline with two experts "
-                    "(transformer and transformer_2): load it on a Wan 2.1 pipeline, or on pipe.transformer alone")
-        return None
+            raise CheckpointError(f"{where} is a Wan 2.1 T-LoRA (one transformer); this is a Wan 2.2 A14B pipeline "
+                                  "with two experts (transformer and transformer_2): load it on a Wan 2.1 pipeline, or "
+                                  "on pipe.transformer alone")
 
     @classmethod
     def kohya_keys(cls, modules: list[str]) -> dict[str, str]:

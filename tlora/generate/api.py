@@ -59,8 +59,7 @@ def load(
         ckpt = read(checkpoint, hparams, family=family, num_train_timesteps=timesteps, **overrides)
         settings = ckpt.settings
     tensors = ckpt.tensors()  # read (and checked) before anything is attached
-    if (why := recipe.misfit(model, list(tensors))) is not None:
-        raise CheckpointError(f"{ckpt.path} {why}")
+    recipe.check_fits(model, list(tensors), str(ckpt.path))
     if ckpt.lycoris:  # SimpleTuner / LyCORIS: LyCORIS rebuilds the frozen start from the model's weights
         tlora = load_lycoris(model, tensors, settings, recipe.describe(model), str(ckpt.path))
     else:
