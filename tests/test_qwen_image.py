@@ -149,6 +149,7 @@ def published_transformer() -> QwenImageTransformer2DModel:
         return QwenImageTransformer2DModel.from_config(PUBLISHED["qwen-image"]["transformer"][2])
 
 
+@pytest.mark.slow
 def test_the_published_model_has_seven_adapters_per_block_and_keys_of_its_own():
     """60 blocks x (image q, k, v, out; text q, k, v): 420 adapters of 3072 x 3072. Its keys past SD3.5 Large's 38
     blocks are Qwen-Image's alone; a tiny model's keys fit the MM-DiT families alike (the record says which)."""
@@ -161,7 +162,8 @@ def test_the_published_model_has_seven_adapters_per_block_and_keys_of_its_own():
     assert "qwen_image" in of_keys(keys[:70]) and known_from_keys(keys[:70]) is None  # blocks 0-9
 
 
-@pytest.fixture(scope="module", params=[("tiny", "ortho_lora"), ("wide", "lora")], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", ids=lambda p: "-".join(p),
+                params=[("tiny", "ortho_lora"), pytest.param(("wide", "lora"), marks=pytest.mark.slow)])
 def qwen_checkpoint(request, tiny_qwen_image, tmp_path_factory):
     """A perturbed (as if trained) T-LoRA of the tiny Qwen-Image or the wide one (three heads of 8, three blocks),
     on a pipeline of its own, with the metadata our runs write."""

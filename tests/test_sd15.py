@@ -114,7 +114,7 @@ def test_the_tiny_model_has_no_safety_checker_and_loading_drops_one(tiny_sd15, s
     assert other.safety_checker is None and other.components["safety_checker"] is None
 
 
-@pytest.fixture(scope="module", params=["lora", "ortho_lora"])
+@pytest.fixture(scope="module", params=[pytest.param("lora", marks=pytest.mark.slow), "ortho_lora"])
 def sd15_checkpoint(request, sd15_pipe, tmp_path_factory):
     """A perturbed (as if trained) T-LoRA of the tiny SD 1.5 with the metadata our runs write."""
     adapters = tlora.attach(sd15_pipe.unet, tlora.TLoRASettings(request.param, 4, 2))

@@ -127,7 +127,8 @@ def test_keys_say_sd3(borrowed_sd3_pipe, tmp_path):
         assert tlora.read(tmp_path / "alone").settings.family == "sd3"
 
 
-@pytest.fixture(scope="module", params=[("tiny", "ortho_lora"), ("wide", "lora")], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", ids=lambda p: "-".join(p),
+                params=[("tiny", "ortho_lora"), pytest.param(("wide", "lora"), marks=pytest.mark.slow)])
 def sd3_checkpoint(request, tiny_sd3, tmp_path_factory):
     """A perturbed (as if trained) T-LoRA of the tiny SD3 (Medium's layout) or the wide one (Large's: no attn2,
     other widths), on a pipeline of its own, with the metadata our runs write."""

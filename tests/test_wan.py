@@ -91,7 +91,8 @@ def test_the_loss_is_flow_matching_on_the_normalised_one_frame_latent(wan_pipe):
     assert torch.allclose(x0 / (1.0 / std) + mean, sample, atol=1e-5)  # as WanPipeline decodes it
 
 
-@pytest.fixture(scope="module", params=[("tiny", "lora"), ("wide", "ortho_lora")], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", ids=lambda p: "-".join(p),
+                params=[("tiny", "lora"), pytest.param(("wide", "ortho_lora"), marks=pytest.mark.slow)])
 def wan_checkpoint(request, tiny_wan, tmp_path_factory):
     """A perturbed (as if trained) T-LoRA of the tiny Wan or of the wide one (3 blocks, 3 heads of 8), with the
     metadata our runs write, and the pipeline it is for."""

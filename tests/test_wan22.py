@@ -191,6 +191,7 @@ def test_a_wan22_tlora_is_refused_on_wan21_and_a_wan21_one_on_wan22(pipe22, chec
     assert_helpful(str(err.value))
 
 
+@pytest.mark.slow
 def test_the_estimate_counts_both_experts(tiny_wan22_folder):
     """Both experts' weights, adapters and optimizer state are on the device; a step runs one expert (on `meta` the
     whole batch goes to `transformer`)."""

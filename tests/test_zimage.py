@@ -116,7 +116,8 @@ def test_encodings_have_the_shapes_the_estimator_traces(zimage_pipe):
     assert encoded["prompt_mask"].shape == (1, 32) and 0 < encoded["prompt_mask"].sum() < 32
 
 
-@pytest.fixture(scope="module", params=[("tiny", "lora"), ("wide", "ortho_lora")], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", ids=lambda p: "-".join(p),
+                params=[("tiny", "lora"), pytest.param(("wide", "ortho_lora"), marks=pytest.mark.slow)])
 def zimage_checkpoint(request, tiny_zimage, tmp_path_factory):
     """A perturbed (as if trained) T-LoRA of the tiny Z-Image or of the wide one (three heads of 8, two refiner
     blocks of each kind), on a pipeline of its own, with the metadata our runs write."""
