@@ -21,6 +21,7 @@ import torch
 import tlora
 from tlora.families import FAMILIES, denoiser
 from tlora.families.base import Family, Target
+from tlora.formats import kohya
 from tlora.interop.exporting import main
 from tlora.runs.weights import save_weights
 
@@ -57,7 +58,7 @@ def published(name: str, architecture: str | None) -> tuple[dict[str, int], list
         model = getattr(__import__(library, fromlist=[cls_name]), cls_name).from_config(
             {k: v for k, v in config.items() if not k.startswith("_")})
     found = widths(family, model)
-    return found, family.export_targets("kohya", found, family.model_metadata(model))
+    return found, kohya.layers(family, found, family.model_metadata(model))
 
 
 def slices_of(module: str, slices: dict[str, list[int]]) -> list[list[int]]:
@@ -99,7 +100,7 @@ def test_kohya_exports_write_only_keys_comfyui_maps(name, request, tmp_path):
 
     tensors, _ = read_weights(out)
     tiny_widths = widths(family, model)
-    tiny = {t.name: t for t in family.export_targets("kohya", tiny_widths, meta)}
+    tiny = {t.name: t for t in kohya.layers(family, tiny_widths, meta)}
     assert {next(k[:-len(s)] for s in SUFFIXES if k.endswith(s)) for k in tensors} == set(tiny)
     big_widths, big = published(name, fixture.get("architecture"))
     at = {module: target for target in big for module in target.parts}  # published layer of each projection

@@ -62,3 +62,14 @@ def test_fit_names_the_options_that_fit(capsys):
     assert out["fit"]["fits"] and out["fit"]["add"] == ["--mixed_precision bf16"]
     assert out["fit"]["peak_gb"] + 0.75 <= 20 < out["peak_gb"] + 0.75
     assert torch.get_default_dtype() == torch.float32  # the estimate changed no global state of torch
+
+
+@pytest.mark.slow
+def test_fit_names_the_encoders_when_no_option_is_enough(capsys):
+    """klein-4b's set-up (its Qwen3-4B text encoder on the device beside the transformer) is above 8 GB whatever
+    the options: one line says so, with the encoders' share and the GPU size that fits."""
+    args = ["--pretrained_model_name_or_path", "klein-4b", "--resolution", "256", "--rank", "4", "--min_rank", "4"]
+    assert main(args + ["--fit", "8"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--fit 8: ")]
+    assert len(lines) == 2 and "does not fit even" in lines[0]
+    assert "the text and image encoders" in lines[1] and "use a GPU with at least" in lines[1]

@@ -153,8 +153,10 @@ def test_a_schedule_round_trips_through_the_settings(tmp_path, settings):
     """schedule.json holds the settings as TLoRASettings writes them; tlora.scheduled reads them back the same."""
     import json
 
+    from tlora.formats.diffusers_scheduled import SCHEDULE_NAME
+    from tlora.formats.diffusers_scheduled import chunks as schedule_chunks
+    from tlora.formats.diffusers_scheduled import schedule as schedule_of
     from tlora.generate.scheduled import read_schedule
-    from tlora.interop.exporting import SCHEDULE_NAME, schedule_chunks, schedule_of
 
     chunks = [{"adapter": f"c{i}", "file": f"c{i}.safetensors", "components": [a, b], "on_below": on}
               for i, (a, b, on) in enumerate(schedule_chunks(settings))]
@@ -172,8 +174,9 @@ def test_a_schedule_that_does_not_check_is_one_line(tmp_path, change, said):
     import json
 
     from tlora.common.errors import UsageError
+    from tlora.formats.diffusers_scheduled import SCHEDULE_NAME
+    from tlora.formats.diffusers_scheduled import schedule as schedule_of
     from tlora.generate.scheduled import read_schedule
-    from tlora.interop.exporting import SCHEDULE_NAME, schedule_of
 
     from conftest import assert_helpful
 

@@ -10,7 +10,7 @@ from helpers import REPO
 
 # The stages, lowest first: a module imports only from its own stage or the ones before it (anywhere in the file,
 # lazy imports included); the top-level modules (the package API and the commands) may import any stage.
-STAGES = ("common", "method", "families", "runs", "interop", "generate", "train", "evaluation")
+STAGES = ("common", "method", "families", "formats", "runs", "interop", "generate", "train", "evaluation")
 # The one import left that points up: the settings type still asks the families for their rounding rule, their
 # trainer_class names and their authors' hparams keys (to move out of the method with the families' formats).
 KNOWN_UPWARD: set[str] = set()

@@ -5,6 +5,7 @@ import torch
 import yaml
 
 from tlora.common.errors import UsageError
+from tlora.formats.lycoris import known_from_lycoris
 from tlora.method.adapters import RANK_RULES, active_rank, rank_mask
 from tlora.method.settings import TLoRASettings
 from tlora.runs.hparams import (
@@ -16,7 +17,6 @@ from tlora.runs.hparams import (
     settings_from_known,
     to_hparams,
 )
-from tlora.runs.lycoris import known_from_lycoris
 
 import authors
 from helpers import SHARED

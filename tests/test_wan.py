@@ -17,6 +17,7 @@ from tlora.common.errors import UsageError
 from tlora.common.messages import Note
 from tlora.families import FAMILIES
 from tlora.families.wan import Wan
+from tlora.formats import kohya
 from tlora.generate import video
 from tlora.runs.weights import save_weights
 
@@ -154,8 +155,8 @@ def test_the_kohya_export_merged_as_comfyui_merges_it_equals_the_tlora(wan_check
 
     pipe, checkpoint = wan_checkpoint
     transformer, inputs = pipe.transformer, wan_inputs(pipe.transformer, 1, 0)
-    kohya = Wan.kohya_keys([layer.path for layer in Wan.layers(transformer)])
-    linears = {key: transformer.get_submodule(path) for path, key in kohya.items()}
+    names = Wan.original_names([layer.path for layer in Wan.layers(transformer)])
+    linears = {kohya.key(name): transformer.get_submodule(path) for path, name in names.items()}
     by_key = {key: getattr(linear, "base_layer", linear) for key, linear in linears.items()}  # under a peft layer
     for mask, t in (("full", 0), ("timestep:600", 600)):
         out = tmp_path / f"kohya_{t}.safetensors"

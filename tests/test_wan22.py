@@ -14,6 +14,7 @@ import tlora
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.families.wan import EXPERTS, Wan, WanExperts, tiny_wan22
+from tlora.formats import kohya
 from tlora.runs.weights import save_weights
 
 from conftest import assert_helpful
@@ -144,7 +145,7 @@ def test_the_exports_are_a_file_per_expert_that_diffusers_and_comfyui_load_as_th
         layers = {key.split(".")[0] for key in weights}
         assert layers <= comfy and len(layers) == 2 * 2 * 4 and meta["ss_base_model_version"] == "wan"
         expert = getattr(pipe22, name)
-        linears = {Wan.kohya_keys([path])[path]: expert.get_submodule(path) for path in
+        linears = {kohya.key(Wan.original_names([path])[path]): expert.get_submodule(path) for path in
                    (layer.path for layer in Wan.layers(expert))}
         with torch.no_grad():  # ComfyUI's calculate_weight: W += strength * alpha / rank * up @ down
             for key in layers:

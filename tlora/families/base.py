@@ -23,7 +23,8 @@ from tlora.method.injection import attach
 class Target(NamedTuple):
     """One layer of an exported LoRA file: its name there (a module path, or a kohya key), its number of outputs,
     and where the T-LoRA's projections sit in it (module path -> first output row). Several projections make one
-    target where the file's model fuses them (BFL's qkv and linear1, FLUX.2's to_qkv_mlp_proj)."""
+    target where the file's model fuses them (BFL's qkv and linear1, FLUX.2's to_qkv_mlp_proj). The family names
+    its models' layers (original_layers, diffusers_layers); a format (tlora.formats) names them in its files."""
 
     name: str
     out_features: int
@@ -53,11 +54,7 @@ class Family:
     masked_by_default_why: str = ""
     layer_kinds: dict[str, str] = {}  # kind of adapted layer -> label (analyze's plots)
     projections: dict[str, str] = {}  # the authors' adapter key -> the projection it adapts (to_q_lora -> to_q)
-    export_formats: tuple[str, ...] = ("authors",)  # what `python -m tlora.export` writes for this family
     kohya_base_model: str = ""  # ss_base_model_version of its kohya-style files
-    authors_weights_name: str = "pytorch_lora_weights.safetensors"  # the file the authors' code writes
-    authors_trainer_types: tuple[str, ...] = ("lora", "ortho_lora")  # what their code trains
-    authors_alpha: bool = True  # whether their r(t) has alpha
     # -- what the rest of tlora finds here (a new family fills these in and is listed in families.FAMILIES) --------
     pipelines: tuple[str, ...] = ()  # model_index.json `_class_name`s of its models (how a model folder is detected)
     architectures: dict[str, dict[str, Any]] = {}  # published models for the estimator: name -> {component:
@@ -86,12 +83,6 @@ class Family:
         raise NotImplementedError
 
     @classmethod
-    def unused_adapter(cls, prefix: str) -> bool:
-        """Whether an adapter (by key prefix) is one that the authors' code writes but never uses: skipped when
-        reading."""
-        return False
-
-    @classmethod
     def fused(cls, attention: nn.Module) -> bool:
         """Whether an attention module computes q, k, v through a fused layer (diffusers'
         fuse_qkv_projections), bypassing the separate projections that the adapters are hooked on."""
@@ -109,18 +100,7 @@ class Family:
         model = cls.model(pipe_or_model)
         return attach(model, settings.for_family(cls.name, cls.rank_rule), cls.describe(model), init, svd_device)
 
-    # -- settings and files of this family's other tools -------------------------------------------------
-    @classmethod
-    def authors_hparams(cls, values: dict[str, Any], where: str) -> dict[str, Any] | None:
-        """The settings in a hparams.yml that this family's authors' code wrote, when its key set is not ours
-        (None: not theirs). The authors' SDXL code writes our keys, so SDXL has none."""
-        return None
-
-    @classmethod
-    def authors_run_keys(cls, settings) -> dict[str, Any]:
-        """Keys our hparams.yml carries for this family's authors' tools (beside ours)."""
-        return {}
-
+    # -- sampling, checkpoint keys and the layers of its models (what tlora.formats name in their files) ---------
     @classmethod
     def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """Pipeline-call arguments that sampling adds for a run of this family (beyond steps and guidance)."""
@@ -133,18 +113,25 @@ class Family:
         return f"{attention}.{cls.projections[key]}"
 
     @classmethod
-    def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
-        """Module path -> kohya-style LoRA key (`lora_unet_..`), for the families whose kohya keys are one per
-        projection (SDXL)."""
+    def original_names(cls, modules: list[str]) -> dict[str, str]:
+        """Module path -> the layer's path in the model's original checkpoint (the names ComfyUI, Forge and kohya
+        know), for the families whose original layers are one per projection (SDXL's SGM UNet)."""
         raise NotImplementedError
 
     @classmethod
-    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
-        """The layers of a `diffusers` or `kohya` file for the projections in `widths` (module path -> number of
-        outputs); `meta` is the checkpoint's metadata. By default each projection is one layer, named by its
-        module path (diffusers) or kohya_keys (kohya)."""
-        names = cls.kohya_keys(list(widths)) if fmt == "kohya" else {m: m for m in widths}
+    def original_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """The layers of the model's original checkpoint that hold the projections in `widths` (module path ->
+        number of outputs), named by their dotted paths there, with each projection's first row in a layer that
+        fuses several (BFL's qkv, linear1); `meta` is the checkpoint's metadata. By default one per projection,
+        named by original_names."""
+        names = cls.original_names(list(widths))
         return [Target(names[m], width, {m: 0}) for m, width in widths.items()]
+
+    @classmethod
+    def diffusers_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """The layers of the diffusers denoiser that hold the projections in `widths`: by default each projection
+        itself (FLUX.2 fuses its single blocks' q, k, v)."""
+        return [Target(m, width, {m: 0}) for m, width in widths.items()]
 
     @classmethod
     def export_files(cls, names: list[str]) -> dict[str, str]:
@@ -162,13 +149,6 @@ class Family:
     def model_metadata(cls, model: nn.Module) -> dict[str, str]:
         """What a checkpoint records about the model beyond its adapters (for exports)."""
         return {}
-
-    @classmethod
-    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]], down: str, up: str
-                     ) -> dict[str, dict[str, torch.Tensor]]:
-        """A checkpoint's adapters (key prefix -> parameters) as the authors' code writes them (every adapter their
-        loader expects); `down` and `up` name a Vanilla adapter's two parameters."""
-        return dict(adapters)
 
     @classmethod
     def owns_key(cls, key: str) -> bool:

@@ -79,9 +79,7 @@ class Chroma(Family):
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default (no authors' Chroma runs)"
     layer_kinds = LAYER_KINDS
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "chroma"
-    authors_trainer_types = ()  # the authors released no Chroma code
     pipelines = ("ChromaPipeline",)
     architectures = PUBLISHED
     tokenizers = [("tokenizer", "T5", "max_sequence_length", False)]
@@ -110,14 +108,11 @@ class Chroma(Family):
         return mmdit_layer_kind(prefix)
 
     @classmethod
-    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
-        """diffusers: every projection as it is; kohya: BFL's names with q, k, v fused as ComfyUI's Chroma fuses
-        them (`double_blocks_{i}_img_attn_qkv`, `..._txt_attn_qkv`, `..._img_attn_proj`, `single_blocks_{j}_linear1`
-        whose MLP rows stay zero)."""
-        if fmt != "kohya":
-            return super().export_targets(fmt, widths, meta)
+    def original_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """BFL's layers, q, k, v fused as ComfyUI's Chroma fuses them (`double_blocks.{i}.img_attn.qkv`,
+        `.txt_attn.qkv`, `.img_attn.proj`, `single_blocks.{j}.linear1` whose MLP rows stay zero)."""
         return bfl_double_targets(widths) + fused_single_targets(
-            widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", lambda inner: int(inner * MLP_RATIO))
+            widths, lambda block: f"single_blocks.{block}.linear1", lambda inner: int(inner * MLP_RATIO))
 
     @classmethod
     def call_kwargs(cls, hparams: dict) -> dict:

@@ -16,7 +16,6 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from torch import nn
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-from tlora.common.values import typed_value
 from tlora.families.architectures import CLIP_TEXT, FLOW, SD_VAE
 from tlora.families.base import Family, Target
 from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer, flow_scheduler, t5_tokenizer
@@ -29,14 +28,12 @@ QKV = ("to_q", "to_k", "to_v")
 TEXT = {"add_q_proj": "to_q_proj_lora", "add_k_proj": "to_k_proj_lora", "add_v_proj": "to_v_proj_lora"}
 # The authors' single-block processors also make these (in this order) and never use them.
 UNUSED_IN_SINGLE = ("to_out_lora", "to_q_proj_lora", "to_k_proj_lora", "to_v_proj_lora")
-AUTHORS_ORDER = (*IMAGE.values(), *TEXT.values())  # the layers of each of their processors, in creation order
 # Keys that name a layer FLUX.2 does not have: a single block's own q, k, v (ours, the authors', LyCORIS's).
 ONLY_FLUX1 = re.compile(r"single_transformer_blocks[._]\d+[._]attn([._]processor)?[._](to_[qkv]_lora|to_[qkv]\b)"
                         r"|proj_mlp")
 LAYER_KINDS = {"double-image": "double blocks, image stream", "double-text": "double blocks, text stream",
                "single": "single blocks"}
 MLP_RATIO = 4.0  # FluxSingleTransformerBlock's (fixed in diffusers): linear1 = q, k, v, then 4 x width MLP rows
-UNUSED = re.compile(r"^single_transformer_blocks\.\d+\.attn\.processor\.(" + "|".join(UNUSED_IN_SINGLE) + r")$")
 
 
 # the published model, for the estimator (keys left out take the classes' defaults, which are its values)
@@ -79,8 +76,6 @@ class FLUX(Family):
     masked_by_default, masked_by_default_why = False, "no mask: the authors' FLUX default, without --tlora"
     layer_kinds = LAYER_KINDS
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
-    authors_weights_name, authors_trainer_types, authors_alpha = "lora.pt", ("lora",), False
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled", "authors")
     kohya_base_model = "flux1"
     pipelines = ("FluxPipeline",)
     architectures = PUBLISHED
@@ -103,58 +98,16 @@ class FLUX(Family):
         return out
 
     @classmethod
-    def unused_adapter(cls, prefix: str) -> bool:
-        return UNUSED.match(prefix) is not None
-
-    @classmethod
     def distinct_key(cls, key: str) -> bool:
         return ONLY_FLUX1.search(key) is not None
 
     @classmethod
-    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
-        """diffusers: every projection as it is; kohya: BFL's names with q, k, v fused as the original model
-        fuses them (`double_blocks_{i}_img_attn_qkv`, `..._txt_attn_qkv`, `..._img_attn_proj`,
-        `single_blocks_{j}_linear1` whose MLP rows stay zero), the layout ComfyUI, Forge and diffusers read."""
-        if fmt != "kohya":
-            return super().export_targets(fmt, widths, meta)
+    def original_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """BFL's layers, q, k, v fused as the original model fuses them (`double_blocks.{i}.img_attn.qkv`,
+        `.txt_attn.qkv`, `.img_attn.proj`, `single_blocks.{j}.linear1` whose MLP rows stay zero): what ComfyUI, Forge
+        and diffusers read."""
         return bfl_double_targets(widths) + fused_single_targets(
-            widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", lambda inner: int(inner * MLP_RATIO))
-
-    @classmethod
-    def authors_file(cls, adapters: dict[str, dict[str, torch.Tensor]], down: str, up: str
-                     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Their lora.pt: seven Vanilla layers per attention processor, in their order; the single blocks'
-        unused four (their strict loader wants them) as zeros of their shapes. `down` and `up` name the two
-        parameters of a Vanilla adapter."""
-        out = {}
-        processors = {prefix.rpartition(".")[0] for prefix in adapters}  # <attention>.processor
-        order = lambda p: (p.startswith("single_"), int(p.split(".")[1]))  # their processors' order
-        for processor in sorted(processors, key=order):
-            rank, hidden = adapters[f"{processor}.{IMAGE['to_q']}"][down].shape
-            for layer in AUTHORS_ORDER:
-                prefix = f"{processor}.{layer}"
-                if prefix in adapters or not cls.unused_adapter(prefix):
-                    out[prefix] = {name: adapters[prefix][name] for name in (down, up)}
-                else:
-                    out[prefix] = {down: torch.zeros(rank, hidden), up: torch.zeros(hidden, rank)}
-        return out
-
-    @classmethod
-    def authors_hparams(cls, values: dict[str, Any], where: str) -> dict[str, Any] | None:
-        """Their FLUX run.py's keys: `tlora` (the mask or not) and `rank`; only Vanilla T-LoRA, r(t) without alpha."""
-        if "tlora" not in values or "rank" not in values:
-            return None
-        known = {"family": "flux", "trainer_type": "lora", "alpha_rank_scale": 1.0,
-                 "timestep_dependent": typed_value(where, "tlora", values["tlora"], bool),
-                 "lora_rank": typed_value(where, "rank", values["rank"], int)}
-        if values.get("min_rank") is not None:
-            known["min_rank"] = typed_value(where, "min_rank", values["min_rank"], int)
-        return known
-
-    @classmethod
-    def authors_run_keys(cls, settings) -> dict[str, Any]:
-        """What their run_inference.py reads beside min_rank: `tlora` and `rank`."""
-        return {"tlora": settings.timestep_dependent, "rank": settings.lora_rank}
+            widths, lambda block: f"single_blocks.{block}.linear1", lambda inner: int(inner * MLP_RATIO))
 
     @classmethod
     def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -273,8 +226,8 @@ def authors_samples_name(steps: int, guidance: float) -> str:
     return f"ns{steps}gs{guidance}"
 
 
-BFL_DOUBLE = {"img_attn_qkv": QKV, "txt_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
-              "img_attn_proj": ("to_out.0",)}
+BFL_DOUBLE = {"img_attn.qkv": QKV, "txt_attn.qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+              "img_attn.proj": ("to_out.0",)}
 
 
 def flow_matching_noisy(latents: torch.Tensor, scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,7 +241,8 @@ def flow_matching_noisy(latents: torch.Tensor, scheduler) -> tuple[torch.Tensor,
 
 
 def bfl_double_targets(widths: dict[str, int]) -> list[Target]:
-    """The double blocks' projections under BFL's names (kohya keys), q, k, v fused in that order."""
+    """The double blocks' projections in BFL's layers (`double_blocks.{i}.img_attn.qkv`, ...), q, k, v fused in
+    that order."""
     targets = []
     for block in sorted({int(m.split(".")[1]) for m in widths if m.startswith("transformer_blocks.")}):
         attn = f"transformer_blocks.{block}.attn"
@@ -297,7 +251,7 @@ def bfl_double_targets(widths: dict[str, int]) -> list[Target]:
             if present:
                 inner = widths[f"{attn}.{present[0]}"]
                 parts = {f"{attn}.{p}": i * inner for i, p in enumerate(projections) if p in present}
-                targets.append(Target(f"lora_unet_double_blocks_{block}_{name}", inner * len(projections), parts))
+                targets.append(Target(f"double_blocks.{block}.{name}", inner * len(projections), parts))
     return targets
 
 

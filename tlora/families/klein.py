@@ -66,6 +66,13 @@ PUBLISHED = {
 }
 
 
+def mlp_rows(meta: dict[str, str]):
+    """The MLP rows of a fused single-block layer for a projection width (SwiGLU: gate and value), from the
+    checkpoint's recorded mlp_ratio."""
+    ratio = float(meta.get("mlp_ratio") or MLP_RATIO)
+    return lambda inner: 2 * int(inner * ratio)
+
+
 class Klein(Family):
     """Built from FLUX.1's parts (its double blocks' adapters and keys, BFL's kohya names, flow matching, t / 1000),
     with its own: the fused single blocks, the Qwen3 prompt, FLUX.2's latent space, no authors' files."""
@@ -90,9 +97,7 @@ class Klein(Family):
     masked_by_default, masked_by_default_why = False, "no mask: without --tlora, as on FLUX.1"
     layer_kinds = LAYER_KINDS
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()} | {key: proj for proj, key in IN_FUSED.items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "flux2_klein"
-    authors_trainer_types = ()  # the authors released no FLUX.2 code
     pipelines = ("Flux2KleinPipeline",)
     architectures = PUBLISHED
     tokenizers = [("tokenizer", "Qwen3 (the prompt in klein's chat template)", "max_sequence_length", True)]
@@ -187,18 +192,19 @@ class Klein(Family):
         return pred.transpose(1, 2).reshape(b, c, h, w), noise - latents
 
     @classmethod
-    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
-        """diffusers: the double blocks' projections as they are, each single block's q, k, v fused into
-        `to_qkv_mlp_proj`; kohya: BFL's names (`double_blocks_{i}_img_attn_qkv`, `..._txt_attn_qkv`,
-        `..._img_attn_proj`, `single_blocks_{j}_linear1`), the layout ComfyUI and diffusers read for FLUX.2."""
-        ratio = float(meta.get("mlp_ratio") or MLP_RATIO)
-        mlp_rows = lambda inner: 2 * int(inner * ratio)  # noqa: E731  (SwiGLU: gate and value)
+    def original_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """BFL's layers (`double_blocks.{i}.img_attn.qkv`, `.txt_attn.qkv`, `.img_attn.proj`,
+        `single_blocks.{j}.linear1`), the layout ComfyUI and diffusers read for FLUX.2."""
         double = {m: w for m, w in widths.items() if m.startswith("transformer_blocks.")}
-        if fmt == "kohya":
-            return bfl_double_targets(double) + fused_single_targets(
-                widths, lambda block: f"lora_unet_single_blocks_{block}_linear1", mlp_rows)
+        return bfl_double_targets(double) + fused_single_targets(
+            widths, lambda block: f"single_blocks.{block}.linear1", mlp_rows(meta))
+
+    @classmethod
+    def diffusers_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """The double blocks' projections as they are; each single block's q, k, v fused into `to_qkv_mlp_proj`."""
+        double = {m: w for m, w in widths.items() if m.startswith("transformer_blocks.")}
         return [Target(m, w, {m: 0}) for m, w in double.items()] + fused_single_targets(
-            widths, lambda block: f"single_transformer_blocks.{block}.attn.{FUSED}", mlp_rows)
+            widths, lambda block: f"single_transformer_blocks.{block}.attn.{FUSED}", mlp_rows(meta))
 
     @classmethod
     def tiny_model(cls, folder: str | Path, seed: int = 0, wide: bool = False) -> Path:

@@ -87,8 +87,6 @@ class QwenImage(Family):
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default on Qwen-Image"
     layer_kinds = {"image": "image stream", "text": "text stream"}
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
-    authors_trainer_types = ()  # the authors released no Qwen-Image code
     kohya_base_model = "qwen_image"
     pipelines = ("QwenImagePipeline",)
     architectures = PUBLISHED
@@ -110,10 +108,9 @@ class QwenImage(Family):
         return ONLY_QWEN.search(key) is not None
 
     @classmethod
-    def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
-        """ComfyUI's generic key for its Qwen-Image model, whose module paths are diffusers': `lora_unet_` and the
-        path with `_` (comfy/lora.py model_lora_keys_unet); diffusers reads them too."""
-        return {module: "lora_unet_" + module.replace(".", "_") for module in modules}
+    def original_names(cls, modules: list[str]) -> dict[str, str]:
+        """ComfyUI's Qwen-Image model names its layers as diffusers does (comfy/lora.py model_lora_keys_unet)."""
+        return {module: module for module in modules}
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:

@@ -73,9 +73,7 @@ class SD15(Family):
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default"
     layer_kinds = {"self": "self-attention", "cross": "cross-attention"}
     projections = {key: proj for proj, key in PROJECTIONS.items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "sd_v1"
-    authors_trainer_types = ()  # the authors released no SD 1.5 code
     pipelines = ("StableDiffusionPipeline",)
     architectures = PUBLISHED
     tokenizers = [("tokenizer", "CLIP text encoder", None, False)]
@@ -109,12 +107,12 @@ class SD15(Family):
         return super().fused(attention) and "Fused" in type(getattr(attention, "processor", None)).__name__
 
     @classmethod
-    def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
-        """kohya's SD 1.5 keys: the original (LDM) UNet layout, `lora_unet_input_blocks_1_1_..._attn1_to_q`, as
-        ComfyUI maps them (comfy/utils.py unet_to_diffusers)."""
+    def original_names(cls, modules: list[str]) -> dict[str, str]:
+        """The original (LDM) UNet layout kohya's keys use, `input_blocks.1.1.transformer_blocks.0.attn1.to_q`, as
+        ComfyUI maps it (comfy/utils.py unet_to_diffusers)."""
         found = [int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"]
         per_block = max(found, default=0) + 1
-        return {name: "lora_unet_" + sgm_path(name, per_block).replace(".", "_") for name in modules}
+        return {name: sgm_path(name, per_block) for name in modules}
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:

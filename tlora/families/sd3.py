@@ -39,10 +39,10 @@ ONLY_SD3 = re.compile(r"to_add_out_lora|^(lycoris_)?transformer_blocks[._]\d+[._
 MODULE = re.compile(r"^transformer_blocks\.(\d+)\.(attn2?)\.(.+)$")
 # ComfyUI's (the original MMDiT's) attention Linears, by attention module: name -> the diffusers projections fused
 # into it, in row order (comfy/utils.py mmdit_to_diffusers and MMDIT_MAP_BLOCK).
-COMFY = {"attn": {"x_block_attn_qkv": ("to_q", "to_k", "to_v"), "x_block_attn_proj": ("to_out.0",),
-                  "context_block_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
-                  "context_block_attn_proj": ("to_add_out",)},
-         "attn2": {"x_block_attn2_qkv": ("to_q", "to_k", "to_v"), "x_block_attn2_proj": ("to_out.0",)}}
+COMFY = {"attn": {"x_block.attn.qkv": ("to_q", "to_k", "to_v"), "x_block.attn.proj": ("to_out.0",),
+                  "context_block.attn.qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+                  "context_block.attn.proj": ("to_add_out",)},
+         "attn2": {"x_block.attn2.qkv": ("to_q", "to_k", "to_v"), "x_block.attn2.proj": ("to_out.0",)}}
 SHIFT = 3.0  # the SD3 models' scheduler shift (scheduler_config.json)
 
 # The published models, for the estimator: the configs of stabilityai/stable-diffusion-3.5-medium and
@@ -104,8 +104,6 @@ class SD3(Family):
     layer_kinds = {"image": "joint blocks, image stream", "text": "joint blocks, text stream",
                    "self": "image self-attention (attn2, SD3.5 Medium)"}
     projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
-    authors_trainer_types = ()  # the authors released no SD3 code
     kohya_base_model = "sd3"
     pipelines = ("StableDiffusion3Pipeline",)
     architectures = PUBLISHED
@@ -134,12 +132,9 @@ class SD3(Family):
         return "text" if prefix.rsplit(".", 1)[-1] in TEXT.values() else "image"
 
     @classmethod
-    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
-        """diffusers: every projection as it is (`transformer.` keys, which ComfyUI also maps); kohya: ComfyUI's
-        MMDiT names, q, k, v fused as that model fuses them (`lora_unet_joint_blocks_{i}_x_block_attn_qkv`,
-        `..._x_block_attn_proj`, `..._context_block_attn_qkv`, `..._context_block_attn_proj`, `..._x_block_attn2_*`)."""
-        if fmt != "kohya":
-            return super().export_targets(fmt, widths, meta)
+    def original_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """ComfyUI's MMDiT layers, q, k, v fused as that model fuses them (`joint_blocks.{i}.x_block.attn.qkv`,
+        `.x_block.attn.proj`, `.context_block.attn.qkv`, `.context_block.attn.proj`, `.x_block.attn2.*`)."""
         groups: dict[tuple[int, str], dict[str, int]] = {}
         for module, width in widths.items():
             block, attention, proj = MODULE.match(module).groups()
@@ -152,7 +147,7 @@ class SD3(Family):
                 if found:
                     inner = present[found[0]]
                     parts = {f"{path}.{p}": i * inner for i, p in enumerate(fused) if p in present}
-                    targets.append(Target(f"lora_unet_joint_blocks_{block}_{name}", inner * len(fused), parts))
+                    targets.append(Target(f"joint_blocks.{block}.{name}", inner * len(fused), parts))
         return targets
 
     @classmethod

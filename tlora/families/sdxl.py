@@ -64,7 +64,6 @@ class SDXL(Family):
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask; the authors' SDXL runs record it"
     layer_kinds = {"self": "self-attention", "cross": "cross-attention"}
     projections = {key: proj for proj, key in PROJECTIONS.items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled", "authors")
     kohya_base_model = "sdxl_base_v1-0"
     pipelines = ("StableDiffusionXLPipeline",)
     architectures = PUBLISHED
@@ -92,11 +91,11 @@ class SDXL(Family):
         return super().fused(attention) and "Fused" in type(getattr(attention, "processor", None)).__name__
 
     @classmethod
-    def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
-        """kohya's SDXL keys: the original (SGM) UNet layout, `lora_unet_input_blocks_4_1_..._attn1_to_q`."""
+    def original_names(cls, modules: list[str]) -> dict[str, str]:
+        """The original (SGM) UNet layout kohya's keys use: `input_blocks.4.1.transformer_blocks.0.attn1.to_q`."""
         per_block = max((int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"),
                         default=0) + 1
-        return {name: "lora_unet_" + sgm_path(name, per_block).replace(".", "_") for name in modules}
+        return {name: sgm_path(name, per_block) for name in modules}
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:

@@ -173,8 +173,6 @@ class Wan(Family):
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default (no authors' Wan runs)"
     layer_kinds = {"self": "self-attention", "cross": "cross-attention"}
     projections = {key: proj for proj, key in PROJECTIONS.items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
-    authors_trainer_types = ()  # the authors released no Wan code
     kohya_base_model = "wan"
     pipelines = ("WanPipeline",)
     architectures = PUBLISHED
@@ -229,12 +227,12 @@ class Wan(Family):
                                   "on pipe.transformer alone")
 
     @classmethod
-    def kohya_keys(cls, modules: list[str]) -> dict[str, str]:
-        """ComfyUI's WAN21 names with `_` (comfy/lora.py model_lora_keys_unet): `lora_unet_blocks_0_self_attn_q`."""
+    def original_names(cls, modules: list[str]) -> dict[str, str]:
+        """ComfyUI's WAN21 layer names (comfy/ldm/wan/model.py): `blocks.0.self_attn.q`."""
         out = {}
         for module in modules:
             block, attention, proj = MODULE.match(module).groups()
-            out[module] = f"lora_unet_blocks_{block}_{COMFY_ATTENTION[attention]}_{COMFY_PROJECTION[proj]}"
+            out[module] = f"blocks.{block}.{COMFY_ATTENTION[attention]}.{COMFY_PROJECTION[proj]}"
         return out
 
     @classmethod

@@ -74,9 +74,7 @@ class ZImage(Family):
     layer_kinds = {"noise-refiner": "noise refiner (image tokens)", "context-refiner": "context refiner (prompt "
                    "tokens)", "main": "main blocks (image and prompt tokens)"}
     projections = {key: proj for proj, key in PROJECTIONS.items()}
-    export_formats = ("diffusers", "kohya", "diffusers-scheduled")
     kohya_base_model = "zimage"
-    authors_trainer_types = ()  # the authors released no Z-Image code
     pipelines = ("ZImagePipeline",)
     architectures = PUBLISHED
     tokenizers = [("tokenizer", "Qwen3 (the prompt in Z-Image's chat template)", "max_sequence_length", True)]
@@ -96,21 +94,18 @@ class ZImage(Family):
         return GROUPS[prefix.split(".", 1)[0]]
 
     @classmethod
-    def export_targets(cls, fmt: str, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
-        """diffusers: every projection as it is; kohya: the original (Lumina2 NextDiT) names that ComfyUI loads,
-        q, k, v fused into `qkv` in that order (`lora_unet_layers_{i}_attention_qkv`, `..._attention_out`)."""
-        if fmt != "kohya":
-            return super().export_targets(fmt, widths, meta)
+    def original_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
+        """The original (Lumina2 NextDiT) layers that ComfyUI loads, q, k, v fused into `qkv` in that order
+        (`layers.{i}.attention.qkv`, `.attention.out`)."""
         targets = []
         for attention in dict.fromkeys(m.partition(".attention.")[0] + ".attention" for m in widths):
-            key = "lora_unet_" + attention.replace(".", "_")
             present = [p for p in QKV if f"{attention}.{p}" in widths]
             if present:
                 inner = widths[f"{attention}.{present[0]}"]
                 parts = {f"{attention}.{p}": i * inner for i, p in enumerate(QKV) if p in present}
-                targets.append(Target(f"{key}_qkv", 3 * inner, parts))
+                targets.append(Target(f"{attention}.qkv", 3 * inner, parts))
             if f"{attention}.to_out.0" in widths:
-                targets.append(Target(f"{key}_out", widths[f"{attention}.to_out.0"], {f"{attention}.to_out.0": 0}))
+                targets.append(Target(f"{attention}.out", widths[f"{attention}.to_out.0"], {f"{attention}.to_out.0": 0}))
         return targets
 
     @classmethod

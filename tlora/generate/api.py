@@ -23,9 +23,9 @@ from tlora import families
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.messages import OWN_FAMILY
 from tlora.common.values import shown
+from tlora.formats.lycoris import load_lycoris
 from tlora.method.injection import TLoRA, attached
 from tlora.runs.hparams import known_from_overrides
-from tlora.runs.lycoris import load_lycoris
 from tlora.runs.reading import DEFAULT, Checkpoint, read
 
 

@@ -25,7 +25,7 @@ from tlora import families
 from tlora.common.errors import UsageError
 from tlora.common.text_files import parse_json, read_text
 from tlora.common.values import check_count, check_finite
-from tlora.interop.exporting import SCHEDULE_NAME
+from tlora.formats.diffusers_scheduled import SCHEDULE_NAME, is_schedule
 from tlora.method.settings import TLoRASettings
 from tlora.runs.hparams import known_from_ours, settings_from_known
 
@@ -115,7 +115,7 @@ def read_schedule(folder: Path) -> tuple[list[dict], TLoRASettings]:
         schedule = parse_json(text)
     except ValueError:
         raise UsageError(f"{path} is not JSON; {REEXPORT}") from None
-    if not _is_schedule(schedule):
+    if not is_schedule(schedule):
         raise UsageError(f"{path} is not a T-LoRA schedule (num_train_timesteps, settings, chunks of plain file "
                          f"names); {REEXPORT}")
     try:
@@ -131,23 +131,6 @@ def _settings(schedule: dict, where: str) -> TLoRASettings:
     if missing:
         raise UsageError(f"its settings have no {missing[0]}; {REEXPORT}")
     return settings_from_known(known | {"num_train_timesteps": schedule["num_train_timesteps"]})
-
-
-def _is_schedule(schedule) -> bool:
-    """What ScheduledTLoRA reads is there, and each chunk's file is a plain name inside the folder."""
-    def plain(name) -> bool:
-        return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
-
-    def chunk_ok(c) -> bool:
-        return (isinstance(c, dict) and isinstance(c.get("adapter"), str) and plain(c.get("file"))
-                and ("file_2" not in c or plain(c["file_2"]))
-                and isinstance(c.get("components"), list)
-                and len(c["components"]) == 2 and isinstance(c.get("on_below"), (int, float)))
-
-    return (isinstance(schedule, dict) and isinstance(schedule.get("num_train_timesteps"), int)
-            and isinstance(schedule.get("settings"), dict)
-            and isinstance(schedule.get("chunks"), list) and len(schedule["chunks"]) > 0
-            and all(map(chunk_ok, schedule["chunks"])))
 
 
 def scheduled(pipe, folder: str | Path, num_inference_steps: int = 50, strength: float = 1.0,

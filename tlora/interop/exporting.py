@@ -47,6 +47,7 @@ from tlora.common.flags import Parser
 from tlora.common.messages import NEW_PATH, note
 from tlora.common.values import check_count, shown
 from tlora.families.base import Family, Target
+from tlora.formats import AUTHORS, diffusers_lora, diffusers_scheduled, kohya
 from tlora.method.adapters import PARAMS, branches, factors
 from tlora.method.settings import TLoRASettings
 from tlora.runs.keys import flatten, group
@@ -56,7 +57,7 @@ from tlora.runs.weights import save_pickle
 FORMATS = ("diffusers", "kohya", "diffusers-scheduled", "authors")
 BAKED = ("min_rank",)  # a timestep mask or schedule is never built on a guess of these (others: a note)
 FIX = "pass --{key} or --config_path RUN/logs/hparams.yml"
-SCHEDULE_NAME = "schedule.json"  # a diffusers-scheduled export's schedule, read by tlora.scheduled
+FILE_LAYERS = {"diffusers": diffusers_lora.layers, "kohya": kohya.layers}  # how each format names the family's layers
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (down (k x in), up (out x k))
 
@@ -105,9 +106,10 @@ def fuse(factors: Factors, targets: list[Target]) -> Factors:
 
 
 def layout(factors: Factors, family: type[Family], fmt: str, meta: dict[str, str]) -> Factors:
-    """The projections' factors as the layers of a `diffusers` or `kohya` file of the family (Family.export_targets)."""
+    """The projections' factors as the layers of a `diffusers` or `kohya` file of the family (as that format names
+    the family's layers: tlora.formats)."""
     widths = {module: up.shape[0] for module, (_, up) in factors.items()}
-    return fuse(factors, family.export_targets(fmt, widths, meta))
+    return fuse(factors, FILE_LAYERS[fmt](family, widths, meta))
 
 
 def split(factors: Factors, files: dict[str, str]) -> dict[str, Factors]:
@@ -150,83 +152,17 @@ def truncate(factors: Factors, k: int) -> tuple[Factors, list[float]]:
     return out, errors
 
 
-def diffusers_lora(factors: Factors) -> tuple[dict[str, torch.Tensor], dict]:
-    """peft-layout tensors (`<module>.lora_A.weight` / `lora_B.weight`) and the adapter metadata diffusers
-    writes, with rank and alpha per module from diffusers' own get_peft_kwargs (alpha = rank: scale 1)."""
-    from diffusers.utils.peft_utils import get_peft_kwargs
-    from peft import LoraConfig
-
-    tensors = {}
-    for name, (down, up) in factors.items():
-        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = down, up
-    ranks = {f"{name}.lora_B.weight": down.shape[0] for name, (down, _) in factors.items()}
-    config = LoraConfig(**get_peft_kwargs(ranks, None, tensors)).to_dict()
-    return tensors, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-
-
-def save_diffusers(factors: Factors, family: type[Family], out: Path) -> None:
-    """A LoRA file as the family pipeline's own save_lora_weights writes it (`unet.` / `transformer.` keys and
-    the adapter metadata)."""
-    tensors, metadata = diffusers_lora(factors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")  # diffusers writes in place: rename when complete
-    try:
-        family.pipeline_class.save_lora_weights(out.parent, weight_name=tmp.name, **{
-            f"{family.model_attr}_lora_layers": tensors, f"{family.model_attr}_lora_adapter_metadata": metadata})
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
-    """kohya-style tensors for factors named by kohya keys (layout(..., "kohya")): `<key>.lora_down.weight` /
-    `.lora_up.weight` / `.alpha`, alpha = rank so that strength 1 is the T-LoRA as exported."""
-    tensors = {}
-    for key, (down, up) in factors.items():
-        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
-        tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
-    return tensors
-
-
-def schedule_chunks(s: TLoRASettings) -> list[tuple[int, int, int]]:
-    """(first, last + 1, t_on) per chunk of rank components: the first min_rank are always on (t_on = T + 1: at
-    every t up to T, which flow-matching pipelines start at); the others grouped by the whole timestep below
-    which the T-LoRA schedule turns them on."""
-    T, rank = s.num_train_timesteps, s.lora_rank
-    if not s.timestep_dependent:
-        return [(0, rank, T + 1)]
-    ranks = s.active_rank(torch.arange(T)).tolist()
-    chunks, start = [], 0
-    for end in sorted(set(ranks)):  # each distinct active count ends a chunk
-        if end > start:  # r(t) falls as t grows: the chunk is on for t below the last t with r(t) >= end
-            on_below = T + 1 if end <= s.min_rank else max(t for t in range(T) if ranks[t] >= end) + 1
-            chunks.append((start, end, on_below))
-            start = end
-    return chunks
-
-
 def scheduled_files(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings,
                     meta: dict[str, str]) -> tuple[dict[str, Factors], dict]:
     """One standard diffusers LoRA per chunk of rank components (file name -> factors), and the schedule."""
     files, entries, parts = {}, [], family.export_files(list(weights))
-    for i, (first, end, t_on) in enumerate(schedule_chunks(settings)):
+    for i, (first, end, t_on) in enumerate(diffusers_scheduled.chunks(settings)):
         chunk = split(select(family, weights, settings, first, end, drop_zero=False), parts)
-        names = [f"chunk_{i:03d}{suffix}.safetensors" for suffix in chunk]
+        names = diffusers_scheduled.file_names(i, list(chunk))
         for name, part in zip(names, chunk.values()):
             files[name] = layout(part, family, "diffusers", meta)
-        second = {"file_2": names[1]} if len(names) > 1 else {}  # a second model's (Wan 2.2's transformer_2)
-        entries.append({"adapter": f"tlora_chunk_{i:03d}", "file": names[0], **second, "components": [first, end],
-                        "on_below": t_on})
-    return files, schedule_of(settings, entries)
-
-
-def schedule_of(settings: TLoRASettings, chunks: list[dict]) -> dict:
-    """schedule.json: the chunks, and the settings as our checkpoints' metadata holds them (TLoRASettings.to_metadata;
-    tlora.scheduled reads them back with runs.hparams.settings_from_known) with the T they count timesteps in."""
-    return {"num_train_timesteps": settings.num_train_timesteps, "settings": settings.to_metadata(), "chunks": chunks,
-            "rule": "a chunk is active at a whole timestep t when t < on_below; at any t, when its last component "
-                    "is below r(t) of `settings` (tlora.scheduled)"}
+        entries.append(diffusers_scheduled.entry(i, names, first, end, t_on))
+    return files, diffusers_scheduled.schedule(settings, entries)
 
 
 def save_scheduled(family: type[Family], weights: dict[str, torch.Tensor], settings: TLoRASettings,
@@ -239,8 +175,8 @@ def save_scheduled(family: type[Family], weights: dict[str, torch.Tensor], setti
     tmp.mkdir()
     try:
         for name, factors in files.items():
-            save_diffusers(factors, family, tmp / name)
-        atomic_write(tmp / SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
+            diffusers_lora.save(factors, family, tmp / name)
+        atomic_write(tmp / diffusers_scheduled.SCHEDULE_NAME, json.dumps(schedule, indent=1).encode())
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -297,12 +233,10 @@ def _check_settings(args: argparse.Namespace) -> None:
     ckpt: Checkpoint = args.ckpt
     if ckpt.lycoris:
         raise UsageError(f"{ckpt.path} {LYCORIS_REFUSAL}; to export, pass a checkpoint of tlora's or the authors'")
-    fam, family = ckpt.family, ckpt.settings.family
-    formats = fam.export_formats
-    if args.format not in formats:
-        why = "the authors released no code for it" if args.format == "authors" else "it has no such file"
-        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: no --format {args.format}, {why}; "
-                         f"use --format {' or '.join(formats)}, or load it with tlora.load(pipe, ...)")
+    family = ckpt.settings.family
+    if args.format == "authors" and family not in AUTHORS:
+        raise UsageError(f"{ckpt.path} is a {family} T-LoRA: no --format authors, the authors released no code for "
+                         f"it; use --format diffusers or kohya, or load it with tlora.load(pipe, ...)")
     scheduled = args.format == "diffusers-scheduled" or args.active_at is not None  # built on the mask settings
     guessed = [k for k in BAKED if k in ckpt.assumed] if scheduled and ckpt.settings.timestep_dependent else []
     if guessed:
@@ -310,12 +244,13 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"{what} is built on {guessed[0]}, which {ckpt.path} does not record; "
                          f"{FIX.format(key=guessed[0])}")
     if args.format == "authors":
-        if ckpt.settings.trainer_type not in fam.authors_trainer_types:
+        authors = AUTHORS[family]
+        if ckpt.settings.trainer_type not in authors.TRAINER_TYPES:
             raise UsageError(f"{ckpt.path} is an {ckpt.settings.trainer_type} T-LoRA: the authors' {family} code has "
-                             f"only {' and '.join(fam.authors_trainer_types)}; use another --format")
-        if Path(args.out).suffix != Path(fam.authors_weights_name).suffix:
-            raise UsageError(f"--out {args.out}: the authors' {family} checkpoints are {fam.authors_weights_name} files; "
-                             f"pass --out .../{fam.authors_weights_name}")
+                             f"only {' and '.join(authors.TRAINER_TYPES)}; use another --format")
+        if Path(args.out).suffix != Path(authors.WEIGHTS_NAME).suffix:
+            raise UsageError(f"--out {args.out}: the authors' {family} checkpoints are {authors.WEIGHTS_NAME} files; "
+                             f"pass --out .../{authors.WEIGHTS_NAME}")
     if scheduled:  # a full mask, or the authors' file, depends on no setting beyond the tensors
         ckpt.announce(FIX)
 
@@ -374,16 +309,16 @@ def written(out: Path):
 
 
 def save_authors(ckpt: Checkpoint, weights: dict[str, torch.Tensor], out: Path) -> None:
-    """The authors' file: every key their loader expects (Family.authors_file), as safetensors with `format: pt`
-    as the only metadata, or (a .pt file) a plain torch.save of tensors."""
-    family = ckpt.family
-    tensors = flatten(family.authors_file(group(weights), *PARAMS["lora"]))
+    """The authors' file: every key their loader expects (formats.authors_<family>.weights), as safetensors with
+    `format: pt` as the only metadata, or (a .pt file) a plain torch.save of tensors."""
+    family, authors = ckpt.settings.family, AUTHORS[ckpt.settings.family]
+    tensors = flatten(authors.weights(group(weights), *PARAMS["lora"]))
     if out.suffix == ".pt":
         save_pickle(tensors, out)
     else:
         atomic_write(out, save(tensors, metadata={"format": "pt"}))
-    if not family.authors_alpha and ckpt.settings.timestep_dependent and ckpt.settings.alpha_rank_scale != 1:
-        note(f"the authors' {family.name} code has no alpha: their inference masks with alpha 1, not "
+    if not authors.HAS_ALPHA and ckpt.settings.timestep_dependent and ckpt.settings.alpha_rank_scale != 1:
+        note(f"the authors' {family} code has no alpha: their inference masks with alpha 1, not "
              f"{ckpt.settings.alpha_rank_scale}")
 
 
@@ -426,9 +361,9 @@ def fixed_mask_export(args: argparse.Namespace):
             errors += part_errors
         print(f"rank {args.rank}: relative error per layer: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
     if args.format == "diffusers":
-        return lambda out: write_files(files, out, lambda part, path: save_diffusers(part, ckpt.family, path))
-    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": ckpt.family.kohya_base_model}
-    tensors = {suffix: kohya_lora(part) for suffix, part in files.items()}
+        return lambda out: write_files(files, out, lambda part, path: diffusers_lora.save(part, ckpt.family, path))
+    meta = kohya.metadata(ckpt.family)
+    tensors = {suffix: kohya.tensors(part) for suffix, part in files.items()}
     return lambda out: write_files(tensors, out, lambda part, path: atomic_write(path, save(part, metadata=meta)))
 
 

@@ -3,7 +3,7 @@
 Like peft's `LoraConfig` for a LoRA: one dataclass, checked by `validate()`, and the one in-memory form of the
 rank schedule and mask (`active_rank(t)`, `mask(t)`). The family is a name here: the family that owns the model
 fills it in with its rank rule (`for_family`). Where settings are kept (our metadata and hparams.yml, the
-authors' files, LyCORIS configs) is tlora.runs.hparams' and tlora.runs.lycoris' business.
+authors' files, LyCORIS configs) is tlora.runs.hparams' and tlora.formats' business.
 """
 
 from __future__ import annotations

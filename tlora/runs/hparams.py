@@ -19,6 +19,7 @@ from tlora.common.errors import UsageError
 from tlora.common.messages import PASS_HPARAMS
 from tlora.common.values import shown, typed_value
 from tlora.families import FAMILIES
+from tlora.formats import AUTHORS
 from tlora.method.settings import TLoRASettings
 
 TRAINER_CLASSES = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("lora", "tlora"))
@@ -28,7 +29,7 @@ def to_hparams(settings: TLoRASettings) -> dict[str, Any]:
     """Our hparams.yml keys; on FLUX also the keys the authors' FLUX run_inference.py reads (tlora, rank)."""
     values = settings.our_keys()
     if settings.family:
-        values |= FAMILIES[settings.family].authors_run_keys(settings)
+        values |= AUTHORS[settings.family].run_keys(settings) if settings.family in AUTHORS else {}
     return values
 
 
@@ -82,17 +83,17 @@ def hparams_kind(values: dict[str, Any]) -> str:
     family's authors' code; their SDXL keys are ours without `family`), or 'partial' (a dict of some settings)."""
     if "family" in values and "trainer_class" in values:
         return "tlora"
-    for family in FAMILIES.values():
-        if family.authors_hparams(values, "") is not None:
-            return f"authors-{family.name}"
+    for family, authors in AUTHORS.items():
+        if authors.hparams(values, "") is not None:
+            return f"authors-{family}"
     return "authors-sdxl" if "trainer_class" in values else "partial"
 
 
 def known_from_hparams(values: dict[str, Any], where: str) -> dict[str, Any]:
     """The fields a hparams.yml gives, in the key set of the tool that wrote it."""
     if "trainer_class" not in values:
-        for family in FAMILIES.values():
-            known = family.authors_hparams(values, where)
+        for authors in AUTHORS.values():
+            known = authors.hparams(values, where)
             if known is not None:
                 return known
     return known_from_ours(values, where)

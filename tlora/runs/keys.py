@@ -4,7 +4,7 @@ The prefix names the adapted layer as its family names it (`<attention>.processo
 parameter is one of its adapter's own names (method.adapters.PARAMS: `down.weight`, `up.weight` for lora;
 `q_layer.weight`, `p_layer.weight`, `lambda_layer` and the frozen copies `base_q.weight`, `base_p.weight`,
 `base_lambda` for ortho_lora). The authors' files (SDXL safetensors, FLUX lora.pt) have the same keys; LyCORIS
-files have keys of their own (tlora.runs.lycoris). Values may be tensors or shapes.
+files have keys of their own (tlora.formats.lycoris). Values may be tensors or shapes.
 """
 
 from __future__ import annotations

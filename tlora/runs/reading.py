@@ -34,8 +34,9 @@ from tlora.common.messages import OWN_FAMILY, AssumedSetting
 from tlora.common.text_files import parse_json
 from tlora.common.values import shown
 from tlora.families import FAMILIES, Family
+from tlora.formats import AUTHORS, lycoris
 from tlora.method.settings import RESULT_FIELDS, TLoRASettings
-from tlora.runs import keys, lycoris
+from tlora.runs import keys
 from tlora.runs.hparams import (
     hparams_kind,
     known_from_hparams,
@@ -227,7 +228,7 @@ def read(
         raise CheckpointError(f"{weights} was trained on {sure or candidates[0]}; this is a {family} model: "
                               f"{OWN_FAMILY}")
     fam = family or candidates[0]
-    shapes = keys.without_adapters(shapes, FAMILIES[fam].unused_adapter)
+    shapes = keys.without_adapters(shapes, AUTHORS[fam].unused if fam in AUTHORS else lambda prefix: False)
     check_shapes(shapes, weights)
     values, label, hparams_path = _hparams(hparams, weights)
     layers = [(GIVEN, given), (METADATA, known_from_ours(metadata, str(weights)))]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -223,7 +224,8 @@ def _trace_setup(family, pipe, parts: dict[str, nn.Module], opts: TrainOptions) 
     live = LiveBytes()
     with torch.no_grad(), live, GPUKernels(None):
         family.encode_pixels(pipe, pixels, opts.resolution, opts.resolution, torch.device("meta"))
-    return {"weights": weights, "encode": live.peak}
+    encoders = sum(_bytes(part) for part in family.encoders(pipe) if part is not None)
+    return {"weights": weights, "encode": live.peak, "encoders": encoders}
 
 
 def _seconds(flops: float, conv_flops: float, opts: TrainOptions, utilization: float) -> dict[str, float]:
@@ -272,7 +274,8 @@ def estimate(opts: TrainOptions, name: str, utilization: float = 0.4, traced: di
     by_formula.append(f"step time: FLOPs / ({utilization:.0%} of the dense peak TFLOP/s)")
     return Estimate(
         model=name, family=opts.family, peak_gb=_gb(max(step_peak, setup_peak)), step=step,
-        setup={"peak_gb": _gb(setup_peak), "weights_gb": _gb(weights_setup), "encode_gb": _gb(t["setup"]["encode"])},
+        setup={"peak_gb": _gb(setup_peak), "weights_gb": _gb(weights_setup), "encode_gb": _gb(t["setup"]["encode"]),
+               "encoders_gb": _gb(t["setup"]["encoders"])},
         tflops_per_step=round(t["flops"] / 1e12, 6), step_seconds=_seconds(t["flops"], t["conv_flops"], opts,
                                                                            utilization),
         utilization=utilization, traced_in_s=round(t["traced_in_s"], 1), modelled=modelled, by_formula=by_formula,
@@ -410,8 +413,14 @@ def fit(opts: TrainOptions, name: str, budget_gb: float, utilization: float, tra
         result = estimate(current, name, utilization, traces[key])
         changes.append(flag)
     fits = result.peak_gb + CONTEXT_GB <= budget_gb
-    return {"fits": fits, "budget_gb": budget_gb, "add": changes, "peak_gb": result.peak_gb,
-                     "step_seconds": result.step_seconds}
+    out = {"fits": fits, "budget_gb": budget_gb, "add": changes, "peak_gb": result.peak_gb,
+           "step_seconds": result.step_seconds}
+    if not fits and result.setup["peak_gb"] >= result.step["peak_gb"]:  # the encoders, which no option here moves
+        setup = result.setup
+        out["why"] = (f"set-up holds every part on the device while the prompts and the image are encoded "
+                      f"({setup['peak_gb']:.1f} GB, the text and image encoders {setup['encoders_gb']:.1f} GB of it), "
+                      f"which no option lowers; use a GPU with at least {math.ceil(setup['peak_gb'] + CONTEXT_GB)} GB")
+    return out
 
 
 def table(e: Estimate) -> str:
@@ -461,6 +470,8 @@ def run(parsed: tuple[TrainOptions, dict]) -> None:
         verdict = "fits" if f["fits"] else "does not fit even"
         print(f"\n--fit {f['budget_gb']:g}: {verdict} with {' '.join(f['add']) or 'the options as given'} "
               f"(peak {f['peak_gb']:.2f} GB + {CONTEXT_GB} GB CUDA context)")
+        if "why" in f:
+            print(f"--fit {f['budget_gb']:g}: {f['why']}")
 
 
 def main(argv: list[str] | None = None) -> int:
