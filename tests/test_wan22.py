@@ -116,6 +116,28 @@ def test_training_sends_each_sample_to_its_experts_and_checkpointing_keeps_each_
     assert all(g.abs().sum() > 0 for g in grads[0])  # both experts learn from this batch
 
 
+def test_without_boundary_ratio_every_sample_goes_to_transformer_as_in_wanpipeline(pipe22):
+    """WanPipeline with transformer_2 but no boundary_ratio runs `transformer` at every step (pipeline_wan.py:
+    `boundary_timestep is None or t >= boundary_timestep`): training sends every sample there too."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(**pipe22.components, boundary_ratio=None)
+    pipe.set_progress_bar_config(disable=True)
+    called = []
+    hooks = [getattr(pipe, name).register_forward_pre_hook(lambda m, a, name=name: called.append(name))
+             for name in EXPERTS]
+    try:
+        latents(pipe)
+        in_pipeline, called[:] = list(called), []
+        root = Wan.model(pipe)
+        with torch.no_grad():
+            root(timestep=torch.tensor([999.0, 500.0, 1.0]), return_dict=False, **wan_inputs(root, 3, 0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(in_pipeline) == {"transformer"} and called == ["transformer"]
+
+
 def test_the_exports_are_a_file_per_expert_that_diffusers_and_comfyui_load_as_the_tlora(pipe22, checkpoint22,
                                                                                         tmp_path):
     """`--format diffusers`: _high_noise and _low_noise files that WanPipeline.load_lora_weights loads (the second

@@ -143,7 +143,8 @@ def experts(pipe) -> WanExperts:
         return held[0]
     config = getattr(pipe, "config", None)
     ratio = config.get("boundary_ratio") if config is not None else A14B_BOUNDARY
-    boundary = float("inf") if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps  # as WanPipeline
+    # as WanPipeline: without boundary_ratio, `transformer` runs at every step (transformer_2 never does)
+    boundary = float("-inf") if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
     made = WanExperts(*parts, boundary)
     pipe._tlora_experts = (made,)
     return made
