@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import tlora
 from tlora.families import FAMILIES
@@ -181,3 +181,36 @@ def test_a_checkpoint_of_another_family_is_refused_naming_both(family, request, 
     with pytest.raises(ValueError, match=f"trained on {other}; this is a {family} model") as err:
         tlora.load(pipe, checkpoint)
     assert "\n" not in str(err.value) and tlora.attached(FAMILIES[family].model(pipe)) is None
+
+
+def test_a_lycoris_file_whose_keys_fit_several_families_loads_on_its_own(request, tmp_path, monkeypatch):
+    """An SD 3.5 LyCORIS T-LoRA's keys (`lycoris_transformer_blocks_...`) fit FLUX.1, Chroma and Qwen-Image too:
+    read alone its family stays unknown (never a guess that a pipeline then refuses), and it loads on SD 3.5."""
+    import copy
+    import json
+
+    lycoris_tlora = pytest.importorskip("lycoris.modules.tlora")
+    from types import SimpleNamespace
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    pipe = request.getfixturevalue("sd3_pipe")
+    transformer = copy.deepcopy(pipe.transformer)
+    monkeypatch.setattr(lycoris_tlora, "gc", SimpleNamespace(collect=lambda *a: 0))
+    LycorisNetwork.apply_preset({"target_module": ["Attention"]})
+    network = create_lycoris(transformer, 1.0, linear_dim=4, linear_alpha=2, algo="tlora")
+    network.apply_to()
+    path = tmp_path / "simpletuner_sd3.safetensors"
+    network.save_weights(str(path), torch.float32, {"lycoris_config": json.dumps({"algo": "tlora", "linear_dim": 4})})
+    network.restore()
+    assert tlora.read(path).settings.family == "sd3"  # its attn2 and to_add_out layers are SD3's own
+    shared = {k: v for k, v in load_file(str(path)).items() if not FAMILIES["sd3"].distinct_key(k)}
+    save_file(shared, str(path), {"lycoris_config": json.dumps({"algo": "tlora", "linear_dim": 4})})
+    read = tlora.read(path)  # the joint blocks' attn only: named as FLUX.1's double blocks are
+    assert read.settings.family is None and read.sources["family"].startswith("not known")
+    for source in (path, read):
+        loaded = tlora.load(pipe, source)
+        try:
+            assert loaded.settings.family == "sd3" and len(loaded.layers) == len({k.split(".")[0] for k in shared})
+        finally:
+            tlora.unload(pipe)

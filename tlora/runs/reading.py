@@ -274,9 +274,10 @@ def _read_lycoris(weights: Path, shapes: dict, metadata: dict[str, str], family:
                               f"{fix}")
     check_matrices(lycoris.lycoris_matrices(shapes), weights)
     known = lycoris.known_from_lycoris(config, lycoris.lycoris_rank(shapes), str(weights))
-    known["family"] = family or (families.of_keys(shapes) or [None])[0]
+    known["family"] = family or families.known_from_keys(shapes)  # None: its keys fit several (tlora.load says)
     known["num_train_timesteps"] = num_train_timesteps or SETTING_DEFAULTS["num_train_timesteps"]
-    sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS}
+    sources = {k: LYCORIS_CONFIG for k in known} | {"family": GIVEN if family else TENSORS if known["family"] else
+                                                    "not known: its keys fit several families"}
     sources |= dict.fromkeys(given, GIVEN)
     settings = settings_from_known(known | given)
     return Checkpoint(weights, FAMILIES.get(settings.family), settings, sources, metadata, shapes,
