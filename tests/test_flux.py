@@ -321,3 +321,22 @@ def test_authors_command_trains_then_inference_and_evaluate(tiny_flux, flux_pipe
                           "--dino_model", str(tiny_embedder_dir / "dino"), "--device", "cpu"]) == 0
     metrics = yaml.safe_load((samples / "metrics.json").read_text())
     assert set(metrics["TS_per_prompt"]) == {"a {0} riding a bike"} and -1 <= metrics["TS"] <= 1
+
+
+def test_in_bf16_the_mask_and_the_scheduled_export_follow_the_timestep_as_the_pipeline_casts_it(tiny_flux):
+    """FluxPipeline casts each scheduler timestep to the latents' dtype before dividing by 1000: in bf16 the
+    transformer, and so the mask, see t moved by a few. Family.scheduler_t (what tlora.scheduled switches chunks
+    by) computes it the same way: at every step it gives the rank the live mask has."""
+    from tlora.families.pipelines import load_pipeline
+
+    pipe = load_pipeline(str(tiny_flux), "none", dtype=torch.bfloat16)
+    adapters = tlora.attach(pipe, TLoRASettings("lora", 64, 1))
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(int(adapters.state.mask[0].sum())),
+                                               with_kwargs=True)
+    pipe(prompt="a photo of sks dog", num_inference_steps=28, height=64, width=64, max_sequence_length=16,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    steps = pipe.scheduler.timesteps.tolist()
+    cast = [adapters.settings.active_rank(FLUX.scheduler_t(t, torch.bfloat16)) for t in steps]
+    exact = [adapters.settings.active_rank(FLUX.scheduler_t(t)) for t in steps]
+    assert seen == cast and cast != exact  # the cast moves some steps across a rank boundary

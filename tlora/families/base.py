@@ -39,6 +39,7 @@ class Family:
     model_attr: str = ""  # the denoiser's attribute on the pipeline: "unet" or "transformer"
     timestep_arg: tuple[str, int] = ("timestep", 1)  # the denoiser's timestep argument: keyword, position
     timestep_divisor: int = 1  # the pipelines call the denoiser with the scheduler's timestep / this (FLUX: 1000)
+    timestep_cast: bool = False  # its pipelines cast the scheduler's timestep to the latents' dtype first (FLUX)
     default_vae: str | None = None  # the VAE a run uses unless told otherwise (None: the model's own)
     train_defaults: dict[str, Any] = {}  # train.py defaults that differ between families
     resolution_multiple: int = 8  # training images' side must be a multiple of this
@@ -171,9 +172,11 @@ class Family:
         return timestep
 
     @classmethod
-    def scheduler_t(cls, timestep: float | torch.Tensor) -> torch.Tensor:
-        """T-LoRA's t at a scheduler timestep, as the family's pipelines pass it to the denoiser (float32)."""
+    def scheduler_t(cls, timestep: float | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """T-LoRA's t at a scheduler timestep, from the value the family's pipelines pass the denoiser computed as
+        they compute it: in the latents' `dtype` where they cast it (timestep_cast: bf16 moves t by a few)."""
         t = torch.as_tensor(timestep, dtype=torch.float32)
+        t = t.to(dtype) if cls.timestep_cast else t
         return cls.diffusion_t(t / cls.timestep_divisor if cls.timestep_divisor != 1 else t)
 
     @classmethod

@@ -61,6 +61,7 @@ class FLUX(Family):
     model_attr = "transformer"
     timestep_arg = ("timestep", 3)
     timestep_divisor = 1000
+    timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
     default_vae = None
     train_defaults = {  # the authors' FLUX defaults
         "trainer_type": "lora", "trainer_class": "flux_lora", "lora_rank": 16, "min_rank": 16,

@@ -82,6 +82,7 @@ class Klein(Family):
     model_attr = "transformer"
     timestep_arg = ("timestep", 2)
     timestep_divisor = 1000
+    timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
     # the authors' FLUX defaults (one code path with FLUX.1), without --guidance_scale: no guidance embedding
     train_defaults = {
         "trainer_type": "lora", "trainer_class": "klein_lora", "lora_rank": 16, "min_rank": 16,

@@ -71,6 +71,7 @@ class QwenImage(Family):
     model_attr = "transformer"
     timestep_arg = ("timestep", 3)
     timestep_divisor = 1000
+    timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
     default_vae = None
     train_defaults = {  # Vanilla T-LoRA with the mask; bf16 and AdamW as diffusers' Qwen-Image DreamBooth recipe
         "trainer_type": "lora", "trainer_class": "qwen_image_tlora", "lora_rank": 16, "min_rank": 8,

@@ -115,7 +115,7 @@ class ZImage(Family):
         return torch.round((1 - timestep.float()) * 1_000_000) / 1000
 
     @classmethod
-    def scheduler_t(cls, timestep: float | torch.Tensor) -> torch.Tensor:
+    def scheduler_t(cls, timestep: float | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """T-LoRA's t at a scheduler timestep: through the value the pipelines pass, computed as they compute it."""
         t = torch.as_tensor(timestep, dtype=torch.float32)
         return cls.diffusion_t((1000 - t) / 1000)

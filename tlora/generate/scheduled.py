@@ -76,12 +76,13 @@ class ScheduledTLoRA:
                  others: dict[str, float]) -> None:
         self.pipe, self.chunks, self.settings, self.first, self.others = pipe, chunks, settings, first, others
         self.family = family
+        self.dtype = next(family.model(pipe).parameters()).dtype  # the latents' (FLUX casts the timestep to it)
         self.on = self.active(first)
         self.apply(self.on)
 
     def active(self, timestep: float) -> list[str]:
         """The chunks r(t) keeps at a scheduler timestep (t as the T-LoRA sees it: the family's scaling)."""
-        rank = int(self.settings.active_rank(self.family.scheduler_t(timestep)))
+        rank = int(self.settings.active_rank(self.family.scheduler_t(timestep, self.dtype)))
         return [c["adapter"] for c in self.chunks if c["components"][1] <= rank]
 
     def apply(self, names: list[str]) -> None:
