@@ -249,6 +249,40 @@ def test_num_frames_is_checked_against_the_family():
         video.frames_kwargs("--num_frames", 5, FAMILIES["sdxl"])
 
 
+def test_wan_trains_at_480_px_and_validates_with_one_frame_unless_asked(tiny_wan, wan_pipe, image_dir, tmp_path,
+                                                                       monkeypatch):
+    """Wan 2.1 1.3B's native 480p is train.py's default --resolution for Wan; validation samples one frame (the
+    pipeline's 81 at every checkpoint would outlast the training) unless --validation_num_frames asks for more."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from tlora.train import trainer
+    from tlora.train.options import parse_args
+
+    def options(*extra: str):
+        argv = train_args(tiny_wan, image_dir, tmp_path / "out", "--trainer_class", "wan_tlora",
+                          "--validation_prompts", "a {0}", *extra)
+        return parse_args([a for a in argv if a not in ("--resolution", "64")])
+
+    def validation_call(opts) -> dict:
+        seen = []
+        monkeypatch.setattr(trainer.generation, "run", lambda pipe, prompts, cfg, name: seen.append(cfg) or {})
+        monkeypatch.setattr(trainer, "log_images", lambda *args: None)
+        accelerator = SimpleNamespace(is_main_process=True, autocast=contextlib.nullcontext)
+        fake = SimpleNamespace(opts=opts, family=Wan, accelerator=accelerator, model=torch.nn.Linear(1, 1),
+                               device=torch.device("cpu"), pipe=wan_pipe)
+        trainer.Trainer.validate(fake, tmp_path / "checkpoint-2", 2)
+        return seen[0].call_kwargs
+
+    opts = options()
+    assert (opts.resolution, opts.validation_num_frames) == (480, 1) and opts.resolution % Wan.resolution_multiple == 0
+    assert validation_call(opts)["num_frames"] == 1
+    assert validation_call(options("--validation_num_frames", "9"))["num_frames"] == 9
+    with pytest.raises(UsageError, match="--validation_num_frames must be 4k [+] 1 .* pass e.g. 5") as err:
+        options("--validation_num_frames", "6")
+    assert_helpful(str(err.value))
+
+
 @pytest.mark.slow
 def test_train_py_trains_wan_and_inference_saves_videos(tiny_wan, image_dir, tmp_path):
     """Video samples beside the first frames (both trainer types train in test_family_recipes)."""

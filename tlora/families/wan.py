@@ -158,11 +158,14 @@ class Wan(Family):
     timestep_divisor = 1  # WanPipeline passes the scheduler's t (0..1000) as it is
     default_vae = None
     # public Wan LoRA recipes (musubi-tuner, DiffSynth-Studio): rank 32, AdamW at 1e-4, bf16, gradient norm 1.0;
-    # the T-LoRA's r_min at half the rank; the UMT5 prompt length Wan was trained with (text_len 512)
+    # the T-LoRA's r_min at half the rank; the UMT5 prompt length Wan was trained with (text_len 512); Wan 2.1 1.3B's
+    # native 480p (832x480: a 480-px square trains); validation videos of one frame (the pipeline's 81 frames at every
+    # checkpoint would take longer than the training between them: --validation_num_frames 81 asks for them)
     train_defaults = {
         "trainer_type": "ortho_lora", "trainer_class": "wan_tlora", "lora_rank": 32, "min_rank": 16,
         "checkpointing_steps": 100, "optimizer": "adamw", "max_grad_norm": 1.0, "mixed_precision": "bf16",
         "num_val_imgs_per_prompt": 1, "placeholder_token": "sks", "max_sequence_length": 512,
+        "resolution": 480, "validation_num_frames": 1,
     }
     resize_first = True  # as diffusers' training scripts: resize, then crop
     resolution_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches (WanPipeline.check_inputs)

@@ -27,6 +27,7 @@ from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, 
 from tlora.common.values import check_count, check_finite, check_guidance, check_seed, out_of_range, shown
 from tlora.families.model_checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
 from tlora.generate.generation import image_size
+from tlora.generate.video import frames_kwargs
 from tlora.runs.hparams import TRAINER_CLASSES, from_hparams
 from tlora.train.options import TrainOptions
 from tlora.train.tracking import tracker
@@ -55,6 +56,7 @@ def validate(opts: TrainOptions) -> None:
         check_templates("--validation_prompts", split_prompts(opts.validation_prompts))
     image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width,
                opts.recipe.resolution_multiple)
+    frames_kwargs("--validation_num_frames", opts.validation_num_frames, opts.recipe)
     if opts.mask_dir and opts.alpha_mask:
         raise UsageError("--alpha_mask and --mask_dir both give loss masks; drop one of them")
     if opts.optimizer == "prodigy" and opts.use_8bit_adam:
@@ -249,7 +251,7 @@ def announce_unused(opts: TrainOptions, given: set[str]) -> None:
         "sig_type": (opts.trainer_type != "ortho_lora", "with --trainer_type lora (it picks T-LoRA's start)",
                      "pass --trainer_type ortho_lora to use it"),
     }
-    for name in ("num_val_imgs_per_prompt", "validation_height", "validation_width"):
+    for name in ("num_val_imgs_per_prompt", "validation_height", "validation_width", "validation_num_frames"):
         unused[name] = (not opts.validation_prompts, "without --validation_prompts",
                         "add --validation_prompts to use it")
     for name in sorted(given & set(unused)):

@@ -20,7 +20,7 @@ from tlora.train.loss_log import read_loss_log
 # May differ from the run's hparams.yml when resuming; every other recorded setting must match.
 MAY_CHANGE = frozenset({
     "num_train_epochs", "checkpointing_steps", "validation_prompts", "num_val_imgs_per_prompt", "validation_height",
-    "validation_width", "project_name",
+    "validation_width", "validation_num_frames", "project_name",
     "wandb_api_key", "report_to", "checkpoints_total_limit", "resume_state_total_limit", "resume_from_checkpoint",
     "config", "output_dir", "dataloader_num_workers", "gradient_checkpointing", "allow_tf32",
     "train_data_dir", "class_data_dir", "mask_dir",  # the data itself is compared through data_sha256

@@ -33,6 +33,7 @@ from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
 from tlora.generate import generation
 from tlora.generate.generation import image_size
+from tlora.generate.video import frames_kwargs
 from tlora.method.injection import TLoRA
 from tlora.runs.checkpoint_state import RESUME_DIR, Progress
 from tlora.runs.hparams import from_hparams
@@ -264,7 +265,8 @@ class Trainer:
             num_images_per_prompt=opts.num_val_imgs_per_prompt, num_inference_steps=steps, guidance_scale=guidance,
             replace=True, call_kwargs=family.call_kwargs(vars(opts))
             | image_size(("--validation_height", "--validation_width"), opts.validation_height, opts.validation_width,
-                         family.resolution_multiple),
+                         family.resolution_multiple)
+            | frames_kwargs("--validation_num_frames", opts.validation_num_frames, family),
             guidance_arg=family.guidance_arg,
         )
         self.model.eval()
