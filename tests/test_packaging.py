@@ -11,9 +11,7 @@ from helpers import REPO
 # The stages, lowest first: a module imports only from its own stage or the ones before it (anywhere in the file,
 # lazy imports included); the top-level modules (the package API and the commands) may import any stage.
 STAGES = ("common", "method", "families", "formats", "runs", "interop", "generate", "train", "evaluation")
-# The one import left that points up: the settings type still asks the families for their rounding rule, their
-# trainer_class names and their authors' hparams keys (to move out of the method with the families' formats).
-KNOWN_UPWARD: set[str] = set()
+KNOWN_UPWARD: set[str] = set()  # imports that point up: none (the method knows no model)
 ENTRY_POINTS = ("analyze", "benchmark", "cli", "demo", "estimate", "evaluate", "export", "protocol", "tiny")  # python -m tlora.X
 
 

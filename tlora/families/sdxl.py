@@ -17,6 +17,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from tlora.common.errors import UsageError
 from tlora.families.architectures import CLIP_TEXT, SD_VAE
 from tlora.families.base import Family
 from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer
@@ -142,7 +143,9 @@ class SDXL(Family):
         elif scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
-            raise ValueError(f"unknown prediction type {scheduler.config.prediction_type}")
+            raise UsageError(f"--pretrained_model_name_or_path: its scheduler's prediction_type "
+                             f"{scheduler.config.prediction_type!r} is not epsilon or v_prediction; pass a model whose "
+                             "scheduler_config.json has one of them")
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = model(
             noisy.to(dtype), timesteps, batch["prompt_embeds"].to(dtype),
