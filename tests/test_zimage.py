@@ -213,6 +213,16 @@ def test_the_kohya_export_writes_only_keys_comfyui_maps_with_qkv_fused_exactly(z
                 assert (update[i * c.dim:(i + 1) * c.dim] - own).abs().max() < 1e-6, module
 
 
+def test_the_fused_qkv_puts_each_projection_at_the_end_of_those_before_it_at_its_own_width():
+    """Grouped-query attention (n_kv_heads < n_heads): k and v narrower than q; ComfyUI's qkv holds q, k, v one after
+    the other, so each starts where the ones before it end and the layer is as wide as all three."""
+    a = "layers.0.attention"
+    widths = {f"{a}.to_q": 48, f"{a}.to_k": 16, f"{a}.to_v": 16, f"{a}.to_out.0": 48}
+    qkv, out = ZImage.original_layers(widths, {})
+    assert qkv == (f"{a}.qkv", 80, {f"{a}.to_q": 0, f"{a}.to_k": 48, f"{a}.to_v": 64})
+    assert out == (f"{a}.out", 48, {f"{a}.to_out.0": 0})
+
+
 def test_no_authors_format_for_zimage(zimage_checkpoint, tmp_path, capsys):
     from tlora.interop.exporting import main
 

@@ -96,16 +96,19 @@ class ZImage(Family):
     @classmethod
     def original_layers(cls, widths: dict[str, int], meta: dict[str, str]) -> list[Target]:
         """The original (Lumina2 NextDiT) layers that ComfyUI loads, q, k, v fused into `qkv` in that order
-        (`layers.{i}.attention.qkv`, `.attention.out`)."""
+        (`layers.{i}.attention.qkv`, `.attention.out`): each projection's rows after those before it, at their own
+        widths (k and v are n_kv_heads wide, q n_heads: comfy/ldm/lumina/model.py JointAttention); a projection
+        the checkpoint lacks is taken as wide as the first it has."""
         targets = []
         for attention in dict.fromkeys(m.partition(".attention.")[0] + ".attention" for m in widths):
             present = [p for p in QKV if f"{attention}.{p}" in widths]
             if present:
-                inner = widths[f"{attention}.{present[0]}"]
-                parts = {f"{attention}.{p}": i * inner for i, p in enumerate(QKV) if p in present}
-                targets.append(Target(f"{attention}.qkv", 3 * inner, parts))
-            if f"{attention}.to_out.0" in widths:
-                targets.append(Target(f"{attention}.out", widths[f"{attention}.to_out.0"], {f"{attention}.to_out.0": 0}))
+                sizes = [widths.get(f"{attention}.{p}", widths[f"{attention}.{present[0]}"]) for p in QKV]
+                starts = [sum(sizes[:i]) for i in range(len(QKV))]
+                parts = {f"{attention}.{p}": start for p, start in zip(QKV, starts) if p in present}
+                targets.append(Target(f"{attention}.qkv", sum(sizes), parts))
+            if (out := f"{attention}.to_out.0") in widths:
+                targets.append(Target(f"{attention}.out", widths[out], {out: 0}))
         return targets
 
     @classmethod
