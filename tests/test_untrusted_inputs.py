@@ -15,6 +15,7 @@ from tlora.common.messages import Note, note
 from tlora.common.values import shown
 from tlora.evaluation import paper_protocol as protocol
 from tlora.evaluation import scoring
+from tlora.families import FAMILIES
 from tlora.families.model_checks import check_vae, long_prompts
 from tlora.train import estimator
 
@@ -396,8 +397,8 @@ def words(n: int) -> str:
 
 
 def test_long_prompts_sdxl_both_clips_read_77_with_start_and_end(tiny_sdxl):
-    assert long_prompts(str(tiny_sdxl), None, "sdxl", [words(75), "a photo of sks dog"], None) == []
-    assert long_prompts(str(tiny_sdxl), None, "sdxl", [words(76)], None) == [
+    assert long_prompts(str(tiny_sdxl), None, FAMILIES["sdxl"], [words(75), "a photo of sks dog"], None) == []
+    assert long_prompts(str(tiny_sdxl), None, FAMILIES["sdxl"], [words(76)], None) == [
         f"the prompt {shown(words(76))} is 78 tokens; CLIP text encoder 1 and CLIP text encoder 2 read 77, the rest "
         "is cut; shorten it"]
 
@@ -423,12 +424,12 @@ def test_long_prompts_klein_counts_the_chat_template(tiny_klein):
     the template's tokens, and a max_sequence_length of exactly that many cuts nothing."""
     from transformers import AutoTokenizer
 
-    [line] = long_prompts(str(tiny_klein), None, "klein", ["a photo of sks dog"], 8)
+    [line] = long_prompts(str(tiny_klein), None, FAMILIES["klein"], ["a photo of sks dog"], 8)
     n = int(line.split(" is ")[1].split(" tokens")[0])
     assert line == (f"the prompt 'a photo of sks dog' is {n} tokens; Qwen3 (the prompt in klein's chat template) "
                     "reads 8, the rest is cut; shorten it")
-    assert long_prompts(str(tiny_klein), None, "klein", ["a photo of sks dog"], n) == []
-    assert len(long_prompts(str(tiny_klein), None, "klein", ["a photo of sks dog"], n - 1)) == 1
+    assert long_prompts(str(tiny_klein), None, FAMILIES["klein"], ["a photo of sks dog"], n) == []
+    assert len(long_prompts(str(tiny_klein), None, FAMILIES["klein"], ["a photo of sks dog"], n - 1)) == 1
     tokenizer = AutoTokenizer.from_pretrained(tiny_klein, subfolder="tokenizer")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "a photo of sks dog"}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=False)
@@ -449,26 +450,28 @@ def test_long_prompts_match_the_pipelines_own_truncation(sdxl_pipe, tiny_sdxl, m
         said.clear()
         sdxl.SDXL.encode_prompt(sdxl_pipe, words(n), sdxl_pipe.device, 77)
         cut_by_pipeline = any("truncated" in message for message in said)
-        assert cut_by_pipeline == bool(long_prompts(str(tiny_sdxl), None, "sdxl", [words(n)], None)) == (n > 75)
+        noted = long_prompts(str(tiny_sdxl), None, FAMILIES["sdxl"], [words(n)], None)
+        assert cut_by_pipeline == bool(noted) == (n > 75)
 
 
 def test_long_prompts_reads_cached_tokenizers_and_skips_missing_ones(tiny_sdxl, fake_cache, tmp_path):
     files = {str(p.relative_to(tiny_sdxl)): p.read_bytes() for sub in ("tokenizer", "tokenizer_2")
              for p in (tiny_sdxl / sub).iterdir()}
     fake_cache("someone/sdxl", files | {"model_index.json": (tiny_sdxl / "model_index.json").read_text()})
-    assert len(long_prompts("someone/sdxl", None, "sdxl", [words(76)], None)) == 1
-    assert long_prompts("someone/not-cached", None, "sdxl", [words(76)], None) == []  # the network only: no note
+    assert len(long_prompts("someone/sdxl", None, FAMILIES["sdxl"], [words(76)], None)) == 1
+    # the network only: no note
+    assert long_prompts("someone/not-cached", None, FAMILIES["sdxl"], [words(76)], None) == []
     half = configs_of(tiny_sdxl, tmp_path / "half")
     shutil.rmtree(half / "tokenizer_2")
-    assert long_prompts(str(half), None, "sdxl", [words(76)], None) == [
-        long_prompts(str(tiny_sdxl), None, "sdxl", [words(76)], None)[0].replace(
+    assert long_prompts(str(half), None, FAMILIES["sdxl"], [words(76)], None) == [
+        long_prompts(str(tiny_sdxl), None, FAMILIES["sdxl"], [words(76)], None)[0].replace(
             "CLIP text encoder 1 and CLIP text encoder 2 read", "CLIP text encoder 1 reads")]
 
 
 def test_long_prompts_lines_are_notes(tiny_sdxl, capsys):
     """A caller says each line as a note: one `note:` line under a command."""
     def run(_):
-        for line in long_prompts(str(tiny_sdxl), None, "sdxl", [words(90)], None):
+        for line in long_prompts(str(tiny_sdxl), None, FAMILIES["sdxl"], [words(90)], None):
             note(line)
 
     with warnings.catch_warnings():

@@ -127,7 +127,7 @@ def long_prompts(model: str, revision: str | None, family: Any, prompts: list[st
     """One note line for each prompt that one of the pipeline's text encoders reads only in part (the rest is cut).
 
     Called from train.py's checks (validation prompts) and from inference.py's `parse_args` (its prompts), before
-    any model loads; the caller says each line with `tlora.common.messages.note`. `family` is a family name or a
+    any model loads; the caller says each line with `tlora.common.messages.note`. `family` is the model's
     `tlora.families.Family`; `max_sequence_length` the T5 / Qwen3 length the pipeline is called with (None: the
     pipelines' default, 512; SDXL has none). Tokens are counted as the family's diffusers pipeline tokenizes:
     with the tokenizer's special tokens (CLIP's start and end, T5's end) and, on klein, inside its chat
@@ -135,9 +135,7 @@ def long_prompts(model: str, revision: str | None, family: Any, prompts: list[st
     Hugging Face cache (never the network): a tokenizer that cannot be had so is skipped. Prompts given twice
     are said once.
     """
-    from tlora.families import FAMILIES
-
-    recipe = FAMILIES[family] if isinstance(family, str) else family
+    recipe = family
     length = max_sequence_length or MAX_SEQUENCE_LENGTH
     index = _model_index(model, revision)
     readers = []

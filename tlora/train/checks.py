@@ -134,7 +134,7 @@ def _announce_long_prompts(opts: TrainOptions) -> None:
     prompts = [BASE_PROMPT.format(concept)] + [t.format(concept) for t in split_prompts(opts.validation_prompts)]
     if opts.with_prior_preservation:
         prompts.append(BASE_PROMPT.format(opts.class_name))
-    for line in long_prompts(opts.pretrained_model_name_or_path, opts.revision, opts.family, prompts,
+    for line in long_prompts(opts.pretrained_model_name_or_path, opts.revision, opts.recipe, prompts,
                              opts.max_sequence_length):
         note(line)
 
