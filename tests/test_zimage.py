@@ -4,6 +4,7 @@ test_families."""
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,55 @@ def test_the_fused_qkv_puts_each_projection_at_the_end_of_those_before_it_at_its
     qkv, out = ZImage.original_layers(widths, {})
     assert qkv == (f"{a}.qkv", 80, {f"{a}.to_q": 0, f"{a}.to_k": 48, f"{a}.to_v": 64})
     assert out == (f"{a}.out", 48, {f"{a}.to_out.0": 0})
+
+
+@pytest.mark.parametrize("zimage_checkpoint", [("tiny", "ortho_lora")], indirect=True)
+def test_sampling_at_the_pipelines_defaults_says_turbos_settings(zimage_checkpoint, tiny_zimage, image_dir, tmp_path):
+    """ZImagePipeline's 50 steps at guidance 5 are the base model's; Z-Image-Turbo, the published model, is
+    step-distilled for 9 steps without guidance: one note says what to pass, in inference.py unless both flags are
+    given, and at train start when validation samples at the defaults."""
+    import shutil
+
+    import yaml
+
+    from tlora.common.messages import Note
+    from tlora.generate import inference
+    from tlora.train.options import parse_args
+
+    _, checkpoint = zimage_checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "checkpoint-10")
+    (run / "logs").mkdir()
+    (run / "logs" / "hparams.yml").write_text(yaml.safe_dump({
+        "pretrained_model_name_or_path": str(tiny_zimage), "placeholder_token": "sks", "class_name": "dog"}))
+    argv = ["--config_path", str(run / "logs" / "hparams.yml"), "--checkpoint_idx", "10", "--prompts", "a {0}"]
+    turbo = "Z-Image-Turbo is step-distilled for 9 steps at guidance 0: for it, pass --num_inference_steps 9 " \
+            "--guidance_scale 0"
+    for extra in ((), ("--num_inference_steps", "9")):
+        with pytest.warns(Note) as said:
+            inference.parse_args([*argv, *extra])
+        assert [str(w.message) for w in said if "Turbo" in str(w.message)] == [
+            f"ZImagePipeline's defaults, 50 steps at guidance 5, are for the base model; {turbo}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Note)
+        inference.parse_args([*argv, "--num_inference_steps", "9", "--guidance_scale", "0"])
+    train = ["--pretrained_model_name_or_path", str(tiny_zimage), "--train_data_dir", str(image_dir),
+             "--output_dir", str(tmp_path / "out"), "--class_name", "dog", "--resolution", "64"]
+    with pytest.warns(Note, match="validation samples at the defaults .* inference.py --num_inference_steps 9 "
+                                  "--guidance_scale 0"):
+        parse_args([*train, "--validation_prompts", "a {0}"])
+
+
+def test_a_model_index_recording_is_distilled_false_gets_no_distilled_note(tiny_zimage, tiny_klein, monkeypatch):
+    """The mechanism is the family's attribute (FLUX.2 [klein] may share it): its base models, whose model_index.json
+    records is_distilled false, are sampled at the pipeline's defaults without a note."""
+    from tlora.families.klein import Klein
+    from tlora.generate.generation import distilled_defaults
+
+    monkeypatch.setattr(Klein, "distilled_sampling", ("the distilled klein", 4, 1.0), raising=False)
+    assert distilled_defaults(Klein, str(tiny_klein), None) is None
+    assert distilled_defaults(ZImage, str(tiny_zimage), None)[1] == "--num_inference_steps 9 --guidance_scale 0"
+    assert distilled_defaults(ZImage, str(tiny_zimage), None, True, True) is None
 
 
 def test_no_authors_format_for_zimage(zimage_checkpoint, tmp_path, capsys):

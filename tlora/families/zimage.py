@@ -66,7 +66,8 @@ class ZImage(Family):
     }
     resize_first = True  # diffusers' Z-Image script: resize, then crop
     resolution_multiple = 16  # VAE factor 8 times the transformer's 2x2 patches
-    inference_steps, inference_guidance = 50, 5.0  # ZImagePipeline's defaults (Turbo's model card: 9 steps, 0.0)
+    inference_steps, inference_guidance = 50, 5.0  # ZImagePipeline's defaults, for the base model (Z-Image)
+    distilled_sampling = ("Z-Image-Turbo", 9, 0.0)  # Tongyi-MAI/Z-Image-Turbo's model card (9 steps: 8 DiT calls)
     gpu_dtype = "bf16"  # as the model is published and sampled
     key_prefixes = tuple(GROUPS)
     rank_rule = "multiply_first"  # as the other flow-matching transformers

@@ -39,6 +39,28 @@ def image_size(flags: tuple[str, str], height: int | None, width: int | None, mu
     return {key: value for key, value in zip(SIDES, (height, width)) if value is not None}
 
 
+def distilled_defaults(family, model: str, revision: str | None, steps_given: bool = False,
+                       guidance_given: bool = False) -> tuple[str, str] | None:
+    """(what is wrong, the flags to pass) when sampling a family whose published model is step-distilled
+    (`Family.distilled_sampling`: its name, steps, guidance) would use the pipeline's defaults, made for the base
+    model (a flag not given); None when nothing is: no such model, both flags given, or a model_index.json that
+    records `is_distilled: false` (FLUX.2 [klein]'s base models)."""
+    from tlora import families
+
+    distilled = getattr(family, "distilled_sampling", None)
+    if distilled is None or (steps_given and guidance_given):
+        return None
+    try:
+        if families.model_index(model, revision).get("is_distilled") is False:
+            return None
+    except UsageError:  # unreadable here: the model's own checks say so
+        pass
+    name, steps, guidance = distilled
+    return (f"{family.pipeline_class.__name__}'s defaults, {family.inference_steps} steps at guidance "
+            f"{family.inference_guidance:g}, are for the base model; {name} is step-distilled for {steps} steps "
+            f"at guidance {guidance:g}", f"--num_inference_steps {steps} --guidance_scale {guidance:g}")
+
+
 def other_size(entry: dict, size: dict[str, int]) -> str | None:
     """"WxH" of a prompt folder's images when its record says they were made at another size than the one asked
     for (only a size asked for explicitly is compared: the pipeline's own is known once it has run)."""

@@ -21,7 +21,7 @@ from tlora.families.model_checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
 from tlora.generate.api import load
-from tlora.generate.generation import image_size
+from tlora.generate.generation import distilled_defaults, image_size
 from tlora.generate.video import frames_kwargs
 from tlora.runs.reading import read
 from tlora.runs.run_folder import RunFolder, read_hparams
@@ -139,6 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("pretrained_model_name_or_path", "placeholder_token", "class_name"):
         if args.hparams.get(key) is None:
             raise UsageError(f"--config_path: {config_path} has no {key}; {PASS_HPARAMS}")
+    given = (args.num_inference_steps is not None, args.guidance_scale is not None)
     args.num_inference_steps = family.inference_steps if args.num_inference_steps is None else args.num_inference_steps
     args.guidance_scale = family.inference_guidance if args.guidance_scale is None else args.guidance_scale
     for key in ("placeholder_token", "class_name"):
@@ -174,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              [t.format(concept) for t in args.templates],
                              family.call_kwargs(hp).get("max_sequence_length")):
         note(f"--prompts: {line}")
+    if said := distilled_defaults(family, hp["pretrained_model_name_or_path"], hp["revision"], *given):
+        note(f"{said[0]}: for it, pass {said[1]}")
     return args
 
 

@@ -26,7 +26,7 @@ from tlora.common.messages import WRITABLE_FOLDER, note
 from tlora.common.prompts import BASE_PROMPT, MAX_WORD_LENGTH, check_templates, check_text, split_prompts
 from tlora.common.values import check_count, check_finite, check_guidance, check_seed, out_of_range, shown
 from tlora.families.model_checks import MAX_SEQUENCE_LENGTH, check_vae, long_prompts
-from tlora.generate.generation import image_size
+from tlora.generate.generation import distilled_defaults, image_size
 from tlora.generate.video import frames_kwargs
 from tlora.runs.hparams import TRAINER_CLASSES, from_hparams
 from tlora.train.options import TrainOptions
@@ -126,6 +126,10 @@ def check_inputs(opts: TrainOptions) -> None:
         check_model_source("--pretrained_vae_model_name_or_path", vae, "config.json")
         check_vae("--pretrained_vae_model_name_or_path", vae, opts.pretrained_model_name_or_path, opts.revision)
     _announce_long_prompts(opts)
+    if opts.validation_prompts and (said := distilled_defaults(opts.recipe, opts.pretrained_model_name_or_path,
+                                                               opts.revision)):
+        note(f"--validation_prompts: validation samples at the defaults ({said[0]}): sample that model's "
+             f"checkpoints with inference.py {said[1]}")
 
 
 def _announce_long_prompts(opts: TrainOptions) -> None:
