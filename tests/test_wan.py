@@ -283,6 +283,26 @@ def test_wan_trains_at_480_px_and_validates_with_one_frame_unless_asked(tiny_wan
     assert_helpful(str(err.value))
 
 
+def test_clips_in_the_data_folder_are_named_in_one_note_as_skipped(tiny_wan, image_dir, tmp_path):
+    """tlora trains on photos (a photo is a one-frame video to Wan): video files in --train_data_dir are not read,
+    and one note names them rather than skipping them silently."""
+    import shutil
+
+    from tlora.train.options import parse_args
+
+    data = tmp_path / "data"
+    shutil.copytree(image_dir, data)
+    for name in ("walk.mp4", "run.WEBM"):
+        (data / name).write_bytes(b"\0" * 64)
+    argv = train_args(tiny_wan, data, tmp_path / "out", "--trainer_class", "wan_tlora", "--resolution", "64")
+    with pytest.warns(Note) as said:
+        parse_args(argv)
+    clips = [str(w.message) for w in said if "video" in str(w.message)]
+    assert clips == [f"--train_data_dir: run.WEBM, walk.mp4 in {data} are videos, skipped: only photos (.jpg, .jpeg, "
+                     ".png, .webp, .bmp) are read (tlora does not train on clips); save frames as images to train on "
+                     "them"]
+
+
 @pytest.mark.slow
 def test_train_py_trains_wan_and_inference_saves_videos(tiny_wan, image_dir, tmp_path):
     """Video samples beside the first frames (both trainer types train in test_family_recipes)."""

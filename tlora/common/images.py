@@ -12,11 +12,17 @@ from tlora.common.errors import UsageError, first_line
 from tlora.common.messages import UNREADABLE_IMAGE, note
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")  # not read: training is on photos
 
 
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def list_videos(folder: str | Path) -> list[Path]:
+    """Video files directly inside `folder`, sorted by name (what training skips)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
 
 
 def training_images(train_data_dir: str | Path, one_image: str | None = None) -> list[Path]:

@@ -19,6 +19,7 @@ from tlora.common.images import (
     check_image,
     find_mask,
     list_images,
+    list_videos,
     load_mask,
     training_images,
 )
@@ -207,6 +208,11 @@ def _check_image_folder(flag: str, folder: str | None) -> None:
     for link in broken_links(folder):
         raise UsageError(f"{flag}: {link.name} in {folder} is a link to nothing ({os.readlink(link)} is gone); remove "
                          "it or restore its target")
+    if videos := list_videos(folder):
+        names = ", ".join(p.name for p in videos[:5]) + (f" and {len(videos) - 5} more" if len(videos) > 5 else "")
+        note(f"{flag}: {names} in {folder} {'is a video' if len(videos) == 1 else 'are videos'}, skipped: only photos "
+             f"({', '.join(IMAGE_EXTENSIONS)}) are read (tlora does not train on clips); save frames as images to "
+             "train on them")
     if not list_images(folder):
         raise UsageError(f"{flag}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; add at least one")
 
