@@ -281,6 +281,8 @@ def test_wan_trains_at_480_px_and_validates_with_one_frame_unless_asked(tiny_wan
     with pytest.raises(UsageError, match="--validation_num_frames must be 4k [+] 1 .* pass e.g. 5") as err:
         options("--validation_num_frames", "6")
     assert_helpful(str(err.value))
+    with pytest.raises(UsageError, match="--resolution must be a multiple of 16 .* pass one such as 480"):
+        options("--resolution=40")
 
 
 def test_clips_in_the_data_folder_are_named_in_one_note_as_skipped(tiny_wan, image_dir, tmp_path):

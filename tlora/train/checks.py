@@ -76,8 +76,9 @@ def _check_family(opts: TrainOptions) -> None:
                          f"model: pass --trainer_class {opts.family}_{kind}")
     multiple = opts.recipe.resolution_multiple
     if opts.resolution % multiple or opts.resolution < max(MIN_SIDE, multiple):
-        raise UsageError(f"--resolution must be a multiple of {multiple} for {opts.family}, at least {max(MIN_SIDE, multiple)}, "
-                         f"got {opts.resolution}; pass one such as 1024")
+        native = opts.recipe.train_defaults.get("resolution", 1024)  # the family's own size (Wan 480, SD 1.5 512)
+        raise UsageError(f"--resolution must be a multiple of {multiple} for {opts.family}, at least "
+                         f"{max(MIN_SIDE, multiple)}, got {opts.resolution}; pass one such as {native}")
 
 
 def _check_numbers(opts: TrainOptions) -> None:
