@@ -249,8 +249,8 @@ def test_num_frames_is_checked_against_the_family():
         video.frames_kwargs("--num_frames", 5, FAMILIES["sdxl"])
 
 
-def test_wan_trains_at_480_px_and_validates_with_one_frame_unless_asked(tiny_wan, wan_pipe, image_dir, tmp_path,
-                                                                       monkeypatch):
+def test_wan_trains_at_480_px_and_validates_with_one_frame_unless_asked(tiny_wan, tiny_sdxl, wan_pipe, image_dir,
+                                                                       tmp_path, monkeypatch):
     """Wan 2.1 1.3B's native 480p is train.py's default --resolution for Wan; validation samples one frame (the
     pipeline's 81 at every checkpoint would outlast the training) unless --validation_num_frames asks for more."""
     import contextlib
@@ -283,6 +283,8 @@ def test_wan_trains_at_480_px_and_validates_with_one_frame_unless_asked(tiny_wan
     assert_helpful(str(err.value))
     with pytest.raises(UsageError, match="--resolution must be a multiple of 16 .* pass one such as 480"):
         options("--resolution=40")
+    with pytest.raises(UsageError, match="--validation_num_frames is for video models; sdxl makes images: drop"):
+        parse_args(train_args(tiny_sdxl, image_dir, tmp_path / "out", "--validation_num_frames", "5"))
 
 
 def test_clips_in_the_data_folder_are_named_in_one_note_as_skipped(tiny_wan, image_dir, tmp_path):

@@ -90,8 +90,8 @@ class TrainOptions:
                             "Without it, transparent pixels are composited onto white.")
     train_batch_size: int = flag(1)
     dataloader_num_workers: int = flag(1)
-    resolution: int | None = flag(None, "Training image side in pixels. Default: the family's (SD 1.5: 512), else "
-                                  "1024.")
+    resolution: int | None = flag(None, "Training image side in pixels. Default: the family's (SD 1.5: 512, Wan: "
+                                  "480), else 1024.")
     output_dir: str | None = flag(None, "Folder that receives one run folder per run. Required.")
     class_data_dir: str | None = flag(None, "Folder of class images for prior preservation.")
     prior_loss_weight: float = flag(1.0)
@@ -102,8 +102,9 @@ class TrainOptions:
     num_val_imgs_per_prompt: int | None = flag(None, "", "--num_validation_images", by_family=True)
     validation_height: int | None = flag(None, _validation_side("height"))
     validation_width: int | None = flag(None, _validation_side("width"))
-    validation_num_frames: int | None = flag(None, "Video models (Wan): frames per validation video, 4k + 1 (1: "
-                                             "one image).", by_family=True)
+    validation_num_frames: int | None = flag(None, "Video models (Wan): frames per validation video, 4k + 1. "
+                                             "Default: 1 (the pipeline's 81 at every checkpoint would outlast the "
+                                             "training between them).")
     lora_rank: int | None = flag(None, "", "--rank", by_family=True)
     min_rank: int | None = flag(None, "", by_family=True)
     sig_type: str = flag("last", "", choices=SIG_TYPES)
