@@ -120,6 +120,37 @@ def test_the_loss_is_the_flow_matching_loss_with_the_text_mask(chroma_pipe, imag
     assert not torch.allclose(loss, ((unmasked - target) ** 2).mean(), rtol=1e-4)
 
 
+def test_gradient_checkpointing_keeps_the_text_mask_in_the_single_blocks(borrowed_chroma_pipe, image_dir):
+    """diffusers' checkpointed ChromaTransformer2DModel.forward leaves the mask out of the single blocks; training
+    gives it to them, so the loss and the adapters' gradients (recomputed in backward) are those without
+    checkpointing, as sampling computes them; the checkpointing function is the model's own again after the call."""
+    pipe = borrowed_chroma_pipe
+    transformer, scheduler = pipe.transformer, Chroma.noise_scheduler(pipe)
+    adapters = tlora.attach(pipe, tlora.TLoRASettings("lora", 4, 2))
+    perturb(adapters, seed=2)
+    batch = Conditioning(Chroma, pipe, [image_dir / "00.png"], "a photo of sks dog", 64, torch.device("cpu"),
+                         max_sequence_length=16).batch({"instance": torch.tensor([0])})
+    assert not batch["prompt_attention_mask"].all()  # padding to mask
+    results = []
+    try:
+        for checkpointing in (False, True):
+            if checkpointing:
+                transformer.enable_gradient_checkpointing()
+            own = getattr(transformer, "_gradient_checkpointing_func", None)
+            torch.manual_seed(3)
+            loss = diffusion_loss(Chroma, transformer, pipe, scheduler, batch, torch.float32, None)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in adapters.trainable_parameters()]))
+            assert getattr(transformer, "_gradient_checkpointing_func", None) is own
+            for p in adapters.trainable_parameters():
+                p.grad = None
+    finally:
+        transformer.disable_gradient_checkpointing()
+    (plain, plain_grads), (checkpointed, grads) = results
+    assert torch.allclose(plain, checkpointed, rtol=1e-6, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(plain_grads, grads))
+
+
 def test_keys_tell_chroma_from_flux_by_the_record(chroma_pipe, flux_pipe, tmp_path):
     """Chroma's keys are FLUX.1's (not FLUX.2's): the metadata says which; a file without it is assumed FLUX.1 on
     its own, read as Chroma on a Chroma pipeline; each pipeline refuses the other's recorded files."""

@@ -47,6 +47,8 @@ class Family:
     inference_steps: int = 25
     inference_guidance: float = 5.0
     guidance_arg: str = "guidance_scale"  # the pipeline call's argument for the CFG weight that --guidance_scale sets
+    # a step-distilled published model: (its name, steps, guidance), said in one note when sampling at the defaults
+    distilled_sampling: tuple[str, int, float] | None = None
     gpu_dtype: str = "fp16"  # inference.py's dtype on CUDA
     # -- reading T-LoRAs of this family ---------------------------------------------------------
     key_prefixes: tuple[str, ...] = ()  # first word of its checkpoint keys (also LyCORIS's, "." -> "_")

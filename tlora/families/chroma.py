@@ -11,10 +11,12 @@ subclass there) loads them: q, k, v fused into `double_blocks_{i}_{img,txt}_attn
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 from torch import nn
 from transformers import T5Config, T5EncoderModel
 
@@ -56,12 +58,37 @@ PUBLISHED = {
 }
 
 
+@contextmanager
+def single_blocks_masked(model: nn.Module, mask: torch.Tensor):
+    """For one call of the transformer: its checkpointed single blocks get the attention mask, as the uncheckpointed
+    ones do (diffusers' ChromaTransformer2DModel.forward checkpoints them with (hidden_states, temb,
+    image_rotary_emb) only; the double blocks get theirs). The mask goes in with the block's inputs, so the
+    recomputation in backward uses it too."""
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    checkpoint = getattr(model, "_gradient_checkpointing_func", None)
+    if not getattr(model, "gradient_checkpointing", False) or checkpoint is None:
+        yield
+        return
+
+    def masked(block, *args):
+        single = isinstance(block, ChromaSingleTransformerBlock) and len(args) == 3
+        return checkpoint(block, *args, mask) if single else checkpoint(block, *args)
+
+    model._gradient_checkpointing_func = masked
+    try:
+        yield
+    finally:
+        model._gradient_checkpointing_func = checkpoint
+
+
 class Chroma(Family):
     name = "chroma"
     pipeline_class = ChromaPipeline
     model_attr = "transformer"
     timestep_arg = ("timestep", 2)  # ChromaTransformer2DModel.forward(hidden_states, encoder_hidden_states, timestep)
     timestep_divisor = 1000  # ChromaPipeline.__call__: self.transformer(..., timestep=timestep / 1000, ...)
+    timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
     default_vae = None
     # ai-toolkit's Chroma recipe (config/examples/train_lora_chroma_24gb.yaml: rank 16, AdamW 1e-4, bf16, a save
     # every 250 steps); min_rank half the rank as in the paper (64 / 32); no --guidance_scale: no guidance embedding
@@ -155,8 +182,7 @@ class Chroma(Family):
         """Flow matching as on FLUX.1 (sigma = t / 1000, noisy = (1 - sigma) x0 + sigma noise, target = noise - x0)
         in the VAE's shifted and scaled latents; the text mask extended over the image tokens and passed to the
         transformer as ChromaPipeline.__call__ passes it (its _prepare_attention_mask). No guidance embedding.
-        diffusers' gradient checkpointing leaves the mask out of the single blocks (ChromaTransformer2DModel.forward
-        does not pass it there): with --gradient_checkpointing they train unmasked."""
+        Under gradient checkpointing the single blocks get the mask too (see single_blocks_masked)."""
         mean, cfg = batch["mean"], pipe.vae.config
         latents = ((mean + batch["std"] * torch.randn_like(mean)) - cfg.shift_factor) * cfg.scaling_factor
         noisy, noise, sigma = flow_matching_noisy(latents, scheduler)
@@ -167,12 +193,13 @@ class Chroma(Family):
         # The mask stays 0/1 floats, which attention adds to its scores rather than masking (diffusers issue 12116):
         # as the pipelines sample, so training sees what sampling does
         mask = ChromaPipeline._prepare_attention_mask(pipe, b, packed.shape[1], dtype, batch["prompt_attention_mask"])
-        pred = model(
-            hidden_states=packed, timestep=sigma, encoder_hidden_states=embeds.to(dtype),
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
-            img_ids=ChromaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype),
-            attention_mask=mask.to(dtype), return_dict=False,
-        )[0]
+        with single_blocks_masked(model, mask.to(dtype)):
+            pred = model(
+                hidden_states=packed, timestep=sigma, encoder_hidden_states=embeds.to(dtype),
+                txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=dtype),
+                img_ids=ChromaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype),
+                attention_mask=mask.to(dtype), return_dict=False,
+            )[0]
         scale = 2 ** (len(cfg.block_out_channels) - 1)
         return ChromaPipeline._unpack_latents(pred, h * scale, w * scale, scale), noise - latents
 

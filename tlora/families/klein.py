@@ -92,6 +92,7 @@ class Klein(Family):
     resize_first = True
     resolution_multiple = 16  # VAE factor 8 times the 2x2 latent packing
     inference_steps, inference_guidance = 50, 4.0  # Flux2KleinPipeline's defaults (the base models)
+    distilled_sampling = ("the step-distilled FLUX.2 [klein] models", 4, 1.0)  # the base ones record is_distilled
     gpu_dtype = "bf16"
     key_prefixes = ("transformer_blocks", "single_transformer_blocks")
     rank_rule = "multiply_first"  # one code path with FLUX.1

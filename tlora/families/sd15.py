@@ -23,10 +23,9 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from transformers import CLIPTextModel
 
-from tlora.common.errors import UsageError
 from tlora.families.architectures import CLIP_TEXT, SD_VAE
 from tlora.families.base import Family
-from tlora.families.sdxl import BLOCK, PROJECTIONS, sgm_path
+from tlora.families.sdxl import BLOCK, PROJECTIONS, ddpm_noisy, sgm_path
 from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer
 from tlora.method.denoiser import Layer
 
@@ -155,17 +154,7 @@ class SD15(Family):
         timesteps in [0, T), target the noise (epsilon) or the velocity (v_prediction)."""
         mean = batch["mean"]
         latents = (mean + batch["std"] * torch.randn_like(mean)) * pipe.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        if scheduler.config.prediction_type == "epsilon":
-            target = noise
-        elif scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise UsageError(f"--pretrained_model_name_or_path: its scheduler's prediction_type "
-                             f"{scheduler.config.prediction_type!r} is not epsilon or v_prediction; pass a model whose "
-                             "scheduler_config.json has one of them")
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy, target, timesteps = ddpm_noisy(latents, scheduler)
         pred = model(noisy.to(dtype), timesteps, batch["prompt_embeds"].to(dtype), return_dict=False)[0]
         return pred, target
 

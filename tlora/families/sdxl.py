@@ -136,17 +136,7 @@ class SDXL(Family):
     def predict(cls, model, pipe, scheduler, batch, dtype, guidance):
         mean = batch["mean"]
         latents = (mean + batch["std"] * torch.randn_like(mean)) * pipe.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        if scheduler.config.prediction_type == "epsilon":
-            target = noise
-        elif scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise UsageError(f"--pretrained_model_name_or_path: its scheduler's prediction_type "
-                             f"{scheduler.config.prediction_type!r} is not epsilon or v_prediction; pass a model whose "
-                             "scheduler_config.json has one of them")
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy, target, timesteps = ddpm_noisy(latents, scheduler)
         pred = model(
             noisy.to(dtype), timesteps, batch["prompt_embeds"].to(dtype),
             added_cond_kwargs={"time_ids": batch["time_ids"].to(dtype), "text_embeds": batch["pooled"].to(dtype)},
@@ -187,6 +177,22 @@ class SDXL(Family):
         )
         pipe.save_pretrained(folder)
         return folder
+
+
+def ddpm_noisy(latents: torch.Tensor, scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy, target, timesteps) of DDPM training as diffusers' scripts: noise, then t uniform in 0..T-1 (the
+    authors' order); the target is the noise, or the velocity for a v_prediction scheduler."""
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UsageError(f"--pretrained_model_name_or_path: its scheduler's prediction_type "
+                         f"{scheduler.config.prediction_type!r} is not epsilon or v_prediction; pass a model whose "
+                         "scheduler_config.json has one of them")
+    return scheduler.add_noise(latents, noise, timesteps), target, timesteps
 
 
 def time_ids(crop_size: int, resolution: int) -> torch.Tensor:

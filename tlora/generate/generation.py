@@ -47,7 +47,7 @@ def distilled_defaults(family, model: str, revision: str | None, steps_given: bo
     records `is_distilled: false` (FLUX.2 [klein]'s base models)."""
     from tlora import families
 
-    distilled = getattr(family, "distilled_sampling", None)
+    distilled = family.distilled_sampling
     if distilled is None or (steps_given and guidance_given):
         return None
     try:

@@ -54,17 +54,19 @@ def internal(default: Any = None) -> Any:
     return field(default=default, metadata={"internal": True})
 
 
+REQUIRED_ON_UNETS = "Required on SDXL and SD 1.5 (the authors' SDXL flags)."
+
+
 @dataclass
 class TrainOptions:
     """Every train.py flag (the authors' SDXL flags, their FLUX names as aliases, and ours), then what resolving
     the options adds."""
 
     config: str | None = flag(None, "YAML file of flag values; flags on the command line override it.")
-    trainer_type: str | None = flag(None, "lora (Vanilla T-LoRA) or ortho_lora (T-LoRA). Required on SDXL and "
-                                    "SD 1.5.",
+    trainer_type: str | None = flag(None, "lora (Vanilla T-LoRA) or ortho_lora (T-LoRA). " + REQUIRED_ON_UNETS,
                                     choices=TRAINER_TYPES, by_family=True)
-    trainer_class: str | None = flag(None, "<family>_tlora (timestep mask) or <family>_lora (no mask). Required on "
-                                     "SDXL and SD 1.5.", choices=TRAINER_CLASSES, by_family=True)
+    trainer_class: str | None = flag(None, "<family>_tlora (timestep mask) or <family>_lora (no mask). "
+                                     + REQUIRED_ON_UNETS, choices=TRAINER_CLASSES, by_family=True)
     tlora: bool = flag(False, "The authors' FLUX flag: the timestep mask (= --trainer_class <family>_tlora).")
     project_name: str = flag("tlora", "W&B project.")
     wandb_api_key: str | None = flag(None, "W&B key (or set WANDB_API_KEY). Never written to disk.")
@@ -97,7 +99,7 @@ class TrainOptions:
     prior_loss_weight: float = flag(1.0)
     with_prior_preservation: bool = flag(False)
     class_name: str | None = flag(None, "Class word, e.g. dog. Required.")
-    placeholder_token: str | None = flag(None, "Concept token, e.g. sks. Required on SDXL and SD 1.5.", by_family=True)
+    placeholder_token: str | None = flag(None, "Concept token, e.g. sks. " + REQUIRED_ON_UNETS, by_family=True)
     validation_prompts: str | None = flag(None, PROMPTS_HELP, "--validation_prompt")
     num_val_imgs_per_prompt: int | None = flag(None, "", "--num_validation_images", by_family=True)
     validation_height: int | None = flag(None, _validation_side("height"))
