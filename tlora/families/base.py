@@ -37,6 +37,7 @@ class Family:
     name: str = ""
     pipeline_class: type = object
     model_attr: str = ""  # the denoiser's attribute on the pipeline: "unet" or "transformer"
+    training_scheduler: Any = None  # the scheduler class training draws noise and timesteps with (model's config)
     timestep_arg: tuple[str, int] = ("timestep", 1)  # the denoiser's timestep argument: keyword, position
     timestep_divisor: int = 1  # the pipelines call the denoiser with the scheduler's timestep / this (FLUX: 1000)
     timestep_cast: bool = False  # its pipelines cast the scheduler's timestep to the latents' dtype first (FLUX)
@@ -225,8 +226,8 @@ class Family:
 
     @classmethod
     def noise_scheduler(cls, pipe):
-        """The training scheduler."""
-        raise NotImplementedError
+        """The scheduler train.py adds noise with: training_scheduler from the model's own scheduler config."""
+        return cls.training_scheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encoders(cls, pipe) -> list[nn.Module | None]:

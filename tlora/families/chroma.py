@@ -86,6 +86,7 @@ class Chroma(Family):
     name = "chroma"
     pipeline_class = ChromaPipeline
     model_attr = "transformer"
+    training_scheduler = FlowMatchEulerDiscreteScheduler  # with the model's config (a fixed shift in its timesteps)
     timestep_arg = ("timestep", 2)  # ChromaTransformer2DModel.forward(hidden_states, encoder_hidden_states, timestep)
     timestep_divisor = 1000  # ChromaPipeline.__call__: self.transformer(..., timestep=timestep / 1000, ...)
     timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
@@ -150,11 +151,6 @@ class Chroma(Family):
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
         """ChromaPipeline calls the transformer with t / 1000, as FluxPipeline: back to t as FLUX.1 does."""
         return from_thousandths(timestep)
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
-        """The model's flow-matching scheduler; its training timesteps are 1000..1 (no shift at this point)."""
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encoders(cls, pipe) -> list[nn.Module | None]:

@@ -59,6 +59,7 @@ class FLUX(Family):
     name = "flux"
     pipeline_class = FluxPipeline
     model_attr = "transformer"
+    training_scheduler = FlowMatchEulerDiscreteScheduler  # with the model's config (a fixed shift in its timesteps)
     timestep_arg = ("timestep", 3)
     timestep_divisor = 1000
     timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
@@ -123,11 +124,6 @@ class FLUX(Family):
     def diffusion_t(cls, timestep: torch.Tensor) -> torch.Tensor:
         """FluxPipeline calls the transformer with t / 1000."""
         return from_thousandths(timestep)
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
-        """The model's flow-matching scheduler; its training timesteps are 1000..1 (no shift at this point)."""
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:

@@ -80,6 +80,7 @@ class Klein(Family):
     name = "klein"
     pipeline_class = Flux2KleinPipeline
     model_attr = "transformer"
+    training_scheduler = FlowMatchEulerDiscreteScheduler  # with the model's config (a fixed shift in its timesteps)
     timestep_arg = ("timestep", 2)
     timestep_divisor = 1000
     timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
@@ -139,11 +140,6 @@ class Klein(Family):
     def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """The prompt length as trained."""
         return {"max_sequence_length": hparams.get("max_sequence_length") or 512}
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
-        """The model's flow-matching scheduler; its training timesteps are 1000..1 (no shift at this point)."""
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def conditioning_shapes(cls, model, resolution, max_sequence_length):

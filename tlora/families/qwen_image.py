@@ -69,6 +69,7 @@ class QwenImage(Family):
     name = "qwen_image"
     pipeline_class = QwenImagePipeline
     model_attr = "transformer"
+    training_scheduler = FlowMatchEulerDiscreteScheduler  # with the model's config (a fixed shift in its timesteps)
     timestep_arg = ("timestep", 3)
     timestep_divisor = 1000
     timestep_cast = True  # `t.expand(b).to(latents.dtype)` before `timestep / 1000`
@@ -127,11 +128,6 @@ class QwenImage(Family):
         """The prompt length as trained, and the model card's negative prompt " ", without which the pipeline
         runs no CFG (true_cfg_scale then weighs the second call)."""
         return {"max_sequence_length": hparams.get("max_sequence_length") or 512, "negative_prompt": " "}
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
-        """The model's flow-matching scheduler; with dynamic shifting its training timesteps are 1000..1 unshifted."""
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encoders(cls, pipe) -> list[nn.Module | None]:

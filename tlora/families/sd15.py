@@ -19,13 +19,12 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import Attention
 from torch import nn
 from transformers import CLIPTextModel
 
 from tlora.families.architectures import CLIP_TEXT, SD_VAE
 from tlora.families.base import Family
-from tlora.families.sdxl import BLOCK, PROJECTIONS, ddpm_noisy, sgm_path
+from tlora.families.sdxl import BLOCK, PROJECTIONS, ddpm_noisy, sgm_path, unet_fused, unet_layers
 from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer
 from tlora.method.denoiser import Layer
 
@@ -58,6 +57,7 @@ class SD15(Family):
     name = "sd15"
     pipeline_class = StableDiffusionPipeline
     model_attr = "unet"
+    training_scheduler = DDPMScheduler  # DDPM with the model's betas and prediction type
     timestep_arg = ("timestep", 1)  # StableDiffusionPipeline: self.unet(latent_model_input, t, ...)
     default_vae = None
     train_defaults = {  # the authors' SDXL defaults (the classic DreamBooth base has no T-LoRA code of theirs)
@@ -94,17 +94,11 @@ class SD15(Family):
 
     @classmethod
     def layers(cls, model: nn.Module) -> list[Layer]:
-        """Every Attention's q, k, v, out, in module order (the order of `unet.attn_processors`)."""
-        return [
-            Layer(f"{name}.processor.{key}", f"{name}.{proj}")
-            for name, module in model.named_modules() if isinstance(module, Attention)
-            for proj, key in PROJECTIONS.items()
-        ]
+        return unet_layers(model)
 
     @classmethod
     def fused(cls, attention: nn.Module) -> bool:
-        """As on SDXL: unfuse_qkv_projections leaves the flag set, so what counts is whether a fused processor runs."""
-        return super().fused(attention) and "Fused" in type(getattr(attention, "processor", None)).__name__
+        return unet_fused(attention)
 
     @classmethod
     def original_names(cls, modules: list[str]) -> dict[str, str]:
@@ -125,11 +119,6 @@ class SD15(Family):
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.register_modules(safety_checker=None)
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> DDPMScheduler:
-        """DDPM with the model's betas and prediction type (diffusers' train_dreambooth_lora.py)."""
-        return DDPMScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encoders(cls, pipe) -> list[nn.Module | None]:

@@ -82,6 +82,7 @@ class SD3(Family):
     name = "sd3"
     pipeline_class = StableDiffusion3Pipeline
     model_attr = "transformer"
+    training_scheduler = FlowMatchEulerDiscreteScheduler  # with the model's config (a fixed shift in its timesteps)
     timestep_arg = ("timestep", 3)  # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep)
     timestep_divisor = 1  # StableDiffusion3Pipeline passes the scheduler's timestep as it is (t.expand(batch))
     default_vae = None
@@ -154,12 +155,6 @@ class SD3(Family):
     def call_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """The T5 prompt length as trained."""
         return {"max_sequence_length": hparams.get("max_sequence_length") or cls.train_defaults["max_sequence_length"]}
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
-        """The model's flow-matching scheduler; its training timesteps carry the shift (1000 .. about 3 at shift 3),
-        as train_dreambooth_lora_sd3.py draws them."""
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encoders(cls, pipe) -> list[nn.Module | None]:

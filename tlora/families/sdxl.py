@@ -21,7 +21,7 @@ from tlora.common.errors import UsageError
 from tlora.families.architectures import CLIP_TEXT, SD_VAE
 from tlora.families.base import Family
 from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer
-from tlora.method.denoiser import Layer
+from tlora.method.denoiser import Layer, projections_fused
 
 PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
 
@@ -52,6 +52,7 @@ class SDXL(Family):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
     model_attr = "unet"
+    training_scheduler = DDPMScheduler  # DDPM with the model's betas and prediction type
     timestep_arg = ("timestep", 1)
     default_vae = "madebyollin/sdxl-vae-fp16-fix"
     train_defaults = {
@@ -78,18 +79,11 @@ class SDXL(Family):
 
     @classmethod
     def layers(cls, model: nn.Module) -> list[Layer]:
-        """Every Attention's q, k, v, out, in module order (the order of `unet.attn_processors`)."""
-        return [
-            Layer(f"{name}.processor.{key}", f"{name}.{proj}")
-            for name, module in model.named_modules() if isinstance(module, Attention)
-            for proj, key in PROJECTIONS.items()
-        ]
+        return unet_layers(model)
 
     @classmethod
     def fused(cls, attention: nn.Module) -> bool:
-        """The UNet's unfuse_qkv_projections only puts the unfused processors back (the flag stays set), so
-        what counts is whether a fused processor runs."""
-        return super().fused(attention) and "Fused" in type(getattr(attention, "processor", None)).__name__
+        return unet_fused(attention)
 
     @classmethod
     def original_names(cls, modules: list[str]) -> dict[str, str]:
@@ -108,11 +102,6 @@ class SDXL(Family):
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
             pipe.vae.to(torch.float32)
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> DDPMScheduler:
-        """DDPM with the model's betas and prediction type."""
-        return DDPMScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encode_prompt(cls, pipe, prompt: str, device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:
@@ -177,6 +166,21 @@ class SDXL(Family):
         )
         pipe.save_pretrained(folder)
         return folder
+
+
+def unet_layers(model: nn.Module) -> list[Layer]:
+    """Every Attention's q, k, v, out, in module order (the order of `unet.attn_processors`)."""
+    return [
+        Layer(f"{name}.processor.{key}", f"{name}.{proj}")
+        for name, module in model.named_modules() if isinstance(module, Attention)
+        for proj, key in PROJECTIONS.items()
+    ]
+
+
+def unet_fused(attention: nn.Module) -> bool:
+    """A UNet's unfuse_qkv_projections only puts the unfused processors back (the flag stays set), so what counts
+    is whether a fused processor runs."""
+    return projections_fused(attention) and "Fused" in type(getattr(attention, "processor", None)).__name__
 
 
 def ddpm_noisy(latents: torch.Tensor, scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

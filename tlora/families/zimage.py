@@ -53,6 +53,7 @@ class ZImage(Family):
     name = "zimage"
     pipeline_class = ZImagePipeline
     model_attr = "transformer"
+    training_scheduler = FlowMatchEulerDiscreteScheduler  # with the model's config (a fixed shift in its timesteps)
     timestep_arg = ("t", 1)  # ZImageTransformer2DModel.forward(x, t, cap_feats, ...)
     timestep_divisor = 1000  # the scale only: the pipelines pass (1000 - t) / 1000 (see scheduler_t)
     default_vae = None
@@ -128,12 +129,6 @@ class ZImage(Family):
     def call_kwargs(cls, hparams: dict) -> dict:
         """The prompt length as trained."""
         return {"max_sequence_length": hparams.get("max_sequence_length") or 512}
-
-    @classmethod
-    def noise_scheduler(cls, pipe) -> FlowMatchEulerDiscreteScheduler:
-        """The model's flow-matching scheduler: its training timesteps carry the model's fixed shift (3.0), as
-        diffusers' Z-Image script samples them."""
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     @classmethod
     def encoders(cls, pipe) -> list[nn.Module | None]:
