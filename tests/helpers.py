@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest.mock import patch
@@ -159,6 +159,28 @@ def qwen_image_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
     return {"hidden_states": torch.randn(batch, 16, c.in_channels, generator=g),
             "encoder_hidden_states": torch.randn(batch, 5, c.joint_attention_dim, generator=g),
             "img_shapes": [[(1, 4, 4)]] * batch}
+
+
+def tlora_and_export_outputs(pipe, checkpoint, export: Path, call: Callable[[], torch.Tensor], **load_kwargs
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(expected, got, base): `call()` (the denoiser on fixed inputs) with the T-LoRA (tlora.load), with the exported
+    file loaded by the pipeline's own load_lora_weights, and with neither; the pipeline is left as it was."""
+    import tlora
+
+    tlora.load(pipe, checkpoint)
+    with torch.no_grad():
+        expected = call()
+    tlora.unload(pipe)
+    pipe.load_lora_weights(str(export), adapter_name="export", **load_kwargs)
+    try:
+        with torch.no_grad():
+            got = call()
+            pipe.disable_lora()
+            base = call()
+    finally:
+        pipe.enable_lora()
+        pipe.delete_adapters("export")
+    return expected, got, base
 
 
 def left_as_found(pipe) -> None:

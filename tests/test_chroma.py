@@ -19,7 +19,7 @@ from tlora.runs.weights import save_weights
 from tlora.train.conditioning import Conditioning
 from tlora.train.objective import diffusion_loss
 
-from helpers import chroma_inputs, make_image, perturb, read_weights
+from helpers import chroma_inputs, make_image, perturb, read_weights, tlora_and_export_outputs
 
 KEYS = Path(__file__).parent / "comfyui_keys"
 
@@ -206,21 +206,8 @@ def chroma_checkpoint(request, tiny_chroma, chroma_pipe, tmp_path_factory):
 def _outputs(pipe, checkpoint, out: Path, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the T-LoRA's output at t, the exported file's in the stock loader, the base model's)."""
     transformer, inputs, step = pipe.transformer, chroma_inputs(pipe.transformer, 1, 0), torch.tensor([t / 1000])
-    tlora.load(pipe, checkpoint)
-    with torch.no_grad():
-        expected = transformer(timestep=step, return_dict=False, **inputs)[0]
-    tlora.unload(pipe)
-    pipe.load_lora_weights(str(out), adapter_name="export")
-    try:
-        with torch.no_grad():
-            got = transformer(timestep=step, return_dict=False, **inputs)[0]
-        pipe.disable_lora()
-        with torch.no_grad():
-            base = transformer(timestep=step, return_dict=False, **inputs)[0]
-    finally:
-        pipe.enable_lora()
-        pipe.delete_adapters("export")
-    return expected, got, base
+    return tlora_and_export_outputs(pipe, checkpoint, out,
+                                    lambda: transformer(timestep=step, return_dict=False, **inputs)[0])
 
 
 def test_the_diffusers_export_loads_in_the_chroma_pipeline_and_equals_the_tlora(chroma_checkpoint, tmp_path):

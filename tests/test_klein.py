@@ -14,7 +14,7 @@ from tlora.families import FAMILIES, of_keys
 from tlora.method.injection import ADAPTER, RowAdapters
 from tlora.runs.weights import save_weights
 
-from helpers import flux_train_args, klein_inputs, perturb, read_weights
+from helpers import flux_train_args, klein_inputs, perturb, read_weights, tlora_and_export_outputs
 
 
 def other_klein(pipe) -> Flux2KleinPipeline:
@@ -132,20 +132,8 @@ def test_exports_load_in_flux2_klein_and_equal_the_tlora(klein_checkpoint, tmp_p
         out = tmp_path / f"{fmt}_{t}.safetensors"
         assert main([str(checkpoint), "--format", fmt, "--out", str(out), "--mask", f"timestep:{t}"]) == 0
         step = torch.tensor([t / 1000])
-        tlora.load(pipe, checkpoint)
-        with torch.no_grad():
-            expected = transformer(timestep=step, return_dict=False, **inputs)[0]
-        tlora.unload(pipe)
-        pipe.load_lora_weights(str(out), adapter_name="export")
-        try:
-            with torch.no_grad():
-                got = transformer(timestep=step, return_dict=False, **inputs)[0]
-            pipe.disable_lora()
-            with torch.no_grad():
-                base = transformer(timestep=step, return_dict=False, **inputs)[0]
-        finally:
-            pipe.enable_lora()
-            pipe.delete_adapters("export")
+        expected, got, base = tlora_and_export_outputs(
+            pipe, checkpoint, out, lambda: transformer(timestep=step, return_dict=False, **inputs)[0])
         assert (got - expected).abs().max() <= 1e-5, t
         assert (base - expected).abs().max() > 1e-3
     weights, meta = read_weights(out)

@@ -18,7 +18,7 @@ from tlora.method.adapters import rank_mask
 from tlora.runs.weights import save_weights
 from tlora.train.conditioning import Conditioning
 
-from helpers import perturb, qwen_image_inputs, read_weights
+from helpers import perturb, qwen_image_inputs, read_weights, tlora_and_export_outputs
 
 COMFY = Path(__file__).parent / "comfyui_keys"
 PROMPT = "a photo of sks dog"
@@ -194,19 +194,8 @@ def test_exports_load_in_the_pipeline_and_equal_the_tlora(qwen_checkpoint, tmp_p
         out = tmp_path / f"{fmt}_{t}.safetensors"
         assert main([str(checkpoint), "--format", fmt, "--out", str(out), "--mask", mask]) == 0
         step = torch.tensor([t / 1000])
-        tlora.load(pipe, checkpoint)
-        with torch.no_grad():
-            expected = transformer(timestep=step, return_dict=False, **inputs)[0]
-        tlora.unload(pipe)
-        pipe.load_lora_weights(str(out), adapter_name="export")
-        try:
-            with torch.no_grad():
-                got = transformer(timestep=step, return_dict=False, **inputs)[0]
-                pipe.disable_lora()
-                base = transformer(timestep=step, return_dict=False, **inputs)[0]
-        finally:
-            pipe.enable_lora()
-            pipe.delete_adapters("export")
+        expected, got, base = tlora_and_export_outputs(
+            pipe, checkpoint, out, lambda: transformer(timestep=step, return_dict=False, **inputs)[0])
         assert (got - expected).abs().max() <= 1e-5 and (base - expected).abs().max() > 1e-3, (fmt, mask)
 
 

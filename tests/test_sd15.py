@@ -16,7 +16,7 @@ from tlora.families.sd15 import SD15
 from tlora.method.adapters import rank_mask
 from tlora.runs.weights import save_weights
 
-from helpers import perturb, read_weights, sd15_inputs, train_args
+from helpers import perturb, read_weights, sd15_inputs, tlora_and_export_outputs, train_args
 
 COMFY = json.loads((Path(__file__).parent / "comfyui_keys" / "sd15.json").read_text())
 
@@ -137,21 +137,9 @@ def test_exports_load_in_stable_diffusion_and_comfyui_and_equal_the_tlora(sd15_p
         out = tmp_path / f"{fmt}_{t}.safetensors"
         assert main([str(sd15_checkpoint), "--format", fmt, "--out", str(out), "--mask", mask]) == 0
         step = torch.tensor([t])
-        tlora.load(pipe, sd15_checkpoint)
-        with torch.no_grad():
-            expected = unet(timestep=step, return_dict=False, **inputs)[0]
-        tlora.unload(pipe)
         config = {"unet_config": unet.config} if fmt == "kohya" else {}  # maps the original UNet's block names
-        pipe.load_lora_weights(str(out), adapter_name="export", **config)
-        try:
-            with torch.no_grad():
-                got = unet(timestep=step, return_dict=False, **inputs)[0]
-            pipe.disable_lora()
-            with torch.no_grad():
-                base = unet(timestep=step, return_dict=False, **inputs)[0]
-        finally:
-            pipe.enable_lora()
-            pipe.delete_adapters("export")
+        expected, got, base = tlora_and_export_outputs(
+            pipe, sd15_checkpoint, out, lambda: unet(timestep=step, return_dict=False, **inputs)[0], **config)
         assert (got - expected).abs().max() <= 1e-5, mask
         assert (base - expected).abs().max() > 1e-3
     weights, meta = read_weights(out)

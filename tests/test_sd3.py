@@ -16,7 +16,7 @@ from tlora.families.sd3 import PUBLISHED, SD3
 from tlora.method.adapters import rank_mask
 from tlora.runs.weights import save_weights
 
-from helpers import perturb, read_weights, sd3_inputs
+from helpers import perturb, read_weights, sd3_inputs, tlora_and_export_outputs
 
 COMFY = json.loads((Path(__file__).parent / "comfyui_keys" / "sd3.json").read_text())
 
@@ -154,19 +154,8 @@ def test_the_diffusers_export_loads_in_the_pipeline_and_equals_the_tlora(sd3_che
     out = tmp_path / "sd3_lora.safetensors"
     assert main([str(checkpoint), "--format", "diffusers", "--out", str(out), "--mask", mask]) == 0
     transformer, inputs, step = pipe.transformer, sd3_inputs(pipe.transformer, 1, 0), torch.tensor([float(t)])
-    tlora.load(pipe, checkpoint)
-    with torch.no_grad():
-        expected = transformer(timestep=step, return_dict=False, **inputs)[0]
-    tlora.unload(pipe)
-    pipe.load_lora_weights(str(out), adapter_name="export")
-    try:
-        with torch.no_grad():
-            got = transformer(timestep=step, return_dict=False, **inputs)[0]
-            pipe.disable_lora()
-            base = transformer(timestep=step, return_dict=False, **inputs)[0]
-    finally:
-        pipe.enable_lora()
-        pipe.delete_adapters("export")
+    expected, got, base = tlora_and_export_outputs(
+        pipe, checkpoint, out, lambda: transformer(timestep=step, return_dict=False, **inputs)[0])
     assert (got - expected).abs().max() <= 1e-5 and (base - expected).abs().max() > 1e-3
     weights, _ = read_weights(out)  # every layer a name ComfyUI maps, q, k, v with the rows of its slices
     names = {k.rsplit(".lora_", 1)[0] for k in weights}
