@@ -13,7 +13,12 @@ Run: python tests/comfyui_keys/derive_sd15.py
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from derive_sdxl import key_map, state_dict_attention, unet_to_diffusers  # noqa: E402, F401  (ComfyUI's UNet rules)
 
 SOURCE = "Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 comfy/lora.py model_lora_keys_unet"
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -42,74 +47,6 @@ def unet_config(published: dict) -> dict:
         "transformer_depth_output": [d if a else 0 for a, d in zip(attends, depth) for _ in range(per_block + 1)],
         "transformer_depth_middle": depth[-1],
     }
-
-
-def state_dict_attention(config: dict) -> list[str]:
-    """The attention weights of ComfyUI's UNetModel (the model's keys under `diffusion_model.`). openaimodel.py:
-    input_blocks.0 is conv_in; per level, per resnet one input block (resnet at .0, SpatialTransformer at .1 when
-    transformer_depth.pop(0) > 0); a downsampler block after every level but the last; middle_block = resnet,
-    transformer (.1), resnet; output blocks, levels reversed, num_res_blocks + 1 each, transformer at .1 when
-    transformer_depth_output.pop() > 0; the SpatialTransformer's transformer_blocks.{0..depth-1}."""
-    depth_in, depth_out = list(config["transformer_depth"]), list(config["transformer_depth_output"])
-    blocks: list[tuple[str, int]] = []
-    n = 1
-    for level, res in enumerate(config["num_res_blocks"]):
-        for _ in range(res):
-            blocks.append((f"input_blocks.{n}.1", depth_in.pop(0)))
-            n += 1
-        n += level != len(config["num_res_blocks"]) - 1  # the downsampler's block
-    blocks.append(("middle_block.1", config["transformer_depth_middle"]))
-    n = 0
-    for res in reversed(config["num_res_blocks"]):
-        for _ in range(res + 1):
-            blocks.append((f"output_blocks.{n}.1", depth_out.pop()))
-            n += 1
-    return [f"diffusion_model.{block}.transformer_blocks.{t}.{w}.weight"
-            for block, depth in blocks for t in range(depth) for w in ATTENTION]
-
-
-def unet_to_diffusers(config: dict) -> dict[str, str]:
-    """comfy/utils.py:265-329 for the transformer blocks' attention weights (TRANSFORMER_BLOCKS, utils.py:206-227):
-    diffusers key -> ComfyUI key (without `diffusion_model.`)."""
-    res_blocks, depth_in = config["num_res_blocks"], list(config["transformer_depth"])
-    depth_out, out = list(config["transformer_depth_output"]), {}
-
-    def blocks(diffusers: str, comfy: str, depth: int) -> None:
-        for t in range(depth):
-            for w in ATTENTION:
-                out[f"{diffusers}.transformer_blocks.{t}.{w}.weight"] = f"{comfy}.transformer_blocks.{t}.{w}.weight"
-
-    for x in range(len(config["channel_mult"])):  # utils.py:277-291
-        n = 1 + (res_blocks[x] + 1) * x
-        for i in range(res_blocks[x]):
-            blocks(f"down_blocks.{x}.attentions.{i}", f"input_blocks.{n}.1", depth_in.pop(0))
-            n += 1
-    blocks("mid_block.attentions.0", "middle_block.1", config["transformer_depth_middle"])  # utils.py:293-298
-    for x, res in enumerate(reversed(res_blocks)):  # utils.py:304-324
-        n = (res + 1) * x
-        for i in range(res + 1):
-            blocks(f"up_blocks.{x}.attentions.{i}", f"output_blocks.{n}.1", depth_out.pop())
-            n += 1
-    return out
-
-
-def key_map(config: dict) -> dict[str, str]:
-    """comfy/lora.py model_lora_keys_unet for these weights: LoRA key prefix -> ComfyUI weight."""
-    weights = state_dict_attention(config)
-    keys = {}
-    for k in weights:  # lora.py:179-184: kohya keys of ComfyUI's own layout and the generic ones
-        keys["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
-        keys[k[:-len(".weight")]] = k
-    for k, to in unet_to_diffusers(config).items():  # lora.py:188-201
-        unet_key = f"diffusion_model.{to}"
-        assert unet_key in weights, unet_key  # the two re-statements agree
-        key_lora = k[:-len(".weight")].replace(".", "_")
-        keys[f"lora_unet_{key_lora}"] = unet_key
-        keys[f"lycoris_{key_lora}"] = unet_key  # SimpleTuner's LyCORIS
-        for p in ("", "unet."):  # diffusers' (attention-processor) names
-            diffusers_key = p + k[:-len(".weight")].replace(".to_", ".processor.to_")
-            keys[diffusers_key.removesuffix(".0") if diffusers_key.endswith(".to_out.0") else diffusers_key] = unet_key
-    return keys
 
 
 def main() -> None:
