@@ -19,6 +19,7 @@ from tlora.runs.weights import save_weights
 from families_case import CASES, Case
 from helpers import left_as_found, perturb
 
+BUILDS_BY_NAME = ("tiny", "wide")  # the fixtures <build>_<family> hold each build's folder
 BUILDS = ("tiny", pytest.param("wide", marks=pytest.mark.slow))
 
 
@@ -124,12 +125,12 @@ def train_flags(family: str, model, data, out, trainer_type: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer_type", ["ortho_lora", "lora"])
-def test_train_py_trains_and_inference_py_samples(family, trainer_type, image_dir, tmp_path, request):
+@pytest.mark.parametrize("build, trainer_type", [("tiny", "ortho_lora"), ("tiny", "lora"), ("wide", "ortho_lora")])
+def test_train_py_trains_and_inference_py_samples(family, build, trainer_type, image_dir, tmp_path, request):
     import inference
     import train
 
-    model = request.getfixturevalue(f"tiny_{family}")
+    model = request.getfixturevalue(f"{build}_{family}")
     assert train.main(train_flags(family, model, image_dir, tmp_path / "out", trainer_type)) == 0
     (run,) = (tmp_path / "out").iterdir()
     hp = yaml.safe_load((run / "logs" / "hparams.yml").read_text())
@@ -155,11 +156,12 @@ def test_the_estimate_answers_for_a_folder_and_builds_every_published_model(fami
     from tlora.method.denoiser import DenoiserSpec
     from tlora.train.estimator import main
 
-    folder = str(request.getfixturevalue(f"tiny_{family}"))
-    assert main(["--pretrained_model_name_or_path", folder, "--resolution", "64", "--rank", "4", "--min_rank", "4",
-                 "--json"]) == 0
-    figures = json.loads(capsys.readouterr().out)
-    assert figures["peak_gb"] > 0 and figures["tflops_per_step"] > 0 and figures["options"]["adapters"] > 0
+    for build in BUILDS_BY_NAME:  # the tiny model and its second build
+        folder = str(request.getfixturevalue(f"{build}_{family}"))
+        assert main(["--pretrained_model_name_or_path", folder, "--resolution", "64", "--rank", "4", "--min_rank",
+                     "4", "--json"]) == 0
+        figures = json.loads(capsys.readouterr().out)
+        assert figures["peak_gb"] > 0 and figures["tflops_per_step"] > 0 and figures["options"]["adapters"] > 0
     recipe = FAMILIES[family]
     for name in recipe.architectures:
         pipe = empty_pipeline(name, torch.bfloat16)

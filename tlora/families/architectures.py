@@ -62,16 +62,12 @@ def build_empty(library: str, cls_name: str, config: dict, dtype: torch.dtype) -
     module = __import__(library, fromlist=[cls_name])
     cls = getattr(module, cls_name)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    if library == "transformers":
-        config_cls = cls.config_class
-        with init_empty_weights():
-            model = cls(config_cls(**config))
-    elif hasattr(cls, "from_config") and issubclass(cls, nn.Module):
-        with init_empty_weights():
-            model = cls.from_config(config)
-    else:
+    if not (library == "transformers" or (hasattr(cls, "from_config") and issubclass(cls, nn.Module))):
         return cls.from_config(config)
-    model.to("meta")  # buffers too: one built on the CPU (SD3's position table) would meet meta activations
+    # on meta, buffers too: a table the class computes at init (SD3's 384 x 384 positions) is no work there, and
+    # one left on the CPU would meet meta activations
+    with init_empty_weights(), torch.device("meta"):
+        model = cls(cls.config_class(**config)) if library == "transformers" else cls.from_config(config)
     cast_as_loaded(model, dtype)  # in `dtype` as from_pretrained(dtype=...) loads it (T5's wo stays fp32 in fp16)
     return model.requires_grad_(False).eval()
 
