@@ -1,6 +1,6 @@
 """Wan 2.1: what is its own (the timestep WanPipeline passes, the flow-matching target on normalised one-frame
-latents, ComfyUI's and diffusers' LoRA files, Wan 2.2 TI2V refused, videos saved); what it shares with the
-other families is in test_families."""
+latents, ComfyUI's and diffusers' LoRA files, Wan 2.2 TI2V refused, videos saved); clips in the data folder are in
+test_wan_clips; what it shares with the other families is in test_families."""
 
 import importlib.util
 import json
@@ -285,26 +285,6 @@ def test_wan_trains_at_480_px_and_validates_with_one_frame_unless_asked(tiny_wan
         options("--resolution=40")
     with pytest.raises(UsageError, match="--validation_num_frames is for video models; sdxl makes images: drop"):
         parse_args(train_args(tiny_sdxl, image_dir, tmp_path / "out", "--validation_num_frames", "5"))
-
-
-def test_clips_in_the_data_folder_are_named_in_one_note_as_skipped(tiny_wan, image_dir, tmp_path):
-    """tlora trains on photos (a photo is a one-frame video to Wan): video files in --train_data_dir are not read,
-    and one note names them rather than skipping them silently."""
-    import shutil
-
-    from tlora.train.options import parse_args
-
-    data = tmp_path / "data"
-    shutil.copytree(image_dir, data)
-    for name in ("walk.mp4", "run.WEBM"):
-        (data / name).write_bytes(b"\0" * 64)
-    argv = train_args(tiny_wan, data, tmp_path / "out", "--trainer_class", "wan_tlora", "--resolution", "64")
-    with pytest.warns(Note) as said:
-        parse_args(argv)
-    clips = [str(w.message) for w in said if "video" in str(w.message)]
-    assert clips == [f"--train_data_dir: run.WEBM, walk.mp4 in {data} are videos, skipped: only photos (.jpg, .jpeg, "
-                     ".png, .webp, .bmp) are read (tlora does not train on clips); save frames as images to train on "
-                     "them"]
 
 
 @pytest.mark.slow

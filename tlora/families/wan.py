@@ -3,7 +3,9 @@ text encoder, a causal 3-D VAE with per-channel latent statistics, flow matching
 
 Adapters go on every block's self-attention (`attn1`) and cross-attention (`attn2`) projections: `to_q`, `to_k`,
 `to_v`, `to_out.0`, with the keys `blocks.<i>.attn<1|2>.processor.to_{q,k,v,out}_lora` (as on the other families).
-A T-LoRA is trained on photos: each image is a one-frame video, (b, 3, 1, H, W) into the VAE, one latent frame out.
+A T-LoRA trains on photos and clips: a photo is a one-frame video, (b, 3, 1, H, W) into the VAE, one latent frame out;
+a clip in the data folder (a video file, a GIF, an animated WebP) trains on its first N = 4k + 1 frames (at most
+CLIP_FRAMES), (b, 3, N, H, W) into the VAE, (N - 1) / 4 + 1 latent frames out.
 
 Timestep: WanPipeline calls the transformer with `t.expand(batch)` of its scheduler's timesteps (UniPC with flow
 sigmas: int64 `sigma * 1000`, 1000 = pure noise), so the denoiser's timestep is the paper's t itself.
@@ -50,6 +52,10 @@ COMFY_ATTENTION = {"attn1": "self_attn", "attn2": "cross_attn"}
 COMFY_PROJECTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o"}
 MODULE = re.compile(r"^blocks\.(\d+)\.(attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
 VAE_SPATIAL = 8  # AutoencoderKLWan's scale_factor_spatial (Wan 2.1): pixels per latent side
+VAE_TEMPORAL = 4  # its scale_factor_temporal: a video of 4k + 1 frames is k + 1 latent frames
+# the most frames of a clip that train: 17, about a second at 16 fps: 5 latent frames, 5 times a photo's tokens (the
+# first 4k + 1 frames of a clip train, up to this)
+CLIP_FRAMES = 17
 FPS = 16  # Wan 2.1's frame rate (diffusers' WanPipeline example exports at 16)
 EXPERTS = ("transformer", "transformer_2")  # Wan 2.2 A14B's high- and low-noise experts (WanPipeline's attributes)
 EXPERT_FILES = {"_high_noise": "transformer.", "_low_noise": "transformer_2."}  # export file suffix -> its keys
@@ -171,7 +177,8 @@ class Wan(Family):
     resolution_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches (WanPipeline.check_inputs)
     inference_steps, inference_guidance = 50, 5.0  # WanPipeline.__call__'s defaults
     gpu_dtype = "bf16"  # as Wan's own code and diffusers' Wan examples run the transformer
-    frames_multiple = 4  # a video's frames are 4k + 1 (the VAE's scale_factor_temporal; WanPipeline rounds to it)
+    frames_multiple = VAE_TEMPORAL  # a video's frames are 4k + 1 (the VAE's scale_factor_temporal; WanPipeline rounds)
+    clip_frames = CLIP_FRAMES  # clips in the data folder train on their first 4k + 1 frames, at most this many
     key_prefixes = ("blocks", *(f"{name}.blocks" for name in EXPERTS))
     rank_rule = "multiply_first"
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default (no authors' Wan runs)"
@@ -298,13 +305,16 @@ class Wan(Family):
     @classmethod
     def encode_pixels(cls, pipe, pixels: torch.Tensor, crop: int, resolution: int, device: torch.device
                       ) -> dict[str, torch.Tensor]:
-        """The image as a one-frame video (b, 3, 1, H, W): the latent distribution (b, 16, 1, H/8, W/8)."""
-        return super().encode_pixels(pipe, pixels[:, :, None], crop, resolution, device)
+        """A photo (b, 3, H, W) as a one-frame video (b, 3, 1, H, W), or a clip (b, 3, N, H, W) of N = 4k + 1 frames:
+        the latent distribution (b, 16, (N - 1) / 4 + 1, H/8, W/8)."""
+        return super().encode_pixels(pipe, pixels if pixels.dim() == 5 else pixels[:, :, None], crop, resolution,
+                                     device)
 
     @classmethod
-    def conditioning_shapes(cls, model, resolution, max_sequence_length):
+    def conditioning_shapes(cls, model, resolution, max_sequence_length, frames: int = 1):
+        """A photo's (`frames`: a clip's of 4k + 1 frames) and a prompt's tensors."""
         c, side = model.config, resolution // VAE_SPATIAL
-        latent = (1, c.in_channels, 1, side, side)
+        latent = (1, c.in_channels, (frames - 1) // VAE_TEMPORAL + 1, side, side)
         return {"mean": latent, "std": latent, "prompt_embeds": (1, max_sequence_length, c.text_dim)}
 
     @classmethod
@@ -320,7 +330,8 @@ class Wan(Family):
     def predict(cls, model, pipe, scheduler, batch, dtype, guidance):
         """Flow matching: t uniform over 1..1000, sigma = t / 1000, noisy = (1 - sigma) x0 + sigma noise, target =
         noise - x0 (the velocity UniPC's flow_prediction integrates), the transformer called with t as WanPipeline
-        calls it. Returned with channels and frames flattened, (b, c * f, h, w): the loss masks are (b, 1, h, w)."""
+        calls it. Returned with channels and frames flattened, (b, c * f, h, w), for any number f of latent frames (a
+        photo's 1, a clip's (N - 1) / 4 + 1): the loss masks, (b, 1, h, w), broadcast over c * f."""
         mean = batch["mean"]
         latents = cls.normalised(pipe.vae, mean + batch["std"] * torch.randn_like(mean))
         noisy, noise, sigma = flow_matching_noisy(latents.flatten(1, 2), scheduler)  # 4-D, as FLUX's latents

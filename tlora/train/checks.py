@@ -13,13 +13,16 @@ from tlora.common.errors import UsageError
 from tlora.common.files import check_folder
 from tlora.common.hub import check_model_source
 from tlora.common.images import (
+    CLIP_EXTENSIONS,
     IMAGE_EXTENSIONS,
     MIN_SIDE,
     broken_links,
+    check_clip,
     check_image,
+    clip_frames,
     find_mask,
+    list_clips,
     list_images,
-    list_videos,
     load_mask,
     training_images,
 )
@@ -108,8 +111,9 @@ def _check_numbers(opts: TrainOptions) -> None:
 # -- what the values name ------------------------------------------------------------------------------
 def check_inputs(opts: TrainOptions) -> None:
     """Open and check everything the options name; records the training data's digest (resume compares it)."""
-    opts.data_sha256 = _check_data(opts)
+    opts.data_sha256, frames = _check_data(opts)
     _fit_batch(opts)
+    _check_frames(opts, frames)
     if opts.optimizer == "prodigy":
         _require("--optimizer prodigy", "prodigyopt", "pip install prodigyopt (or pass --optimizer adamw)")
     if opts.base_model_precision != "auto":
@@ -145,9 +149,12 @@ def _announce_long_prompts(opts: TrainOptions) -> None:
         note(line)
 
 
-def _check_data(opts: TrainOptions) -> str:
-    """Every training, mask and class image opens and is large enough; returns their SHA-256."""
-    _check_image_folder("--train_data_dir", opts.train_data_dir)
+def _check_data(opts: TrainOptions) -> tuple[str, dict[Path, int]]:
+    """Every training image (a video family's: image or clip), mask and class image opens and is large enough;
+    returns their SHA-256 and how many frames each training item trains on (a photo: 1)."""
+    clips = clip_frames(opts.recipe)
+    _check_image_folder("--train_data_dir", opts.train_data_dir,
+                        f"{opts.family} trains on photos" if clips is None else None)
     if opts.one_image:
         name = opts.one_image
         if Path(name).name != name or name in (".", ".."):
@@ -155,18 +162,58 @@ def _check_data(opts: TrainOptions) -> str:
                              "file name alone")
         if not (Path(opts.train_data_dir) / name).is_file():
             raise UsageError(f"--one_image: {name} is not a file in {opts.train_data_dir}; pass a file name there")
-    images = [("--train_data_dir", p) for p in training_images(opts.train_data_dir, opts.one_image)]
+    items = instance_items(opts)
+    sizes, frames, counts = {}, {}, {}
+    for path in items:  # (first: the clips' frames decide what the masks may be)
+        sizes[path], frames[path], counts[path] = _check_item(opts, path, clips)
+    if cut := [p for p in items if counts[p] is None or counts[p] > frames[p]]:
+        step, most = clips
+        said = ", ".join(f"{p.name} {frames[p]} of {counts[p] or f'over {most}'}" for p in cut)
+        note(f"--train_data_dir: clips train on their first {step}k + 1 frames, at most {most} (what {opts.family}'s "
+             f"VAE encodes): {said} frames; trim a clip to make it so")
+    images = [("--train_data_dir", p) for p in items]
     if opts.mask_dir:
         images += _check_masks(opts)
     if opts.with_prior_preservation:
-        _check_image_folder("--class_data_dir", opts.class_data_dir)
+        _check_image_folder("--class_data_dir", opts.class_data_dir, "class images are photos")
         images += [("--class_data_dir", p) for p in list_images(opts.class_data_dir)]
-    digest, sizes = hashlib.sha256(), {}
+    digest = hashlib.sha256()  # (the clips' bytes as the photos': a run resumes on the data it trained on)
     for flag, path in images:
-        sizes[path] = check_image(path, flag)
+        if flag != "--train_data_dir":
+            sizes[path] = check_image(path, flag)
         digest.update(f"{flag} {path.name} ".encode() + hashlib.sha256(path.read_bytes()).digest())
     _check_mask_content(opts, sizes)
-    return digest.hexdigest()
+    return digest.hexdigest(), frames
+
+
+def instance_items(opts: TrainOptions) -> list[Path]:
+    """The training items: --train_data_dir's images (a video family's: and clips), or --one_image."""
+    return training_images(opts.train_data_dir, opts.one_image, clip_frames(opts.recipe) is not None)
+
+
+def _check_item(opts: TrainOptions, path: Path, clips: tuple[int, int] | None
+                ) -> tuple[tuple[int, int], int, int | None]:
+    """A training item's size, the frames it trains on and the frames it has (None: more than train, not counted):
+    an image family's photo (1), a video family's clip (its first 4k + 1 frames, refused with a loss mask when more
+    than one) or photo (a one-frame clip)."""
+    if clips is None:
+        return check_image(path, "--train_data_dir"), 1, 1
+    size, used, count = check_clip(path, "--train_data_dir", *clips)
+    if used > 1 and (opts.mask_dir or opts.alpha_mask):
+        flag = "--mask_dir" if opts.mask_dir else "--alpha_mask"
+        raise UsageError(f"{flag}: {path.name} is a clip ({used} frames train) and loss masks are for photos; drop "
+                         f"{flag}, or remove the clips from {opts.train_data_dir}")
+    return size, used, count
+
+
+def _check_frames(opts: TrainOptions, frames: dict[Path, int]) -> None:
+    """A batch is one tensor: with more than one item in it, every training item trains on as many frames."""
+    counts = {n: path.name for path, n in sorted(frames.items(), reverse=True)}  # (the first name of each count)
+    if len(counts) > 1 and opts.train_batch_size > 1:
+        said = ", ".join(f"{name} {n} frame{'s' * (n > 1)}" for n, name in sorted(counts.items()))
+        raise UsageError(f"--train_batch_size {opts.train_batch_size}: the training items train on different numbers "
+                         f"of frames ({said}) and a batch holds one; pass --train_batch_size 1, or give every clip as "
+                         "many frames")
 
 
 def _check_mask_content(opts: TrainOptions, sizes: dict[Path, tuple[int, int]]) -> None:
@@ -174,7 +221,7 @@ def _check_mask_content(opts: TrainOptions, sizes: dict[Path, tuple[int, int]]) 
     if not (opts.mask_dir or opts.alpha_mask):
         return
     resize_first = opts.recipe.resize_first
-    for image in training_images(opts.train_data_dir, opts.one_image):
+    for image in instance_items(opts):
         mask = find_mask(opts.mask_dir, image) if opts.mask_dir else image
         if sizes[mask] != sizes[image]:
             raise UsageError(f"--mask_dir: {mask.name} is {sizes[mask][0]}x{sizes[mask][1]} but its image {image.name} "
@@ -188,7 +235,7 @@ def _check_mask_content(opts: TrainOptions, sizes: dict[Path, tuple[int, int]]) 
 
 def training_items(opts: TrainOptions) -> int:
     """How many items a pass over the data has (DreamBooth pairs instance and class images)."""
-    items = len(training_images(opts.train_data_dir, opts.one_image))
+    items = len(instance_items(opts))
     if opts.with_prior_preservation:
         items = max(items, len(list_images(opts.class_data_dir)))
     return items
@@ -204,25 +251,28 @@ def _fit_batch(opts: TrainOptions) -> None:
         opts.train_batch_size = items
 
 
-def _check_image_folder(flag: str, folder: str | None) -> None:
+def _check_image_folder(flag: str, folder: str | None, photos_only: str | None) -> None:
+    """The folder holds images (`photos_only` None: images or clips); clip files in a folder of photos only are
+    named in a note as skipped, with the reason `photos_only` gives."""
     check_folder(flag, folder, "pass the folder that holds the images")
-    for link in broken_links(folder):
+    for link in broken_links(folder, clips=photos_only is None):
         raise UsageError(f"{flag}: {link.name} in {folder} is a link to nothing ({os.readlink(link)} is gone); remove "
                          "it or restore its target")
-    if videos := list_videos(folder):
-        names = ", ".join(p.name for p in videos[:5]) + (f" and {len(videos) - 5} more" if len(videos) > 5 else "")
-        note(f"{flag}: {names} in {folder} {'is a video' if len(videos) == 1 else 'are videos'}, skipped: only photos "
-             f"({', '.join(IMAGE_EXTENSIONS)}) are read (tlora does not train on clips); save frames as images to "
-             "train on them")
-    if not list_images(folder):
-        raise UsageError(f"{flag}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; add at least one")
+    if photos_only and (clips := list_clips(folder)):
+        names = ", ".join(p.name for p in clips[:5]) + (f" and {len(clips) - 5} more" if len(clips) > 5 else "")
+        note(f"{flag}: {names} in {folder} {'is a clip' if len(clips) == 1 else 'are clips'}, skipped: only photos "
+             f"({', '.join(IMAGE_EXTENSIONS)}) are read ({photos_only}); save frames as images to train on them")
+    if not list_images(folder, clips=photos_only is None):
+        what, read = ("images", IMAGE_EXTENSIONS) if photos_only else ("images or clips",
+                                                                      IMAGE_EXTENSIONS + CLIP_EXTENSIONS)
+        raise UsageError(f"{flag}: no {what} ({', '.join(read)}) in {folder}; add at least one")
 
 
 def _check_masks(opts: TrainOptions) -> list[tuple[str, Path]]:
     """Every training image has its mask in --mask_dir; returns (flag, mask) pairs for the image checks."""
     check_folder("--mask_dir", opts.mask_dir, "pass the folder of masks (or drop the flag)")
     pairs = []
-    for image in training_images(opts.train_data_dir, opts.one_image):
+    for image in instance_items(opts):
         mask = find_mask(opts.mask_dir, image)
         if mask is None:
             raise UsageError(f"--mask_dir: no mask for {image.name} in {opts.mask_dir}; add one with the same name")

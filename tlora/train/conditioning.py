@@ -4,7 +4,8 @@ With `cache=True` (the default) each training image's latent distribution (mean,
 embeddings are computed once; every step then samples latents from the cached distribution, as a fresh
 VAE encode would. With `cache=False` every step reloads, re-crops and re-encodes the image and the prompt,
 as the authors' loop does (kept for benchmarks and for checking that both give the same numbers).
-What is encoded, and how, is the model family's (see tlora/families/).
+What is encoded, and how, is the model family's (see tlora/families/). On a video family (Wan) the training items
+are clips (a photo: one frame), encoded as videos; class images stay photos.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tlora.common.images import load_mask, load_pixels
+from tlora.common.images import clip_frames, load_clip, load_mask, load_pixels
 from tlora.train.timing import NULL_TIMER
 
 
 @torch.no_grad()
 def encode_image(family, pipe, path: Path, resolution: int, device: torch.device, mask: Path | None = None,
-                 alpha: bool = False) -> dict[str, torch.Tensor]:
-    """One preprocessed image's encodings, as its `family` makes them; with `mask`, its loss mask at the latents'
+                 alpha: bool = False, clip: bool = False) -> dict[str, torch.Tensor]:
+    """One preprocessed image's encodings, as its `family` makes them; `clip` (a video family's training item): its
+    first 4k + 1 frames as a video, (1, 3, N, H, W) (images.load_clip); with `mask`, its loss mask at the latents'
     size, (1, 1, h, w) (`alpha`: the mask file's transparency)."""
-    pixels, crop = load_pixels(path, resolution, family.resize_first)
+    frames = clip_frames(family) if clip else None
+    if frames:
+        pixels, crop = load_clip(path, resolution, family.resize_first, *frames)
+    else:
+        pixels, crop = load_pixels(path, resolution, family.resize_first)
     encoded = family.encode_pixels(pipe, pixels[None], crop, resolution, device)
     if mask is not None:
         pixel_mask = load_mask(mask, resolution, family.resize_first, alpha)[None, None].to(device)
@@ -68,7 +74,7 @@ class Conditioning:
     def _encode_image(self, kind: str, index: int) -> dict[str, torch.Tensor]:
         masks = self.masks[kind]
         encoded = encode_image(self.family, self.pipe, self.images[kind][index], self.resolution, self.device,
-                               masks[index] if masks else None, self.alpha_masks)
+                               masks[index] if masks else None, self.alpha_masks, clip=kind == "instance")
         if masks and "mask" not in encoded:  # class images: the whole image counts
             encoded["mask"] = torch.ones_like(encoded["mean"][:, :1])
         return encoded
@@ -89,14 +95,22 @@ class Conditioning:
         with self.timer("text"):
             return self._encode_prompt(kind)
 
-    def batch(self, indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every image and prompt tensor, stacked: the instance indices first, then the class ones."""
+    def batch(self, indices: dict[str, torch.Tensor]) -> dict:
+        """Every image and prompt tensor, stacked: the instance indices first, then the class ones. Class photos of
+        another shape than the instance rows (clips on a video family) are not stacked with them but given apart, as
+        `batch["class"]` (objective.diffusion_loss predicts them in a call of their own)."""
+        kinds = {kind: self._stack(kind, indices[kind]) for kind in ("instance", "class") if kind in indices}
+        instance, other = kinds.get("instance", {}), kinds.get("class")
+        if other is None or not instance:
+            return instance or other
+        if all(instance[k].shape[1:] == other[k].shape[1:] for k in instance):
+            return {k: torch.cat([instance[k], other[k]]) for k in instance}
+        return instance | {"class": other}
+
+    def _stack(self, kind: str, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
-        for kind in ("instance", "class"):
-            if kind not in indices:
-                continue
-            prompt = self._prompt(kind)
-            for i in indices[kind].tolist():
-                for key, value in (self._image(kind, i) | prompt).items():
-                    parts.setdefault(key, []).append(value)
+        prompt = self._prompt(kind)
+        for i in indices.tolist():
+            for key, value in (self._image(kind, i) | prompt).items():
+                parts.setdefault(key, []).append(value)
         return {k: torch.cat(v) for k, v in parts.items()}

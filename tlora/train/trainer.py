@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from tlora.common.commands import save_traceback
 from tlora.common.errors import Interrupted, RunFailed, Stopped, UsageError, first_line
 from tlora.common.files import write_failure
-from tlora.common.images import find_mask, list_images, training_images
+from tlora.common.images import clip_frames, find_mask, list_images, training_images
 from tlora.common.messages import WRITABLE_FOLDER, note, resume_with
 from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
@@ -149,7 +149,7 @@ class Trainer:
         opts = self.opts
         concept = f"{opts.placeholder_token} {opts.class_name}"
         class_images = list_images(opts.class_data_dir) if opts.with_prior_preservation else []
-        images = training_images(opts.train_data_dir, opts.one_image)
+        images = training_images(opts.train_data_dir, opts.one_image, clip_frames(self.family) is not None)
         masks = [find_mask(opts.mask_dir, image) for image in images] if opts.mask_dir else None
         self.conditioning = Conditioning(
             self.family, self.pipe, images, BASE_PROMPT.format(concept), opts.resolution, self.device, class_images,
