@@ -178,8 +178,7 @@ def tlora_and_export_outputs(pipe, checkpoint, export: Path, call: Callable[[], 
             pipe.disable_lora()
             base = call()
     finally:
-        pipe.enable_lora()
-        pipe.delete_adapters("export")
+        pipe.unload_lora_weights()  # the peft layers too: the pipeline as it was
     return expected, got, base
 
 

@@ -157,7 +157,7 @@ class SD15(Family):
         tokenizer = clip_tokenizer(folder / "_tok")
         levels = 3 if wide else 2
         unet = UNet2DConditionModel(
-            block_out_channels=(16, 32, 48) if wide else (32, 64), layers_per_block=1 if wide else 2, sample_size=32,
+            block_out_channels=(16, 32, 48) if wide else (32, 64), layers_per_block=1 if wide else 2, sample_size=16,
             in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
             attention_head_dim=(2, 4, 3) if wide else 2, use_linear_projection=wide, cross_attention_dim=TEXT_DIM,
