@@ -97,3 +97,28 @@ def test_each_entry_of_a_denoiser_masks_by_its_own_calls_t():
     assert torch.equal(pair.low(x, torch.tensor([0.0])), pair.low.proj(x))
     assert tl.unload() is pair and not pair.high._forward_pre_hooks and not pair.low._forward_pre_hooks
     assert not hasattr(pair.high.proj, ADAPTER)
+
+
+def test_the_trainable_parameters_are_listed_once(unet):
+    """The optimizer and clipping at every step take the same list (not one built again per step)."""
+    adapters = attach(unet, TLoRASettings("ortho_lora", 4, 2))
+    params = adapters.trainable_parameters()
+    assert params is adapters.trainable_parameters() and len(params) == 3 * len(adapters.layers)
+    assert all(p.requires_grad for p in params)
+
+
+def test_two_processes_agree_on_a_stop_only_at_due_steps():
+    """With several processes a stop request costs an all-gather and a host sync only at the steps the trainer marks
+    due (each LOSS_FLUSH_STEPS-th and each checkpoint): none at the others."""
+    from types import SimpleNamespace
+
+    from tlora.train.stopping import StopSignals
+
+    gathered = []
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                                  gather=lambda t: gathered.append(t) or torch.cat([t, torch.tensor([0])]))
+    signals = StopSignals()
+    signals.signum = 15
+    assert signals.requested(accelerator, due=False) == 0 and not gathered
+    assert signals.requested(accelerator, due=True) == 15 and len(gathered) == 1
+    assert signals.requested(SimpleNamespace(num_processes=1), due=False) == 15  # one process: no collective at all

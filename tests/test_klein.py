@@ -53,6 +53,11 @@ def test_single_blocks_adapt_q_k_v_inside_the_fused_layer(klein_pipe):
                 assert torch.allclose(after[..., i * inner:(i + 1) * inner], before[..., i * inner:(i + 1) * inner]
                                       + delta, atol=1e-6)
         assert torch.equal(after[..., 3 * inner:], before[..., 3 * inner:])  # the MLP input untouched
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:  # the step adds into the rows: no zero blocks
+            patch.setattr(RowAdapters, "forward", lambda *a: pytest.fail("the full-width update was built"))
+            assert torch.equal(fused(x), after)
+        with torch.no_grad():
+            assert torch.equal(container.add_to(before, x, None), before + container(x))  # the update alone, read
         assert len(adapters.linears) == len(adapters.layers) - 2 * 2  # 3 adapters on each single block's one Linear
     finally:
         tlora.unload(transformer)

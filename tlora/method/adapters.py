@@ -162,7 +162,7 @@ class LoRAAdapter(nn.Module):
             nn.init.zeros_(self.up.weight)
 
     def branches(self) -> list[Branch]:
-        return branches(dict(self.named_parameters()), "lora")
+        return [Branch(self.down.weight, None, self.up.weight, 1)]  # branches(params, "lora"), without a dict a call
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return apply(self.branches(), x, mask)
@@ -243,7 +243,9 @@ class OrthoLoRAAdapter(nn.Module):
             base.copy_(base_value)
 
     def branches(self) -> list[Branch]:
-        return branches(dict(self.named_parameters()), "ortho_lora")
+        """branches(params, "ortho_lora"), read straight from the attributes (no dict built at every call)."""
+        return [Branch(self.q_layer.weight, self.lambda_layer, self.p_layer.weight, 1),
+                Branch(self.base_q.weight, self.base_lambda, self.base_p.weight, -1)]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return apply(self.branches(), x, mask)

@@ -94,14 +94,22 @@ class RowAdapters(nn.Module):
         return self.parts[self.prefixes.index(prefix)]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The update alone, the full width of the layer (zeros where no adapter is): for reading it, not the step."""
+        return self.add_to(x.new_zeros(*x.shape[:-1], self.out_features), x, mask)
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, scale: float = 1.0
+               ) -> torch.Tensor:
+        """`output` + scale * the update, each adapter added into its own rows only: no zero blocks for the rows
+        none adapts (FLUX.2's MLP rows), one concatenation of the layer's width."""
         pieces, end = [], 0
         for (start, stop), adapter in zip(self.rows, self.parts):
             if start > end:
-                pieces.append(x.new_zeros(*x.shape[:-1], start - end))
-            pieces.append(adapter(x, mask))
+                pieces.append(output[..., end:start])
+            delta = adapter(x, mask)
+            pieces.append(output[..., start:stop] + (delta if scale == 1 else scale * delta))
             end = stop
         if end < self.out_features:
-            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - end))
+            pieces.append(output[..., end:])
         return torch.cat(pieces, dim=-1)
 
 
@@ -115,7 +123,10 @@ class _AddAdapter:
         scale = self.state.scale
         if scale == 0:
             return output
-        delta = getattr(linear, ADAPTER)(inputs[0], self.state.active)
+        adapter = getattr(linear, ADAPTER)
+        if isinstance(adapter, RowAdapters):
+            return adapter.add_to(output, inputs[0], self.state.active, scale)
+        delta = adapter(inputs[0], self.state.active)
         return output + delta if scale == 1 else output + scale * delta
 
 
@@ -125,6 +136,7 @@ class TLoRA:
     def __init__(self, denoiser: nn.Module, state: MaskState, layers: dict[str, tuple[str, nn.Linear]],
                  spec: DenoiserSpec) -> None:
         self.denoiser, self.state, self.layers, self.spec = denoiser, state, layers, spec
+        self._trainable: list[nn.Parameter] | None = None
         self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(denoiser, path))}.values())
         self.check_usable()
         # a mask per entry, which its own calls set: gradient checkpointing recomputes an entry's layers in backward,
@@ -173,7 +185,10 @@ class TLoRA:
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
+        """The adapters' trainable parameters, listed once (the optimizer and clipping take the same list)."""
+        if self._trainable is None:
+            self._trainable = [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
+        return self._trainable
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The authors' checkpoint layout: `<prefix>.<param>`, float32, contiguous, on the CPU."""

@@ -57,11 +57,14 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-    def requested(self, accelerator) -> int:
-        """The signal that asks to stop, agreed by every process (0: go on). One tiny all-gather per step
-        with several processes, so that all of them stop after the same step."""
+    def requested(self, accelerator, due: bool = True) -> int:
+        """The signal that asks to stop, agreed by every process (0: go on). With several processes they agree
+        only at the steps the caller says are `due` (every process says the same): one tiny all-gather and host
+        sync then, none at the other steps, so a stop is seen at the next due step."""
         if accelerator.num_processes == 1:
             return self.signum
+        if not due:
+            return 0
         flags = accelerator.gather(torch.tensor([self.signum], device=accelerator.device))
         return int(flags.max().item())
 

@@ -50,7 +50,7 @@ from tlora.runs.run_folder import (
 from tlora.train.checkpointing import Checkpointer, last_good
 from tlora.train.conditioning import Conditioning
 from tlora.train.data import BatchOrder, PairedIndices
-from tlora.train.loss_log import LossLog
+from tlora.train.loss_log import LOSS_FLUSH_STEPS, LossLog
 from tlora.train.objective import diffusion_loss, make_optimizer
 from tlora.train.options import TrainOptions
 from tlora.train.stopping import StopSignals, terminate_as_interrupt
@@ -230,7 +230,7 @@ class Trainer:
                 self.progress.step = step
                 bar.update(1)
                 checkpoint = step % self.opts.checkpointing_steps == 0 or step == total
-                stop = signals.requested(acc)
+                stop = signals.requested(acc, due=checkpoint or step % LOSS_FLUSH_STEPS == 0)
                 self.loss_log.add(loss, step, now=checkpoint or stop)
                 if checkpoint or stop:
                     folder = self.checkpoints.save(step)
