@@ -100,17 +100,32 @@ class RowAdapters(nn.Module):
     def add_to(self, output: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, scale: float = 1.0
                ) -> torch.Tensor:
         """`output` + scale * the update, each adapter added into its own rows only: no zero blocks for the rows
-        none adapts (FLUX.2's MLP rows), one concatenation of the layer's width."""
+        none adapts (FLUX.2's MLP rows), in the forward or the backward pass (_AddIntoRows)."""
+        deltas = [adapter(x, mask) for adapter in self.parts]
+        return _AddIntoRows.apply(output, self.rows, *(d if scale == 1 else scale * d for d in deltas))
+
+
+class _AddIntoRows(torch.autograd.Function):
+    """output with deltas[i] added into its columns rows[i]: one concatenation forward; backward hands each delta
+    its slice of the gradient and the output the gradient itself, as views (a slice's own backward would allocate a
+    zero-filled gradient of the whole width for each)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, rows: list[tuple[int, int]], *deltas: torch.Tensor) -> torch.Tensor:
+        ctx.rows, ctx.dtypes = rows, [d.dtype for d in deltas]
         pieces, end = [], 0
-        for (start, stop), adapter in zip(self.rows, self.parts):
+        for (start, stop), delta in zip(rows, deltas):
             if start > end:
                 pieces.append(output[..., end:start])
-            delta = adapter(x, mask)
-            pieces.append(output[..., start:stop] + (delta if scale == 1 else scale * delta))
+            pieces.append(output[..., start:stop] + delta)
             end = stop
-        if end < self.out_features:
+        if end < output.shape[-1]:
             pieces.append(output[..., end:])
         return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad, None, *(grad[..., start:stop].to(dtype) for (start, stop), dtype in zip(ctx.rows, ctx.dtypes)))
 
 
 class _AddAdapter:
