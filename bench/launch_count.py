@@ -1,0 +1,108 @@
+"""Operations and bytes of one denoiser forward + backward, traced on the `meta` device as the estimator traces a
+step: the aten operations dispatched (a proxy for GPU kernel launches) and the bytes their outputs allocate, for
+the frozen denoiser alone, with a peft LoRA of the same rank on the same layers, and with the T-LoRA (lora and
+ortho_lora).
+
+    python bench/launch_count.py                                  # sdxl and klein-4b at 1024 px (minutes on a CPU)
+    python bench/launch_count.py --model klein-4b --resolution 512
+
+The adapters' share is the difference from the frozen denoiser; the ratios compare it with peft's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SKIP = {"aten.detach.default", "aten.view.default", "aten._unsafe_view.default", "aten.t.default",
+        "aten.transpose.int", "aten.expand.default", "aten.slice.Tensor", "aten.select.int", "aten.permute.default",
+        "aten.unsqueeze.default", "aten.squeeze.dim", "aten.alias.default"}  # views: no kernel of their own
+
+
+class Count(TorchDispatchMode):
+    """aten operations that run a kernel (views left out) and the bytes of the tensors they return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name not in SKIP:
+            self.ops[name] += 1
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def measure(model_name: str, resolution: int, variant: str, rank: int) -> tuple[int, int]:
+    """(operations, bytes) of one forward + backward of the loss with the adapters of `variant`."""
+    from tlora.families.architectures import empty_pipeline
+    from tlora.train.estimator import conditioning, parse_args
+    from tlora.train.objective import diffusion_loss
+
+    opts, _ = parse_args(["--pretrained_model_name_or_path", model_name, "--resolution", str(resolution),
+                          "--rank", str(rank), "--min_rank", "1", "--trainer_type", variant if variant in
+                          ("lora", "ortho_lora") else "lora", "--mixed_precision", "bf16", "--tlora"])
+    family = opts.recipe
+    pipe = empty_pipeline(model_name, torch.bfloat16)
+    family.prepare(pipe, torch.bfloat16)
+    model = family.model(pipe)
+    paths = [layer.path for layer in family.describe(model).layers if layer.path is not None]
+    if variant == "peft":
+        from peft import LoraConfig
+
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(set(paths))))
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:  # trained in float32, as diffusers' training scripts cast them (cast_training_params)
+            p.data = p.data.float()
+    elif variant in ("lora", "ortho_lora"):
+        from accelerate import init_empty_weights
+
+        from tlora.runs.hparams import from_hparams
+
+        with init_empty_weights(include_buffers=False):
+            tlora = family.attach(model, from_hparams(vars(opts), "train.py"), init=False)
+        params = tlora.trainable_parameters()
+    else:
+        params = []
+    for p in params:
+        p.requires_grad_(True)
+    scheduler = family.noise_scheduler(pipe)
+    batch = conditioning(family, model, opts, torch.bfloat16, torch.device("meta"))
+    batch["mean"].requires_grad_(True)  # the backward runs through the frozen denoiser in every variant alike
+    count = Count()
+    with count, torch.autocast("cpu", torch.bfloat16):
+        loss = diffusion_loss(family, model, pipe, scheduler, batch, torch.bfloat16, None, 1.0)
+        loss.backward()
+    return sum(count.ops.values()), count.bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", default=None, help="A published name (default: sdxl, klein-4b).")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--rank", type=int, default=16)
+    opts = p.parse_args(argv)
+    for name in opts.model or ["sdxl", "klein-4b"]:
+        rows = {v: measure(name, opts.resolution, v, opts.rank) for v in ("frozen", "peft", "lora", "ortho_lora")}
+        frozen_ops, frozen_bytes = rows["frozen"]
+        peft_ops = rows["peft"][0] - frozen_ops
+        print(f"\n{name} at {opts.resolution} px, rank {opts.rank}, bf16 autocast, forward + backward (traced on meta)")
+        print(f"{'':12s} {'operations':>11s} {'added':>8s} {'vs peft':>8s} {'GB allocated':>13s}")
+        for variant, (ops, nbytes) in rows.items():
+            added = ops - frozen_ops
+            ratio = f"{added / peft_ops:.2f}x" if variant in ("lora", "ortho_lora") and peft_ops else ""
+            print(f"{variant:12s} {ops:11d} {added if variant != 'frozen' else '':>8} {ratio:>8s} {nbytes / 1e9:13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
