@@ -47,6 +47,7 @@ def measure(model_name: str, resolution: int, variant: str, rank: int) -> tuple[
     from tlora.families.architectures import empty_pipeline
     from tlora.train.estimator import conditioning, parse_args
     from tlora.train.objective import diffusion_loss
+    from tlora.train.tracing import GPUKernels
 
     opts, _ = parse_args(["--pretrained_model_name_or_path", model_name, "--resolution", str(resolution),
                           "--rank", str(rank), "--min_rank", "1", "--trainer_type", variant if variant in
@@ -79,7 +80,7 @@ def measure(model_name: str, resolution: int, variant: str, rank: int) -> tuple[
     batch = conditioning(family, model, opts, torch.bfloat16, torch.device("meta"))
     batch["mean"].requires_grad_(True)  # the backward runs through the frozen denoiser in every variant alike
     count = Count()
-    with count, torch.autocast("cpu", torch.bfloat16):
+    with count, GPUKernels(torch.bfloat16):  # CUDA's autocast and attention kernels, as the estimator traces them
         loss = diffusion_loss(family, model, pipe, scheduler, batch, torch.bfloat16, None, 1.0)
         loss.backward()
     return sum(count.ops.values()), count.bytes
