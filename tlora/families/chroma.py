@@ -23,13 +23,14 @@ from transformers import T5Config, T5EncoderModel
 from tlora.families.base import Family, Target
 from tlora.families.flux import (
     DOUBLE,
+    DOUBLE_PROJECTIONS,
     IMAGE,
     LAYER_KINDS,
     ONLY_FLUX1,
     QKV,
     SINGLE,
-    TEXT,
     bfl_double_targets,
+    double_block_layers,
     flow_matching_noisy,
     from_thousandths,
     fused_single_targets,
@@ -106,7 +107,7 @@ class Chroma(Family):
     rank_rule = "multiply_first"  # the flow-matching transformer families' rule
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default (no authors' Chroma runs)"
     layer_kinds = LAYER_KINDS
-    projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
+    projections = DOUBLE_PROJECTIONS
     kohya_base_model = "chroma"
     pipelines = ("ChromaPipeline",)
     architectures = PUBLISHED
@@ -121,7 +122,7 @@ class Chroma(Family):
         out: list[Layer] = []
         for name, _ in model.named_modules():
             if DOUBLE.match(name):
-                out += [Layer(f"{name}.processor.{key}", f"{name}.{proj}") for proj, key in (IMAGE | TEXT).items()]
+                out += double_block_layers(name)
             elif SINGLE.match(name):
                 out += [Layer(f"{name}.processor.{IMAGE[proj]}", f"{name}.{proj}") for proj in QKV]
         return out

@@ -33,6 +33,7 @@ ONLY_FLUX1 = re.compile(r"single_transformer_blocks[._]\d+[._]attn([._]processor
                         r"|proj_mlp")
 LAYER_KINDS = {"double-image": "double blocks, image stream", "double-text": "double blocks, text stream",
                "single": "single blocks"}
+DOUBLE_PROJECTIONS = {key: proj for proj, key in (IMAGE | TEXT).items()}  # a double block's keys -> projections
 MLP_RATIO = 4.0  # FluxSingleTransformerBlock's (fixed in diffusers): linear1 = q, k, v, then 4 x width MLP rows
 
 
@@ -77,7 +78,7 @@ class FLUX(Family):
     rank_rule = "multiply_first"  # the authors' FLUX code
     masked_by_default, masked_by_default_why = False, "no mask: the authors' FLUX default, without --tlora"
     layer_kinds = LAYER_KINDS
-    projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
+    projections = DOUBLE_PROJECTIONS
     kohya_base_model = "flux1"
     pipelines = ("FluxPipeline",)
     architectures = PUBLISHED

@@ -25,11 +25,10 @@ from tlora.families.architectures import FLOW
 from tlora.families.base import Family, Target
 from tlora.families.flux import (
     DOUBLE,
-    IMAGE,
+    DOUBLE_PROJECTIONS,
     LAYER_KINDS,
     QKV,
     SINGLE,
-    TEXT,
     authors_samples_name,
     bfl_double_targets,
     double_block_layers,
@@ -99,7 +98,7 @@ class Klein(Family):
     rank_rule = "multiply_first"  # one code path with FLUX.1
     masked_by_default, masked_by_default_why = False, "no mask: without --tlora, as on FLUX.1"
     layer_kinds = LAYER_KINDS
-    projections = {key: proj for proj, key in (IMAGE | TEXT).items()} | {key: proj for proj, key in IN_FUSED.items()}
+    projections = DOUBLE_PROJECTIONS | {key: proj for proj, key in IN_FUSED.items()}
     kohya_base_model = "flux2_klein"
     pipelines = ("Flux2KleinPipeline",)
     architectures = PUBLISHED

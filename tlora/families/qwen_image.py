@@ -28,7 +28,14 @@ from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from tlora.families.base import Family
-from tlora.families.flux import DOUBLE, IMAGE, TEXT, flow_matching_noisy, from_thousandths
+from tlora.families.flux import (
+    DOUBLE,
+    DOUBLE_PROJECTIONS,
+    TEXT,
+    double_block_layers,
+    flow_matching_noisy,
+    from_thousandths,
+)
 from tlora.families.tiny_parts import QWEN_CHAT, QWEN_SPECIAL, TEXT_DIM, qwen_tokenizer
 from tlora.method.denoiser import Layer
 
@@ -88,7 +95,7 @@ class QwenImage(Family):
     rank_rule = "multiply_first"  # the authors' FLUX (flow-matching MM-DiT) code
     masked_by_default, masked_by_default_why = True, "the T-LoRA mask: tlora's default on Qwen-Image"
     layer_kinds = {"image": "image stream", "text": "text stream"}
-    projections = {key: proj for proj, key in (IMAGE | TEXT).items()}
+    projections = DOUBLE_PROJECTIONS
     kohya_base_model = "qwen_image"
     pipelines = ("QwenImagePipeline",)
     architectures = PUBLISHED
@@ -102,8 +109,7 @@ class QwenImage(Family):
     @classmethod
     def layers(cls, model: nn.Module) -> list[Layer]:
         """Every block's image q, k, v, out and text q, k, v, in module order (FLUX's order within a block)."""
-        return [Layer(f"{name}.processor.{key}", f"{name}.{proj}")
-                for name, _ in model.named_modules() if DOUBLE.match(name) for proj, key in (IMAGE | TEXT).items()]
+        return [layer for name, _ in model.named_modules() if DOUBLE.match(name) for layer in double_block_layers(name)]
 
     @classmethod
     def distinct_key(cls, key: str) -> bool:

@@ -24,7 +24,7 @@ from transformers import CLIPTextModel
 
 from tlora.families.architectures import CLIP_TEXT, SD_VAE
 from tlora.families.base import Family
-from tlora.families.sdxl import BLOCK, PROJECTIONS, ddpm_noisy, sgm_path, unet_fused, unet_layers
+from tlora.families.sdxl import PROJECTIONS, ddpm_noisy, original_unet_names, unet_fused, unet_layers
 from tlora.families.tiny_parts import TEXT_DIM, clip_text_config, clip_tokenizer
 from tlora.method.denoiser import Layer
 
@@ -104,9 +104,7 @@ class SD15(Family):
     def original_names(cls, modules: list[str]) -> dict[str, str]:
         """The original (LDM) UNet layout kohya's keys use, `input_blocks.1.1.transformer_blocks.0.attn1.to_q`, as
         ComfyUI maps it (comfy/utils.py unet_to_diffusers)."""
-        found = [int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"]
-        per_block = max(found, default=0) + 1
-        return {name: sgm_path(name, per_block) for name in modules}
+        return original_unet_names(modules)
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:

@@ -88,9 +88,7 @@ class SDXL(Family):
     @classmethod
     def original_names(cls, modules: list[str]) -> dict[str, str]:
         """The original (SGM) UNet layout kohya's keys use: `input_blocks.4.1.transformer_blocks.0.attn1.to_q`."""
-        per_block = max((int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"),
-                        default=0) + 1
-        return {name: sgm_path(name, per_block) for name in modules}
+        return original_unet_names(modules)
 
     @classmethod
     def layer_kind(cls, prefix: str) -> str:
@@ -205,6 +203,13 @@ def time_ids(crop_size: int, resolution: int) -> torch.Tensor:
 
 
 BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
+
+
+def original_unet_names(modules: list[str]) -> dict[str, str]:
+    """Each diffusers UNet module path in the original (LDM / SGM) layout, its layers per block read from the paths."""
+    found = [int(m.group(3)) for name in modules if (m := BLOCK.match(name)) and m.group(1) == "down_blocks"]
+    per_block = max(found, default=0) + 1
+    return {name: sgm_path(name, per_block) for name in modules}
 
 
 def sgm_path(module: str, layers_per_block: int) -> str:
