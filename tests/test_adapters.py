@@ -16,6 +16,7 @@ from tlora.method.adapters import (
     orthogonal_starts,
     rank_mask,
 )
+from tlora.method.injection import ADAPTER, RowAdapters
 
 
 def orthogonal_start(n_in: int, n_out: int, rank: int, sig_type: str = "last"):
@@ -250,3 +251,78 @@ def test_a_start_may_give_the_frozen_factors_their_own_values():
     assert torch.equal(a.q_layer.weight, q) and torch.equal(a.base_q.weight, 2 * q)
     assert torch.equal(a.p_layer.weight, p) and torch.equal(a.base_p.weight, 3 * p)
     assert torch.equal(a.lambda_layer, lam) and torch.equal(a.base_lambda, 4 * lam)
+
+
+def fused_with_rows(trainer_type: str, start: bool) -> tuple[nn.Linear, RowAdapters]:
+    """A fused Linear (q, k, v rows of 6 each, then 5 MLP rows) with one adapter of rank 3 on each of q, k, v."""
+    torch.manual_seed(0)
+    linear = nn.Linear(7, 23)
+    parts = {}
+    for i in range(3):
+        adapter = make_adapter(trainer_type, 7, 6, 3)
+        if trainer_type == "ortho_lora":
+            adapter.start(*orthogonal_start(7, 6, 3))
+        if not start:
+            with torch.no_grad():
+                for p in adapter.parameters():
+                    if p.requires_grad:
+                        p.add_(torch.randn_like(p) * 0.3)
+        parts[f"p{i}"] = ((6 * i, 6 * i + 6), adapter)
+    rows = RowAdapters(23, parts)
+    linear.add_module(ADAPTER, rows)
+    return linear, rows
+
+
+@pytest.mark.parametrize("trainer_type", ["lora", "ortho_lora"])
+def test_stacked_adapters_on_a_fused_layer_equal_each_adapter_alone(trainer_type):
+    """q, k, v adapters run stacked (one down-projection, one batched up-projection, one add into their rows):
+    output and every gradient equal running them one by one (within float rounding); the MLP rows are untouched."""
+    linear, rows = fused_with_rows(trainer_type, start=False)
+    assert rows.stacked
+    x = torch.randn(2, 4, 7, requires_grad=True)
+    mask = rank_mask(torch.tensor([100, 900]), 1000, 3, 1)
+    results = []
+    for stacked in (True, False):
+        rows.stacked = stacked
+        for p in [x, *rows.parameters()]:
+            p.grad = None
+        base = linear(x)
+        out = rows.add_to(base.clone(), x, mask)
+        (out * torch.linspace(-1, 1, 23)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in rows.parameters() if p.requires_grad]))
+        assert torch.equal(out[..., 18:], base[..., 18:])
+    (out_s, gx_s, grads_s), (out_1, gx_1, grads_1) = results
+    assert torch.allclose(out_s, out_1, atol=1e-6) and torch.allclose(gx_s, gx_1, atol=1e-6)
+    assert len(grads_s) == len(grads_1) > 0 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_s, grads_1))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stacked_t_lora_starts_exactly_at_zero(autocast):
+    """The frozen start's branch, cast once and subtracted through -lambda0, cancels the trained one bit for bit."""
+    linear, rows = fused_with_rows("ortho_lora", start=True)
+    x = torch.randn(2, 4, 7)
+    mask = rank_mask(torch.tensor([100, 900]), 1000, 3, 1)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        base = linear(x)
+        assert torch.equal(rows.add_to(base.clone(), x, mask), base)
+        single = rows.part("p0")
+        assert torch.equal(single(x, mask, base.dtype), torch.zeros(2, 4, 6, dtype=base.dtype))
+
+
+def test_the_frozen_start_is_cast_once_and_again_when_it_changes():
+    adapter = started(8, 6, 4)
+    first = adapter.frozen(torch.bfloat16)
+    assert adapter.frozen(torch.bfloat16) is first and first[0].down.dtype == torch.bfloat16
+    assert torch.equal(first[0].lam, -adapter.base_lambda.to(torch.bfloat16))
+    state = {k: v + 1 if k.startswith("base_") else v for k, v in adapter.state_dict().items()}
+    adapter.load_state_dict(state)  # new frozen factors: made again, from them
+    again = adapter.frozen(torch.bfloat16)
+    assert again is not first and torch.equal(again[0].up, adapter.base_p.weight.to(torch.bfloat16))
+    x, mask = torch.randn(2, 3, 8), rank_mask(torch.tensor([300, 700]), 1000, 4, 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = adapter(x, mask)
+    q, p, lam = adapter.q_layer.weight, adapter.p_layer.weight, adapter.lambda_layer
+    q0, p0, lam0 = adapter.base_q.weight, adapter.base_p.weight, adapter.base_lambda
+    m = mask[:, None, :]
+    expected = ((x @ q.T) * lam * m) @ p.T - ((x @ q0.T) * lam0 * m) @ p0.T
+    assert torch.allclose(out, expected, atol=0.1, rtol=0.02)  # bf16 products

@@ -1,5 +1,6 @@
 """Adapters on a real (tiny) diffusers UNet: processors kept, mask from the UNet's timestep, unload."""
 
+import pytest
 import torch
 
 from tlora.families import attach
@@ -122,3 +123,70 @@ def test_two_processes_agree_on_a_stop_only_at_due_steps():
     assert signals.requested(accelerator, due=False) == 0 and not gathered
     assert signals.requested(accelerator, due=True) == 15 and len(gathered) == 1
     assert signals.requested(SimpleNamespace(num_processes=1), due=False) == 15  # one process: no collective at all
+
+
+def test_one_denoiser_call_casts_its_mask_once_and_each_layer_keeps_its_output_dtype(unet):
+    """Under autocast every adapter shares one cast of the call's mask (not one per adapter), and an adapted layer
+    returns the dtype it returns without the T-LoRA (peft's rule: the update is added in the output's dtype)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests.helpers import sdxl_inputs
+
+    class MaskCasts(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.casts = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.bfloat16:
+                self.casts.append(args[0])
+            return out
+
+    inputs = sdxl_inputs(unet)
+    linear = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    seen = []
+    hook = linear.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            unet(timestep=torch.tensor([100, 900]), **inputs)
+            adapters = attach(unet, TLoRASettings("ortho_lora", 4, 2))
+            try:
+                counter = MaskCasts()
+                with counter:
+                    unet(timestep=torch.tensor([100, 900]), **inputs)
+            finally:
+                adapters.unload()
+    finally:
+        hook.remove()
+    mask = adapters.state.active
+    assert [c for c in counter.casts if c.shape == mask.shape and torch.equal(c, mask)] == [mask]
+    assert len(adapters.layers) > 10
+    assert seen == [torch.bfloat16, torch.bfloat16]
+
+
+def test_fusing_is_checked_when_it_happens_not_by_a_scan_at_every_call(unet, monkeypatch):
+    from tests.helpers import sdxl_inputs
+    from tlora.method.injection import TLoRA
+
+    inputs = sdxl_inputs(unet, batch=1)
+    adapters = attach(unet, TLoRASettings("lora", 4, 2))
+    scans = []
+    full = TLoRA.check_usable
+    monkeypatch.setattr(TLoRA, "check_usable", lambda self: scans.append(1) or full(self))
+    try:
+        with torch.no_grad():
+            unet(timestep=torch.tensor([500]), **inputs)
+            unet(timestep=torch.tensor([300]), **inputs)
+            assert scans == []
+            unet.fuse_qkv_projections()
+            for _ in range(2):  # refused at every call while fused
+                with pytest.raises(ValueError, match="fuse_qkv_projections"):
+                    unet(timestep=torch.tensor([500]), **inputs)
+            unet.unfuse_qkv_projections()
+            unet(timestep=torch.tensor([500]), **inputs)
+            unet(timestep=torch.tensor([500]), **inputs)
+        assert len(scans) == 3
+    finally:
+        adapters.unload()
+    assert all("fuse_projections" not in a.__dict__ for a in adapters._attentions)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -74,19 +74,58 @@ def mask_of(ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
     return (positions < ranks[..., None]).to(torch.float32)
 
 
+MODELLED_AUTOCAST: set[str] = set()  # devices whose autocast a tracer models (tlora.train.tracing.GPUKernels: meta)
+
+
+def autocast_on(device: str) -> bool:
+    """Whether the products on `device` run under autocast (real, or modelled on meta as CUDA's)."""
+    return device in MODELLED_AUTOCAST or (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+
+
 def as_saved(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tensors as checkpoints hold them: detached, float32, contiguous, on the CPU."""
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
 
 
-def _gate_rank(h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """Multiply the rank dimension (last) of h by a per-sample gate of shape (N or 1, rank)."""
-    if gate is None:
+class Masks:
+    """One denoiser call's rank mask (N x k, 0/1), cast to each dtype and device asked for once: every adapter of the
+    call shares the casts (under torch.compile the graph casts it, fused)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._cast: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def get(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.mask.to(device=device, dtype=dtype)
+        key = (dtype, device)
+        if key not in self._cast:
+            self._cast[key] = self.mask.to(device=device, dtype=dtype)
+        return self._cast[key]
+
+
+def as_masks(mask: torch.Tensor | Masks | None) -> Masks | None:
+    return mask if mask is None or isinstance(mask, Masks) else Masks(mask)
+
+
+def _gated(h: torch.Tensor, lam: torch.Tensor | None, masks: Masks | None, k: int, groups: int = 1) -> torch.Tensor:
+    """h times its gate lambda * mask on the rank dimension (last), which holds `groups` blocks of k components side
+    by side (adapters stacked: RowAdapters); lambda is (groups, k) or (1, k), the mask one row per sample (or one).
+    cast(lambda) * mask equals cast(lambda * mask) bit for bit, the mask being 0/1."""
+    if masks is None and lam is None:
         return h
-    gate = gate.to(device=h.device, dtype=h.dtype)
-    if gate.shape[0] not in (1, h.shape[0]):
-        raise ValueError(f"T-LoRA mask has {gate.shape[0]} rows but the layer input has batch {h.shape[0]}")
-    return h * gate.reshape(gate.shape[0], *([1] * (h.dim() - 2)), gate.shape[1])
+    gate = None if lam is None else lam.to(h.dtype).reshape(1, groups, k)
+    if masks is not None:
+        m = masks.get(h.dtype, h.device)[:, :k]
+        if m.shape[0] not in (1, h.shape[0]):
+            raise ValueError(f"T-LoRA mask has {m.shape[0]} rows but the layer input has batch {h.shape[0]}")
+        gate = m[:, None, :] if gate is None else gate * m[:, None, :]
+    shape = (gate.shape[0], *([1] * (h.dim() - 2)), gate.shape[1], k)
+    return (h.unflatten(-1, (groups, k)) * gate.reshape(shape)).flatten(-2)
 
 
 # -- the update, once -----------------------------------------------------------------------------
@@ -114,30 +153,42 @@ def unknown_trainer_type(trainer_type: str) -> ValueError:
     return ValueError(f"--trainer_type must be one of {TRAINER_TYPES}, got {trainer_type!r}")
 
 
-def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The update applied to x: per branch a down-projection, one multiply by its gate lambda * mask (bitwise equal
-    to multiplying by each in turn, the mask being 0/1) and an up-projection; the frozen start's branch is
-    subtracted, so that the sum is exactly zero while the trained branch equals it. Each branch has products of
-    its own: one stacked down-projection gives the two branches different bits in some GEMM shapes (so no exact
-    zero), and backward then computes no weight gradient for the frozen start's rows. A mask may end at the last
-    active component (`MaskState.active`): only those are computed. Under autocast x is not converted to float32
-    first: autocast would convert it back for the product (bitwise the same, one copy less)."""
-    rank = parts[0].down.shape[0]
-    dtype = parts[0].down.dtype
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    h_in = x if x.dtype == dtype or autocast else x.to(dtype)
-    m = None if mask is None else mask[:, :rank]
-    k = rank if m is None else m.shape[1]
-    out = None
-    for down, lam, up, sign in parts:
-        if k < rank:
-            down, up = down[:k], up[:, :k].contiguous()
-            lam = None if lam is None else lam[:, :k]
-        gate = lam if m is None else m if lam is None else lam * m.to(lam.device)
-        y = F.linear(_gate_rank(F.linear(h_in, down), gate), up)
-        out = y if out is None else out + y if sign > 0 else out - y
-    return out.to(x.dtype)
+def apply(parts: list[Branch], x: torch.Tensor, mask: torch.Tensor | Masks | None, out_dtype: torch.dtype | None = None,
+          frozen: Callable[[torch.dtype], list[Branch]] | None = None) -> torch.Tensor:
+    """The update applied to x, in `out_dtype` (default x's): per branch a down-projection, one multiply by its gate
+    lambda * mask and an up-projection; the frozen start's branch is subtracted, so that the sum is exactly zero
+    while the trained branch equals it. `frozen(dtype)` gives the frozen branches as their adapter keeps them in the
+    compute dtype (cast once, sign folded into lambda: exactly the negated terms), in place of parts[1:]. Each
+    branch has products of its own: one stacked down-projection gives the two branches different bits in some GEMM
+    shapes (so no exact zero), and backward then computes no weight gradient for the frozen start's rows. A mask
+    may end at the last active component (`MaskState.active`): only those are computed. Under autocast x is not
+    converted to float32 first: autocast would convert it back for the product (bitwise the same, one copy less).
+    Stacked adapters (RowAdapters) have a 3-D up (groups x out x r) and give (groups, *x.shape[:-1], out)."""
+    masks = as_masks(mask)
+    rank = parts[0].up.shape[-1]
+    k = rank if masks is None else min(rank, masks.width)
+    h_in = x if x.dtype == parts[0].down.dtype or autocast_on(x.device.type) else x.to(parts[0].down.dtype)
+    out = _branch(h_in, parts[0], masks, k)
+    for down, lam, up, sign in frozen(out.dtype) if frozen is not None else parts[1:]:
+        y = _branch(h_in, Branch(down, lam, up, sign), masks, k)
+        out = out + y if sign > 0 else out - y
+    return out.to(out_dtype or x.dtype)
+
+
+def _branch(h_in: torch.Tensor, branch: Branch, masks: Masks | None, k: int) -> torch.Tensor:
+    """up diag(lambda * mask) down h_in, with the first k components; a 3-D up runs its groups as one batched
+    product."""
+    down, lam, up, _ = branch
+    groups, rank = (1, up.shape[1]) if up.dim() == 2 else (up.shape[0], up.shape[2])
+    if k < rank:
+        down = down.unflatten(0, (groups, rank))[:, :k].flatten(0, 1)
+        up, lam = up[..., :k].contiguous(), None if lam is None else lam[..., :k]
+    h = _gated(F.linear(h_in, down), lam, masks, k, groups)
+    if groups == 1:
+        return F.linear(h, up)
+    stacked = h.unflatten(-1, (groups, k)).movedim(-2, 0)  # (groups, *lead, k): a view
+    y = torch.bmm(stacked.reshape(groups, -1, k), up.transpose(1, 2))
+    return y.reshape(groups, *h.shape[:-1], up.shape[1])
 
 
 def factors(parts: list[Branch], mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +215,9 @@ class LoRAAdapter(nn.Module):
     def branches(self) -> list[Branch]:
         return [Branch(self.down.weight, None, self.up.weight, 1)]  # branches(params, "lora"), without a dict a call
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return apply(self.branches(), x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Masks | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return apply(self.branches(), x, mask, out_dtype)
 
 
 def _svd_slice(size: int, rank: int, sig_type: str) -> slice:
@@ -230,6 +282,7 @@ class OrthoLoRAAdapter(nn.Module):
         self.base_q = copy.deepcopy(self.q_layer).requires_grad_(False)
         self.base_p = copy.deepcopy(self.p_layer).requires_grad_(False)
         self.base_lambda = nn.Parameter(self.lambda_layer.detach().clone(), requires_grad=False)
+        self._frozen = FrozenCast()
 
     @torch.no_grad()
     def start(self, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor,
@@ -247,8 +300,38 @@ class OrthoLoRAAdapter(nn.Module):
         return [Branch(self.q_layer.weight, self.lambda_layer, self.p_layer.weight, 1),
                 Branch(self.base_q.weight, self.base_lambda, self.base_p.weight, -1)]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return apply(self.branches(), x, mask)
+    def frozen(self, dtype: torch.dtype) -> list[Branch]:
+        """The frozen start's branch in `dtype`, its sign folded into lambda (-lambda0): cast once, not at every call
+        (FrozenCast)."""
+        return self._frozen.get((self.base_q.weight, self.base_lambda, self.base_p.weight), dtype, _negated_branch)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Masks | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return apply(self.branches(), x, mask, out_dtype, self.frozen)
+
+
+def _negated_branch(dtype: torch.dtype, down: torch.Tensor, lam: torch.Tensor, up: torch.Tensor) -> list[Branch]:
+    """One branch, subtracted: its factors in `dtype` with -lambda (negating is exact: the terms are exactly the
+    negated ones)."""
+    return [Branch(down.to(dtype), (-lam).to(dtype), up.to(dtype), 1)]
+
+
+class FrozenCast:
+    """Tensors made from frozen ones in a compute dtype, made once and made again when any source changes (loaded,
+    started, moved: its storage or version) or another dtype is asked for. Not state: never saved."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value = None
+
+    def get(self, sources: tuple[torch.Tensor, ...], dtype: torch.dtype, make: Callable) -> list[Branch]:
+        if torch.compiler.is_compiling():  # the graph casts them (fused); no Python state in it
+            return make(dtype, *sources)
+        key = (dtype, *((t.device, t.data_ptr(), 0 if t.is_inference() else t._version) for t in sources))
+        if key != self.key:
+            with torch.no_grad():
+                self.key, self.value = key, make(dtype, *sources)
+        return self.value
 
 
 def make_adapter(trainer_type: str, in_features: int, out_features: int, rank: int, init: bool = True) -> nn.Module:

@@ -13,6 +13,7 @@ Wan 2.2's two experts) has that hook, and a mask of its own, on each of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -21,7 +22,17 @@ from torch import nn
 
 from tlora.common.errors import UsageError
 from tlora.common.messages import ALREADY_ATTACHED
-from tlora.method.adapters import as_saved, draw_base, make_adapter, orthogonal_starts
+from tlora.method.adapters import (
+    Branch,
+    FrozenCast,
+    Masks,
+    OrthoLoRAAdapter,
+    apply,
+    as_saved,
+    draw_base,
+    make_adapter,
+    orthogonal_starts,
+)
 from tlora.method.denoiser import DenoiserSpec
 from tlora.method.settings import TLoRASettings
 
@@ -35,18 +46,20 @@ class MaskState:
     scale: float = 1.0
     mask: torch.Tensor | None = field(default=None, repr=False)
     active: torch.Tensor | None = field(default=None, repr=False)  # what the adapters get: mask, maybe cut short
+    masks: Masks | None = field(default=None, repr=False)  # `active`, cast once per dtype for all adapters
 
     def set_timestep(self, timestep: torch.Tensor | float, device: torch.device) -> None:
         """Set the mask for a denoiser call at `timestep` (scalar or one per sample); no host sync. On the CPU the
         adapters get it as far as the largest active rank (`active`), so that they compute only active components."""
         s = self.settings
         if not s.timestep_dependent:  # every component at every t: no mask to multiply by
-            self.mask = self.active = None
+            self.mask = self.active = self.masks = None
             return
         self.mask = s.mask(torch.as_tensor(timestep, device=device)).reshape(-1, s.lora_rank)
         self.active = self.mask
-        if self.mask.device.type == "cpu":  # reading the ranks costs no device sync here
-            self.active = self.mask[:, :int(self.mask.sum(dim=1).max())]
+        if self.mask.device.type == "cpu" and not torch.compiler.is_compiling():  # no device sync here; a compiled
+            self.active = self.mask[:, :int(self.mask.sum(dim=1).max())]  # graph keeps the full width (no recompiles)
+        self.masks = Masks(self.active)
 
 
 ADAPTER = "timestep_adapter"  # the adapter's name on its Linear; no "lora" in it, so peft never takes it for its own
@@ -77,7 +90,9 @@ def attention_of(model: nn.Module, path: str) -> nn.Module | None:
 
 class RowAdapters(nn.Module):
     """Several adapters on one fused Linear, each adapting its own rows of the output (FLUX.2's q, k, v inside
-    `to_qkv_mlp_proj`): their outputs side by side, zeros for the rows none adapts."""
+    `to_qkv_mlp_proj`). Adapters of one kind and rank on adjacent rows run stacked, as one adapter would: one
+    down-projection, one gate, one batched up-projection and one add into their rows (bits may differ from running
+    them one by one: other GEMM shapes); the rows none adapts (FLUX.2's MLP rows) are never touched."""
 
     def __init__(self, out_features: int, parts: dict[str, tuple[tuple[int, int], nn.Module]]) -> None:
         super().__init__()
@@ -89,6 +104,10 @@ class RowAdapters(nn.Module):
         ends = [0] + [stop for _, stop in self.rows]
         if any(start < end for (start, _), end in zip(self.rows, ends)) or ends[-1] > out_features:
             raise ValueError(f"adapter rows {self.rows} overlap or exceed the layer's {out_features} outputs")
+        widths = {stop - start for start, stop in self.rows}
+        self.stacked = (len({type(a) for a in self.parts}) == 1 and len({a.rank for a in self.parts}) == 1
+                        and len(widths) == 1 and all(b[0] == a[1] for a, b in zip(self.rows, self.rows[1:])))
+        self._frozen = FrozenCast()
 
     def part(self, prefix: str) -> nn.Module:
         return self.parts[self.prefixes.index(prefix)]
@@ -97,39 +116,65 @@ class RowAdapters(nn.Module):
         """The update alone, the full width of the layer (zeros where no adapter is): for reading it, not the step."""
         return self.add_to(x.new_zeros(*x.shape[:-1], self.out_features), x, mask)
 
-    def add_to(self, output: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, scale: float = 1.0
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | Masks | None, scale: float = 1.0
                ) -> torch.Tensor:
-        """`output` + scale * the update, each adapter added into its own rows only: no zero blocks for the rows
-        none adapts (FLUX.2's MLP rows), in the forward or the backward pass (_AddIntoRows)."""
-        deltas = [adapter(x, mask) for adapter in self.parts]
-        return _AddIntoRows.apply(output, self.rows, *(d if scale == 1 else scale * d for d in deltas))
+        """`output` + scale * the update, added into `output` itself (its rows of each adapter only)."""
+        if self.stacked:
+            spans = [(self.rows[0][0], self.rows[-1][1], len(self.parts))]
+            deltas = [apply(self._branches(), x, mask, output.dtype, self._frozen_branches
+                            if isinstance(self.parts[0], OrthoLoRAAdapter) else None)]
+        else:
+            spans = [(start, stop, 1) for start, stop in self.rows]
+            deltas = [adapter(x, mask, output.dtype) for adapter in self.parts]
+        return _AddIntoRows.apply(output, spans, *(d if scale == 1 else scale * d for d in deltas))
+
+    def _branches(self) -> list[Branch]:
+        """The parts' trained branches as one: downs side by side (groups*r x in), lambdas (groups x r), ups stacked
+        (groups x out x r)."""
+        parts = [adapter.branches()[0] for adapter in self.parts]
+        lam = None if parts[0].lam is None else torch.cat([p.lam for p in parts])
+        return [Branch(torch.cat([p.down for p in parts]), lam, torch.stack([p.up for p in parts]), 1)]
+
+    def _frozen_branches(self, dtype: torch.dtype) -> list[Branch]:
+        sources = tuple(t for a in self.parts for t in (a.base_q.weight, a.base_lambda, a.base_p.weight))
+        return self._frozen.get(sources, dtype, _stacked_negated)
+
+
+def _stacked_negated(dtype: torch.dtype, *sources: torch.Tensor) -> list[Branch]:
+    """The parts' frozen branches as one, subtracted (-lambda0), in `dtype`: sources are (Q0, lambda0, P0) per part."""
+    qs, lams, ps = sources[0::3], sources[1::3], sources[2::3]
+    return [Branch(torch.cat(qs).to(dtype), (-torch.cat(lams)).to(dtype), torch.stack(ps).to(dtype), 1)]
+
+
+def _rows_of(t: torch.Tensor, span: tuple[int, int, int]) -> torch.Tensor:
+    """t's columns start:stop as a delta holds them: (*lead, width), or (groups, *lead, width / groups) for stacked
+    adapters (a view either way)."""
+    start, stop, groups = span
+    rows = t[..., start:stop]
+    return rows if groups == 1 else rows.unflatten(-1, (groups, -1)).movedim(-2, 0)
 
 
 class _AddIntoRows(torch.autograd.Function):
-    """output with deltas[i] added into its columns rows[i]: one concatenation forward; backward hands each delta
-    its slice of the gradient and the output the gradient itself, as views (a slice's own backward would allocate a
-    zero-filled gradient of the whole width for each)."""
+    """output with deltas[i] added, in place, into its columns spans[i]: no zero blocks and no copy of the rows
+    none adapts; backward hands each delta its columns of the gradient and the output the gradient itself, as views
+    (a slice's own backward would allocate a zero-filled gradient of the whole width for each)."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, rows: list[tuple[int, int]], *deltas: torch.Tensor) -> torch.Tensor:
-        ctx.rows, ctx.dtypes = rows, [d.dtype for d in deltas]
-        pieces, end = [], 0
-        for (start, stop), delta in zip(rows, deltas):
-            if start > end:
-                pieces.append(output[..., end:start])
-            pieces.append(output[..., start:stop] + delta)
-            end = stop
-        if end < output.shape[-1]:
-            pieces.append(output[..., end:])
-        return torch.cat(pieces, dim=-1)
+    def forward(ctx, output: torch.Tensor, spans: list[tuple[int, int, int]], *deltas: torch.Tensor) -> torch.Tensor:
+        ctx.spans, ctx.dtypes = spans, [d.dtype for d in deltas]
+        ctx.mark_dirty(output)
+        for span, delta in zip(spans, deltas):
+            _rows_of(output, span).add_(delta)
+        return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return (grad, None, *(grad[..., start:stop].to(dtype) for (start, stop), dtype in zip(ctx.rows, ctx.dtypes)))
+        return (grad, None, *(_rows_of(grad, span).to(dtype) for span, dtype in zip(ctx.spans, ctx.dtypes)))
 
 
 class _AddAdapter:
-    """Forward hook of a projection Linear: output + scale * adapter(input, mask)."""
+    """Forward hook of a projection Linear: output + scale * adapter(input, mask), the update in the output's dtype
+    (as peft adds its LoRA: the layer keeps its output dtype under autocast)."""
 
     def __init__(self, state: MaskState) -> None:
         self.state = state
@@ -140,8 +185,8 @@ class _AddAdapter:
             return output
         adapter = getattr(linear, ADAPTER)
         if isinstance(adapter, RowAdapters):
-            return adapter.add_to(output, inputs[0], self.state.active, scale)
-        delta = adapter(inputs[0], self.state.active)
+            return adapter.add_to(output, inputs[0], self.state.masks, scale)
+        delta = adapter(inputs[0], self.state.masks, output.dtype)
         return output + delta if scale == 1 else output + scale * delta
 
 
@@ -154,6 +199,8 @@ class TLoRA:
         self._trainable: list[nn.Parameter] | None = None
         self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(denoiser, path))}.values())
         self.check_usable()
+        self._fused_since_check = False
+        self._watch_fusing()
         # a mask per entry, which its own calls set: gradient checkpointing recomputes an entry's layers in backward,
         # after the other entries' calls, with that entry's mask
         self.states = {entry: state if i == 0 else MaskState(state.settings) for i, entry in enumerate(spec.entries)}
@@ -179,12 +226,38 @@ class TLoRA:
         """Refuse, in one line, a model state in which part of the T-LoRA would silently not apply."""
         if any(self.spec.fused(a) for a in self._attentions):
             raise UsageError(FUSED)
+        self._check_offload()
+
+    def _check_offload(self) -> None:
+        """enable_sequential_cpu_offload puts its hooks on every module: the first adapter's tell."""
         first = next(iter(self.layers.values()))[1]
         if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(first, ADAPTER, first).modules()):
             raise UsageError(OFFLOADED)
 
+    def _watch_fusing(self) -> None:
+        """Fusing is checked when it happens: each adapted attention's `fuse_projections` (which diffusers'
+        fuse_qkv_projections calls) marks the T-LoRA for a check at the next denoiser call; no call scans otherwise."""
+        def watched(original: Callable) -> Callable:
+            def fuse_projections(*args, **kwargs):
+                self._fused_since_check = True
+                return original(*args, **kwargs)
+            return fuse_projections
+
+        self._unwatched = [(a, a.__dict__.get("fuse_projections")) for a in self._attentions]
+        for attention in self._attentions:
+            attention.fuse_projections = watched(attention.fuse_projections)
+
+    def _check_at_call(self) -> None:
+        """check_usable in O(1) at each call: the attentions are scanned only after a fusing (and at every call
+        until the model is unfused)."""
+        if self._fused_since_check:
+            self.check_usable()
+            self._fused_since_check = False
+        else:
+            self._check_offload()
+
     def _on_denoiser_call(self, state: MaskState, denoiser: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.check_usable()
+        self._check_at_call()
         name, position = self.spec.timestep_arg
         timestep = kwargs[name] if name in kwargs else args[position]
         device = timestep.device if torch.is_tensor(timestep) else next(iter(self.layers.values()))[1].weight.device
@@ -229,6 +302,10 @@ class TLoRA:
             delattr(linear, ADAPTER)
         for hook in self._hooks:
             hook.remove()
+        for attention, own in self._unwatched:
+            attention.__dict__.pop("fuse_projections", None)
+            if own is not None:
+                attention.fuse_projections = own
         del self.denoiser._tlora
         return self.denoiser
 

@@ -27,6 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
+from tlora.method.adapters import MODELLED_AUTOCAST
+
 CATEGORIES = ("weights", "adapters", "gradients", "optimizer", "activations")
 
 
@@ -129,6 +131,15 @@ class GPUKernels(TorchFunctionMode):
     def __init__(self, autocast: torch.dtype | None = None) -> None:
         super().__init__()
         self.autocast = autocast
+
+    def __enter__(self):
+        if self.autocast is not None:  # the adapters see autocast on, as on CUDA (they skip their input's cast)
+            MODELLED_AUTOCAST.add("meta")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        MODELLED_AUTOCAST.discard("meta")
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
