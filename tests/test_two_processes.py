@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,49 @@ def test_a_checkpoint_failing_on_the_main_process_stops_every_process(tiny_sdxl,
     assert done.returncode != 0
     assert "error: could not write checkpoint-2: the disk holding" in done.stderr
     assert "could not write checkpoint-2 (another process says why)" in done.stderr
+
+
+SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.slow
+def test_no_host_sync_in_any_step_with_two_processes(tiny_sdxl, image_dir, tmp_path, monkeypatch):
+    """With two processes (their collectives faked in one) no step reads a tensor back to the host: the step itself
+    never, and the loop only at the steps where the losses are read and a stop is agreed (every LOSS_FLUSH_STEPS-th
+    and the last). Counted by the Tensor methods that sync a device (.item(), .tolist(), .cpu(), bool(), ...)."""
+    from accelerate import Accelerator
+
+    from tlora.train.loss_log import LOSS_FLUSH_STEPS
+    from tlora.train.trainer import Trainer
+
+    steps = LOSS_FLUSH_STEPS + 2
+    trainer = Trainer(parse_args(train_args(tiny_sdxl, image_dir, tmp_path, "--num_train_epochs", str(steps),
+                                            "--checkpointing_steps", "1000")))
+    trainer.setup()
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(Accelerator, "gather", lambda self, t: torch.cat([t, t]))
+    where = {"step": 0, "inside": False}
+    syncs = []
+    for name in SYNCING:
+        def counted(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+            caller = sys._getframe(1).f_code
+            syncs.append((where["step"], where["inside"], _name, f"{Path(caller.co_filename).stem}.{caller.co_name}"))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def step(self, indices, _step=Trainer.step):
+        where.update(step=where["step"] + 1, inside=True)
+        try:
+            return _step(self, indices)
+        finally:
+            where["inside"] = False
+    monkeypatch.setattr(Trainer, "step", step)
+    trainer.train()
+    monkeypatch.undo()
+    host_only = {("tolist", "conditioning._stack"),  # the sampler's indices, host data
+                 ("__int__", "injection.set_timestep")}  # the mask cut at its largest rank: on the CPU only
+    assert where["step"] == steps and {s[2:] for s in syncs if s[1]} == host_only, syncs  # no other in a step
+    host_data = ("sampler.__iter__", "dataloader.__init__")  # each pass's order and its seed: host data
+    outside = [s for s in syncs if not s[1] and s[3] not in host_data]
+    assert {s[0] for s in outside} == {LOSS_FLUSH_STEPS, steps}, outside  # the loop: only at the due steps
+    assert len(trainer.losses) == steps
