@@ -139,7 +139,9 @@ def test_fused_projections_on_flux(flux_pipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compiled_unet_keeps_the_tlora_exactly(loaded):
+def test_a_compiled_unet_keeps_the_tlora(loaded):
+    """Compiled, the mask keeps its full width (a new t never recompiles), so the products' rounding differs from
+    eager's on the CPU, where the mask ends at its largest active rank; unloaded, the base model exactly."""
     inputs = sdxl_inputs(loaded.unet)
     tlora.set_scale(loaded, 0.0)
     base = output_at(loaded.unet, inputs, (100, 800))
@@ -147,7 +149,7 @@ def test_a_compiled_unet_keeps_the_tlora_exactly(loaded):
     expected = {t: output_at(loaded.unet, inputs, t) for t in ((100, 800), (900, 5))}
     loaded.unet = torch.compile(loaded.unet, backend="eager")  # dynamo traces the hooks; no compiler needed here
     for t, out in expected.items():  # each sample's mask follows its timestep inside the compiled graph
-        assert torch.equal(output_at(loaded.unet, inputs, t), out)
+        assert torch.allclose(output_at(loaded.unet, inputs, t), out, rtol=1e-5, atol=1e-6)
     tlora.unload(loaded)  # through the compiled wrapper; dynamo's guards see the hooks go
     assert torch.equal(output_at(loaded.unet, inputs, (100, 800)), base)
 
