@@ -7,6 +7,7 @@ import torch
 
 from tlora.families.pipelines import load_pipeline
 from tlora.train.estimator import main, parse_args, trace_step
+from tlora.train.step_time import GPUS
 
 FLAGS = ["--resolution", "64", "--lora_rank", "4", "--min_rank", "2", "--trainer_type", "ortho_lora"]
 
@@ -30,9 +31,11 @@ def test_the_meta_trace_is_the_real_steps_tracked_peak(tiny_sdxl, extra):
 
 @pytest.mark.slow
 def test_json_answers_for_a_shipped_architecture_and_the_formula_parts(capsys):
-    """`--json` for a named architecture (no download): peak and FLOPs; 8-bit Adam and a 4-bit base lower the
-    figures by their formulas, and say so."""
-    base = ["--pretrained_model_name_or_path", "klein-4b", "--resolution", "256", "--rank", "4", "--min_rank", "4", "--json"]
+    """`--json` for a named architecture (no download): peak, FLOPs and seconds per step, eager and compiled; 8-bit
+    Adam and a 4-bit base lower the memory by their formulas, and say so; the 4-bit base costs time (each weight
+    unpacked at each use)."""
+    base = ["--pretrained_model_name_or_path", "klein-4b", "--resolution", "256", "--rank", "4", "--min_rank", "4",
+            "--json"]
     assert main(base) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main(base + ["--use_8bit_adam", "--optimizer", "adamw", "--base_model_precision", "nf4-bnb"]) == 0
@@ -43,6 +46,16 @@ def test_json_answers_for_a_shipped_architecture_and_the_formula_parts(capsys):
     assert any("nf4-bnb" in line for line in lean["by_formula"])
     assert any("8-bit AdamW" in line for line in lean["by_formula"])
     assert plain["options"]["adapters"] == 5 * 7 + 20 * 3
+    assert list(plain["step_seconds"]) == ["A100", "H100", "RTX 4090", "L40S"]
+    for gpu, modes in plain["step_seconds"].items():
+        (low, high), (compiled_low, compiled_high) = modes["eager"], modes["compiled"]
+        assert 0 < low < high and 0 < compiled_low < compiled_high <= high
+    assert plain["kernels_per_step"]["compiled"] < plain["kernels_per_step"]["eager"]
+    assert main(base + ["--base_model_precision", "nf4-bnb"]) == 0
+    unpacked = json.loads(capsys.readouterr().out)
+    assert unpacked["kernels_per_step"]["eager"] > plain["kernels_per_step"]["eager"]
+    assert all(a > b for gpu in GPUS for a, b in zip(unpacked["step_seconds"][gpu]["eager"],
+                                                     plain["step_seconds"][gpu]["eager"]))
 
 
 def test_bad_input_is_one_line_before_anything_is_built(capsys):

@@ -5,8 +5,8 @@ shipped architecture's (`sdxl`, `flux-dev`, `qwen-image`, ...), attaches the ada
 it (`diffusion_loss`, backward, gradient clipping, the optimizer step) under `tracing.LiveBytes`,
 `tracing.GPUKernels` and `tracing.Flops`. Set-up (the image and prompts encoded once, every part on the
 device) is traced the same way for the VAE. What is not traced is computed from its formula and says so:
-a quantized base's weights (bitsandbytes / torchao storage), 8-bit Adam's and Prodigy's state, and the step
-time (FLOPs at a stated share of the GPU's peak).
+a quantized base's weights (bitsandbytes / torchao storage), 8-bit Adam's and Prodigy's state. The step time is a
+model of the GPU step (`step_time`): every traced operation's FLOPs, bytes and launch, eager and compiled, as a range.
 """
 
 from __future__ import annotations
@@ -36,12 +36,10 @@ from tlora.families.pipelines import DTYPES
 from tlora.runs.hparams import from_hparams
 from tlora.train.objective import diffusion_loss, make_optimizer
 from tlora.train.options import TrainOptions
+from tlora.train.step_time import GPUS, HIGH, LOW, StepOps, optimizer_kernels, step_kernels
 from tlora.train.tracing import Flops, GPUKernels, LiveBytes
 
 GB = 2**30
-# Dense peak TFLOP/s (no sparsity): SXM parts' data sheets. fp32 is CUDA-core fp32; tf32 tensor cores.
-GPUS = {"A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
-        "H100": {"bf16": 989, "fp16": 989, "tf32": 494, "fp32": 67}}
 # Bytes per weight of a quantized Linear, with its scales: nf4 (4 bits, one fp32 absmax per 64), int8 (LLM.int8:
 # one fp32 scale per row, counted per weight at in_features >= 1024 as 1 + 4 / 1024), torchao weight-only
 # int8 / fp8 (one scale per output row, same bound).
@@ -61,7 +59,8 @@ class Estimate:
     setup: dict
     tflops_per_step: float
     step_seconds: dict
-    utilization: float
+    kernels_per_step: dict
+    utilization: float | None
     traced_in_s: float
     modelled: list[str] = field(default_factory=list)
     by_formula: list[str] = field(default_factory=list)
@@ -95,9 +94,14 @@ def _optimizer_state(opts: TrainOptions, numels: list[int]) -> tuple[int, str] |
     return None
 
 
+def _base_weights(model: nn.Module, adapters: set[int]) -> list[torch.Tensor]:
+    """The denoiser's own Linear weights: what a quantized base stores differently."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in adapters]
+
+
 def _linear_weights(model: nn.Module, adapters: set[int]) -> dict:
-    """The denoiser's own Linear weights (what a quantized base stores differently): count, numel, largest bytes."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in adapters]
+    """The base's Linear weights: count, numel, bytes, largest bytes."""
+    weights = _base_weights(model, adapters)
     return {"count": len(weights), "numel": sum(w.numel() for w in weights),
             "bytes": sum(w.numel() * w.element_size() for w in weights),
             "largest": max(w.numel() * w.element_size() for w in weights)}
@@ -129,12 +133,18 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     live.reset_peak()
     counter = Flops()
     kernels = torch.autocast("cpu", dtype, enabled=autocast is not None) if real else GPUKernels(autocast)
+    in_adapters = {id(m) for a in tlora.adapters.values() for m in a.modules()}
+    ops = StepOps(_base_weights(model, in_adapters), opts.allow_tf32)
+    hooks += [model.register_forward_pre_hook(lambda *_: setattr(ops, "phase", "compiled")),
+              model.register_forward_hook(lambda *_: setattr(ops, "phase", "eager"))]
     start = time.perf_counter()
     try:
-        with live, kernels, counter:
+        with live, kernels, counter, ops:
             loss = diffusion_loss(family, model, pipe, scheduler, batch, dtype, opts.prior_loss_weight
                                   if opts.with_prior_preservation else None, opts.guidance_scale or 1.0)
+            ops.phase = "compiled"  # the backward of the compiled denoiser (and of the loss: a few operations)
             loss.backward()
+            ops.phase = "optimizer"
             if opts.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
             optimizer.step()
@@ -142,13 +152,13 @@ def trace_step(opts: TrainOptions, name: str | None = None, pipe=None) -> dict:
     finally:
         for h in hooks:
             h.remove()
-        linears = _linear_weights(model, {id(m) for a in tlora.adapters.values() for m in a.modules()})
+        linears = _linear_weights(model, in_adapters)
         adapters = len(tlora.adapters)
         if real:  # leave the pipeline as it was
             tlora.unload()
             model.disable_gradient_checkpointing()
     out.update(split=dict(live.at_peak), flops=counter.total, traced_in_s=time.perf_counter() - start,
-               conv_flops=counter.convolution,
+               conv_flops=counter.convolution, ops=ops.ops,
                adapters=adapters, numels=[p.numel() for p in params], linears=linears)
     return out
 
@@ -228,21 +238,21 @@ def _trace_setup(family, pipe, parts: dict[str, nn.Module], opts: TrainOptions) 
     return {"weights": weights, "encode": live.peak, "encoders": encoders}
 
 
-def _seconds(flops: float, conv_flops: float, opts: TrainOptions, utilization: float) -> dict[str, float]:
-    """Step time at `utilization` of each GPU's dense peak: half precision on tensor cores; fp32 matrix products on
-    CUDA cores unless --allow_tf32, convolutions in TF32 (cuDNN's default)."""
-    out = {}
-    for gpu, rate in GPUS.items():
-        if opts.mixed_precision in ("bf16", "fp16"):
-            seconds = flops / (rate[opts.mixed_precision] * 1e12)
-        else:
-            matmul = rate["tf32"] if opts.allow_tf32 else rate["fp32"]
-            seconds = (flops - conv_flops) / (matmul * 1e12) + conv_flops / (rate["tf32"] * 1e12)
-        out[gpu] = round(seconds / utilization, 3)
-    return out
+def _step_seconds(t: dict, opts: TrainOptions, utilization: float | None) -> tuple[dict, dict]:
+    """Seconds per step on each GPU, eager and compiled, as [low, high] (step_time's LOW and HIGH assumptions,
+    `utilization` the compute share of both ends if given); and the kernels per step."""
+    quantized = QUANTIZED_BYTES.get(opts.base_model_precision)
+    steps = {}
+    for mode in ("eager", "compiled"):
+        steps[mode] = step_kernels(t["ops"], mode == "compiled", quantized)
+        optimizer_kernels(steps[mode], opts.optimizer, opts.use_8bit_adam, t["numels"], bool(opts.max_grad_norm))
+    ends = [replace(a, compute_share=utilization) if utilization else a for a in (LOW, HIGH)]
+    seconds = {gpu: {mode: [round(k.seconds(spec, a), 3) for a in ends] for mode, k in steps.items()}
+               for gpu, spec in GPUS.items()}
+    return seconds, {mode: len(k.flops) for mode, k in steps.items()}
 
 
-def estimate(opts: TrainOptions, name: str, utilization: float = 0.4, traced: dict | None = None) -> Estimate:
+def estimate(opts: TrainOptions, name: str, utilization: float | None = None, traced: dict | None = None) -> Estimate:
     """The figures of one configuration (`traced`: a trace_step result to reuse for options it does not change)."""
     t = traced or trace_step(opts, name)
     split = dict(t["split"])
@@ -271,13 +281,14 @@ def estimate(opts: TrainOptions, name: str, utilization: float = 0.4, traced: di
     setup_peak = weights_setup + t["setup"]["encode"]
     step = {k: _gb(v) for k, v in split.items()} | {"peak_gb": _gb(step_peak)}
     step["adapters_grads_optimizer_gb"] = _gb(split["adapters"] + split["gradients"] + split["optimizer"])
-    by_formula.append(f"step time: FLOPs / ({utilization:.0%} of the dense peak TFLOP/s)")
+    by_formula.append("step time: per kernel max(FLOPs / peak, bytes / bandwidth) + launch cost, eager and compiled "
+                      "(tlora/train/step_time.py); clipping and the optimizer step as CUDA runs them")
+    seconds, launches = _step_seconds(t, opts, utilization)
     return Estimate(
         model=name, family=opts.family, peak_gb=_gb(max(step_peak, setup_peak)), step=step,
         setup={"peak_gb": _gb(setup_peak), "weights_gb": _gb(weights_setup), "encode_gb": _gb(t["setup"]["encode"]),
                "encoders_gb": _gb(t["setup"]["encoders"])},
-        tflops_per_step=round(t["flops"] / 1e12, 6), step_seconds=_seconds(t["flops"], t["conv_flops"], opts,
-                                                                           utilization),
+        tflops_per_step=round(t["flops"] / 1e12, 6), step_seconds=seconds, kernels_per_step=launches,
         utilization=utilization, traced_in_s=round(t["traced_in_s"], 1), modelled=modelled, by_formula=by_formula,
         options={k: getattr(opts, k) for k in ("resolution", "train_batch_size", "trainer_type", "lora_rank",
                                                "min_rank", "mixed_precision", "gradient_checkpointing",
@@ -302,14 +313,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainOptions, dict]:
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     parser.add_argument("--fit", type=float, default=None,
                         help="GB of GPU memory: also name the fastest options that fit in it.")
-    parser.add_argument("--utilization", "--utilisation", type=float, default=0.4,
-                        help="Share of the GPU's dense peak TFLOP/s a step reaches, for the step time. Default: 0.4.")
+    parser.add_argument("--utilization", "--utilisation", type=float, default=None,
+                        help="Share of the dense peak TFLOP/s that matrix products, convolutions and attention reach, "
+                             f"at both ends of the step-time range. Default: {LOW.compute_share} at the low end, "
+                             f"{HIGH.compute_share} at the high end.")
     extra: dict = {}
     opts = read_flags(parser, argv, extra)
-    check_finite("--utilization", extra["utilization"], 0, 1, low_open=True)
-    if extra["utilization"] < MIN_UTILIZATION:  # the step time would overflow to infinity
-        raise UsageError(f"--utilization {extra['utilization']} is too small a share to give a step time; pass a "
-                         f"share of at least {MIN_UTILIZATION}, such as 0.4")
+    if extra["utilization"] is not None:
+        check_finite("--utilization", extra["utilization"], 0, 1, low_open=True)
+        if extra["utilization"] < MIN_UTILIZATION:  # the step time would overflow to infinity
+            raise UsageError(f"--utilization {extra['utilization']} is too small a share to give a step time; pass "
+                             f"a share of at least {MIN_UTILIZATION}, such as 0.6")
     if extra["fit"] is not None:
         check_finite("--fit", extra["fit"], 0, low_open=True)
     check_seed("--seed", opts.seed)
@@ -388,7 +402,7 @@ def model_source(name: str, revision: str | None) -> str:
     return folder
 
 
-def fit(opts: TrainOptions, name: str, budget_gb: float, utilization: float, traced: dict) -> dict:
+def fit(opts: TrainOptions, name: str, budget_gb: float, utilization: float | None, traced: dict) -> dict:
     """The options to add, cheapest in time first (bf16, gradient checkpointing, 8-bit Adam, a 4-bit base), until
     the run fits `budget_gb` with the CUDA context: the flags to add and the figures then (fits false: even all
     of them are not enough)."""
@@ -442,14 +456,27 @@ def table(e: Estimate) -> str:
         f"| set-up: every part on the device + encoding the image | {e.setup['peak_gb']:.2f} "
         f"({e.setup['weights_gb']:.2f} + {e.setup['encode_gb']:.2f}) |",
         "",
-        f"{e.tflops_per_step:.2f} TFLOPs per step; at {e.utilization:.0%} of the dense peak: "
-        + ", ".join(f"{gpu} {sec:.2f} s/step" for gpu, sec in e.step_seconds.items()),
-        f"(traced on the meta device in {e.traced_in_s:.1f} s)",
+        *time_table(e),
+        "",
+        f"{e.tflops_per_step:.2f} TFLOPs, {e.kernels_per_step['eager']} kernels eager and "
+        f"{e.kernels_per_step['compiled']} compiled per step (traced on the meta device in {e.traced_in_s:.1f} s)",
         "",
         "modelled: " + "; ".join(e.modelled),
         "by formula: " + "; ".join(e.by_formula),
     ]
     return "\n".join(lines)
+
+
+def time_table(e: Estimate) -> list[str]:
+    """Seconds per step, eager and torch.compile side by side, each a range from the low-end to the high-end
+    assumptions (step_time.LOW, HIGH), which the last line states."""
+    lines = ["| s/step, low-high | eager | torch.compile |", "|---|---|---|"]
+    for gpu, modes in e.step_seconds.items():
+        lines.append(f"| {gpu} | " + " | ".join(f"{low:.2f}-{high:.2f}" for low, high in modes.values()) + " |")
+    low, high = (f"{e.utilization or a.compute_share:.0%} of the dense peak, {a.bandwidth_share:.0%} of the memory "
+                 f"bandwidth, launches of {a.eager_launch_us:g} us eager / {a.compiled_launch_us:g} us compiled"
+                 for a in (LOW, HIGH))
+    return [*lines, f"low: {low}, overlapping the GPU's work; high: {high}, after it"]
 
 
 def run(parsed: tuple[TrainOptions, dict]) -> None:
@@ -469,7 +496,9 @@ def run(parsed: tuple[TrainOptions, dict]) -> None:
         f = out["fit"]
         verdict = "fits" if f["fits"] else "does not fit even"
         print(f"\n--fit {f['budget_gb']:g}: {verdict} with {' '.join(f['add']) or 'the options as given'} "
-              f"(peak {f['peak_gb']:.2f} GB + {CONTEXT_GB} GB CUDA context)")
+              f"(peak {f['peak_gb']:.2f} GB + {CONTEXT_GB} GB CUDA context; H100 "
+              + ", ".join(f"{mode} {low:.2f}-{high:.2f}" for mode, (low, high) in f["step_seconds"]["H100"].items())
+              + " s/step)")
         if "why" in f:
             print(f"--fit {f['budget_gb']:g}: {f['why']}")
 
