@@ -5,15 +5,18 @@
 
 Cases: SDXL at 1024 px, T-LoRA rank 64/32, in fp32 (the authors' setting), bf16 + gradient checkpointing,
 + 8-bit Adam, fp16 + gradient checkpointing; FLUX.1-dev at full size, Vanilla T-LoRA rank 16, in bf16 and with a
-4-bit (nf4) base + gradient checkpointing + 8-bit Adam; 1024 px inference with the T-LoRA (25 steps); exact resume
-in deterministic mode (4 steps against 2 + resume + 2, bitwise). Each training case times `--steps` steps of
-train.py's Trainer after one warm-up and reads torch.cuda.max_memory_allocated(). Any exception stops the check
-with a non-zero exit.
+4-bit (nf4) base + gradient checkpointing + 8-bit Adam; SDXL bf16 + checkpointing and FLUX.1-dev bf16 again with
+`--compile` (CUDA only: compiling adds minutes); 1024 px inference with the T-LoRA (25 steps); exact resume in
+deterministic mode (4 steps against 2 + resume + 2, bitwise). Each training case times `--steps` steps of
+train.py's Trainer after one warm-up (which compiles) and reads torch.cuda.max_memory_allocated(), beside the
+estimator's step-time range for the same flags, eager or compiled, on the estimator's GPU nearest the device: the
+measurements that calibrate tlora/train/step_time.py. Any exception stops the check with a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -29,16 +32,18 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (the resume case); before CUDA starts
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (the resume case), before CUDA
 
 from accelerate.state import AcceleratorState  # noqa: E402
 
 from tlora.train.estimator import estimate  # noqa: E402
 from tlora.train.estimator import parse_args as estimate_args
-from tlora.train.options import parse_args  # noqa: E402
+from tlora.train.options import TrainOptions, parse_args  # noqa: E402
+from tlora.train.step_time import GPUS  # noqa: E402
 from tlora.train.trainer import Trainer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+COMPILE = "compile" in {f.name for f in dataclasses.fields(TrainOptions)}  # train.py's --compile
 SDXL = ["--trainer_type", "ortho_lora", "--trainer_class", "sdxl_tlora", "--lora_rank", "64", "--min_rank", "32"]
 FLUX = ["--trainer_type", "lora", "--trainer_class", "flux_tlora", "--lora_rank", "16", "--min_rank", "8",
         "--max_sequence_length", "512"]
@@ -78,8 +83,8 @@ def replaced(flags: list[str], extra: list[str]) -> list[str]:
 
 def argv(folder: str, data: Path, out: Path, resolution: int, extra: list[str]) -> list[str]:
     return ["--pretrained_model_name_or_path", folder, "--pretrained_vae_model_name_or_path", "none",
-            "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog", "--placeholder_token", "sks",
-            "--resolution", str(resolution), "--num_train_epochs", "1000", "--checkpointing_steps", "1000",
+            "--train_data_dir", str(data), "--output_dir", str(out), "--class_name", "dog", "--placeholder_token",
+            "sks", "--resolution", str(resolution), "--num_train_epochs", "1000", "--checkpointing_steps", "1000",
             "--optimizer", "adamw", "--learning_rate", "1e-4", *extra]
 
 
@@ -117,12 +122,18 @@ def train_case(name: str, flags: list[str], estimate_name: str, steps: int, pipe
         pipe.to("cpu")
     est_flags = [f for f in flags]
     est_flags[est_flags.index("--pretrained_model_name_or_path") + 1] = estimate_name
-    predicted = estimate(estimate_args(est_flags)[0], _source(estimate_name))
+    predicted = estimate(estimate_args([f for f in est_flags if f != "--compile"])[0], _source(estimate_name))
     del trainer
-    return {"case": name, "s_per_step": round(statistics.median(times[1:]), 3), "setup_s": round(setup_seconds, 1),
-            "peak_gb": round(peak, 2),
-            "estimated_peak_gb": predicted.peak_gb, "estimated_step_gb": predicted.step["peak_gb"],
-            "estimated_h100_s": predicted.step_seconds["H100"], "tflops_per_step": predicted.tflops_per_step}
+    return {"case": name, "mode": "compiled" if "--compile" in flags else "eager",
+            "s_per_step": round(statistics.median(times[1:]), 3), "setup_s": round(setup_seconds, 1),
+            "peak_gb": round(peak, 2), "estimated_peak_gb": predicted.peak_gb,
+            "estimated_step_gb": predicted.step["peak_gb"], "estimated_s": predicted.step_seconds,
+            "tflops_per_step": predicted.tflops_per_step}
+
+
+def nearest_gpu(device: str) -> str:
+    """The estimator's GPU named in `device` (H100 for any other: an H200 is an H100 with more memory)."""
+    return next((gpu for gpu in GPUS if gpu.split()[-1] in device), "H100")
 
 
 def _source(name: str) -> str:
@@ -204,6 +215,10 @@ def main(argv_: list[str] | None = None) -> int:
         cases.append(flux("FLUX.1-dev nf4 base + checkpointing + 8-bit Adam",
                           ["--mixed_precision", "bf16", "--base_model_precision", "nf4-bnb",
                            "--gradient_checkpointing", "--use_8bit_adam"]))
+    if CUDA and COMPILE:  # inductor on the CPU would take minutes for the smoke test; before --compile: eager only
+        cases += [sdxl("SDXL bf16 + gradient checkpointing, compiled", ["--mixed_precision", "bf16",
+                                                                         "--gradient_checkpointing", "--compile"]),
+                  flux("FLUX.1-dev bf16, compiled", ["--mixed_precision", "bf16", "--compile"])]
     rows = [train_case(name, flags, est, opts.steps, pipe) for name, flags, est, pipe in cases]
     rows.append(inference_case(folders["sdxl"][2], res, 2 if opts.smoke else 25))
     tiny = folders["sdxl"][0] if opts.smoke else str(__import__("tlora.families.tiny_models", fromlist=["x"])
@@ -211,19 +226,21 @@ def main(argv_: list[str] | None = None) -> int:
     rows.append(resume_case(argv(tiny, data, scratch / "resume", 64, SDXL[:4] + ["--lora_rank", "4", "--min_rank",
                                                                                    "2"]), scratch / "resume"))
     device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores), smoke"
+    gpu = nearest_gpu(device)
     print(f"device: {device}, torch {torch.__version__}\n")
-    print("| case | s/step (or s/image) | set-up s | peak GB | estimated peak GB (step) | estimated H100 s/step | "
-          "TFLOPs/step |")
+    print(f"| case | s/step (or s/image) | set-up s | peak GB | estimated peak GB (step) | estimated {gpu} s/step, "
+          "low-high | TFLOPs/step |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "s_per_step" in r:
+            low, high = r["estimated_s"][gpu][r["mode"]]
             print(f"| {r['case']} | {r['s_per_step']} | {r['setup_s']} | {r['peak_gb']} | {r['estimated_peak_gb']} "
-                  f"({r['estimated_step_gb']}) | {r['estimated_h100_s']} | {r['tflops_per_step']} |")
+                  f"({r['estimated_step_gb']}) | {low}-{high} ({r['mode']}) | {r['tflops_per_step']} |")
         elif "s_per_image" in r:
             print(f"| {r['case']} | {r['s_per_image']} | | {r['peak_gb']} | | | |")
         else:
             print(f"| {r['case']} | equal: {r['equal']} | | | | | |")
-    out = json.dumps({"device": device, "torch": torch.__version__, "rows": rows})
+    out = json.dumps({"device": device, "estimator_gpu": gpu, "torch": torch.__version__, "rows": rows})
     print(out)
     if opts.output:
         Path(opts.output).write_text(out + "\n")

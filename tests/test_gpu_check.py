@@ -15,9 +15,12 @@ def test_the_gpu_check_runs_every_case_in_smoke_mode(tmp_path, capsys):
     import gpu_check
 
     assert gpu_check.main(["--smoke", "--steps", "1", "--output", str(tmp_path / "check.json")]) == 0
-    rows = json.loads((tmp_path / "check.json").read_text())["rows"]
+    check = json.loads((tmp_path / "check.json").read_text())
+    rows = check["rows"]
     training = [r for r in rows if "s_per_step" in r]
     assert [r["case"].split()[0] for r in training] == ["SDXL", "SDXL", "FLUX.1-dev"]
     assert all(r["s_per_step"] > 0 and r["estimated_peak_gb"] > 0 and r["tflops_per_step"] > 0 for r in training)
+    assert check["estimator_gpu"] == "H100" and all(r["mode"] == "eager" for r in training)  # no compiling here
+    assert all(0 < low < high for r in training for low, high in r["estimated_s"]["H100"].values())
     assert rows[-1]["equal"] is True and rows[-2]["s_per_image"] > 0
     assert "| SDXL fp32 (the authors' setting) |" in capsys.readouterr().out
