@@ -183,12 +183,32 @@ def _branch(h_in: torch.Tensor, branch: Branch, masks: Masks | None, k: int) -> 
     if k < rank:
         down = down.unflatten(0, (groups, rank))[:, :k].flatten(0, 1)
         up, lam = up[..., :k].contiguous(), None if lam is None else lam[..., :k]
-    h = _gated(F.linear(h_in, down), lam, masks, k, groups)
+    h = F.linear(h_in, down)
+    if lam is not None and h.dtype != lam.dtype:  # half-precision products: lambda scales the up-projection (below)
+        up, lam = up * (lam if groups == 1 else lam[:, None, :]), None
+    h = _gated(h, lam, masks, k, groups)
     if groups == 1:
         return F.linear(h, up)
     stacked = h.unflatten(-1, (groups, k)).movedim(-2, 0)  # (groups, *lead, k): a view
-    y = torch.bmm(stacked.reshape(groups, -1, k), up.transpose(1, 2))
+    y = _BatchedUp.apply(stacked.reshape(groups, -1, k), up.to(h.dtype))
     return y.reshape(groups, *h.shape[:-1], up.shape[1])
+
+
+class _BatchedUp(torch.autograd.Function):
+    """bmm(h, up^T) for stacked adapters (h: groups x M x k, up: groups x out x k), whose backward gives up's gradient
+    in up's own layout (g^T h): a plain bmm's is the transpose of it, which each adapter's up weight would copy into
+    its own layout (one copy per adapter per step)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, up)
+        return torch.bmm(h, up.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, up = ctx.saved_tensors
+        return (torch.bmm(grad, up) if ctx.needs_input_grad[0] else None,
+                torch.bmm(grad.transpose(1, 2), h) if ctx.needs_input_grad[1] else None)
 
 
 def factors(parts: list[Branch], mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,17 +323,19 @@ class OrthoLoRAAdapter(nn.Module):
     def frozen(self, dtype: torch.dtype) -> list[Branch]:
         """The frozen start's branch in `dtype`, its sign folded into lambda (-lambda0): cast once, not at every call
         (FrozenCast)."""
-        return self._frozen.get((self.base_q.weight, self.base_lambda, self.base_p.weight), dtype, _negated_branch)
+        return self._frozen.get((self.base_q.weight, self.base_lambda, self.base_p.weight), dtype, negated_branch)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | Masks | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return apply(self.branches(), x, mask, out_dtype, self.frozen)
 
 
-def _negated_branch(dtype: torch.dtype, down: torch.Tensor, lam: torch.Tensor, up: torch.Tensor) -> list[Branch]:
-    """One branch, subtracted: its factors in `dtype` with -lambda (negating is exact: the terms are exactly the
-    negated ones)."""
-    return [Branch(down.to(dtype), (-lam).to(dtype), up.to(dtype), 1)]
+def negated_branch(dtype: torch.dtype, down: torch.Tensor, lam: torch.Tensor, up: torch.Tensor) -> list[Branch]:
+    """One branch, subtracted, made as `_branch` computes it in `dtype`: -lambda on the gate (products in the
+    parameters' dtype) or on the up-projection (half-precision products), negating being exact."""
+    if dtype == lam.dtype:
+        return [Branch(down, -lam, up, 1)]
+    return [Branch(down.to(dtype), None, (up * -(lam if up.dim() == 2 else lam[:, None, :])).to(dtype), 1)]
 
 
 class FrozenCast:

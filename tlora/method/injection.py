@@ -31,6 +31,7 @@ from tlora.method.adapters import (
     as_saved,
     draw_base,
     make_adapter,
+    negated_branch,
     orthogonal_starts,
 )
 from tlora.method.denoiser import DenoiserSpec
@@ -143,7 +144,7 @@ class RowAdapters(nn.Module):
 def _stacked_negated(dtype: torch.dtype, *sources: torch.Tensor) -> list[Branch]:
     """The parts' frozen branches as one, subtracted (-lambda0), in `dtype`: sources are (Q0, lambda0, P0) per part."""
     qs, lams, ps = sources[0::3], sources[1::3], sources[2::3]
-    return [Branch(torch.cat(qs).to(dtype), (-torch.cat(lams)).to(dtype), torch.stack(ps).to(dtype), 1)]
+    return negated_branch(dtype, torch.cat(qs), torch.cat(lams), torch.stack(ps))
 
 
 def _rows_of(t: torch.Tensor, span: tuple[int, int, int]) -> torch.Tensor:
