@@ -476,7 +476,7 @@ def time_table(e: Estimate) -> list[str]:
     low, high = (f"{e.utilization or a.compute_share:.0%} of the dense peak, {a.bandwidth_share:.0%} of the memory "
                  f"bandwidth, launches of {a.eager_launch_us:g} us eager / {a.compiled_launch_us:g} us compiled"
                  for a in (LOW, HIGH))
-    return [*lines, f"low: {low}, overlapping the GPU's work; high: {high}, after it"]
+    return [*lines, "", f"low: {low}, overlapping the GPU's work; high: {high}, after it"]
 
 
 def run(parsed: tuple[TrainOptions, dict]) -> None:
