@@ -6,7 +6,8 @@ ortho_lora).
     python bench/launch_count.py                                  # sdxl and klein-4b at 1024 px (minutes on a CPU)
     python bench/launch_count.py --model klein-4b --resolution 512
 
-The adapters' share is the difference from the frozen denoiser; the ratios compare it with peft's.
+The adapters' share is the difference from the frozen denoiser; the ratios compare it with peft's. "zero-filled"
+counts the operations that make or fill a tensor with zeros (a zero block would show there).
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ class Count(TorchDispatchMode):
         return out
 
 
-def measure(model_name: str, resolution: int, variant: str, rank: int) -> tuple[int, int]:
-    """(operations, bytes) of one forward + backward of the loss with the adapters of `variant`."""
+ZEROS = {"aten.zeros.default", "aten.new_zeros.default", "aten.zeros_like.default", "aten.zero_.default",
+         "aten.fill_.Scalar", "aten.full.default", "aten.new_full.default", "aten.full_like.default"}
+
+
+def measure(model_name: str, resolution: int, variant: str, rank: int) -> tuple[int, int, int]:
+    """(operations, bytes, zero-filled tensors) of one forward + backward of the loss with the adapters of `variant`."""
     from tlora.families.architectures import empty_pipeline
     from tlora.train.estimator import conditioning, parse_args
     from tlora.train.objective import diffusion_loss
@@ -85,7 +90,7 @@ def measure(model_name: str, resolution: int, variant: str, rank: int) -> tuple[
     with count, GPUKernels(torch.bfloat16):  # CUDA's autocast and attention kernels, as the estimator traces them
         loss = diffusion_loss(family, model, pipe, scheduler, batch, torch.bfloat16, None, 1.0)
         loss.backward()
-    return sum(count.ops.values()), count.bytes
+    return sum(count.ops.values()), count.bytes, sum(n for op, n in count.ops.items() if op in ZEROS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     for name in opts.model or ["sdxl", "klein-4b"]:
         rows = {v: measure(name, opts.resolution, v, opts.rank) for v in ("frozen", "peft", "lora", "ortho_lora")}
-        frozen_ops, frozen_bytes = rows["frozen"]
+        frozen_ops, frozen_bytes, _ = rows["frozen"]
         peft_ops = rows["peft"][0] - frozen_ops
         print(f"\n{name} at {opts.resolution} px, rank {opts.rank}, bf16 autocast, forward + backward (traced on meta)")
-        print(f"{'':12s} {'operations':>11s} {'added':>8s} {'vs peft':>8s} {'GB allocated':>13s}")
-        for variant, (ops, nbytes) in rows.items():
+        print(f"{'':12s} {'operations':>11s} {'added':>8s} {'vs peft':>8s} {'GB allocated':>13s} {'zero-filled':>12s}")
+        for variant, (ops, nbytes, zeros) in rows.items():
             added = ops - frozen_ops
             ratio = f"{added / peft_ops:.2f}x" if variant in ("lora", "ortho_lora") and peft_ops else ""
-            print(f"{variant:12s} {ops:11d} {added if variant != 'frozen' else '':>8} {ratio:>8s} {nbytes / 1e9:13.2f}")
+            print(f"{variant:12s} {ops:11d} {added if variant != 'frozen' else '':>8} {ratio:>8s} {nbytes / 1e9:13.2f}"
+                  f" {zeros:12d}")
     return 0
 
 
