@@ -6,6 +6,7 @@ UNet or transformer), scale it, unload it.
     image = pipe("a photo of sks dog on the beach").images[0]
     tlora.set_scale(pipe, 0.5)     # 0 = the base model
     tlora.unload(pipe)             # the original model, exactly
+    tlora.load(pipe, "RUN/checkpoint-800", compile=True)   # the denoiser torch.compiled with the T-LoRA in its graph
 
 The mask follows the denoiser's timestep, so text-to-image, img2img, inpainting and ControlNet pipelines,
 and any scheduler, all get the right T-LoRA mask at every step.
@@ -19,6 +20,8 @@ from inspect import signature
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tlora import families
 from tlora.common.errors import CheckpointError, UsageError
 from tlora.common.messages import OWN_FAMILY
@@ -31,7 +34,7 @@ from tlora.runs.reading import DEFAULT, Checkpoint, read
 
 def load(
     pipe_or_denoiser: Any, checkpoint: str | Path | Checkpoint, hparams: dict | str | Path | None = None,
-    scale: float = 1.0, **overrides: Any,
+    scale: float = 1.0, compile: bool = False, **overrides: Any,
 ) -> TLoRA:
     """Attach the T-LoRA in `checkpoint` (a run folder, a checkpoint folder, its .safetensors file, the authors'
     FLUX lora.pt, a SimpleTuner / LyCORIS file, or a `tlora.read` result) to a pipeline of any family tlora knows, or
@@ -42,6 +45,7 @@ def load(
     default the run's logs/hparams.yml beside the checkpoint), then the tensors, then the authors' defaults,
     each of which is said in one line (an `AssumedSetting` warning) when it changes the result.
     Adapters are float32 on the model's device: load after moving the pipeline to its device and dtype.
+    `compile=True` torch.compiles the denoiser with the T-LoRA attached (compile_denoiser): its first call compiles.
     """
     check_scale(scale)
     check_keywords(overrides)
@@ -72,7 +76,26 @@ def load(
                                   "it was trained on another model: load the base model its run names "
                                   "(pretrained_model_name_or_path in its hparams.yml)") from None
     tlora.set_scale(scale)
+    if compile:
+        compile_denoiser(tlora)
     return tlora
+
+
+COMPILE_BACKEND = "inductor"
+COMPILE_HELP = f"torch.compile the denoiser with the T-LoRA attached ({COMPILE_BACKEND} backend)"
+
+
+def compile_denoiser(tlora: TLoRA, backend: str = COMPILE_BACKEND) -> None:
+    """torch.compile the denoiser with `tlora` attached: each module a pipeline calls (DenoiserSpec.entries), in place
+    (nn.Module.compile), so the pipeline, accelerate, DDP and the checkpoint keys see the same module (no
+    `_orig_mod`). With dynamo's wrap_top_frame the mask's pre-hook is traced into the denoiser's graph (else it is
+    a graph of its own before it), the mask a tensor in the graph, so a new timestep never recompiles. Dynamo then
+    also guards on the modules' hooks: set_scale, unload or another T-LoRA after compiling recompile instead of
+    running a graph traced without them."""
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    with torch._dynamo.config.patch(wrap_top_frame=True):
+        for entry in tlora.spec.entries:
+            tlora.denoiser.get_submodule(entry).compile(backend=backend)
 
 
 READ_PARAMETERS = tuple(name for name, p in signature(read).parameters.items() if p.kind is not p.VAR_KEYWORD)

@@ -20,7 +20,7 @@ from tlora.common.values import check_count, check_device, check_guidance, check
 from tlora.families.model_checks import check_vae, long_prompts
 from tlora.families.pipelines import DTYPES, load_pipeline
 from tlora.generate import generation
-from tlora.generate.api import load
+from tlora.generate.api import COMPILE_HELP, load
 from tlora.generate.generation import distilled_defaults, image_size
 from tlora.generate.video import frames_kwargs
 from tlora.runs.reading import read
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", type=str, default=None, help="Default: cuda when available, else cpu.")
     a("--dtype", type=str, default=None, choices=["fp32", "fp16", "bf16"],
       help="Default on CUDA: " + by_family("gpu_dtype")[len("Default: "):-1] + "; fp32 on the CPU.")
+    a("--compile", action="store_true", default=False, help=COMPILE_HELP + ": the first images wait for it to "
+      "compile (minutes on a full-size model), the rest come faster; a new timestep never recompiles.")
     return p
 
 
@@ -192,10 +194,10 @@ def run(args: argparse.Namespace) -> Path:
     hp = args.hparams
     family = args.family
     pipe = load_pipeline(
-        hp["pretrained_model_name_or_path"], hp["pretrained_vae_model_name_or_path"], hp["revision"], DTYPES[args.dtype],
-        family,
+        hp["pretrained_model_name_or_path"], hp["pretrained_vae_model_name_or_path"], hp["revision"],
+        DTYPES[args.dtype], family,
     ).to(args.device)
-    load(pipe, args.ckpt)
+    load(pipe, args.ckpt, compile=args.compile)
     cfg = generation.Sampling(
         hp["placeholder_token"], hp["class_name"],
         args.samples,

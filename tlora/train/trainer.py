@@ -32,6 +32,7 @@ from tlora.common.messages import WRITABLE_FOLDER, note, resume_with
 from tlora.common.prompts import BASE_PROMPT, split_prompts
 from tlora.families.pipelines import DTYPES, encoders_on, load_pipeline, offload_encoders
 from tlora.generate import generation
+from tlora.generate.api import compile_denoiser
 from tlora.generate.generation import image_size
 from tlora.generate.video import frames_kwargs
 from tlora.method.injection import TLoRA
@@ -116,7 +117,8 @@ class Trainer:
                                       opts.revision, self.weight_dtype, opts.recipe, opts.base_model_precision)
         self.family = opts.recipe
         for name, part in self.pipe.components.items():
-            if isinstance(part, torch.nn.Module) and (opts.base_model_precision == "auto" or name != self.family.model_attr):
+            quantized = opts.base_model_precision != "auto" and name == self.family.model_attr
+            if isinstance(part, torch.nn.Module) and not quantized:
                 part.to(self.device)
         self.scheduler = self.family.noise_scheduler(self.pipe)
 
@@ -136,6 +138,8 @@ class Trainer:
             set_seed(opts.seed + acc.process_index)
         if opts.gradient_checkpointing:
             self.family.model(self.pipe).enable_gradient_checkpointing()
+        if opts.compile:  # after the hooks and checkpointing are in place, so that the graph holds them
+            compile_denoiser(self.tlora)
 
     def make_optimizer(self) -> None:
         self.optimizer = make_optimizer(self.opts, self.tlora.trainable_parameters())
