@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -125,7 +126,7 @@ class StepOps(TorchDispatchMode):
     """Every aten operation that runs a kernel, as an `Op`. Set `phase` while tracing; `base` is the frozen Linear
     weights; with `allow_tf32` fp32 matrix products take TF32 peaks (convolutions always do: cuDNN's default)."""
 
-    def __init__(self, base: list[torch.Tensor] = (), allow_tf32: bool = False) -> None:
+    def __init__(self, base: Sequence[torch.Tensor] = (), allow_tf32: bool = False) -> None:
         super().__init__()
         self.ops: list[Op] = []
         self.phase = "eager"
@@ -177,6 +178,7 @@ def _mutated(func, args, kwargs) -> list:
 
 
 def _bytes(ops: StepOps, tensors: list[torch.Tensor]) -> dict[int, int]:
+    """Bytes per storage: the largest view of it among `tensors`."""
     out: dict[int, int] = {}
     for t in tensors:
         key = ops._id(t)
