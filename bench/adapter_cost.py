@@ -88,23 +88,25 @@ def step(opts) -> dict:
     return out
 
 
-def before_apply(parts, x, mask):
+def before_apply(parts, x, mask, out_dtype=None, frozen=None):
     """adapters.apply as it was in commit 467e35b: one stacked down-projection, x converted to float32
-    first, the full mask."""
-    from tlora.method.adapters import _gate_rank
-
+    first, the full mask cast in every adapter (the frozen start's cache, `frozen`, unused)."""
     rank = parts[0].down.shape[0]
+    mask = getattr(mask, "mask", mask)  # a Masks: the call's mask
     down = parts[0].down if len(parts) == 1 else torch.cat([b.down for b in parts])
     h = F.linear(x.to(down.dtype), down)
     gate = None if parts[0].lam is None else torch.cat([b.lam for b in parts], dim=1)
     if mask is not None:
         m = mask[:, :rank].repeat(1, len(parts))
         gate = m if gate is None else gate * m.to(gate.device)
-    pieces = _gate_rank(h, gate).split(rank, dim=-1)
+    if gate is not None:
+        gate = gate.to(device=h.device, dtype=h.dtype)
+        h = h * gate.reshape(gate.shape[0], *([1] * (h.dim() - 2)), gate.shape[1])
+    pieces = h.split(rank, dim=-1)
     out = F.linear(pieces[0], parts[0].up)
     for piece, branch in zip(pieces[1:], parts[1:]):
         out = out + F.linear(piece, branch.up) if branch.sign > 0 else out - F.linear(piece, branch.up)
-    return out.to(x.dtype)
+    return out.to(x.dtype if out_dtype is None else out_dtype)
 
 
 def compare(opts) -> dict:
@@ -143,9 +145,12 @@ def compare(opts) -> dict:
 
 
 def _uncut(set_timestep):
+    from tlora.method.adapters import Masks
+
     def full_mask(state, timestep, device):
         set_timestep(state, timestep, device)
         state.active = state.mask
+        state.masks = None if state.mask is None else Masks(state.mask)
     return full_mask
 
 

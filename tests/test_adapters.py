@@ -333,3 +333,40 @@ def test_the_frozen_start_is_cast_once_and_again_when_it_changes():
     m = mask[:, None, :]
     expected = ((x @ q.T) * lam * m) @ p.T - ((x @ q0.T) * lam0 * m) @ p0.T
     assert torch.allclose(out, expected, atol=0.1, rtol=0.02)  # bf16 products
+
+
+class _ViewingMatMul(torch.autograd.Function):
+    """x @ w.T returned as a view made inside the Function, as bitsandbytes' int8 matmul returns it."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad @ w, (grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
+
+
+def test_rows_add_into_a_layer_output_that_a_custom_function_returns_as_a_view():
+    linear, rows = fused_with_rows("lora", start=False)
+    x = torch.randn(2, 4, 7, requires_grad=True)
+    output = _ViewingMatMul.apply(x, linear.weight)
+    assert output._is_view()
+    out = rows.add_to(output, x, None)
+    expected = _ViewingMatMul.apply(x, linear.weight).detach() + rows(x).detach()
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.sum().backward()
+    assert x.grad is not None and rows.parts[0].up.weight.grad is not None
+
+
+def test_a_step_after_sampling_in_inference_mode_trains():
+    """The frozen start cast under torch.inference_mode is an ordinary tensor: a training step can save it."""
+    adapter = started(8, 6, 4)
+    x, mask = torch.randn(2, 3, 8), rank_mask(torch.tensor([300, 700]), 1000, 4, 2)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        adapter(x, mask)
+    with torch.autocast("cpu", torch.bfloat16):
+        adapter(x, mask).float().sum().backward()
+    assert adapter.q_layer.weight.grad is not None

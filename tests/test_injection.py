@@ -143,22 +143,22 @@ def test_one_denoiser_call_casts_its_mask_once_and_each_layer_keeps_its_output_d
                 self.casts.append(args[0])
             return out
 
-    inputs = sdxl_inputs(unet)
-    linear = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    inputs = sdxl_inputs(unet)  # (float32 text embeddings: the cross-attention's to_k gets a float32 input)
+    linear = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k
     seen = []
-    hook = linear.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
-    try:
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            unet(timestep=torch.tensor([100, 900]), **inputs)
-            adapters = attach(unet, TLoRASettings("ortho_lora", 4, 2))
-            try:
-                counter = MaskCasts()
-                with counter:
-                    unet(timestep=torch.tensor([100, 900]), **inputs)
-            finally:
-                adapters.unload()
-    finally:
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        hook = linear.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+        unet(timestep=torch.tensor([100, 900]), **inputs)
         hook.remove()
+        adapters = attach(unet, TLoRASettings("ortho_lora", 4, 2))
+        hook = linear.register_forward_hook(lambda m, a, o: seen.append(o.dtype))  # after the T-LoRA's own hook
+        try:
+            counter = MaskCasts()
+            with counter:
+                unet(timestep=torch.tensor([100, 900]), **inputs)
+        finally:
+            hook.remove()
+            adapters.unload()
     mask = adapters.state.active
     assert [c for c in counter.casts if c.shape == mask.shape and torch.equal(c, mask)] == [mask]
     assert len(adapters.layers) > 10
@@ -190,3 +190,19 @@ def test_fusing_is_checked_when_it_happens_not_by_a_scan_at_every_call(unet, mon
     finally:
         adapters.unload()
     assert all("fuse_projections" not in a.__dict__ for a in adapters._attentions)
+
+
+def test_a_model_with_a_t_lora_deep_copies_and_pickles_and_its_copy_fuses_alone(unet):
+    import copy
+    import io
+
+    adapters = attach(unet, TLoRASettings("lora", 4, 2))
+    try:
+        twin = copy.deepcopy(unet)
+        torch.save(unet, io.BytesIO())
+        twin.fuse_qkv_projections()
+        path = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+        assert not adapters.spec.fused(unet.get_submodule(path)) and not adapters._fused_since_check
+        assert adapters.spec.fused(twin.get_submodule(path)) and twin._tlora._fused_since_check
+    finally:
+        adapters.unload()

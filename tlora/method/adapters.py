@@ -74,7 +74,7 @@ def mask_of(ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
     return (positions < ranks[..., None]).to(torch.float32)
 
 
-MODELLED_AUTOCAST: set[str] = set()  # devices whose autocast a tracer models (tlora.train.tracing.GPUKernels: meta)
+MODELLED_AUTOCAST: list[str] = []  # devices whose autocast a tracer models, once per tracer entered (GPUKernels: meta)
 
 
 def autocast_on(device: str) -> bool:
@@ -320,6 +320,10 @@ class OrthoLoRAAdapter(nn.Module):
         return [Branch(self.q_layer.weight, self.lambda_layer, self.p_layer.weight, 1),
                 Branch(self.base_q.weight, self.base_lambda, self.base_p.weight, -1)]
 
+    def _apply(self, fn, recurse: bool = True):
+        self._frozen = FrozenCast()  # moved or converted: the cast is made again where the factors are
+        return super()._apply(fn, recurse)
+
     def frozen(self, dtype: torch.dtype) -> list[Branch]:
         """The frozen start's branch in `dtype`, its sign folded into lambda (-lambda0): cast once, not at every call
         (FrozenCast)."""
@@ -340,18 +344,20 @@ def negated_branch(dtype: torch.dtype, down: torch.Tensor, lam: torch.Tensor, up
 
 class FrozenCast:
     """Tensors made from frozen ones in a compute dtype, made once and made again when any source changes (loaded,
-    started, moved: its storage or version) or another dtype is asked for. Not state: never saved."""
+    started, moved: its storage or version) or another dtype is asked for; dropped when the module moves
+    (`_apply`). Not state: never saved. A write through `.data` bumps no version: go through `load_state_dict`
+    or `start`. Inference tensors (made under torch.inference_mode) keep no version either: never cached."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.value = None
 
     def get(self, sources: tuple[torch.Tensor, ...], dtype: torch.dtype, make: Callable) -> list[Branch]:
-        if torch.compiler.is_compiling():  # the graph casts them (fused); no Python state in it
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in sources):  # (the graph casts them, fused)
             return make(dtype, *sources)
-        key = (dtype, *((t.device, t.data_ptr(), 0 if t.is_inference() else t._version) for t in sources))
-        if key != self.key:
-            with torch.no_grad():
+        key = (dtype, *((t.device, t.data_ptr(), t._version) for t in sources))
+        if key != self.key:  # made as ordinary tensors even in inference mode, so that a later step can save them
+            with torch.inference_mode(False), torch.no_grad():
                 self.key, self.value = key, make(dtype, *sources)
         return self.value
 

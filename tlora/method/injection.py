@@ -113,13 +113,21 @@ class RowAdapters(nn.Module):
     def part(self, prefix: str) -> nn.Module:
         return self.parts[self.prefixes.index(prefix)]
 
+    def _apply(self, fn, recurse: bool = True):
+        self._frozen = FrozenCast()  # moved or converted: the cast is made again where the factors are
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The update alone, the full width of the layer (zeros where no adapter is): for reading it, not the step."""
         return self.add_to(x.new_zeros(*x.shape[:-1], self.out_features), x, mask)
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | Masks | None, scale: float = 1.0
                ) -> torch.Tensor:
-        """`output` + scale * the update, added into `output` itself (its rows of each adapter only)."""
+        """`output` + scale * the update, added into `output` itself (its rows of each adapter only). An output that
+        is a view (bitsandbytes' int8 Linear returns one made inside its autograd Function, which autograd allows no
+        in-place change of) is copied first."""
+        if output._is_view() and torch.is_grad_enabled():
+            output = output.clone()
         if self.stacked:
             spans = [(self.rows[0][0], self.rows[-1][1], len(self.parts))]
             deltas = [apply(self._branches(), x, mask, output.dtype, self._frozen_branches
@@ -201,7 +209,6 @@ class TLoRA:
         self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(denoiser, path))}.values())
         self.check_usable()
         self._fused_since_check = False
-        self._watch_fusing()
         # a mask per entry, which its own calls set: gradient checkpointing recomputes an entry's layers in backward,
         # after the other entries' calls, with that entry's mask
         self.states = {entry: state if i == 0 else MaskState(state.settings) for i, entry in enumerate(spec.entries)}
@@ -212,6 +219,7 @@ class TLoRA:
                                                                                with_kwargs=True)
                        for entry, s in self.states.items()]
         self._layer_hooks = [linear.register_forward_hook(under[id(linear)]) for linear in self.linears]
+        self._watch_fusing()
         denoiser._tlora = self
 
     @property
@@ -238,15 +246,9 @@ class TLoRA:
     def _watch_fusing(self) -> None:
         """Fusing is checked when it happens: each adapted attention's `fuse_projections` (which diffusers'
         fuse_qkv_projections calls) marks the T-LoRA for a check at the next denoiser call; no call scans otherwise."""
-        def watched(original: Callable) -> Callable:
-            def fuse_projections(*args, **kwargs):
-                self._fused_since_check = True
-                return original(*args, **kwargs)
-            return fuse_projections
-
         self._unwatched = [(a, a.__dict__.get("fuse_projections")) for a in self._attentions]
         for attention in self._attentions:
-            attention.fuse_projections = watched(attention.fuse_projections)
+            attention.fuse_projections = _FuseWatch(self, attention.fuse_projections)
 
     def _check_at_call(self) -> None:
         """check_usable in O(1) at each call: the attentions are scanned only after a fusing (and at every call
@@ -309,6 +311,18 @@ class TLoRA:
                 attention.fuse_projections = own
         del self.denoiser._tlora
         return self.denoiser
+
+
+class _FuseWatch:
+    """An adapted attention's fuse_projections while a T-LoRA is attached: runs it and marks the T-LoRA for a check
+    at its next call. An object, not a closure, so that a model with a T-LoRA still deep-copies and pickles."""
+
+    def __init__(self, tlora: TLoRA, fuse: Callable) -> None:
+        self.tlora, self.fuse = tlora, fuse
+
+    def __call__(self, *args, **kwargs):
+        self.tlora._fused_since_check = True
+        return self.fuse(*args, **kwargs)
 
 
 def entry_of(path: str, entries: tuple[str, ...]) -> str:

@@ -134,11 +134,12 @@ class GPUKernels(TorchFunctionMode):
 
     def __enter__(self):
         if self.autocast is not None:  # the adapters see autocast on, as on CUDA (they skip their input's cast)
-            MODELLED_AUTOCAST.add("meta")
+            MODELLED_AUTOCAST.append("meta")
         return super().__enter__()
 
     def __exit__(self, *exc):
-        MODELLED_AUTOCAST.discard("meta")
+        if self.autocast is not None:  # one entry per tracer entered: a nested one leaves the outer's
+            MODELLED_AUTOCAST.remove("meta")
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
