@@ -206,3 +206,21 @@ def test_a_model_with_a_t_lora_deep_copies_and_pickles_and_its_copy_fuses_alone(
         assert adapters.spec.fused(twin.get_submodule(path)) and twin._tlora._fused_since_check
     finally:
         adapters.unload()
+
+
+def test_a_denoiser_compiled_before_the_t_lora_is_refused_while_dynamo_skips_hook_guards(unet, monkeypatch):
+    """Dynamo's default guards no hooks: a graph compiled before the T-LoRA would keep running without it."""
+    import torch._dynamo
+
+    from tlora.common.errors import UsageError
+
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
+    unet.compile()
+    try:
+        with pytest.raises(UsageError, match="load the T-LoRA first, then compile"):
+            attach(unet, TLoRASettings("lora", 4, 2))
+        assert not hasattr(unet, "_tlora")
+        monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)  # compile_denoiser's setting
+        attach(unet, TLoRASettings("lora", 4, 2)).unload()
+    finally:
+        unet._compiled_call_impl = None

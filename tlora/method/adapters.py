@@ -79,7 +79,8 @@ MODELLED_AUTOCAST: list[str] = []  # devices whose autocast a tracer models, onc
 
 def autocast_on(device: str) -> bool:
     """Whether the products on `device` run under autocast (real, or modelled on meta as CUDA's)."""
-    return device in MODELLED_AUTOCAST or (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+    real = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return real or device in MODELLED_AUTOCAST
 
 
 def as_saved(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -126,7 +126,8 @@ class RowAdapters(nn.Module):
         """`output` + scale * the update, added into `output` itself (its rows of each adapter only). An output that
         is a view (bitsandbytes' int8 Linear returns one made inside its autograd Function, which autograd allows no
         in-place change of) is copied first."""
-        if output._is_view() and torch.is_grad_enabled():
+        compiling = torch.compiler.is_compiling()  # dynamo traces neither _is_view nor mark_dirty; in its graph
+        if not compiling and output._is_view() and torch.is_grad_enabled():  # the adds below are functional
             output = output.clone()
         if self.stacked:
             spans = [(self.rows[0][0], self.rows[-1][1], len(self.parts))]
@@ -135,7 +136,12 @@ class RowAdapters(nn.Module):
         else:
             spans = [(start, stop, 1) for start, stop in self.rows]
             deltas = [adapter(x, mask, output.dtype) for adapter in self.parts]
-        return _AddIntoRows.apply(output, spans, *(d if scale == 1 else scale * d for d in deltas))
+        deltas = [d if scale == 1 else scale * d for d in deltas]
+        if compiling:
+            for span, delta in zip(spans, deltas):
+                _rows_of(output, span).add_(delta)
+            return output
+        return _AddIntoRows.apply(output, spans, *deltas)
 
     def _branches(self) -> list[Branch]:
         """The parts' trained branches as one: downs side by side (groups*r x in), lambdas (groups x r), ups stacked
@@ -206,7 +212,8 @@ class TLoRA:
                  spec: DenoiserSpec) -> None:
         self.denoiser, self.state, self.layers, self.spec = denoiser, state, layers, spec
         self._trainable: list[nn.Parameter] | None = None
-        self._attentions = list({id(a): a for path, _ in layers.values() if (a := attention_of(denoiser, path))}.values())
+        found = (attention_of(denoiser, path) for path, _ in layers.values())
+        self._attentions = list({id(a): a for a in found if a is not None}.values())
         self.check_usable()
         self._fused_since_check = False
         # a mask per entry, which its own calls set: gradient checkpointing recomputes an entry's layers in backward,
@@ -240,7 +247,8 @@ class TLoRA:
     def _check_offload(self) -> None:
         """enable_sequential_cpu_offload puts its hooks on every module: the first adapter's tell."""
         first = next(iter(self.layers.values()))[1]
-        if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in getattr(first, ADAPTER, first).modules()):
+        adapter = getattr(first, ADAPTER, first)
+        if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in adapter.modules()):
             raise UsageError(OFFLOADED)
 
     def _watch_fusing(self) -> None:
@@ -353,6 +361,7 @@ def attach(
     """
     if attached(model) is not None:
         raise ValueError(ALREADY_ATTACHED)
+    check_not_compiled(model, spec)
     settings = settings.validate()
     adapters: dict[str, tuple[str, nn.Module]] = {}
     width = None
@@ -382,12 +391,27 @@ def attach(
     return attach_adapters(model, settings, adapters, spec, rows)
 
 
+def check_not_compiled(denoiser: nn.Module, spec: DenoiserSpec) -> None:
+    """Refuse a denoiser torch.compiled before the T-LoRA is attached while dynamo does not guard on hooks (its
+    default): its compiled graph would keep running without the adapters. With hook guards on (compile_denoiser
+    turns them on) a new T-LoRA recompiles."""
+    modules = [denoiser, *(denoiser.get_submodule(e) for e in spec.entries if e)]
+    if any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in modules):
+        if torch._dynamo.config.skip_nnmodule_hook_guards:
+            raise UsageError(COMPILED_FIRST)
+
+
+COMPILED_FIRST = ("this denoiser was torch.compiled before the T-LoRA was attached, and its compiled graph would run "
+                  "without it: load the T-LoRA first, then compile (tlora.load(..., compile=True), --compile)")
+
+
 def attach_adapters(denoiser: nn.Module, settings: TLoRASettings, adapters: dict[str, tuple[str, nn.Module]],
                     spec: DenoiserSpec, rows: dict[str, tuple[int, int]] | None = None) -> TLoRA:
     """Attach ready-made adapters: checkpoint key prefix -> (path of the Linear in `denoiser`, adapter); `rows` names
     the output rows of the adapters that adapt part of a fused Linear (RowAdapters)."""
     if attached(denoiser) is not None:
         raise ValueError(ALREADY_ATTACHED)
+    check_not_compiled(denoiser, spec)
     device, rows = next(denoiser.parameters()).device, rows or {}
     layers: dict[str, tuple[str, nn.Linear]] = {}
     on_linear: dict[int, list[str]] = {}

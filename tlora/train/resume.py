@@ -22,7 +22,7 @@ MAY_CHANGE = frozenset({
     "num_train_epochs", "checkpointing_steps", "validation_prompts", "num_val_imgs_per_prompt", "validation_height",
     "validation_width", "validation_num_frames", "project_name",
     "wandb_api_key", "report_to", "checkpoints_total_limit", "resume_state_total_limit", "resume_from_checkpoint",
-    "config", "output_dir", "dataloader_num_workers", "gradient_checkpointing", "allow_tf32",
+    "config", "output_dir", "dataloader_num_workers", "gradient_checkpointing", "allow_tf32", "compile",
     "train_data_dir", "class_data_dir", "mask_dir",  # the data itself is compared through data_sha256
     "tlora",  # folded into trainer_class
     "argv", "exp_name", "logging_dir", "resumed", "wandb_run_id",
