@@ -208,19 +208,20 @@ def test_a_model_with_a_t_lora_deep_copies_and_pickles_and_its_copy_fuses_alone(
         adapters.unload()
 
 
-def test_a_denoiser_compiled_before_the_t_lora_is_refused_while_dynamo_skips_hook_guards(unet, monkeypatch):
-    """Dynamo's default guards no hooks: a graph compiled before the T-LoRA would keep running without it."""
+def test_a_denoiser_compiled_before_the_t_lora_is_refused_while_dynamo_skips_hook_guards(unet):
+    """Dynamo's default guards no hooks: a graph compiled before the T-LoRA would keep running without it. (Its
+    config is patched with its own `patch`: pytest's monkeypatch deletes a torch config entry on undo.)"""
     import torch._dynamo
 
     from tlora.common.errors import UsageError
 
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
     unet.compile()
     try:
-        with pytest.raises(UsageError, match="load the T-LoRA first, then compile"):
-            attach(unet, TLoRASettings("lora", 4, 2))
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+            with pytest.raises(UsageError, match="load the T-LoRA first, then compile"):
+                attach(unet, TLoRASettings("lora", 4, 2))
         assert not hasattr(unet, "_tlora")
-        monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)  # compile_denoiser's setting
-        attach(unet, TLoRASettings("lora", 4, 2)).unload()
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):  # compile_denoiser's setting
+            attach(unet, TLoRASettings("lora", 4, 2)).unload()
     finally:
         unet._compiled_call_impl = None
