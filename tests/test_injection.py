@@ -208,6 +208,7 @@ def test_a_model_with_a_t_lora_deep_copies_and_pickles_and_its_copy_fuses_alone(
         adapters.unload()
 
 
+@pytest.mark.slow  # imports dynamo (0.4 s)
 def test_a_denoiser_compiled_before_the_t_lora_is_refused_while_dynamo_skips_hook_guards(unet):
     """Dynamo's default guards no hooks: a graph compiled before the T-LoRA would keep running without it. (Its
     config is patched with its own `patch`: pytest's monkeypatch deletes a torch config entry on undo.)"""
